@@ -1,0 +1,7 @@
+// The extension module ktrans._C. Each subsystem adds one bind_* call here.
+#include "bindings.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ktrans C++ core: CPU kernels with run-time ISA dispatch";
+  ktrans::bind_core(m);
+}

@@ -1,0 +1,9 @@
+// One PYBIND11_MODULE (bindings.cpp) calls one bind_* function per subsystem.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace ktrans {
+namespace py = pybind11;
+
+void bind_core(py::module_& m);  // csrc/common/bind_core.cpp: ISA selection, conversions
+}  // namespace ktrans

@@ -1,0 +1,1 @@
+"""The `ktrans` command: one module per subcommand, registered in main.SUBCOMMANDS."""

@@ -1,0 +1,52 @@
+"""Entry point of the `ktrans` command (also `python -m ktrans`).
+
+Each subcommand lives in its own module under ktrans/cli/ and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking the parsed
+arguments and returning an exit code. Modules are imported lazily so `ktrans --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ktrans import __version__
+from ktrans.errors import KtransError
+
+# Module names under ktrans.cli, in the order `ktrans --help` lists them.
+SUBCOMMANDS = [
+    "info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ktrans",
+        description="Run huge Mixture-of-Experts LLMs on one GPU plus a CPU with lots of RAM.",
+    )
+    parser.add_argument("--version", action="version", version=f"ktrans {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"ktrans.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KtransError as e:
+        print(f"ktrans {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Shared pytest set-up: hardware markers are skipped where the hardware is absent."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _isa_supported(level: str) -> bool:
+    from ktrans import cpu
+
+    return level in cpu.supported_isas()
+
+
+def pytest_collection_modifyitems(config, items):
+    checks = {
+        "gpu": (_has_cuda, "needs a CUDA GPU"),
+        "amx": (lambda: _isa_supported("amx"), "needs a CPU with AMX"),
+        "avx512": (lambda: _isa_supported("avx512"), "needs a CPU with AVX-512"),
+    }
+    cache: dict[str, bool] = {}
+    for item in items:
+        for name, (probe, why) in checks.items():
+            if name in item.keywords:
+                if name not in cache:
+                    cache[name] = probe()
+                if not cache[name]:
+                    item.add_marker(pytest.mark.skip(reason=why))
