@@ -1,0 +1,1 @@
+"""Model configuration: the supported architectures and how to build their module trees."""

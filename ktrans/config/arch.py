@@ -1,0 +1,63 @@
+"""The architectures ktrans supports, as data: HF names, GGUF names, and what each has.
+
+Every other module that needs "which architecture is this?" asks here, so adding an architecture
+starts with one ArchSpec entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ktrans.errors import KtransError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str          # ktrans's name, used by --arch and rule file names (deepseek_v3)
+    model_type: str    # transformers' config.model_type
+    hf_class: str      # transformers causal-LM class built from the config
+    gguf_arch: str     # llama.cpp's general.architecture
+    is_moe: bool       # has routed experts (model.layers.N.mlp.experts)
+    mla: bool          # DeepSeek multi-head latent attention (else GQA/MHA)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    a.name: a
+    for a in [
+        ArchSpec("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", "deepseek2", True, True),
+        ArchSpec("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", "deepseek2", True, True),
+        ArchSpec("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", True, False),
+        ArchSpec("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", True, False),
+        ArchSpec("mixtral", "mixtral", "MixtralForCausalLM", "llama", True, False),
+        ArchSpec("qwen2", "qwen2", "Qwen2ForCausalLM", "qwen2", False, False),
+    ]
+}
+
+_BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
+
+
+def get_arch(name: str) -> ArchSpec:
+    """ArchSpec by ktrans name; a wrong name lists the valid ones."""
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise KtransError(f"unknown architecture '{name}'; expected one of: {', '.join(ARCHS)}") from None
+
+
+def arch_from_config(config) -> ArchSpec:
+    """ArchSpec of a transformers config (by its model_type)."""
+    mt = getattr(config, "model_type", None)
+    if mt not in _BY_MODEL_TYPE:
+        raise KtransError(f"unsupported model_type '{mt}'; ktrans supports: {', '.join(_BY_MODEL_TYPE)}")
+    return _BY_MODEL_TYPE[mt]
+
+
+def build_meta_model(config):
+    """The HF causal-LM module tree for `config`, on the meta device (no memory for weights)."""
+    import torch
+    import transformers
+
+    spec = arch_from_config(config)
+    cls = getattr(transformers, spec.hf_class)
+    with torch.device("meta"):
+        return cls(config)
