@@ -1,0 +1,127 @@
+"""One engine step as the model sees it: the packed tokens of every scheduled request plus the
+paged-KV metadata, and the scoped context through which operators read it.
+
+The scheduler builds a ForwardBatch; the model runner validates it, derives the per-token tensors
+the attention operators need (where each new token's K/V goes, which request each token belongs
+to) once per step, and makes them visible to operators with
+``with forward_context(batch, kv): model(...)``. Operators call ``current_forward()``; outside a
+forward there is no context and asking for one is an error, so no state leaks between steps.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ktrans.errors import KtransError
+
+
+@dataclass
+class ForwardBatch:
+    """One engine step, all scheduled requests packed back to back (request r's tokens are rows
+    sum(num_new[:r]) .. sum(num_new[:r+1]) of input_ids)."""
+
+    input_ids: torch.Tensor       # [T] int64, tokens of all requests back to back
+    positions: torch.Tensor       # [T] int64, position of each token in its sequence (RoPE, causal mask)
+    seq_ids: list[int]            # [R] request slots in this step (the scheduler's ids; not used for KV lookup)
+    num_computed: list[int]       # [R] tokens already in the KV cache for each request (read, not written)
+    num_new: list[int]            # [R] tokens scheduled now (sum == T); their K/V is written this step
+    page_table: torch.Tensor      # [R, max_pages] int32, KV page ids of each request (-1 = none)
+    logits_indices: torch.Tensor  # [R'] int64, rows of the packed tokens whose logits are needed
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.num_new)
+
+    def validate(self, page_size: int) -> None:
+        """KtransError naming the field if the batch is inconsistent (a scheduler bug would
+        otherwise show up as silently wrong attention)."""
+        r, t = len(self.num_new), self.num_tokens
+        if len(self.seq_ids) != r or len(self.num_computed) != r:
+            raise KtransError(f"ForwardBatch: seq_ids/num_computed/num_new lengths differ "
+                              f"({len(self.seq_ids)}/{len(self.num_computed)}/{r})")
+        if sum(self.num_new) != t or any(n <= 0 for n in self.num_new):
+            raise KtransError(f"ForwardBatch: num_new {self.num_new} must be positive and sum to T={t}")
+        if self.positions.shape != (t,):
+            raise KtransError(f"ForwardBatch: positions shape {tuple(self.positions.shape)}, expected ({t},)")
+        if self.page_table.dim() != 2 or self.page_table.shape[0] != r:
+            raise KtransError(f"ForwardBatch: page_table shape {tuple(self.page_table.shape)}, expected ({r}, max_pages)")
+        for i, (c, n) in enumerate(zip(self.num_computed, self.num_new)):
+            need = -(-(c + n) // page_size)
+            have = int((self.page_table[i] >= 0).sum())
+            if have < need:
+                raise KtransError(f"ForwardBatch: request {self.seq_ids[i]} needs {need} KV pages "
+                                  f"for {c + n} tokens (page size {page_size}), page_table gives {have}")
+        if self.logits_indices.numel() and (int(self.logits_indices.min()) < 0 or int(self.logits_indices.max()) >= t):
+            raise KtransError(f"ForwardBatch: logits_indices must lie in [0, {t})")
+
+
+@dataclass
+class ForwardContext:
+    """What operators read during one forward: the batch, the KV storage and derived metadata,
+    all on the device the attention runs on."""
+
+    batch: ForwardBatch
+    kv: Any                        # ktrans.kv_cache.storage.KVStorage
+    device: torch.device
+    slot_mapping: torch.Tensor     # [T] int64, flat KV slot (page * page_size + offset) of each new token
+    query_start: list[int]         # [R+1] prefix sums of num_new: request r owns rows query_start[r]:[r+1]
+    seq_lens: list[int]            # [R] num_computed + num_new: tokens each request attends over
+    page_table: torch.Tensor       # [R, max_pages] int64 on `device`
+    positions: torch.Tensor        # [T] int64 on `device`
+    cache: dict = field(default_factory=dict)  # per-step values shared between layers (e.g. rope cos/sin)
+
+
+def build_context(batch: ForwardBatch, kv, device: torch.device) -> ForwardContext:
+    """Derive per-token metadata once per step (shared by every layer)."""
+    page_size = kv.page_size
+    batch.validate(page_size)
+    positions = batch.positions.to(device=device, dtype=torch.long)
+    page_table = batch.page_table.to(device=device, dtype=torch.long)
+    qs = [0]
+    for n in batch.num_new:
+        qs.append(qs[-1] + n)
+    req_of_token = torch.repeat_interleave(
+        torch.arange(batch.num_reqs, device=device), torch.tensor(batch.num_new, device=device))  # [T]
+    pages = page_table[req_of_token, positions // page_size]  # [T]
+    slot_mapping = pages * page_size + positions % page_size  # [T]
+    seq_lens = [c + n for c, n in zip(batch.num_computed, batch.num_new)]
+    return ForwardContext(batch=batch, kv=kv, device=device, slot_mapping=slot_mapping,
+                          query_start=qs, seq_lens=seq_lens, page_table=page_table, positions=positions)
+
+
+_CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("ktrans_forward", default=None)
+
+
+@contextmanager
+def forward_context(batch: ForwardBatch, kv, device: torch.device | str | None = None) -> Iterator[ForwardContext]:
+    """Make `batch` (and the KV storage `kv`) visible to operators for the duration of a forward."""
+    dev = torch.device(device) if device is not None else kv.device
+    ctx = build_context(batch, kv, dev)
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_forward() -> ForwardContext:
+    """The ForwardContext of the forward in progress; KtransError outside one."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise KtransError("no forward in progress: operators that need batch metadata must run "
+                          "inside `with forward_context(batch, kv)` (ModelRunner.execute sets it)")
+    return ctx
+
+
+def maybe_current_forward() -> ForwardContext | None:
+    """The ForwardContext if a forward is in progress, else None (operators used standalone)."""
+    return _CURRENT.get()

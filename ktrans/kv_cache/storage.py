@@ -1,0 +1,82 @@
+"""Paged KV tensors on the device: one pool of pages shared by all requests, per layer.
+
+A page holds `page_size` consecutive token slots of one request; slot s of the pool is
+(page = s // page_size, offset = s % page_size). The scheduler's page allocator hands page ids to
+requests; this module only stores and reads the tensors.
+
+Layouts (flat over slots, so a write is one index_copy_ per layer):
+- MLA (DeepSeek): one tensor per layer [num_slots, kv_lora_rank + qk_rope_head_dim] holding the
+  normalised compressed latent then the rotated rope key (576 values per token for V3).
+- GQA: K [num_slots, n_kv_heads, head_dim] and V [num_slots, n_kv_heads, v_head_dim] per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ktrans.errors import KtransError
+
+
+class KVStorage:
+    def __init__(self, *, num_layers: int, num_pages: int, page_size: int, mla: bool,
+                 dims: tuple[int, ...], dtype: torch.dtype, device: torch.device | str):
+        if num_pages <= 0 or page_size <= 0:
+            raise KtransError(f"KV cache needs a positive page count and page size, got {num_pages} x {page_size}")
+        self.num_layers = num_layers
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.mla = mla
+        self.dtype = dtype
+        self.device = torch.device(device)
+        slots = num_pages * page_size
+        if mla:
+            (width,) = dims                   # kv_lora_rank + qk_rope_head_dim
+            self.layers = [(torch.zeros(slots, width, dtype=dtype, device=self.device),)
+                           for _ in range(num_layers)]
+        else:
+            n_kv, head_dim, v_dim = dims
+            self.layers = [(torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=self.device),
+                            torch.zeros(slots, n_kv, v_dim, dtype=dtype, device=self.device))
+                           for _ in range(num_layers)]
+
+    @classmethod
+    def for_config(cls, config, *, num_pages: int, page_size: int, dtype: torch.dtype, device) -> "KVStorage":
+        """Shapes from a transformers config (MLA when it has kv_lora_rank)."""
+        layers = config.num_hidden_layers
+        if getattr(config, "kv_lora_rank", None):
+            dims = (config.kv_lora_rank + config.qk_rope_head_dim,)
+            return cls(num_layers=layers, num_pages=num_pages, page_size=page_size, mla=True,
+                       dims=dims, dtype=dtype, device=device)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(num_layers=layers, num_pages=num_pages, page_size=page_size, mla=False,
+                   dims=(n_kv, head_dim, head_dim), dtype=dtype, device=device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token occupies over all layers."""
+        return self.num_layers * sum(t[0].numel() * t.element_size() for t in self.layers[0])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lay in self.layers for t in lay)
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, *values: torch.Tensor) -> None:
+        """Store the new tokens' entries: values[i] [T, ...] go to slots slot_mapping [T]."""
+        for buf, val in zip(self.layers[layer], values):
+            buf.index_copy_(0, slot_mapping, val.to(buf.dtype))
+
+    def gather(self, layer: int, pages: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
+        """The first `seq_len` entries of one request, in position order: each [seq_len, ...]."""
+        n_pages = -(-seq_len // self.page_size)
+        slots = (pages[:n_pages, None] * self.page_size
+                 + torch.arange(self.page_size, device=pages.device)).reshape(-1)[:seq_len]  # [L]
+        return tuple(buf.index_select(0, slots) for buf in self.layers[layer])
+
+    def gather_padded(self, layer: int, page_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, ...]:
+        """Entries of every request padded to `max_len`: each [R, max_len, ...]. Slots past a
+        request's pages read page 0 (garbage) — callers mask by sequence length."""
+        n_pages = -(-max_len // self.page_size)
+        pages = page_table[:, :n_pages].clamp(min=0)                                   # [R, P]
+        slots = (pages[:, :, None] * self.page_size
+                 + torch.arange(self.page_size, device=pages.device)).reshape(pages.shape[0], -1)[:, :max_len]
+        return tuple(buf[slots] for buf in self.layers[layer])
