@@ -1,0 +1,306 @@
+"""GGUF <-> transformers-5 name tables, as data.
+
+Two tables per llama.cpp architecture (`general.architecture`):
+
+* TENSORS: which transformers-5 parameter (the name `model.named_parameters()` lists, plus the
+  DeepSeek-V3 `e_score_correction_bias` buffer) is stored under which llama.cpp tensor name(s),
+  in which kind of layer, and the transform between the two layouts.
+* METADATA: which config attribute is stored under which `{arch}.*` GGUF key.
+
+Shapes below are numpy shapes (row-major, last dim contiguous). GGUF lists dims reversed
+(ne[0] is the contiguous one), so the GGUF tensor `ffn_gate_exps` with ne = [H, I, E] is the
+numpy array [E, I, H].
+
+Transforms (implemented by `hf_to_gguf` / `gguf_to_hf` below; pure numpy, no copies beyond
+the reshuffle itself):
+
+  copy          same array on both sides
+  gate_up       HF `experts.gate_up_proj` [E, 2I, H] (gate rows first, then up)
+                <-> (`ffn_gate_exps` [E, I, H], `ffn_up_exps` [E, I, H])
+  rope_q        llama.cpp's llama arch (Mixtral) stores q_proj rows permuted from HF's
+  rope_k        rotate-half RoPE order to interleaved pairs (per head); k_proj per KV head
+  kv_b          DeepSeek MLA: HF `kv_b_proj` [nH*(nope+v), r]
+                <-> (`attn_k_b` [nH, r, nope] (transposed per head), `attn_v_b` [nH, v, r])
+  flat          HF [1, H] <-> GGUF [H] (qwen2moe's shared-expert gate)
+
+Entries may carry a `needs` condition on the config (see `_NEEDS`); `layers` says which
+layers hold the tensor: "all", "dense" (plain MLP) or "moe" (router + experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ktrans.errors import KtransError
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    hf: str                    # HF name; "{i}" = layer index
+    gguf: tuple[str, ...]      # llama.cpp tensor name(s); "{i}" = layer index
+    transform: str = "copy"    # see module docstring
+    layers: str = "global"     # "global" (no layer), "all", "dense", "moe"
+    needs: str | None = None   # a key of _NEEDS, or None
+
+
+def _attn_gqa(qk_norm: bool = False, bias: bool = False, rope_perm: bool = False) -> list[TensorMap]:
+    q_t, k_t = ("rope_q", "rope_k") if rope_perm else ("copy", "copy")
+    out = [
+        TensorMap("model.layers.{i}.self_attn.q_proj.weight", ("blk.{i}.attn_q.weight",), q_t, "all"),
+        TensorMap("model.layers.{i}.self_attn.k_proj.weight", ("blk.{i}.attn_k.weight",), k_t, "all"),
+        TensorMap("model.layers.{i}.self_attn.v_proj.weight", ("blk.{i}.attn_v.weight",), "copy", "all"),
+        TensorMap("model.layers.{i}.self_attn.o_proj.weight", ("blk.{i}.attn_output.weight",), "copy", "all"),
+    ]
+    if bias:
+        out += [TensorMap(f"model.layers.{{i}}.self_attn.{p}_proj.bias", (f"blk.{{i}}.attn_{p}.bias",),
+                          "copy", "all") for p in "qkv"]
+    if qk_norm:
+        out += [TensorMap(f"model.layers.{{i}}.self_attn.{p}_norm.weight", (f"blk.{{i}}.attn_{p}_norm.weight",),
+                          "copy", "all") for p in "qk"]
+    return out
+
+
+_MLA = [
+    TensorMap("model.layers.{i}.self_attn.q_a_proj.weight", ("blk.{i}.attn_q_a.weight",), "copy", "all", "q_lora"),
+    TensorMap("model.layers.{i}.self_attn.q_a_layernorm.weight", ("blk.{i}.attn_q_a_norm.weight",), "copy", "all",
+              "q_lora"),
+    TensorMap("model.layers.{i}.self_attn.q_b_proj.weight", ("blk.{i}.attn_q_b.weight",), "copy", "all", "q_lora"),
+    TensorMap("model.layers.{i}.self_attn.q_proj.weight", ("blk.{i}.attn_q.weight",), "copy", "all", "no_q_lora"),
+    TensorMap("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", ("blk.{i}.attn_kv_a_mqa.weight",), "copy", "all"),
+    TensorMap("model.layers.{i}.self_attn.kv_a_layernorm.weight", ("blk.{i}.attn_kv_a_norm.weight",), "copy", "all"),
+    TensorMap("model.layers.{i}.self_attn.kv_b_proj.weight", ("blk.{i}.attn_k_b.weight", "blk.{i}.attn_v_b.weight"),
+              "kv_b", "all"),
+    TensorMap("model.layers.{i}.self_attn.o_proj.weight", ("blk.{i}.attn_output.weight",), "copy", "all"),
+]
+
+_COMMON = [
+    TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
+    TensorMap("model.norm.weight", ("output_norm.weight",)),
+    TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
+    TensorMap("model.layers.{i}.input_layernorm.weight", ("blk.{i}.attn_norm.weight",), "copy", "all"),
+    TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("blk.{i}.ffn_norm.weight",), "copy", "all"),
+]
+
+
+def _dense_mlp(prefix: str = "mlp", suffix: str = "", layers: str = "dense") -> list[TensorMap]:
+    return [TensorMap(f"model.layers.{{i}}.{prefix}.{p}_proj.weight", (f"blk.{{i}}.ffn_{p}{suffix}.weight",),
+                      "copy", layers) for p in ("gate", "up", "down")]
+
+
+_EXPERTS = [
+    TensorMap("model.layers.{i}.mlp.gate.weight", ("blk.{i}.ffn_gate_inp.weight",), "copy", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.gate_up_proj", ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"),
+              "gate_up", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.down_proj", ("blk.{i}.ffn_down_exps.weight",), "copy", "moe"),
+]
+
+TENSORS: dict[str, list[TensorMap]] = {
+    "deepseek2": _COMMON + _MLA + _dense_mlp() + _EXPERTS + _dense_mlp("mlp.shared_experts", "_shexp", "moe") + [
+        TensorMap("model.layers.{i}.mlp.gate.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe",
+                  "score_bias"),
+    ],
+    "qwen3moe": _COMMON + _attn_gqa(qk_norm=True) + _dense_mlp() + _EXPERTS,
+    "qwen2moe": _COMMON + _attn_gqa(bias=True) + _dense_mlp() + _EXPERTS
+    + _dense_mlp("mlp.shared_expert", "_shexp", "moe") + [
+        TensorMap("model.layers.{i}.mlp.shared_expert_gate.weight", ("blk.{i}.ffn_gate_inp_shexp.weight",), "flat",
+                  "moe"),
+    ],
+    "llama": _COMMON + _attn_gqa(rope_perm=True) + _dense_mlp() + _EXPERTS,
+    "qwen2": _COMMON + _attn_gqa(bias=True) + _dense_mlp(),
+    "qwen3": _COMMON + _attn_gqa(qk_norm=True) + _dense_mlp(),
+}
+
+# Conditions an entry may require of the transformers config.
+_NEEDS = {
+    "q_lora": lambda c: getattr(c, "q_lora_rank", None) is not None,
+    "no_q_lora": lambda c: getattr(c, "q_lora_rank", None) is None,
+    "score_bias": lambda c: c.model_type == "deepseek_v3",
+    "untied": lambda c: not getattr(c, "tie_word_embeddings", False),
+}
+
+
+def num_experts(config) -> int:
+    """Routed experts per MoE layer (0 for dense models); the attribute name differs per arch."""
+    for attr in ("n_routed_experts", "num_experts", "num_local_experts"):
+        n = getattr(config, attr, None)
+        if n:
+            return int(n)
+    return 0
+
+
+def layer_kind(config, i: int) -> str:
+    """'moe' if layer i has a router + experts, else 'dense'."""
+    if not num_experts(config):
+        return "dense"
+    if i < (getattr(config, "first_k_dense_replace", 0) or 0):
+        return "dense"
+    if i in (getattr(config, "mlp_only_layers", None) or []):
+        return "dense"
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return "moe" if (i + 1) % step == 0 else "dense"
+
+
+def tensor_table(gguf_arch: str) -> list[TensorMap]:
+    try:
+        return TENSORS[gguf_arch]
+    except KeyError:
+        raise KtransError(f"no tensor-name table for GGUF architecture '{gguf_arch}'; "
+                          f"expected one of: {', '.join(TENSORS)}") from None
+
+
+def expand(config, gguf_arch: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """Every (hf_name, gguf_names, transform) of a model with this config, layer by layer in file
+    order: globals first (embedding, norm, head), then blk.0, blk.1, ..."""
+    table = tensor_table(gguf_arch)
+    ok = [m for m in table if m.needs is None or _NEEDS[m.needs](config)]
+    out = [(m.hf, m.gguf, m.transform) for m in ok if m.layers == "global"]
+    for i in range(config.num_hidden_layers):
+        kind = layer_kind(config, i)
+        for m in ok:
+            if m.layers == "all" or m.layers == kind:
+                out.append((m.hf.format(i=i), tuple(g.format(i=i) for g in m.gguf), m.transform))
+    return out
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rope_perm(w: np.ndarray, n_head: int, inverse: bool) -> np.ndarray:
+    # NOTE: HF rotates halves (x[:d/2], x[d/2:]); llama.cpp's llama arch rotates adjacent pairs.
+    # Forward: per head, rows [2, d/2] -> [d/2, 2]; inverse undoes it.
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    shape = (n_head, half, 2) if inverse else (n_head, 2, half)
+    return np.ascontiguousarray(w.reshape(*shape, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_to_gguf(transform: str, w: np.ndarray, config) -> list[np.ndarray]:
+    """The GGUF array(s) (numpy shapes) holding HF array `w`."""
+    if transform == "copy":
+        return [w]
+    if transform == "gate_up":                          # [E, 2I, H] -> 2 x [E, I, H]
+        i = w.shape[1] // 2
+        return [np.ascontiguousarray(w[:, :i]), np.ascontiguousarray(w[:, i:])]
+    if transform == "rope_q":
+        return [_rope_perm(w, config.num_attention_heads, inverse=False)]
+    if transform == "rope_k":
+        return [_rope_perm(w, config.num_key_value_heads, inverse=False)]
+    if transform == "kv_b":                             # [nH*(nope+v), r]
+        nh, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+        kv = w.reshape(nh, nope + v, w.shape[-1])
+        return [np.ascontiguousarray(kv[:, :nope].transpose(0, 2, 1)),  # [nH, r, nope]
+                np.ascontiguousarray(kv[:, nope:])]                     # [nH, v, r]
+    if transform == "flat":
+        return [w.reshape(-1)]
+    raise KtransError(f"unknown tensor transform '{transform}'")
+
+
+def gguf_to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
+    """The HF array built from the GGUF array(s) `parts` (numpy shapes); inverse of hf_to_gguf."""
+    if transform == "copy":
+        return parts[0]
+    if transform == "gate_up":                          # 2 x [E, I, H] -> [E, 2I, H]
+        return np.concatenate(parts, axis=1)
+    if transform == "rope_q":
+        return _rope_perm(parts[0], config.num_attention_heads, inverse=True)
+    if transform == "rope_k":
+        return _rope_perm(parts[0], config.num_key_value_heads, inverse=True)
+    if transform == "kv_b":
+        k_b, v_b = parts                                # [nH, r, nope], [nH, v, r]
+        kv = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)  # [nH, nope+v, r]
+        return np.ascontiguousarray(kv.reshape(-1, kv.shape[-1]))
+    if transform == "flat":
+        return parts[0].reshape(1, -1)
+    raise KtransError(f"unknown tensor transform '{transform}'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config <-> GGUF metadata. Each entry: (key suffix after "{arch}.", config attribute, GGUF value
+# type). Keys whose value is not a plain config attribute are in DERIVED_METADATA (written by
+# gen-model; a reader rebuilds the attribute from the plain keys, e.g. head_dim from key_length).
+
+@dataclass(frozen=True)
+class MetaKey:
+    key: str        # suffix after "{arch}."
+    attr: str       # transformers config attribute
+    vtype: str      # "u32" | "f32" | "bool"
+
+
+_BASE_META = [
+    MetaKey("block_count", "num_hidden_layers", "u32"),
+    MetaKey("context_length", "max_position_embeddings", "u32"),
+    MetaKey("embedding_length", "hidden_size", "u32"),
+    MetaKey("feed_forward_length", "intermediate_size", "u32"),
+    MetaKey("attention.head_count", "num_attention_heads", "u32"),
+    MetaKey("attention.layer_norm_rms_epsilon", "rms_norm_eps", "f32"),
+    MetaKey("vocab_size", "vocab_size", "u32"),
+]
+_GQA_META = [MetaKey("attention.head_count_kv", "num_key_value_heads", "u32")]
+_MOE_META = [
+    MetaKey("expert_count", "num_experts", "u32"),
+    MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+]
+
+METADATA: dict[str, list[MetaKey]] = {
+    "deepseek2": _BASE_META + [
+        MetaKey("expert_count", "n_routed_experts", "u32"),
+        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+        MetaKey("expert_shared_count", "n_shared_experts", "u32"),
+        MetaKey("leading_dense_block_count", "first_k_dense_replace", "u32"),
+        MetaKey("expert_weights_scale", "routed_scaling_factor", "f32"),
+        MetaKey("expert_weights_norm", "norm_topk_prob", "bool"),
+        MetaKey("expert_group_count", "n_group", "u32"),
+        MetaKey("expert_group_used_count", "topk_group", "u32"),
+        MetaKey("attention.kv_lora_rank", "kv_lora_rank", "u32"),
+        MetaKey("attention.value_length_mla", "v_head_dim", "u32"),
+        MetaKey("rope.dimension_count", "qk_rope_head_dim", "u32"),
+    ],
+    "qwen3moe": _BASE_META + _GQA_META + _MOE_META + [
+        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+        MetaKey("attention.key_length", "head_dim", "u32"),
+        MetaKey("attention.value_length", "head_dim", "u32"),
+    ],
+    "qwen2moe": _BASE_META + _GQA_META + _MOE_META + [
+        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+        MetaKey("expert_shared_feed_forward_length", "shared_expert_intermediate_size", "u32"),
+    ],
+    "llama": _BASE_META + _GQA_META + [
+        MetaKey("expert_count", "num_local_experts", "u32"),
+        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+    ],
+    "qwen2": _BASE_META + _GQA_META,
+    "qwen3": _BASE_META + _GQA_META + [MetaKey("attention.key_length", "head_dim", "u32"),
+                                       MetaKey("attention.value_length", "head_dim", "u32")],
+}
+
+# Keys computed from several attributes (or from rope_parameters); `{arch}.` prefix implied.
+#   deepseek2:
+#     attention.head_count_kv     = 1      (llama.cpp runs MLA as MQA over the latent)
+#     attention.q_lora_rank       = q_lora_rank or 0 (0: plain q_proj -> attn_q)
+#     attention.key_length        = kv_lora_rank + qk_rope_head_dim
+#     attention.value_length      = kv_lora_rank
+#     attention.key_length_mla    = qk_nope_head_dim + qk_rope_head_dim
+#     expert_gating_func          = 2 (sigmoid) for deepseek_v3, 1 (softmax) for deepseek_v2
+#   all:
+#     rope.freq_base              = rope_parameters["rope_theta"]
+#     rope.dimension_count        = head_dim (GQA archs; deepseek2 uses qk_rope_head_dim above)
+#     rope.scaling.type = "yarn", rope.scaling.factor, rope.scaling.original_context_length,
+#     rope.scaling.yarn_log_multiplier = 0.1 * mscale_all_dim   (when rope_type is yarn)
+DERIVED_METADATA = {
+    "deepseek2": ["attention.head_count_kv", "attention.q_lora_rank", "attention.key_length",
+                  "attention.value_length", "attention.key_length_mla", "expert_gating_func"],
+    "all": ["rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
+            "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier"],
+}
+
+
+def metadata_table(gguf_arch: str) -> list[MetaKey]:
+    try:
+        return METADATA[gguf_arch]
+    except KeyError:
+        raise KtransError(f"no metadata table for GGUF architecture '{gguf_arch}'; "
+                          f"expected one of: {', '.join(METADATA)}") from None
