@@ -1,0 +1,62 @@
+"""Test helpers for GGUF files: write a small real GGUF with gguf.GGUFWriter, and re-write a GGUF
+as a llama.cpp split set (`<stem>-0000i-of-0000N.gguf` with split.no / split.count /
+split.tensors.count), the way `llama-gguf-split` lays it out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], arch: str = "qwen2", metadata: dict | None = None,
+               qtypes: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (float arrays, row-major HF-style shapes) to a GGUF file; `qtypes` maps a
+    tensor name to f32/f16/bf16/q8_0 (gguf's own quantizers) — default f32."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        _add_kv(w, key, value)
+    for name, x in tensors.items():
+        qt = gguf.GGMLQuantizationType[(qtypes or {}).get(name, "f32").upper()]
+        w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(x, np.float32), qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def _add_kv(w: gguf.GGUFWriter, key: str, value) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
+
+
+def split_gguf(src, out_dir, parts: int) -> list[Path]:
+    """Re-write GGUF `src` as `parts` split files in `out_dir`; metadata goes to the first part."""
+    r = gguf.GGUFReader(str(src))
+    arch = str(r.fields["general.architecture"].contents())
+    per = -(-len(r.tensors) // parts)
+    out = Path(out_dir) / (Path(src).stem + ".gguf")
+    w = gguf.GGUFWriter(str(out), arch, split_max_tensors=per)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(Path(out_dir).glob(Path(src).stem + "-*-of-*.gguf"))
