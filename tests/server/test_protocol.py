@@ -1,0 +1,109 @@
+"""Request parsing for the OpenAI/Ollama APIs and the <think> splitter (no engine needed)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ktrans_server.errors import APIError
+from ktrans_server.protocol import parse_chat, parse_completion, parse_json
+from ktrans_server.reasoning import ThinkSplitter, prompt_opens_thinking
+
+
+def _err(fn, *args) -> APIError:
+    with pytest.raises(APIError) as e:
+        fn(*args)
+    assert e.value.status == 400
+    return e.value
+
+
+def test_malformed_json_and_non_object():
+    assert "not valid JSON" in _err(parse_json, b"{oops").message
+    assert "JSON object" in _err(parse_json, b"[1, 2]").message
+
+
+def test_chat_accepts_what_modern_clients_send():
+    spec = parse_chat({
+        "model": "gpt-4o", "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+            {"role": "user", "content": "again"}],
+        "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "seed": 3, "stop": "END",
+        "stream": True, "stream_options": {"include_usage": True},
+        "user": "x", "metadata": {"a": 1}, "store": False, "some_future_field": [1]}, 100)
+    assert spec.messages[0] == {"role": "system", "content": "be brief"}
+    assert spec.messages[1]["content"] == "hello"
+    assert spec.messages[2]["content"] == "" and spec.messages[2]["tool_calls"]
+    assert spec.params.max_new_tokens == 7 and spec.max_tokens_given
+    assert spec.params.temperature == 0 and spec.params.top_p == 0.5 and spec.params.seed == 3
+    assert spec.params.stop == ["END"] and spec.stream and spec.include_usage
+
+
+def test_max_tokens_alias_and_default():
+    assert parse_chat({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}, 100).params.max_new_tokens == 5
+    spec = parse_chat({"messages": [{"role": "user", "content": "x"}]}, 100)
+    assert spec.params.max_new_tokens == 100 and not spec.max_tokens_given
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("temperature", 2.5, "'temperature' must be in [0.0, 2.0]"),
+    ("temperature", "hot", "'temperature' must be a number"),
+    ("top_p", 0, "'top_p' must be in (0.0, 1.0]"),
+    ("max_tokens", 0, "'max_tokens' must be in [1"),
+    ("max_tokens", 1.5, "'max_tokens' must be an integer"),
+    ("presence_penalty", 3, "'presence_penalty' must be in [-2.0, 2.0]"),
+    ("stop", 5, "'stop' must be a string or a list of strings"),
+    ("n", 2, "Only n=1"),
+    ("stream", "yes", "'stream' must be a boolean"),
+])
+def test_invalid_values_name_the_parameter(field, value, needle):
+    e = _err(parse_chat, {"messages": [{"role": "user", "content": "x"}], field: value}, 10)
+    assert needle in e.message
+    assert e.param == field
+
+
+@pytest.mark.parametrize("messages,needle", [
+    (None, "non-empty array"), ([], "non-empty array"), (["hi"], "messages[0] must be an object"),
+    ([{"role": "robot", "content": "x"}], "messages[0].role must be one of"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "not supported"),
+    ([{"role": "user", "content": 5}], "must be a string, null or an array"),
+])
+def test_bad_messages(messages, needle):
+    assert needle in _err(parse_chat, {"messages": messages}, 10).message
+
+
+def test_completion_prompt_forms():
+    assert parse_completion({"prompt": ["abc"]}, 10).prompt == "abc"
+    assert parse_completion({"prompt": "abc"}, 10).params.max_new_tokens == 16
+    assert "'prompt' must be a string" in _err(parse_completion, {"prompt": 3}, 10).message
+
+
+def _split_all(text: str, in_thinking: bool, cuts: list[int]) -> tuple[str, str]:
+    s = ThinkSplitter(in_thinking)
+    r, c, prev = [], [], 0
+    for cut in cuts + [len(text)]:
+        a, b = s.feed(text[prev:cut])
+        r.append(a)
+        c.append(b)
+        prev = cut
+    a, b = s.flush()
+    return "".join(r) + a, "".join(c) + b
+
+
+def test_think_splitter_any_chunking():
+    text = "<think>weigh a < b and </thi</think>\n\nThe answer is <b>42</b>."
+    for _ in range(200):
+        cuts = sorted(random.sample(range(1, len(text)), random.randint(0, 12)))
+        r, c = _split_all(text, False, cuts)
+        assert r == "weigh a < b and </thi"
+        assert c == "The answer is <b>42</b>."
+
+
+def test_think_splitter_prompt_opened_thinking():
+    assert prompt_opens_thinking("<|User|>hi<|Assistant|><think>\n")
+    assert not prompt_opens_thinking("<think>x</think> hi")
+    r, c = _split_all("plan...</think>done", True, [3, 9])
+    assert (r, c) == ("plan...", "done")
