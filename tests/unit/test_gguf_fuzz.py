@@ -1,0 +1,91 @@
+"""Fuzz the GGUF reader: truncated files and corrupted headers / tensor tables must give a clean
+KtransError (or, where the corruption is harmless, a reader whose every tensor view lies inside
+the file with the size its type and shape imply) — never another exception, a crash or a hang."""
+
+from __future__ import annotations
+
+import struct
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gguf_testutil import write_gguf
+from ktrans.errors import KtransError
+from ktrans.weights.gguf_reader import GGUFReader
+
+INTERESTING_U64 = [0, 1, 2, 3, 4, 7, 8, 31, 32, 255, 2**31 - 1, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]
+
+
+@pytest.fixture(scope="module")
+def valid_blob(tmp_path_factory):
+    rng = np.random.default_rng()
+    d = tmp_path_factory.mktemp("fuzz")
+    tensors = {"token_embd.weight": rng.standard_normal((8, 32)), "blk.0.attn_q.weight": rng.standard_normal((4, 64)),
+               "blk.0.ffn_gate_exps.weight": rng.standard_normal((2, 4, 32)), "output_norm.weight": rng.standard_normal(32)}
+    meta = {"qwen2.block_count": 1, "general.name": "fuzz", "tokenizer.ggml.tokens": ["<s>", "a", "中", "🙂"],
+            "tokenizer.ggml.scores": [0.0, -1.0, -2.0, -3.0], "tokenizer.ggml.add_bos_token": True}
+    path = write_gguf(d / "valid.gguf", tensors, metadata=meta,
+                      qtypes={"blk.0.attn_q.weight": "q8_0", "token_embd.weight": "f16", "blk.0.ffn_gate_exps.weight": "bf16"})
+    blob = path.read_bytes()
+    header_end = GGUFReader(str(path)).files[0].data_start
+    return blob, header_end, d
+
+
+def _check(path: str) -> None:
+    try:
+        r = GGUFReader(path)
+    except KtransError as e:
+        assert path in str(e) or "GGUF" in str(e)
+        return
+    size = r.files[0].size
+    for t in r.tensors.values():
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)]
+        assert t.nbytes == int(np.prod(t.shape[:-1])) * t.shape[-1] // block * type_size
+        assert 0 <= t.start and t.start + t.nbytes <= size
+        data = t.data()
+        assert data.nbytes == t.nbytes
+        int(data[..., :1].sum())  # touch the mapping
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(cut=st.floats(0, 1))
+def test_truncated(valid_blob, cut):
+    blob, _, d = valid_blob
+    path = d / "trunc.gguf"
+    path.write_bytes(blob[: int(len(blob) * cut)])
+    _check(str(path))
+
+
+@FUZZ
+@given(data=st.data())
+def test_corrupt_header_bytes(valid_blob, data):
+    blob, header_end, d = valid_blob
+    buf = bytearray(blob)
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, header_end - 1))
+        buf[at] = data.draw(st.integers(0, 255))
+    path = d / "bytes.gguf"
+    path.write_bytes(bytes(buf))
+    _check(str(path))
+
+
+@FUZZ
+@given(data=st.data())
+def test_corrupt_header_fields(valid_blob, data):
+    """Overwrite 4- or 8-byte fields (counts, lengths, dims, types, offsets) with edge values."""
+    blob, header_end, d = valid_blob
+    buf = bytearray(blob)
+    for _ in range(data.draw(st.integers(1, 3))):
+        width = data.draw(st.sampled_from([4, 8]))
+        at = data.draw(st.integers(4, header_end - width))
+        value = data.draw(st.sampled_from(INTERESTING_U64)) % (1 << (8 * width))
+        buf[at:at + width] = struct.pack("<I" if width == 4 else "<Q", value)
+    path = d / "fields.gguf"
+    path.write_bytes(bytes(buf))
+    _check(str(path))
