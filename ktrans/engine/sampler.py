@@ -1,0 +1,98 @@
+"""Next-token choice for every request that reached the end of its tokens in a step.
+
+Per row, in transformers' order: penalties (repetition over prompt + output, presence and
+frequency over output) -> greedy argmax if temperature is 0, else temperature -> top-k -> top-p ->
+min-p -> one draw from that request's own generator. The filters run batched on the logits'
+device; only the final draw happens on the CPU, so a seeded request gives the same tokens on a GPU
+as on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ktrans.engine.request import Request, SamplingParams
+
+
+def make_generator(params: SamplingParams) -> torch.Generator:
+    """The request's RNG: seeded when asked (reproducible), otherwise from OS entropy."""
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator(device="cpu").manual_seed(seed % (2**63))
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Penalised copy of logits [R, V] (rows without penalties untouched)."""
+    out = logits
+    for i, req in enumerate(requests):
+        p = req.params
+        if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+            continue
+        if out is logits:
+            out = logits.clone()
+        row = out[i]                                                        # [V] (a view)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(req.prompt_token_ids + req.output_token_ids, device=row.device).unique()
+            vals = row[seen]
+            # NOTE: HF's rule: positive logits are divided, negative ones multiplied, so the
+            # penalty always makes a seen token less likely.
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if req.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(req.output_token_ids, device=row.device)
+            counts = torch.zeros_like(row).scatter_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return out
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p applied to logits [R, V]; removed tokens get -inf.
+    Rows with temperature 0 are returned unscaled (the caller takes their argmax)."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    x = logits / temps[:, None]                                             # [R, V]
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k > 0 for k in top_k) or any(q < 1.0 for q in top_p):
+        x = _top_k_top_p(x, top_k, top_p)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    if bool((min_p > 0).any()):
+        probs = x.softmax(-1)                                               # [R, V]
+        cut = min_p[:, None] * probs.max(-1, keepdim=True).values
+        x = x.masked_fill(probs < cut, float("-inf"))
+    return x
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    R, V = x.shape
+    dev = x.device
+    sorted_x, order = x.sort(dim=-1, descending=True)                      # [R, V]
+    ranks = torch.arange(V, device=dev)
+    k = torch.tensor([kk if kk > 0 else V for kk in top_k], device=dev)
+    sorted_x = sorted_x.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    # NOTE: as transformers does: drop a token when it and everything less likely together hold at
+    # most 1 - top_p of the mass (cumulated from the least likely up); the top token always stays.
+    asc = sorted_x.softmax(-1).flip(-1)                                     # [R, V] ascending
+    tail_mass = asc.cumsum(-1).flip(-1)                                     # [R, V]
+    p = torch.tensor(top_p, device=dev, dtype=x.dtype)
+    drop = tail_mass <= (1 - p)[:, None]
+    drop[:, 0] = False
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+
+class Sampler:
+    """Chooses one token per row of logits [R, V] for the matching requests."""
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        logits = apply_penalties(logits.float(), requests)
+        params = [r.params for r in requests]
+        tokens = logits.argmax(-1).tolist()                                 # greedy rows keep these
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            probs = filter_logits(logits[rows], [params[i] for i in sampled]).softmax(-1).cpu()
+            for j, i in enumerate(sampled):
+                gen = requests[i].generator
+                tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen).item())
+        return tokens
