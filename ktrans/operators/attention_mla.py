@@ -1,0 +1,176 @@
+"""`mla_attention`: DeepSeek-V2/V3 multi-head latent attention over the paged KV cache.
+
+The cache holds, per token and layer, only the normalised compressed latent c (kv_lora_rank)
+and the rotated shared rope key k_pe (qk_rope_head_dim): 576 values for V3 instead of
+2 * 128 heads * 192. Two ways to attend over it:
+
+- expanded (prefill, and the oracle `forward_native`): K/V of every cached token are rebuilt
+  with kv_b_proj, then ordinary attention with head dim qk_nope + qk_rope;
+- absorbed (decode): kv_b_proj = [W_UK; W_UV] per head is folded into the query and the output,
+  q_lat = q_nope · W_UK  [.., H, r];  score = q_lat · c + q_pe · k_pe;  o = (p · c) · W_UVᵀ,
+  so attention reads the latent cache directly and nothing per-head is materialised per token.
+
+Requests in one step are packed; each attends causally to its own cached + new tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ktrans.engine.batch import current_forward
+from ktrans.errors import KtransError
+from ktrans.operators.base import Operator
+from ktrans.operators.linear import load_param, param_bytes, resolve_dtype, rms_norm
+from ktrans.operators.registry import register_operator
+from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_style
+
+
+def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn) -> torch.Tensor:
+    """softmax over keys with causal masking by position: key j is visible to a query at
+    position p iff j <= p (keys are the request's tokens in position order; padded keys past
+    the request's length lie beyond every query position, so they are masked too).
+    scores [B, H, n, L] (already scaled), q_pos [B, n]; returns values_fn(probs)."""
+    L = scores.shape[-1]
+    keep = torch.arange(L, device=scores.device)[None, None, :] <= q_pos[:, :, None]  # [B, n, L]
+    scores = scores.float().masked_fill(~keep[:, None], float("-inf"))
+    return values_fn(torch.softmax(scores, dim=-1))
+
+
+@register_operator("mla_attention")
+class MLAAttention(Operator):
+    name: ClassVar[str] = "mla_attention"
+
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", absorb_for_prefill=False, **kwargs):
+        super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        if not getattr(config, "kv_lora_rank", None):
+            raise KtransError(f"{key}: mla_attention needs a DeepSeek MLA config (kv_lora_rank), "
+                              f"got model_type '{config.model_type}'")
+        self.layer_idx = orig_module.layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.eps = config.rms_norm_eps
+        self.scale = mla_softmax_scale(config)
+        self.style = rope_style(config)
+        self.absorb_for_prefill = bool(absorb_for_prefill)
+        self.dtype = resolve_dtype(dtype, torch.device(device))
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        c, h = self.config, self.config.hidden_size
+        qk = self.nope_dim + self.rope_dim
+        shapes = {"kv_a_proj_with_mqa.weight": (self.kv_lora_rank + self.rope_dim, h),
+                  "kv_a_layernorm.weight": (self.kv_lora_rank,),
+                  "kv_b_proj.weight": (self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank),
+                  "o_proj.weight": (h, self.num_heads * self.v_dim)}
+        if self.q_lora_rank:
+            shapes.update({"q_a_proj.weight": (self.q_lora_rank, h), "q_a_layernorm.weight": (self.q_lora_rank,),
+                           "q_b_proj.weight": (self.num_heads * qk, self.q_lora_rank)})
+        else:
+            shapes["q_proj.weight"] = (self.num_heads * qk, h)
+        if getattr(c, "attention_bias", False):
+            shapes.update({"kv_a_proj_with_mqa.bias": (self.kv_lora_rank + self.rope_dim,), "o_proj.bias": (h,)})
+            if self.q_lora_rank:
+                shapes["q_a_proj.bias"] = (self.q_lora_rank,)
+        return shapes
+
+    @classmethod
+    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
+        probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        return {str(torch.device(device)): param_bytes(list(probe._shapes().values()), probe.dtype)}
+
+    def load_weights(self, weights) -> None:
+        self.params = torch.nn.ParameterDict()
+        for name in self._shapes():
+            self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype, self.device)
+
+    def _p(self, name: str) -> torch.Tensor | None:
+        """A loaded parameter by its name under this module (None for an absent bias)."""
+        return self.params.get(name.replace(".", "__"))
+
+    def _linear(self, x: torch.Tensor, proj: str) -> torch.Tensor:
+        return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias"))
+
+    def _project(self, x: torch.Tensor, emb):
+        """x [T, hidden] -> q_nope [T, H, dn], q_pe [T, H, dr] (rotated), cache entries [T, r + dr]."""
+        if self.q_lora_rank:
+            q = self._linear(rms_norm(self._linear(x, "q_a_proj"), self._p("q_a_layernorm.weight"), self.eps), "q_b_proj")
+        else:
+            q = self._linear(x, "q_proj")
+        q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)            # [T, H, dqk]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self._linear(x, "kv_a_proj_with_mqa").split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = rms_norm(latent, self._p("kv_a_layernorm.weight"), self.eps)            # [T, r]
+        q_pe = apply_rope(q_pe, emb, self.style)                                          # [T, H, dr]
+        k_pe = apply_rope(k_pe[:, None, :], emb, self.style)[:, 0]                        # [T, dr]
+        return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)
+
+    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, r] and W_UV [H, dv, r]: views of kv_b_proj's weight."""
+        w = self._p("kv_b_proj.weight").view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+
+    def _attend_expanded(self, q_nope, q_pe, cached, q_pos) -> torch.Tensor:
+        """One request: q_* [n, H, .], cached [L, r + dr], q_pos [n] -> [n, H, dv]."""
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self._linear(latent, "kv_b_proj").view(-1, self.num_heads, self.nope_dim + self.v_dim)  # [L, H, dn+dv]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
+                  + torch.einsum("nhe,le->hnl", q_pe, k_pe)) * self.scale                # [H, n, L]
+        out = masked_attention(scores[None], q_pos[None], lambda p: torch.einsum("hnl,lhv->nhv", p[0].to(v.dtype), v))
+        return out
+
+    def _attend_absorbed(self, q_nope, q_pe, cached, q_pos) -> torch.Tensor:
+        """B requests at once: q_* [B, n, H, .], cached [B, L, r + dr], q_pos [B, n] -> [B, n, H, dv]."""
+        w_uk, w_uv = self._kv_b()
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_lat = torch.einsum("bnhd,hdr->bnhr", q_nope, w_uk)                              # [B, n, H, r]
+        scores = (torch.einsum("bnhr,blr->bhnl", q_lat, latent)
+                  + torch.einsum("bnhe,ble->bhnl", q_pe, k_pe)) * self.scale              # [B, H, n, L]
+        o_lat = masked_attention(scores, q_pos, lambda p: torch.einsum("bhnl,blr->bnhr", p.to(latent.dtype), latent))
+        return torch.einsum("bnhr,hvr->bnhv", o_lat, w_uv)                                # [B, n, H, dv]
+
+    def _run(self, hidden_states, position_embeddings, absorb_decode: bool) -> tuple[torch.Tensor, None]:
+        ctx = current_forward()
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, hidden]
+        emb = _strip_batch(position_embeddings, self.device)
+        q_nope, q_pe, entries = self._project(x, emb)
+        ctx.kv.write(self.layer_idx, ctx.slot_mapping, entries)
+        out = torch.empty(x.shape[0], self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)  # [T, H, dv]
+        qs, pos = ctx.query_start, ctx.positions
+        decode = [r for r, n in enumerate(ctx.batch.num_new) if absorb_decode and (n == 1 or self.absorb_for_prefill)]
+        single = [r for r in decode if ctx.batch.num_new[r] == 1]
+        if single:
+            rows = torch.tensor([qs[r] for r in single], device=x.device)               # [B]
+            cached = ctx.kv.gather_padded(self.layer_idx, ctx.page_table[single], max(ctx.seq_lens[r] for r in single))[0]
+            out[rows] = self._attend_absorbed(q_nope[rows, None], q_pe[rows, None], cached, pos[rows, None])[:, 0]
+        for r in range(ctx.batch.num_reqs):
+            if r in single:
+                continue
+            sl = slice(qs[r], qs[r + 1])
+            cached = ctx.kv.gather(self.layer_idx, ctx.page_table[r], ctx.seq_lens[r])[0]  # [L, r + dr]
+            if r in decode:
+                out[sl] = self._attend_absorbed(q_nope[sl][None], q_pe[sl][None], cached[None], pos[sl][None])[0]
+            else:
+                out[sl] = self._attend_expanded(q_nope[sl], q_pe[sl], cached, pos[sl])
+        o = self._linear(out.reshape(x.shape[0], -1), "o_proj")                           # [T, hidden]
+        return o.view(*shape[:-1], -1), None
+
+    def forward(self, hidden_states, position_embeddings=None, **kwargs):
+        return self._run(hidden_states, position_embeddings, absorb_decode=True)
+
+    def forward_native(self, hidden_states, position_embeddings=None, **kwargs):
+        return self._run(hidden_states, position_embeddings, absorb_decode=False)
+
+
+def _strip_batch(emb, device):
+    """HF rotary output has a leading batch dim of 1 over the packed tokens; drop it."""
+    if emb is None:
+        raise KtransError("attention needs position_embeddings (the model forward computes them from positions)")
+    if isinstance(emb, tuple):
+        return tuple(e.reshape(-1, e.shape[-1]).to(device) for e in emb)
+    return emb.reshape(-1, emb.shape[-1]).to(device)

@@ -1,0 +1,161 @@
+"""`moe_block`: a sparse MoE layer — the router on the block's device (GPU by default), routed
+experts on whatever the rules put at `<key>.experts`, shared experts overlapped with them.
+
+Routing follows each architecture exactly as transformers computes it:
+- DeepSeek-V3: sigmoid scores + e_score_correction_bias for the choice only, group-limited top-k
+  (groups ranked by the sum of their two best biased scores), weights from the unbiased scores,
+  normalised when norm_topk_prob, × routed_scaling_factor;
+- DeepSeek-V2: softmax, greedy or group-limited greedy (groups ranked by their best score),
+  × routed_scaling_factor;
+- Qwen2-MoE / Qwen3-MoE: softmax top-k, renormalised when norm_topk_prob; Qwen2-MoE adds a
+  shared expert scaled by sigmoid(shared_expert_gate(x));
+- Mixtral: softmax top-k, always renormalised.
+The router runs in f32 (its logits decide discrete choices; bf16 would flip near-ties).
+
+Overlap: when the experts operator has submit/sync (the CPU experts), the routed work is
+submitted first, the shared experts run on the GPU meanwhile, then sync joins them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ktrans.errors import KtransError
+from ktrans.operators.base import Operator
+from ktrans.operators.linear import load_param
+from ktrans.operators.registry import register_operator
+
+_ROUTED_TYPES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral")
+
+
+def _group_mask(choice: torch.Tensor, group_scores: torch.Tensor, topk_group: int) -> torch.Tensor:
+    """Keep only experts of the `topk_group` best groups: choice [T, E], group_scores [T, G]."""
+    t, g = group_scores.shape
+    top = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]               # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)      # [T, G]
+    return keep[:, :, None].expand(t, g, choice.shape[1] // g).reshape(t, -1)           # [T, E]
+
+
+def route_deepseek_v3(logits, bias, *, top_k, n_group, topk_group, norm, scale):
+    scores = logits.sigmoid()                                                            # [T, E]
+    choice = scores + bias
+    t, e = choice.shape
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(-1)     # [T, G]
+    choice = choice.masked_fill(~_group_mask(choice, group_scores, topk_group), float("-inf"))
+    idx = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]                           # [T, k]
+    w = scores.gather(1, idx)
+    if norm:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale, idx
+
+
+def route_deepseek_v2(logits, *, top_k, method, n_group, topk_group, scale):
+    scores = logits.softmax(dim=-1)                                                      # [T, E]
+    if method == "group_limited_greedy":
+        t, e = scores.shape
+        group_scores = scores.view(t, n_group, e // n_group).max(dim=-1).values         # [T, G]
+        scores = scores.masked_fill(~_group_mask(scores, group_scores, topk_group), 0.0)
+    elif method != "greedy":
+        raise KtransError(f"DeepSeek-V2 topk_method '{method}' is not one of greedy, group_limited_greedy")
+    w, idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    return w * scale, idx
+
+
+def route_softmax_topk(logits, *, top_k, norm):
+    w, idx = torch.topk(logits.softmax(dim=-1), k=top_k, dim=-1)                        # [T, k]
+    if norm:
+        w = w / w.sum(-1, keepdim=True)
+    return w, idx
+
+
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return default
+
+
+@register_operator("moe_block")
+class MoEBlock(Operator):
+    name: ClassVar[str] = "moe_block"
+
+    def __init__(self, *, key: str, orig_module, config, device, **kwargs):
+        super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        if config.model_type not in _ROUTED_TYPES:
+            raise KtransError(f"{key}: moe_block supports {', '.join(_ROUTED_TYPES)}, not '{config.model_type}'")
+        if not hasattr(orig_module, "experts"):
+            raise KtransError(f"{key}: moe_block replaces a sparse MoE block (with .experts), got {type(orig_module).__name__}")
+        # Children kept under their HF names: the rule engine swaps/loads them by dotted path.
+        self.experts = orig_module.experts
+        for child in ("shared_experts", "shared_expert", "shared_expert_gate"):
+            if getattr(orig_module, child, None) is not None:
+                setattr(self, child, getattr(orig_module, child))
+        self.model_type = config.model_type
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = orig_module.gate.weight.shape[0]
+
+    def load_weights(self, weights) -> None:
+        self.gate_weight = load_param(weights, f"{self.key}.gate.weight", torch.float32, self.device)  # [E, H]
+        self.gate_bias = None
+        if self.model_type == "deepseek_v3":
+            self.gate_bias = load_param(weights, f"{self.key}.gate.e_score_correction_bias", torch.float32, self.device)
+
+    @classmethod
+    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
+        e, h = orig_module.gate.weight.shape
+        extra = e if config.model_type == "deepseek_v3" else 0
+        return {str(torch.device(device)): 4 * (e * h + extra)}
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (top_k_weights [T, k] f32, top_k_index [T, k] int64)."""
+        c = self.config
+        logits = F.linear(x.to(self.device, torch.float32), self.gate_weight)              # [T, E]
+        if self.model_type == "deepseek_v3":
+            return route_deepseek_v3(logits, self.gate_bias, top_k=self.top_k, n_group=c.n_group,
+                                     topk_group=c.topk_group, norm=c.norm_topk_prob, scale=c.routed_scaling_factor)
+        if self.model_type == "deepseek_v2":
+            return route_deepseek_v2(logits, top_k=self.top_k, method=c.topk_method, n_group=c.n_group,
+                                     topk_group=c.topk_group, scale=c.routed_scaling_factor)
+        norm = True if self.model_type == "mixtral" else bool(c.norm_topk_prob)
+        return route_softmax_topk(logits, top_k=self.top_k, norm=norm)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Shared-expert output [T, H] on x's device, or None for blocks without one."""
+        if hasattr(self, "shared_experts"):
+            dev = _device_of(self.shared_experts, self.device)
+            return self.shared_experts(x.to(dev)).to(x.device)
+        if hasattr(self, "shared_expert"):
+            dev = _device_of(self.shared_expert, self.device)
+            xs = x.to(dev)
+            gate = torch.sigmoid(self.shared_expert_gate(xs.to(_device_of(self.shared_expert_gate, dev))).to(dev))
+            return (gate * self.shared_expert(xs)).to(x.device)
+        return None
+
+    def _routed_sync(self, x, idx, w) -> torch.Tensor:
+        dev = _device_of(self.experts, x.device)
+        return self.experts(x.to(dev), idx.to(dev), w.to(dev)).to(x.device, x.dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])                                          # [T, H]
+        w, idx = self.route(x)
+        if hasattr(self.experts, "submit"):
+            handle = self.experts.submit(x, idx, w)          # routed experts start on the CPU ...
+            shared = self._shared(x)                          # ... while the GPU runs the shared ones
+            routed = self.experts.sync(handle).to(x.device, x.dtype)
+        else:
+            routed, shared = self._routed_sync(x, idx, w), self._shared(x)
+        out = routed if shared is None else routed + shared
+        return out.view(shape)
+
+    def forward_native(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        w, idx = self.route(x)
+        out = self._routed_sync(x, idx, w)
+        shared = self._shared(x)
+        return (out if shared is None else out + shared).view(shape)

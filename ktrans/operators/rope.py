@@ -1,0 +1,78 @@
+"""Rotary position embeddings for packed tokens, with transformers' own frequency math.
+
+The cos/sin (or DeepSeek-V2's complex frequencies) come from the model's HF rotary-embedding
+module, re-created on the target device (it was built on the meta device, where its `inv_freq`
+buffer holds no numbers) — so every rope_type transformers knows (default, linear, dynamic, YaRN
+with mscale, llama3, ...) is computed exactly as transformers computes it. This module applies
+them to [T, heads, dim] tensors in the three layouts the supported architectures use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# How the rotary dims of q/k are paired.
+HALF = "half"              # (x[i], x[i + d/2]) pairs: Llama/Qwen/Mixtral, DeepSeek-V3 without rope_interleave
+INTERLEAVE = "interleave"  # (x[2i], x[2i+1]) pairs, output de-interleaved: DeepSeek-V3 with rope_interleave
+COMPLEX = "complex"        # (x[2i], x[2i+1]) pairs as complex numbers, output interleaved: DeepSeek-V2
+
+
+def rope_style(config) -> str:
+    """The pairing layout transformers uses for this config's model type."""
+    if config.model_type == "deepseek_v2":
+        return COMPLEX
+    if config.model_type == "deepseek_v3" and getattr(config, "rope_interleave", False):
+        return INTERLEAVE
+    return HALF
+
+
+def materialize_rotary(rotary: torch.nn.Module, config, device: torch.device | str) -> torch.nn.Module:
+    """A fresh copy of the HF rotary module `rotary` with its buffers computed on `device`."""
+    with torch.device(device):
+        return type(rotary)(config=config)
+
+
+def rotary_embeddings(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype):
+    """Per-token rotary tables for `positions` [T]: (cos, sin) each [T, d], or complex [T, d/2]
+    for COMPLEX. Calls the HF module itself (with a batch dim of 1)."""
+    probe = torch.empty(0, dtype=dtype, device=positions.device)
+    emb = rotary(probe, positions[None, :])
+    if isinstance(emb, tuple):
+        return emb[0][0], emb[1][0]
+    return emb[0]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, emb, style: str) -> torch.Tensor:
+    """Rotate x [T, heads, d] by the per-token tables from rotary_embeddings()."""
+    if style == COMPLEX:
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))     # [T, heads, d/2]
+        return torch.view_as_real(xc * emb[:, None, :]).flatten(-2).type_as(x)
+    cos, sin = emb
+    cos, sin = cos[:, None, :], sin[:, None, :]                                  # [T, 1, d]
+    if style == INTERLEAVE:
+        half = cos.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def mla_softmax_scale(config) -> float:
+    """DeepSeek's attention scale: 1/sqrt(qk_head_dim), times mscale^2 under YaRN with
+    mscale_all_dim (the long-context correction the checkpoint was trained with)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        mscale_all_dim = params.get("mscale_all_dim", 0)
+        factor = params.get("factor", 1.0)
+        if mscale_all_dim and factor > 1:
+            m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+            scale *= m * m
+    return scale

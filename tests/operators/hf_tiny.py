@@ -1,0 +1,90 @@
+"""Tiny transformers models with random weights for operator tests, one config per architecture,
+and a WeightSource over their state dict (the operators under test load through the same
+WeightSource interface as from GGUF/safetensors files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+from ktrans.weights.source import RawTensor, TensorInfo, WeightSource
+
+_COMMON = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+CONFIGS = {
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **_COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+        first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 64,
+                         "beta_fast": 32.0, "beta_slow": 1.0}),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **_COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
+        topk_method="group_limited_greedy", first_k_dense_replace=1, routed_scaling_factor=1.5),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_COMMON, num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **_COMMON, num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, num_key_value_heads=2, intermediate_size=96),
+}
+
+
+def tiny_hf_model(arch: str, seed: int | None = None):
+    """(config, HF causal LM with random f32 weights in eval mode)."""
+    config = CONFIGS[arch]()
+    config._attn_implementation = "eager"
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))(config).eval()
+    with torch.no_grad():  # HF zero-inits some tensors (routing bias); make every weight matter
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" not in name and t.is_floating_point():
+                t.copy_(torch.randn_like(t) * (0.02 if "bias" in name else 0.15) + (1.0 if "norm" in name else 0.0))
+    return config, model
+
+
+class StateDictSource(WeightSource):
+    """A WeightSource over in-memory f32 tensors named as transformers names them."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.path = "<state dict>"
+        self._t = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+
+    def names(self):
+        return sorted(self._t)
+
+    def info(self, name):
+        if name not in self._t:
+            raise self.missing(name)
+        t = self._t[name]
+        return TensorInfo(name, "f32", tuple(t.shape), t.numel() * 4, self.path)
+
+    def raw(self, name):
+        self.info(name)
+        t = self._t[name]
+        return RawTensor("f32", tuple(t.shape), t.numpy().view(np.uint8).reshape(-1))
+
+    def expert_stack(self, layer, proj):
+        self.check_expert_proj(layer, proj)
+        prefix = f"model.layers.{layer}.mlp.experts"
+        if proj == "down":
+            t = self._t[f"{prefix}.down_proj"]                       # [E, H, I]
+        else:
+            gate_up = self._t[f"{prefix}.gate_up_proj"]              # [E, 2I, H], gate rows first
+            half = gate_up.shape[1] // 2
+            t = (gate_up[:, :half] if proj == "gate" else gate_up[:, half:]).contiguous()
+        return RawTensor("f32", tuple(t.shape), t.numpy().view(np.uint8).reshape(-1))
+
+
+def model_source(model) -> StateDictSource:
+    return StateDictSource(dict(model.state_dict()))

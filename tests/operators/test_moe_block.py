@@ -1,0 +1,60 @@
+"""moe_block vs the transformers sparse-MoE block it replaces (same weights, HF's own experts
+module as the routed experts): routing of every architecture, shared experts, Qwen2's shared
+gate; and the routing functions against the HF routers' (weights, indices) directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ktrans.operators.moe_block import MoEBlock
+from tests.operators.hf_tiny import model_source, tiny_hf_model
+from tests.tolerances import F32_ATOL, F32_RTOL
+
+MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+def _block(arch):
+    config, model = tiny_hf_model(arch)
+    mlp = model.model.layers[1].mlp
+    op = MoEBlock(key="model.layers.1.mlp", orig_module=mlp, config=config, device="cpu")
+    op.load_weights(model_source(model))
+    return config, mlp, op
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_routing_matches_hf_router(arch):
+    config, mlp, op = _block(arch)
+    x = torch.randn(37, config.hidden_size)
+    with torch.no_grad():
+        _, ref_w, ref_idx = mlp.gate(x)
+        w, idx = op.route(x)
+    # order within the top-k is unspecified (sorted=False): compare as sets per token
+    ref_order, order = ref_idx.argsort(-1), idx.argsort(-1)
+    assert torch.equal(ref_idx.gather(1, ref_order), idx.gather(1, order))
+    torch.testing.assert_close(w.gather(1, order), ref_w.float().gather(1, ref_order), rtol=F32_RTOL, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("native", [False, True])
+def test_moe_block_matches_hf_block(arch, native):
+    config, mlp, op = _block(arch)
+    x = torch.randn(1, 23, config.hidden_size)
+    with torch.no_grad():
+        ref = mlp(x)
+        got = op.forward_native(x) if native else op(x)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+def test_deepseek_v3_group_limit_excludes_other_groups():
+    """Every chosen expert lies in one of the topk_group best groups (what the bias-corrected
+    grouped top-k guarantees), and weights sum to routed_scaling_factor when normalised."""
+    config, mlp, op = _block("deepseek_v3")
+    x = torch.randn(64, config.hidden_size)
+    with torch.no_grad():
+        w, idx = op.route(x)
+    per_group = config.n_routed_experts // config.n_group
+    groups = (idx // per_group).tolist()
+    assert all(len(set(g)) <= config.topk_group for g in groups)
+    torch.testing.assert_close(w.sum(-1), torch.full((64,), config.routed_scaling_factor), rtol=1e-5, atol=1e-5)
