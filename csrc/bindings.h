@@ -6,4 +6,5 @@ namespace ktrans {
 namespace py = pybind11;
 
 void bind_core(py::module_& m);  // csrc/common/bind_core.cpp: ISA selection, conversions
+void bind_quant(py::module_& m);  // csrc/quant/bind_quant.cpp: GGUF quant formats
 }  // namespace ktrans

@@ -1,0 +1,160 @@
+"""Quant formats: dequantization bit-exact against gguf-py's numpy code (random valid blocks and
+round trips), quantized bytes equal to gguf-py's quantize where it has one, K-quant error bounds
+on Gaussian data, every ISA variant against the generic reference, and API boundary checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants as gq
+
+from ktrans import _C, cpu
+from ktrans.errors import KtransError
+from ktrans.weights import quant
+from tests import tolerances as tol
+
+ISAS = cpu.supported_isas()
+WEIGHT_TYPES = list(quant.QTYPES)
+QUANTIZABLE = [t for t in WEIGHT_TYPES if quant.QTYPES[t].can_quantize]
+
+# Byte offsets of the fp16 scale fields inside one block (they must be finite in random blocks).
+FP16_FIELDS = {
+    "q8_0": [0], "q4_0": [0], "q5_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
+    "q2_k": [80, 82], "q3_k": [108], "iq4_xs": [0],
+}
+
+
+def _ggml(qtype: str) -> GT:
+    return GT(quant.QTYPES[qtype].ggml_type)
+
+
+def _nmse(out: np.ndarray, ref: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    return float(((out.astype(np.float64) - ref) ** 2).sum() / max((ref**2).sum(), 1e-300))
+
+
+def _finite_fp16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
+    h = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+    # exponent 31 is inf/NaN: move those to the largest finite exponent
+    bad = (h >> 10) & 0x1F == 0x1F
+    h[bad] &= np.uint16(0xFBFF)
+    return h
+
+
+def _random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for every quant bit, finite random fp16/bf16/f32 values where floats live."""
+    q = quant.QTYPES[qtype]
+    nb = cols // q.block_size
+    raw = rng.integers(0, 256, (rows, nb, q.type_size), dtype=np.uint8)
+    if qtype == "f32":
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    if qtype in ("f16", "bf16"):
+        bits = _finite_fp16_bits(rng, rows * cols) if qtype == "f16" else rng.integers(0, 1 << 16, rows * cols)
+        bits = bits.astype(np.uint16)
+        if qtype == "bf16":  # keep bf16 finite: exponent 255 -> 254
+            bits[(bits >> 7) & 0xFF == 0xFF] &= np.uint16(0xFF7F)
+        return bits.reshape(rows, cols).view(np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        raw[..., off : off + 2] = _finite_fp16_bits(rng, rows * nb).reshape(rows, nb, 1).view(np.uint8)
+    return raw.reshape(rows, nb * q.type_size)
+
+
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES)
+def test_dequantize_random_blocks_bit_exact_vs_gguf(qtype):
+    rng = np.random.default_rng()
+    q = quant.QTYPES[qtype]
+    cols = 2 * max(q.block_size, 256)
+    raw = _random_blocks(qtype, 5, cols, rng)
+    ref = gq.dequantize(raw, _ggml(qtype)).reshape(5, cols).astype(np.float32)
+    out = quant.dequantize(raw, qtype, (5, cols))
+    assert out.dtype == np.float32 and out.shape == (5, cols)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), qtype
+    for isa in ISAS:
+        flat = _C.quant_dequantize(qtype, raw.reshape(-1), 5 * cols, isa=isa)
+        assert np.array_equal(flat.view(np.uint32), ref.reshape(-1).view(np.uint32)), (qtype, isa)
+
+
+def _gaussian_with_edge_blocks(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """N(0,1) rows with varied magnitudes plus edge blocks: all zero, constant, +/-max ties."""
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    x *= np.float32(10.0) ** rng.uniform(-3, 3, (rows, 1)).astype(np.float32)
+    x[0, :256] = 0.0
+    x[1, :256] = 0.75
+    x[2, :32] = rng.integers(-3, 4, 32).astype(np.float32)  # exact small integers: rounding ties
+    x[2, 5], x[2, 9] = -7.0, 7.0
+    return x
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0"])
+def test_quantize_bytes_equal_gguf(qtype):
+    rng = np.random.default_rng()
+    x = _gaussian_with_edge_blocks(8, 512, rng)
+    ref = np.ascontiguousarray(gq.quantize(x, _ggml(qtype))).view(np.uint8).reshape(8, -1)
+    for isa in ISAS:
+        out = _C.quant_quantize(qtype, x, isa=isa).reshape(8, -1)
+        assert np.array_equal(out, ref), (qtype, isa, np.argwhere(out != ref)[:5])
+    assert np.array_equal(quant.quantize(x, qtype), ref)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE)
+def test_quantize_error_on_gaussian_and_gguf_reads_it(qtype):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((128, 1024)).astype(np.float32)
+    raw = quant.quantize(x, qtype)
+    assert raw.shape == (128, quant.row_bytes(qtype, 1024)) and raw.dtype == np.uint8
+    ours = quant.dequantize(raw, qtype, x.shape)
+    ref = gq.dequantize(raw, _ggml(qtype)).reshape(x.shape).astype(np.float32)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    err = _nmse(ours, x)
+    assert err <= tol.QUANT_NMSE[qtype], (qtype, err)
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q2_k", "q3_k"])
+def test_kquant_edge_blocks_decode_finite_and_close(qtype):
+    rng = np.random.default_rng()
+    x = _gaussian_with_edge_blocks(4, 512, rng)
+    x[3, 256:] = -np.abs(x[3, 256:])  # all-negative block: min-only formats must still fit
+    out = quant.dequantize(quant.quantize(x, qtype), qtype, x.shape)
+    assert np.all(np.isfinite(out))
+    assert np.all(out[0, :256] == 0.0)
+    for r in range(4):
+        assert _nmse(out[r], x[r]) <= 4 * tol.QUANT_NMSE[qtype], (qtype, r)
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k"])
+def test_threads_split_gives_identical_bytes(qtype):
+    x = np.random.default_rng().standard_normal((37, 512)).astype(np.float32)
+    one = quant.quantize(x, qtype, nthreads=1)
+    assert np.array_equal(quant.quantize(x, qtype, nthreads=3), one)
+    assert np.array_equal(quant.quantize(x, qtype, nthreads=0), one)
+    assert np.array_equal(quant.dequantize(one, qtype, x.shape, nthreads=1),
+                          quant.dequantize(one, qtype, x.shape, nthreads=3))
+
+
+def test_qtype_table_matches_gguf():
+    for name, q in quant.QTYPES.items():
+        assert GT(q.ggml_type).name.lower() == name
+        assert gq.GGML_QUANT_SIZES[GT(q.ggml_type)] == (q.block_size, q.type_size)
+        assert quant.qtype_from_ggml(q.ggml_type) == name
+        assert quant.row_bytes(name, 4 * q.block_size) == 4 * q.type_size
+
+
+def test_boundary_errors_are_clear():
+    x = np.zeros((2, 256), np.float32)
+    cases = [
+        (lambda: quant.quantize(x.astype(np.float64), "q4_k"), "float32"),
+        (lambda: quant.quantize(np.asfortranarray(np.zeros((256, 2), np.float32)), "q8_0"), "C-contiguous"),
+        (lambda: quant.quantize(np.zeros((2, 100), np.float32), "q4_k"), "256"),
+        (lambda: quant.quantize(x, "q4_q"), "unknown quant type"),
+        (lambda: quant.quantize(x, "iq4_xs"), "iq4_xs"),
+        (lambda: quant.row_bytes("q8_0", 33), "32"),
+        (lambda: quant.qtype_from_ggml(int(GT.Q4_1)), "Q4_1"),
+        (lambda: quant.qtype_from_ggml(1234), "1234"),
+        (lambda: quant.dequantize(np.zeros(143, np.uint8), "q4_k", (1, 256)), "144"),
+        (lambda: quant.dequantize(np.zeros(144, np.int8), "q4_k", (1, 256)), "uint8"),
+        (lambda: quant.dequantize(np.zeros((4, 72), np.uint8)[:, ::2], "q4_k", (1, 256)), "C-contiguous"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises(KtransError, match=needle):
+            fn()
