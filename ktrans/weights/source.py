@@ -100,6 +100,8 @@ class WeightSource(abc.ABC):
     path: str = ""
     #: set by `loading()` while a load is in progress; receives every read
     progress: "LoadProgress | None" = None
+    #: HF parameter/buffer shapes implied by config(), built on first use
+    _expected: dict[str, tuple[int, ...]] | None = None
 
     @abc.abstractmethod
     def names(self) -> list[str]:
@@ -140,6 +142,28 @@ class WeightSource(abc.ABC):
     def tokenizer(self):
         """transformers tokenizer built from the files, or None when they carry none."""
         return None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the HF model's parameters and buffers for config() (built on the meta
+        device, so free of memory); empty when there is no config."""
+        if self._expected is None:
+            cfg = self.config()
+            shapes: dict[str, tuple[int, ...]] = {}
+            if cfg is not None:
+                from ktrans.config.arch import build_meta_model
+
+                model = build_meta_model(cfg)
+                for n, p in [*model.named_parameters(), *model.named_buffers()]:
+                    shapes[n] = tuple(p.shape)
+            self._expected = shapes
+        return self._expected
+
+    def check_shape(self, name: str, shape: tuple[int, ...], file: str) -> None:
+        """KtransError when the stored shape of `name` is not what the config implies."""
+        want = self.expected_shapes().get(name)
+        if want is not None and tuple(shape) != want:
+            raise KtransError(f"{file}: tensor '{name}' has shape {list(shape)}, but the model config "
+                              f"expects {list(want)} (weights from a different model or variant?)")
 
     # ---- helpers shared by subclasses ----
 
