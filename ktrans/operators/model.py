@@ -1,0 +1,52 @@
+"""The model forward over one packed ForwardBatch: embed → decoder layers → norm → lm_head.
+
+transformers' own decoder layers run unchanged (norms, residuals, and whatever the rules put at
+`self_attn` / `mlp`); this replaces only the outer `model.forward`, which in transformers builds
+a padded [B, S] batch, a dense causal mask and a DynamicCache. Here the batch is the packed
+tokens of every scheduled request as one row [1, T, H]; attention operators read request
+boundaries and KV pages from the forward context instead of a mask, and rotary tables are
+computed once per step (per device) from the tokens' positions by the model's own rotary module.
+Hidden states follow the devices the rules chose: each layer receives them on the device and
+dtype of its input norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ktrans.engine.batch import ForwardContext
+from ktrans.operators.rope import rotary_embeddings
+
+
+def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and float dtype of a module's first floating parameter (its inputs go there)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    raise RuntimeError(f"{type(module).__name__} holds no floating-point parameters")
+
+
+def _layer_input(layer: torch.nn.Module) -> torch.nn.Module:
+    return getattr(layer, "input_layernorm", layer)
+
+
+def forward_packed(causal_lm: torch.nn.Module, rotary: torch.nn.Module, ctx: ForwardContext) -> torch.Tensor:
+    """Logits [R', V] (float32) of the rows ctx.batch.logits_indices of the packed tokens."""
+    inner = causal_lm.model
+    batch = ctx.batch
+    emb_dev, _ = module_placement(inner.embed_tokens)
+    h = inner.embed_tokens(batch.input_ids.to(emb_dev))[None]                           # [1, T, H]
+    tables: dict[tuple, object] = {}
+    for layer in inner.layers:
+        dev, dtype = module_placement(_layer_input(layer))
+        if (dev, dtype) not in tables:
+            emb = rotary_embeddings(rotary, ctx.positions.to(dev), dtype)
+            tables[(dev, dtype)] = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
+        out = layer(h.to(dev, dtype), attention_mask=None, position_ids=ctx.positions.to(dev)[None],
+                    position_embeddings=tables[(dev, dtype)])
+        h = out[0] if isinstance(out, tuple) else out                                    # [1, T, H]
+    norm_dev, norm_dtype = module_placement(inner.norm)
+    h = inner.norm(h.to(norm_dev, norm_dtype))[0]                                        # [T, H]
+    h = h.index_select(0, batch.logits_indices.to(norm_dev))                            # [R', H]
+    head_dev, head_dtype = module_placement(causal_lm.lm_head)
+    return causal_lm.lm_head(h.to(head_dev, head_dtype)).float()                         # [R', V]
