@@ -1,0 +1,228 @@
+"""The synchronous engine: one `step()` = schedule -> run the model -> update the requests.
+
+Callers add requests (token ids + SamplingParams) and call `step()` until nothing is left; every
+step returns a RequestOutput for each request that produced tokens or finished. local_chat drives
+it directly; the AsyncEngine drives it from a background thread.
+
+Thread safety: `add_request` and `abort` may be called from another thread while `step()` runs.
+The scheduler's state is guarded by one lock, held while scheduling and while updating, but not
+while the model runs, so adding a request never waits for a forward pass.
+NOTE: a request aborted during a forward keeps no pages; its rows in that forward still write KV
+into pages that are free but cannot be handed out before the next schedule(), which comes after
+the forward ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from ktrans.engine.detokenizer import IncrementalDetokenizer
+from ktrans.engine.request import Request, RequestOutput, SamplingParams
+from ktrans.engine.sampler import Sampler, make_generator
+from ktrans.engine.scheduler import Scheduler, SchedulerOutput
+from ktrans.errors import KtransError
+from ktrans.kv_cache import PagePool
+
+log = logging.getLogger("ktrans.engine")
+
+
+def eos_token_ids(config, tokenizer) -> set[int]:
+    """Token ids that end a generation: the config's eos_token_id(s), the generation config's and
+    the tokenizer's (chat models often end turns with a token only the tokenizer names)."""
+    ids: set[int] = set()
+    for src in (config, getattr(config, "generation_config", None), tokenizer):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, runner, *, max_batch_size: int = 4, chunk_size: int = 256,
+                 max_queue: int | None = None):
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.config = runner.config
+        self.pool = PagePool(runner.num_pages, runner.page_size)
+        self.scheduler = Scheduler(self.pool, max_batch_size=max_batch_size, chunk_size=chunk_size,
+                                   max_context=runner.max_context, max_queue=max_queue)
+        self.sampler = Sampler()
+        self.eos_token_ids = eos_token_ids(self.config, self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._lock = threading.RLock()
+        self.counters = {"steps": 0, "prefill_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
+                         "requests_failed": 0, "preemptions": 0, "step_seconds": 0.0, "last_step_seconds": 0.0}
+
+    @classmethod
+    def from_args(cls, *, max_batch_size: int = 4, chunk_size: int = 256, max_queue: int | None = None,
+                  **runner_kwargs) -> "LLMEngine":
+        """Load a model (ModelRunner keyword arguments) and wrap it in an engine."""
+        from ktrans.engine.model_runner import ModelRunner
+
+        return cls(ModelRunner(**runner_kwargs), max_batch_size=max_batch_size, chunk_size=chunk_size,
+                   max_queue=max_queue)
+
+    @property
+    def max_context(self) -> int:
+        return self.scheduler.max_context
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        params.validate()
+        req = Request(request_id, prompt_token_ids, params)
+        req.generator = make_generator(params)
+        req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
+        with self._lock:
+            if request_id in self.requests:
+                raise KtransError(f"request id '{request_id}' is already in use")
+            self.scheduler.add(req)
+            self.requests[request_id] = req
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV pages; its final output (None if it is unknown/done)."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None:
+                return None
+            return self._finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_unfinished()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched, batch = self._schedule()
+        logits, error = self._run(batch)
+        return self._update(sched, logits, error)
+
+    def _schedule(self):
+        """The step's plan and its ForwardBatch (None when nothing runs), built under the lock so
+        an abort cannot slip between planning and packing."""
+        with self._lock:
+            sched = self.scheduler.schedule()
+            return sched, (None if sched.empty else build_forward_batch(sched, self.pool))
+
+    def _run(self, batch) -> tuple[torch.Tensor | None, str | None]:
+        """Logits of the sampled rows, or the error that made the forward fail."""
+        if batch is None:
+            return None, None
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.execute(batch)
+        except Exception as e:      # one failed forward fails its requests, never the engine
+            log.exception("model forward failed for %d requests", batch.num_reqs)
+            return None, f"model forward failed: {type(e).__name__}: {e}"
+        dt = time.perf_counter() - t0
+        self.counters["steps"] += 1
+        self.counters["step_seconds"] += dt
+        self.counters["last_step_seconds"] = dt
+        return logits, None
+
+    def _update(self, sched: SchedulerOutput, logits, error: str | None) -> list[RequestOutput]:
+        with self._lock:
+            return self._update_locked(sched, logits, error)
+
+    def _update_locked(self, sched: SchedulerOutput, logits, error: str | None) -> list[RequestOutput]:
+        self.counters["preemptions"] += len(sched.preempted)
+        if error is not None:
+            return [self._finish(s.request, "error", error) for s in sched.scheduled if not s.request.finished]
+        self.counters["prefill_tokens"] += sum(min(s.num_new, max(0, s.request.num_prompt_tokens - s.num_computed))
+                                               for s in sched.scheduled)
+        sampled = [s.request for s in sched.scheduled if s.sample]
+        if not sampled:
+            return []
+        live = [i for i, r in enumerate(sampled) if not r.finished]      # aborted during the forward
+        if not live:
+            return []
+        try:
+            tokens = self.sampler(logits[live], [sampled[i] for i in live])
+        except Exception as e:
+            log.exception("sampling failed")
+            return [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
+        return [self._append(sampled[i], tok) for i, tok in zip(live, tokens)]
+
+    def _append(self, req: Request, token: int) -> RequestOutput:
+        """Record one sampled token, detokenize it and decide whether the request is done."""
+        try:
+            now = time.perf_counter()
+            req.first_token_time = req.first_token_time or now
+            req.output_token_ids.append(token)
+            self.counters["generation_tokens"] += 1
+            p = req.params
+            reason = None
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason, text = "stop", ""
+            else:
+                text = req.detokenizer.add(token)
+                if req.detokenizer.stopped:
+                    reason = "stop"
+                elif req.num_output_tokens >= p.max_new_tokens or req.num_tokens >= self.max_context:
+                    reason = "length"
+            if reason is None:
+                return self._output(req, [token], text)
+            return self._finish(req, reason, new_token_ids=[token], new_text=text)
+        except Exception as e:
+            log.exception("request %s failed while updating", req.request_id)
+            return self._finish(req, "error", f"{type(e).__name__}: {e}")
+
+    def _finish(self, req: Request, reason: str, error: str | None = None, *,
+                new_token_ids: list[int] | None = None, new_text: str = "") -> RequestOutput:
+        if reason in ("stop", "length"):
+            new_text += req.detokenizer.flush()
+        req.finish(reason, error)
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+        self.counters["requests_finished"] += 1
+        self.counters["requests_failed"] += reason == "error"
+        return self._output(req, new_token_ids or [], new_text)
+
+    @staticmethod
+    def _output(req: Request, new_token_ids: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(request_id=req.request_id, new_token_ids=new_token_ids, new_text=new_text,
+                             finished=req.finished, finish_reason=req.finish_reason,
+                             num_prompt_tokens=req.num_prompt_tokens,
+                             num_output_tokens=req.num_output_tokens, error=req.error)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                    "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
+                    "kv_page_size": self.pool.page_size, **self.counters}
+
+
+def build_forward_batch(sched: SchedulerOutput, pool: PagePool):
+    """Pack the scheduled requests' new tokens and their page tables into a ForwardBatch."""
+    from ktrans.engine.batch import ForwardBatch
+
+    ids: list[int] = []
+    positions: list[int] = []
+    logits_rows: list[int] = []
+    tables = []
+    for s in sched.scheduled:
+        c, n = s.num_computed, s.num_new
+        ids += s.request.token_ids(c, c + n)
+        positions += range(c, c + n)
+        if s.sample:
+            logits_rows.append(len(ids) - 1)
+        tables.append(pool.pages(s.request))
+    width = max(len(t) for t in tables)
+    page_table = torch.full((len(tables), width), -1, dtype=torch.int32)    # [R, max_pages]
+    for i, t in enumerate(tables):
+        page_table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    return ForwardBatch(input_ids=torch.tensor(ids, dtype=torch.int64),
+                        positions=torch.tensor(positions, dtype=torch.int64),
+                        seq_ids=[s.request.slot for s in sched.scheduled],
+                        num_computed=[s.num_computed for s in sched.scheduled],
+                        num_new=[s.num_new for s in sched.scheduled],
+                        page_table=page_table,
+                        logits_indices=torch.tensor(logits_rows, dtype=torch.int64))
