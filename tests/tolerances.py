@@ -36,3 +36,9 @@ VEC_DOT_Q8_NMSE = 2e-4
 VEC_DOT_FLOAT_NMSE = 1e-10
 # An ISA variant vs the generic reference: same integer sums, different float summation order.
 VEC_DOT_ISA_NMSE = 1e-10
+
+# --- model operators and fidelity (O) ---
+# Whole-model logits of ktrans (paged KV, packed batches, absorbed MLA decode) vs transformers on
+# the same f32 weights: same math, different summation order and attention formulation.
+FIDELITY_F32_RTOL = 1e-4
+FIDELITY_F32_ATOL = 1e-4

@@ -1,0 +1,138 @@
+"""ModelRunner: builds the model once and runs one packed ForwardBatch per engine step.
+
+Build (meta → swap → load):
+  weights (GGUF / safetensors) → config (HF directory, or single-file GGUF metadata)
+  → transformers' model class on the meta device → rule plan (which operator, which device)
+  → apply: operators swapped in, every tensor loaded where the plan put it
+  → paged KV storage on the attention device, sized by cache_lens.
+Run: `execute(batch)` sets the forward context (batch + KV) and runs the packed model forward;
+it returns float32 logits for the rows the scheduler asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from ktrans.config.arch import arch_from_config, build_meta_model
+from ktrans.engine.batch import ForwardBatch, forward_context
+from ktrans.errors import KtransError
+from ktrans.kv_cache.storage import KVStorage
+from ktrans.operators.model import forward_packed, module_placement
+
+DEFAULT_PAGE_SIZE = 64
+
+
+def rules_dir() -> Path:
+    """Where the shipped rule files are: inside the installed package, else the source tree."""
+    pkg = Path(__file__).resolve().parent.parent
+    for d in (pkg / "optimize_rules", pkg.parent / "optimize_rules"):
+        if d.is_dir():
+            return d
+    raise KtransError(f"no optimize_rules directory next to the ktrans package ({pkg}); pass --optimize_config_path")
+
+
+def default_rule_file(arch_name: str) -> Path:
+    """The shipped rule file for an architecture (experts on the CPU, the rest on the GPU;
+    `--device cpu` maps its GPU placements to the CPU)."""
+    path = rules_dir() / f"{arch_name}.yaml"
+    if not path.is_file():
+        raise KtransError(f"no shipped rule file for architecture '{arch_name}' ({path}); pass --optimize_config_path")
+    return path
+
+
+def _load_config(weights, model_path):
+    config = weights.config()
+    if config is None and model_path and os.path.isdir(model_path):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+    if config is None:
+        raise KtransError("the weights carry no model config; pass --model_path with the HF config.json directory")
+    return config
+
+
+def _load_tokenizer(weights, model_path):
+    tok = weights.tokenizer()
+    if tok is None and model_path and os.path.isdir(model_path):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError):
+            tok = None
+    return tok
+
+
+def _check_device(device: str) -> str:
+    device = str(device).lower()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise KtransError(f"--device '{device}': expected cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KtransError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu to run everything on the CPU")
+    return device
+
+
+class ModelRunner:
+    """One model, built from weights + rules, executing packed batches over a paged KV cache."""
+
+    def __init__(self, *, model_path=None, gguf_path=None, optimize_config_path=None, device="cuda",
+                 cpu_infer=None, cache_lens=4096, page_size=DEFAULT_PAGE_SIZE, trust_rules=False,
+                 progress=True, dtype=None):
+        from ktrans.rules.apply import apply_plan
+        from ktrans.rules.plan import plan_model
+        from ktrans.rules.schema import load_rules
+        from ktrans.weights.source import open_weights
+
+        self.device = _check_device(device)
+        if int(page_size) <= 0 or int(cache_lens) < int(page_size):
+            raise KtransError(f"--cache_lens {cache_lens} must be at least one page ({page_size} tokens)")
+        self.weights = open_weights(model_path, gguf_path)
+        self.config = _load_config(self.weights, model_path)
+        self.arch = arch_from_config(self.config)
+        self.tokenizer = _load_tokenizer(self.weights, model_path)
+        self.rule_file = str(optimize_config_path or default_rule_file(self.arch.name))
+        rules = load_rules(self.rule_file, trust_rules=trust_rules)
+        model = build_meta_model(self.config)
+        plan = plan_model(model, rules, config=self.config, weights=self.weights,
+                          default_device="cpu" if self.device == "cpu" else self.device,
+                          device_map="cpu" if self.device == "cpu" else None, dtype=dtype)
+        plan.entries = [_with_cpu_infer(e, cpu_infer) for e in plan.entries]
+        self.plan = plan
+        with self.weights.loading(enabled=progress):
+            self.model = apply_plan(model, plan, self.weights).eval()
+        self.rotary = self.model.model.rotary_emb
+        self.page_size = int(page_size)
+        self.num_pages = -(-int(cache_lens) // self.page_size)
+        self.kv = self._make_kv()
+        self.max_context = min(self.num_pages * self.page_size,
+                               int(getattr(self.config, "max_position_embeddings", 1 << 30)))
+
+    def _make_kv(self) -> KVStorage:
+        """KV pool on the device (and in the dtype) of the first layer's attention."""
+        attn = self.model.model.layers[0].self_attn
+        dev, dtype = module_placement(attn)
+        dtype = getattr(attn, "dtype", dtype)
+        return KVStorage.for_config(self.config, num_pages=self.num_pages, page_size=self.page_size,
+                                    dtype=dtype, device=dev)
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] float32 for one engine step."""
+        with forward_context(batch, self.kv) as ctx:
+            return forward_packed(self.model, self.rotary, ctx)
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+def _with_cpu_infer(entry, cpu_infer):
+    """--cpu_infer sets the thread count of every operator that takes `cpu_infer` (the CPU
+    experts) unless its rule already chose one."""
+    cls = entry.rule.op_class if entry.rule is not None else None
+    if cpu_infer is None or cls is None or "cpu_infer" not in cls.accepted_kwargs() or "cpu_infer" in entry.kwargs:
+        return entry
+    return dataclasses.replace(entry, kwargs={**entry.kwargs, "cpu_infer": int(cpu_infer)})
