@@ -158,3 +158,72 @@ def test_boundary_errors_are_clear():
     for fn, needle in cases:
         with pytest.raises(KtransError, match=needle):
             fn()
+
+
+# --- activation quantizers and vec_dot -----------------------------------------------------------
+
+DOT_TYPES = [t for t in WEIGHT_TYPES if _C.quant_kernel_isa("vec_dot", t, "generic") == "generic"]
+
+
+@pytest.mark.parametrize("act", ["q8_0", "q8_k"])
+def test_activation_quantizers_identical_across_isas(act):
+    x = np.random.default_rng().standard_normal((3, 1024)).astype(np.float32) * 3
+    x[0, :256] = 0.0
+    ref = _C.quant_quantize(act, x, isa="generic")
+    for isa in ISAS:
+        assert np.array_equal(_C.quant_quantize(act, x, isa=isa), ref), (act, isa)
+    back = _C.quant_dequantize(act, ref, x.size).reshape(x.shape)
+    assert _nmse(back, x) < 1e-4
+
+
+def _check_q8k_bsums(raw: np.ndarray, rows: int):
+    blocks = raw.reshape(-1, 292)
+    qs = blocks[:, 4:260].view(np.int8).astype(np.int32)
+    bsums = blocks[:, 260:].copy().view(np.int16).astype(np.int32)
+    assert np.array_equal(qs.reshape(-1, 16, 16).sum(-1), bsums)
+
+
+def test_q8k_block_sums():
+    x = np.random.default_rng().standard_normal((2, 512)).astype(np.float32)
+    for isa in ISAS:
+        _check_q8k_bsums(_C.quant_quantize("q8_k", x, isa=isa), 2)
+
+
+def _weights_for(qtype: str, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    if quant.QTYPES[qtype].can_quantize:
+        return quant.quantize(rng.standard_normal((rows, n)).astype(np.float32), qtype)
+    return _random_blocks(qtype, rows, n, rng)  # iq4_xs: read-only format, random blocks
+
+
+@pytest.mark.parametrize("qtype", DOT_TYPES)
+@pytest.mark.parametrize("blocks", [1, 3, 8])
+def test_vec_dot_every_isa_vs_float64(qtype, blocks):
+    rng = np.random.default_rng()
+    bs = max(quant.QTYPES[qtype].block_size, 32)
+    n = blocks * (256 if bs == 256 else 32 * (1 + blocks % 3))
+    rows = 24
+    w_raw = _weights_for(qtype, rows, n, rng)
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    w = gq.dequantize(w_raw, _ggml(qtype)).reshape(rows, n).astype(np.float64)
+    ref = x.astype(np.float64) @ w.T  # [2, rows]
+    bound = tol.VEC_DOT_FLOAT_NMSE if qtype in ("f32", "f16", "bf16") else tol.VEC_DOT_Q8_NMSE
+    generic = _C.quant_vec_dot(qtype, w_raw, x, isa="generic")
+    assert generic.shape == (2, rows)
+    assert _nmse(generic, ref) <= bound, (qtype, _nmse(generic, ref))
+    for isa in ISAS[1:]:
+        out = _C.quant_vec_dot(qtype, w_raw, x, isa=isa)
+        assert _nmse(out, generic) <= tol.VEC_DOT_ISA_NMSE, (qtype, isa, _C.quant_kernel_isa("vec_dot", qtype, isa))
+        assert _nmse(out, ref) <= bound, (qtype, isa)
+
+
+def test_vec_dot_one_dim_input_and_bad_shapes():
+    rng = np.random.default_rng()
+    w = quant.quantize(rng.standard_normal((4, 256)).astype(np.float32), "q4_k")
+    x = rng.standard_normal(256).astype(np.float32)
+    y = _C.quant_vec_dot("q4_k", w, x)
+    assert y.shape == (4,)
+    assert np.allclose(y, _C.quant_vec_dot("q4_k", w, x[None])[0])
+    with pytest.raises(ValueError, match="bytes"):
+        _C.quant_vec_dot("q4_k", w[:, :100].copy(), x)
+    with pytest.raises(ValueError, match="multiple"):
+        _C.quant_vec_dot("q8_0", np.zeros((1, 34), np.uint8), np.zeros(48, np.float32))
