@@ -9,6 +9,7 @@
 // KTRANS_TARGET_<ISA>_BEGIN and KTRANS_TARGET_END, *after* all #includes. This keeps standard
 // library templates and shared inline helpers at the baseline ISA (no ODR copies with AVX-512
 // instructions that an AVX2 machine could end up executing).
+// NOTE: each _Pragma takes ONE string literal (no concatenation), hence the long lines.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -72,12 +73,9 @@ struct RegisterKernel {
 #define KTRANS_TARGET_AVX2_BEGIN \
   _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,popcnt\"))), apply_to = function)")
 #define KTRANS_TARGET_AVX512_BEGIN                                                                \
-  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f," \
-          "avx512bw,avx512vl,avx512dq,avx512vnni\"))), apply_to = function)")
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni\"))), apply_to = function)")
 #define KTRANS_TARGET_AMX_BEGIN                                                                   \
-  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f," \
-          "avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8\"))), "   \
-          "apply_to = function)")
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8\"))), apply_to = function)")
 #define KTRANS_TARGET_END _Pragma("clang attribute pop")
 #else
 #define KTRANS_TARGET_AVX2_BEGIN \
@@ -87,7 +85,6 @@ struct RegisterKernel {
   _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni\")")
 #define KTRANS_TARGET_AMX_BEGIN                                                                  \
   _Pragma("GCC push_options")                                                                    \
-  _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f,avx512bw,avx512vl,avx512dq,"      \
-          "avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8\")")
+  _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8\")")
 #define KTRANS_TARGET_END _Pragma("GCC pop_options")
 #endif
