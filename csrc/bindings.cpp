@@ -4,5 +4,6 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ktrans C++ core: CPU kernels with run-time ISA dispatch";
   ktrans::bind_core(m);
+  ktrans::bind_packed(m);
   ktrans::bind_quant(m);
 }

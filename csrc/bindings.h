@@ -7,4 +7,5 @@ namespace py = pybind11;
 
 void bind_core(py::module_& m);  // csrc/common/bind_core.cpp: ISA selection, conversions
 void bind_quant(py::module_& m);  // csrc/quant/bind_quant.cpp: GGUF quant formats
+void bind_packed(py::module_& m);  // csrc/packed/bind_packed.cpp: packed AMX/AVX-512 formats and kernels
 }  // namespace ktrans

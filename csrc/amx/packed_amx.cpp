@@ -1,0 +1,275 @@
+// AMX packed_gemm for bf16, int8 and int4 panels, the large-M (prefill) path; M below
+// kAmxMinRows goes to the AVX-512 kernels (bandwidth-bound, where tiles gain nothing).
+//
+// Tiles (one config for all formats, every tile 16 rows x 64 bytes): tmm0-3 = a 2x2 block of C
+// (32 rows x 32 columns, f32 or int32), tmm4-5 = two A tiles (16 rows of x each), tmm6-7 = two B
+// tiles. A packed panel line IS a B tile row, so panel p's k-block kb is the 1 KB at
+// panel + kb * 1024 and B tiles load with a 64-byte stride; A loads straight from x (bf16) or the
+// quantized activations (int8), 64 bytes of k per row.
+// Blocking: N is walked in super-blocks of panels small enough to stay in L2; inside one, every
+// 32-row block of x runs against each panel pair with the whole K in tile registers, so B is read
+// from memory once per call and A once per super-block.
+// int4: each super-block is first expanded to a bf16 panel in a thread-local buffer (q * scale,
+// rounded to bf16) and then runs as bf16, so the group scales cost nothing inside the tile loop
+// and x stays bf16 (more exact than the int8-activation reference; tests bound the difference).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/numeric.h"
+#include "packed/kernels.h"
+#include "packed/layout.h"
+
+KTRANS_TARGET_AMX_BEGIN
+namespace ktrans {
+namespace {
+
+using namespace packed;
+
+constexpr int64_t kAmxMinRows = 16;        // below this, AVX-512 streams the weights faster
+constexpr int64_t kL2Budget = 1 << 20;     // bytes of B panels per super-block
+constexpr int64_t kTileBytes = 1024;       // one B tile: 16 rows x 64 bytes
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void load_tile_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+#define KT_TDP(d, a, b)            \
+  if constexpr (kInt8)             \
+    _tile_dpbssd(d, a, b);         \
+  else                             \
+    _tile_dpbf16ps(d, a, b)
+
+// C (32 x 32, row stride 128 bytes) = A rows x B panels over nkb k-blocks, all in tiles.
+template <bool kInt8, int MT, int NT>
+void tile_block(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1,
+                int64_t nkb, uint8_t* c) {
+  _tile_zero(0);
+  if constexpr (NT == 2) _tile_zero(1);
+  if constexpr (MT == 2) _tile_zero(2);
+  if constexpr (MT == 2 && NT == 2) _tile_zero(3);
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    _tile_loadd(6, b0 + kb * kTileBytes, 64);
+    _tile_loadd(4, a0 + kb * 64, lda);
+    KT_TDP(0, 4, 6);
+    if constexpr (NT == 2) {
+      _tile_loadd(7, b1 + kb * kTileBytes, 64);
+      KT_TDP(1, 4, 7);
+    }
+    if constexpr (MT == 2) {
+      _tile_loadd(5, a1 + kb * 64, lda);
+      KT_TDP(2, 5, 6);
+      if constexpr (NT == 2) KT_TDP(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  if constexpr (NT == 2) _tile_stored(1, c + 64, 128);
+  if constexpr (MT == 2) _tile_stored(2, c + 16 * 128, 128);
+  if constexpr (MT == 2 && NT == 2) _tile_stored(3, c + 16 * 128 + 64, 128);
+}
+#undef KT_TDP
+
+template <bool kInt8>
+void run_block(int mt, int nt, const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0,
+               const uint8_t* b1, int64_t nkb, uint8_t* c) {
+  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a0, a1, lda, b0, b1, nkb, c);
+  if (mt == 2) return tile_block<kInt8, 2, 1>(a0, a1, lda, b0, b1, nkb, c);
+  if (nt == 2) return tile_block<kInt8, 1, 2>(a0, a1, lda, b0, b1, nkb, c);
+  tile_block<kInt8, 1, 1>(a0, a1, lda, b0, b1, nkb, c);
+}
+
+// One 32 x 32 C block into y: rows [m0, m0 + mv), panel columns masked to [n_begin, n_end);
+// int8 blocks are int32 sums scaled by sw (per column, from the panel) * sx (per row).
+struct Epilogue {
+  float* y;
+  int64_t ldy, n_begin, n_end;
+  bool accumulate;
+  const float* sx;  // int8 only
+  void operator()(const uint8_t* c, int64_t m0, int64_t mv, int64_t n0, int nt, const float* const* sw) const {
+    for (int t = 0; t < nt; ++t) {
+      const int64_t c0 = n0 + t * kPanelCols;
+      const __mmask16 mask = panel_col_mask(c0, n_begin, n_end);
+      for (int64_t r = 0; r < mv; ++r) {
+        const uint8_t* src = c + r * 128 + t * 64;
+        __m512 v = sx ? _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src)),
+                                                    _mm512_loadu_ps(sw[t])),
+                                      _mm512_set1_ps(sx[m0 + r]))
+                      : _mm512_loadu_ps(src);
+        float* yrow = y + (m0 + r) * ldy + c0;
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, yrow));
+        _mm512_mask_storeu_ps(yrow, mask, v);
+      }
+    }
+  }
+};
+
+// Walks super-blocks of panels [p_begin, p_end); b_panel(ps, pe) prepares one and returns the
+// base of its first panel (panels then lie b_stride apart); a_rows(m) gives the A tile of rows
+// [m, m + 16) and its row stride.
+template <bool kInt8, class BPrep, class ARows>
+void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t b_stride, BPrep&& b_prep,
+           ARows&& a_rows, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {
+  uint8_t* c = scratch(kScratchC, 32 * 128);
+  const int64_t sb = std::max<int64_t>(2, kL2Budget / b_stride / 2 * 2);
+  for (int64_t ps = p_begin; ps < p_end; ps += sb) {
+    const int64_t pe = std::min(ps + sb, p_end);
+    const uint8_t* b = b_prep(ps, pe);
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const int mt = M - m0 > 16 ? 2 : 1;
+      int64_t lda0, lda1 = 0;
+      const uint8_t* a0 = a_rows(m0, &lda0);
+      const uint8_t* a1 = mt == 2 ? a_rows(m0 + 16, &lda1) : a0;
+      // NOTE: the two A tiles share one stride in the tile loop; a tail tile copied to scratch
+      // may have another, so such a block runs as two single-row-tile blocks.
+      const bool split = mt == 2 && lda1 != lda0;
+      for (int64_t p = ps; p < pe; p += 2) {
+        const int nt = p + 1 < pe ? 2 : 1;
+        const uint8_t* b0 = b + (p - ps) * b_stride;
+        const float* sw[2] = {nullptr, nullptr};
+        if (meta_base)
+          for (int t = 0; t < nt; ++t)
+            sw[t] = reinterpret_cast<const float*>(meta_base + (p + t) * meta_stride);
+        const int64_t n0 = p * kPanelCols;
+        if (!split) {
+          run_block<kInt8>(mt, nt, a0, a1, lda0, b0, b0 + b_stride, nkb, c);
+          epi(c, m0, std::min<int64_t>(32, M - m0), n0, nt, sw);
+        } else {
+          run_block<kInt8>(1, nt, a0, a0, lda0, b0, b0 + b_stride, nkb, c);
+          epi(c, m0, 16, n0, nt, sw);
+          run_block<kInt8>(1, nt, a1, a1, lda1, b0, b0 + b_stride, nkb, c);
+          epi(c, m0 + 16, M - m0 - 16, n0, nt, sw);
+        }
+      }
+    }
+  }
+}
+
+// A tiles of bf16 x: full tiles straight from x, the tail tile from a zero-padded copy.
+struct Bf16Rows {
+  const uint16_t* x;
+  int64_t ldx, M, K;
+  uint8_t* tail;
+  Bf16Rows(const uint16_t* x_, int64_t ldx_, int64_t M_, int64_t K_) : x(x_), ldx(ldx_), M(M_), K(K_) {
+    tail = scratch(kScratchA, 16 * K * 2);
+    const int64_t m_tail = M / 16 * 16;
+    if (m_tail < M) std::memset(tail, 0, 16 * K * 2);
+    for (int64_t m = m_tail; m < M; ++m) std::memcpy(tail + (m - m_tail) * K * 2, x + m * ldx, K * 2);
+  }
+  const uint8_t* operator()(int64_t m, int64_t* lda) const {
+    if (m + 16 <= M) {
+      *lda = ldx * 2;
+      return reinterpret_cast<const uint8_t*>(x + m * ldx);
+    }
+    *lda = K * 2;
+    return tail;
+  }
+};
+
+void gemm_bf16_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
+                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
+  if (M < kAmxMinRows)
+    return k_packed_gemm_bf16.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+  const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
+  load_tile_config();
+  Bf16Rows rows(x, ldx, M, K);
+  Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
+  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
+               [&](int64_t ps, int64_t) { return packed + ps * pb; }, rows, epi, nullptr, 0);
+  _tile_release();
+}
+
+void gemm_int8_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
+                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
+  if (M < kAmxMinRows)
+    return k_packed_gemm_int8.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+  const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int8, K));
+  const int64_t kp = int8_kpad(K), mp = (M + 15) / 16 * 16;
+  int8_t* q = reinterpret_cast<int8_t*>(scratch(kScratchA, mp * kp + mp * 4));
+  float* sx = reinterpret_cast<float*>(q + mp * kp);
+  quantize_rows_avx512(x, ldx, M, K, kp, q, sx, nullptr, 0);
+  std::memset(q + M * kp, 0, (mp - M) * kp);
+  load_tile_config();
+  Epilogue epi{y, ldy, n_begin, n_end, accumulate, sx};
+  auto a_rows = [&](int64_t m, int64_t* lda) {
+    *lda = kp;
+    return reinterpret_cast<const uint8_t*>(q + m * kp);
+  };
+  drive<true>(M, kp / 64, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
+              [&](int64_t ps, int64_t) { return packed + ps * pb; }, a_rows, epi, packed + int8_data_bytes(K), pb);
+  _tile_release();
+}
+
+// int4 panel -> bf16 panel (packed/packed.h layouts): each unpacked quad register (16 columns x
+// 4 k) gives two bf16 lines, (k, k+1) from the low 16 bits of each lane and (k+2, k+3) from the high.
+void int4_panel_to_bf16(const uint8_t* src, int64_t K, uint8_t* dst) {
+  const __m512i nib = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  const uint8_t* scales = src + int4_data_bytes(K);
+  auto two_lines = [&](__m512i q, __m512 s_lo, __m512 s_hi, uint8_t* out) {
+    for (int half = 0; half < 2; ++half) {
+      const __m512i w16 = _mm512_cvtepi8_epi16(_mm512_cvtepi32_epi16(half ? _mm512_srli_epi32(q, 16) : q));
+      const __m512 f_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w16))), s_lo);
+      const __m512 f_hi =
+          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w16, 1))), s_hi);
+      _mm512_storeu_si512(out + half * kLine, (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo));
+    }
+  };
+  for (int64_t g = 0; g < K / kInt4Group; ++g) {
+    const __m256i sb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kPanelCols * 2));
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sb), 16));
+    const __m512 s_lo = _mm512_permutexvar_ps(lo_idx, s), s_hi = _mm512_permutexvar_ps(hi_idx, s);
+    for (int64_t l = 0; l < 4; ++l) {
+      const __m512i w = _mm512_loadu_si512(src + (g * 4 + l) * kLine);
+      const __m512i q_lo = _mm512_sub_epi8(_mm512_and_si512(w, nib), eight);
+      const __m512i q_hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), nib), eight);
+      uint8_t* out = dst + (g * 16 + l * 4) * kLine;  // bf16 line of k = 32g + 8l
+      two_lines(q_lo, s_lo, s_hi, out);
+      two_lines(q_hi, s_lo, s_hi, out + 2 * kLine);
+    }
+  }
+}
+
+void gemm_int4_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
+                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
+  if (M < kAmxMinRows)
+    return k_packed_gemm_int4.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+  const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int4, K));
+  const int64_t pb16 = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
+  const int64_t sb = std::max<int64_t>(2, kL2Budget / pb16 / 2 * 2);
+  uint8_t* wbuf = scratch(kScratchB, sb * pb16);
+  Bf16Rows rows(x, ldx, M, K);
+  auto prep = [&](int64_t ps, int64_t pe) {
+    for (int64_t p = ps; p < pe; ++p) int4_panel_to_bf16(packed + p * pb, K, wbuf + (p - ps) * pb16);
+    return static_cast<const uint8_t*>(wbuf);
+  };
+  load_tile_config();
+  Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
+  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb16, prep, rows, epi,
+               nullptr, 0);
+  _tile_release();
+}
+
+RegisterKernel<PackedGemmFn> reg_bf16(k_packed_gemm_bf16, Isa::amx, gemm_bf16_amx);
+RegisterKernel<PackedGemmFn> reg_int8(k_packed_gemm_int8, Isa::amx, gemm_int8_amx);
+RegisterKernel<PackedGemmFn> reg_int4(k_packed_gemm_int4, Isa::amx, gemm_int4_amx);
+
+}  // namespace
+}  // namespace ktrans
+KTRANS_TARGET_END

@@ -1,0 +1,44 @@
+// packed_gemm(): argument checks and the choice of kernel (selected or explicit ISA level).
+// The AMX-level kernels pick tiles or AVX-512 by M themselves (csrc/amx/packed_amx.cpp).
+#include <stdexcept>
+#include <string>
+
+#include "packed/packed.h"
+
+namespace ktrans {
+
+Kernel<PackedGemmFn>& packed_gemm_kernel(PackedFormat f) {
+  switch (f) {
+    case PackedFormat::bf16: return k_packed_gemm_bf16;
+    case PackedFormat::int8: return k_packed_gemm_int8;
+    case PackedFormat::int4: return k_packed_gemm_int4;
+  }
+  throw std::invalid_argument("unknown packed format");
+}
+
+void check_packed_gemm_args(PackedFormat f, int64_t N, int64_t K, int64_t ldx, int64_t M, int64_t ldy,
+                            int64_t n_begin, int64_t n_end) {
+  check_packed_shape(f, N, K);
+  auto s = [](int64_t v) { return std::to_string(v); };
+  if (M < 0) throw std::invalid_argument("packed_gemm: M=" + s(M) + " must be >= 0");
+  if (n_begin < 0 || n_begin > n_end || n_end > N)
+    throw std::invalid_argument("packed_gemm: column range [" + s(n_begin) + ", " + s(n_end) +
+                                ") is not inside [0, N=" + s(N) + ")");
+  if (ldx < K) throw std::invalid_argument("packed_gemm: ldx=" + s(ldx) + " is smaller than K=" + s(K));
+  if (ldy < n_end) throw std::invalid_argument("packed_gemm: ldy=" + s(ldy) + " is smaller than n_end=" + s(n_end));
+}
+
+void packed_gemm_isa(Isa isa, PackedFormat f, const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x,
+                     int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n_begin, int64_t n_end,
+                     bool accumulate) {
+  check_packed_gemm_args(f, N, K, ldx, M, ldy, n_begin, n_end);
+  if (M == 0 || n_begin == n_end) return;
+  packed_gemm_kernel(f).get(isa)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+}
+
+void packed_gemm(PackedFormat f, const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx,
+                 int64_t M, float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
+  packed_gemm_isa(selected_isa(), f, packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+}
+
+}  // namespace ktrans

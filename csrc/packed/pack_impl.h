@@ -1,0 +1,34 @@
+// The packing loop shared by every weight source (f32, bf16, GGUF rows, fp8 blocks): a source
+// turns one row of W into f32, pack_row() scatters it into its panel column. Header-only so each
+// source's loader is inlined into its own loop.
+#pragma once
+#include <cstdint>
+
+#include "packed/layout.h"
+
+namespace ktrans {
+namespace packed {
+
+// Scatter one f32 row into column c of a panel (quantizing for int8/int4); row == nullptr writes
+// a zero (padding) column.
+void pack_row(PackedFormat f, const float* row, int64_t K, uint8_t* panel, int64_t c);
+void check_pack_range(PackedFormat f, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);
+
+// load(n, float* row) fills row n of W as K floats.
+template <class Load>
+void pack_rows_with(PackedFormat f, Load&& load, int64_t N, int64_t K, int64_t n_begin, int64_t n_end,
+                    uint8_t* dst) {
+  check_pack_range(f, N, K, n_begin, n_end);
+  const int64_t panel_bytes = static_cast<int64_t>(packed_panel_bytes(f, K));
+  float* row = reinterpret_cast<float*>(scratch(kScratchRow, K * sizeof(float)));
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    load(n, row);
+    pack_row(f, row, K, dst + n / kPanelCols * panel_bytes, n % kPanelCols);
+  }
+  if (n_end == N)
+    for (int64_t n = N; n < num_panels(N) * kPanelCols; ++n)
+      pack_row(f, nullptr, K, dst + n / kPanelCols * panel_bytes, n % kPanelCols);
+}
+
+}  // namespace packed
+}  // namespace ktrans
