@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   ktrans::bind_core(m);
   ktrans::bind_packed(m);
   ktrans::bind_quant(m);
+  ktrans::bind_moe(m);
 }

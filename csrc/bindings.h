@@ -7,5 +7,6 @@ namespace py = pybind11;
 
 void bind_core(py::module_& m);  // csrc/common/bind_core.cpp: ISA selection, conversions
 void bind_quant(py::module_& m);  // csrc/quant/bind_quant.cpp: GGUF quant formats
+void bind_moe(py::module_& m);  // csrc/moe/bind_moe.cpp: thread pool, CPU MoE layer, stream-ordered tasks
 void bind_packed(py::module_& m);  // csrc/packed/bind_packed.cpp: packed AMX/AVX-512 formats and kernels
 }  // namespace ktrans

@@ -1,0 +1,254 @@
+// Thread pool implementation: core discovery from sysfs, pinning, the fan-out barrier and the
+// serial task queue (see threadpool.h for the threading model).
+#include "common/threadpool.h"
+
+#include <dirent.h>
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace ktrans {
+namespace {
+
+int read_int(const std::string& path, int fallback) {
+  std::ifstream f(path);
+  int v;
+  return (f >> v) ? v : fallback;
+}
+
+// NUMA node of a CPU: the nodeN entry in its sysfs directory (absent on non-NUMA kernels).
+int cpu_node(int cpu) {
+  std::string dir = "/sys/devices/system/cpu/cpu" + std::to_string(cpu);
+  DIR* d = opendir(dir.c_str());
+  if (!d) return 0;
+  int node = 0;
+  while (dirent* e = readdir(d)) {
+    if (std::strncmp(e->d_name, "node", 4) == 0 && e->d_name[4] >= '0' && e->d_name[4] <= '9') {
+      node = std::atoi(e->d_name + 4);
+      break;
+    }
+  }
+  closedir(d);
+  return node;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+using Clock = std::chrono::steady_clock;
+
+}  // namespace
+
+std::vector<CoreInfo> physical_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  }
+  if (cpus.empty()) cpus.push_back(0);
+  // (node, package, core) -> first CPU seen: one entry per physical core.
+  std::map<std::tuple<int, int, int>, int> cores;
+  for (int c : cpus) {
+    std::string t = "/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/";
+    int pkg = read_int(t + "physical_package_id", 0);
+    int core = read_int(t + "core_id", c);
+    cores.emplace(std::make_tuple(cpu_node(c), pkg, core), c);
+  }
+  std::vector<CoreInfo> out;
+  for (auto& [key, cpu] : cores) out.push_back({cpu, std::get<0>(key)});
+  return out;
+}
+
+ThreadPool::ThreadPool(int nthreads, int ngroups, bool pin, int spin_us)
+    : n_(nthreads), spin_us_(spin_us), pin_(pin) {
+  if (nthreads < 1) throw std::invalid_argument("thread pool needs at least 1 thread, got " + std::to_string(nthreads));
+  if (ngroups < 0 || ngroups > nthreads)
+    throw std::invalid_argument("thread groups must be in [0, " + std::to_string(nthreads) + "], got " +
+                                std::to_string(ngroups));
+  std::vector<CoreInfo> cores = physical_cores();
+  thread_group_.resize(n_);
+  for (int i = 0; i < n_; ++i) cpus_.push_back(cores[i % cores.size()].cpu);
+  if (ngroups > 0) {  // forced layout: equal contiguous groups, memory not bound to a node
+    for (int g = 0; g <= ngroups; ++g) group_begin_.push_back(g * n_ / ngroups);
+    group_node_.assign(ngroups, -1);
+  } else {  // real layout: consecutive threads on the same node form a group
+    for (int i = 0; i < n_; ++i) {
+      int node = cores[i % cores.size()].node;
+      if (i == 0 || node != group_node_.back()) {
+        group_begin_.push_back(i);
+        group_node_.push_back(node);
+      }
+    }
+    group_begin_.push_back(n_);
+    if (static_cast<int>(cores.size()) < n_) std::fill(group_node_.begin(), group_node_.end(), -1);
+  }
+  for (int g = 0; g + 1 < static_cast<int>(group_begin_.size()); ++g)
+    for (int i = group_begin_[g]; i < group_begin_[g + 1]; ++i) thread_group_[i] = g;
+  threads_.emplace_back([this] { queue_loop(); });
+  for (int i = 1; i < n_; ++i) threads_.emplace_back([this, i] { worker_loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lk(q_mu_);
+    stop_ = true;
+  }
+  q_cv_.notify_all();
+  threads_[0].join();  // the queue thread drains its queue, then stops the workers (below)
+  for (size_t i = 1; i < threads_.size(); ++i) threads_[i].join();
+}
+
+void ThreadPool::pin_thread(int ith) {
+  if (!pin_) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpus_[ith], &set);
+  pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+// Spin on the generation counter for spin_us, then sleep until it moves.
+void ThreadPool::wait_for_generation(uint64_t seen) {
+  auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
+  for (int i = 0;; ++i) {
+    if (generation_.load(std::memory_order_acquire) != seen) return;
+    cpu_relax();
+    if ((i & 255) == 255 && Clock::now() > deadline) break;
+  }
+  sleepers_.fetch_add(1);
+  {
+    std::unique_lock<std::mutex> lk(wake_mu_);
+    wake_cv_.wait(lk, [&] { return generation_.load() != seen; });
+  }
+  sleepers_.fetch_sub(1);
+}
+
+void ThreadPool::worker_loop(int ith) {
+  pin_thread(ith);
+  uint64_t seen = 0;
+  for (;;) {
+    wait_for_generation(seen);
+    seen = generation_.load(std::memory_order_acquire);
+    const Job* job = job_;
+    if (!job) return;  // null job with a new generation = shut down
+    try {
+      (*job)(ith, n_);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(job_error_mu_);
+      if (!job_error_) job_error_ = std::current_exception();
+    }
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::parallel(const Job& job) {
+  if (n_ == 1) {
+    job(0, 1);
+    return;
+  }
+  job_ = &job;
+  pending_.store(n_ - 1, std::memory_order_relaxed);
+  generation_.fetch_add(1, std::memory_order_seq_cst);
+  // NOTE: the lock/unlock pair orders this wake-up after a sleeper's re-check of the generation.
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    { std::lock_guard<std::mutex> lk(wake_mu_); }
+    wake_cv_.notify_all();
+  }
+  std::exception_ptr own;
+  try {
+    job(0, n_);
+  } catch (...) {
+    own = std::current_exception();
+  }
+  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  std::exception_ptr err = own;
+  {
+    std::lock_guard<std::mutex> lk(job_error_mu_);
+    if (!err) err = job_error_;
+    job_error_ = nullptr;
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+void ThreadPool::queue_loop() {
+  pin_thread(0);
+  for (;;) {
+    std::function<void()> task;
+    {
+      std::unique_lock<std::mutex> lk(q_mu_);
+      q_cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) break;  // stop_ and drained
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    std::exception_ptr err;
+    try {
+      task();
+    } catch (...) {
+      err = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lk(q_mu_);
+      if (err && !task_error_) task_error_ = err;
+      completed_.fetch_add(1, std::memory_order_release);
+    }
+    done_cv_.notify_all();
+  }
+  job_ = nullptr;  // release the workers
+  generation_.fetch_add(1);
+  { std::lock_guard<std::mutex> lk(wake_mu_); }
+  wake_cv_.notify_all();
+}
+
+uint64_t ThreadPool::submit(std::function<void()> task) {
+  uint64_t ticket;
+  {
+    std::lock_guard<std::mutex> lk(q_mu_);
+    queue_.push_back(std::move(task));
+    ticket = ++submitted_;
+  }
+  q_cv_.notify_one();
+  return ticket;
+}
+
+void ThreadPool::sync(uint64_t ticket) {
+  // Short spin first: a decode-sized MoE layer finishes in well under a millisecond.
+  auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
+  while (completed_.load(std::memory_order_acquire) < ticket && Clock::now() < deadline) cpu_relax();
+  std::unique_lock<std::mutex> lk(q_mu_);
+  done_cv_.wait(lk, [&] { return completed_.load() >= ticket; });
+  if (task_error_) {
+    std::exception_ptr err = task_error_;
+    task_error_ = nullptr;
+    std::rethrow_exception(err);
+  }
+}
+
+void ThreadPool::sync_all() {
+  uint64_t ticket;
+  {
+    std::lock_guard<std::mutex> lk(q_mu_);
+    ticket = submitted_;
+  }
+  sync(ticket);
+}
+
+}  // namespace ktrans

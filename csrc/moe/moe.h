@@ -1,0 +1,124 @@
+// CPU MoE layer: out[T, H] (+)= sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+//
+// Tokens are grouped per expert: a "position" p is one (token, slot) pair routed to an active
+// expert, and the positions of one expert are contiguous (moe_plan.h). One forward call runs
+// these phases on the pool, each one parallel() fan-out:
+//   1. activations: x rows -> the activation format of the weights (f32 / q8_0 / q8_K, or bf16
+//      rows gathered per expert for the packed AMX formats)
+//   2. gate/up: work items (active expert, block of I rows), h[p, i] = silu(g) * u
+//   3. h rows -> the down projection's activation format
+//   4. down: each thread owns a range of the H output rows for every active expert, so it adds
+//      w * down(h) into its own columns of the f32 accumulator: no reduction pass, no atomics.
+// T is processed in chunks of at most `max_chunk` tokens; scratch buffers grow to the largest
+// chunk seen and are reused (no allocation per call once warm).
+//
+// NUMA layouts (thread groups of the pool, see threadpool.h):
+//   replicate: every group holds a full copy of the experts; gate/up rows and down output rows
+//              are split across groups, each group reading its own copy.
+//   split:     group g holds I-slice g of every expert (gate/up rows, down columns; cut at block
+//              boundaries); each group computes a partial down output, summed at the end.
+#pragma once
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/threadpool.h"
+#include "moe/moe_buffers.h"
+#include "moe/moe_plan.h"
+#include "quant/quant.h"
+
+namespace ktrans {
+
+enum class NumaMode { replicate, split };
+// gguf: dot products straight from the stored blocks. amx_*: weights repacked at load into the
+// packed formats of csrc/packed/ (bf16, int8 per-channel, int4 group scales).
+enum class MoeBackend { gguf, amx_bf16, amx_int8, amx_int4 };
+
+struct MoeShape {
+  int64_t E = 0, H = 0, I = 0;
+  std::array<QType, 3> types{QType::bf16, QType::bf16, QType::bf16};  // gate, up, down as loaded
+};
+
+// One forward call: raw pointers, checked at the binding boundary.
+struct MoeArgs {
+  int64_t T = 0, k = 0;
+  const void* x = nullptr;   // [T, H] bf16 (x_bf16) or f32
+  bool x_bf16 = true;        // the output has the same dtype
+  const void* ids = nullptr;  // [T, k] int32 or int64; negative = skip
+  bool ids_i64 = true;
+  const float* weights = nullptr;  // [T, k]
+  void* out = nullptr;             // [T, H]
+  bool accumulate = false;         // out += result instead of out = result
+};
+
+// The stored experts of one projection for one thread group.
+struct ProjStore {
+  Region mem;
+  int64_t rows = 0;        // rows per expert held by this group
+  int64_t row_bytes = 0;   // bytes per row (gguf) ...
+  int64_t expert_bytes = 0;  // ... and per expert (gguf: rows * row_bytes; packed: packed_bytes)
+  int64_t k = 0;           // values per row (the reduction length)
+  const uint8_t* expert(int64_t e) const { return mem.data() + e * expert_bytes; }
+};
+
+class MoeLayer {
+ public:
+  MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& shape, MoeBackend backend, NumaMode numa,
+           Isa isa, int64_t max_chunk);
+
+  // Loads experts [e_begin, e_end) of projection proj (0 gate, 1 up, 2 down) from `src`
+  // ([e_end - e_begin, rows, row_bytes] in shape.types[proj]); repacks for the amx backends.
+  // Runs fan-outs on the pool: call from inside a pool task.
+  void load(int proj, int64_t e_begin, int64_t e_end, const uint8_t* src);
+  // One forward; call from inside a pool task.
+  void forward(const MoeArgs& a);
+
+  int64_t weight_bytes() const;
+  int64_t buffer_bytes() const { return buf_.bytes(); }
+  const MoeShape& shape() const { return shape_; }
+  std::shared_ptr<ThreadPool> pool() const { return pool_; }
+
+ private:
+  int ngroups() const { return pool_->num_groups(); }
+  int nslices() const { return numa_ == NumaMode::split ? ngroups() : 1; }
+  void forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc);
+  void phase_act(const MoeArgs& a, int64_t t0, int64_t tc);
+  void phase_gate_up();
+  void phase_down_act();
+  void phase_down(const MoeArgs& a, int64_t t0, int64_t tc);
+  void phase_reduce(const MoeArgs& a, int64_t t0, int64_t tc);
+  void gate_up_item(int g, int64_t a, int64_t r0, int64_t r1);
+  void down_rows(int slice, int copy, int64_t r0, int64_t r1, float* acc, int64_t tc);
+  void load_group(int proj, int g, int64_t e0, int64_t e1, const uint8_t* src, int ith, int nth);
+
+  std::shared_ptr<ThreadPool> pool_;
+  MoeShape shape_;
+  MoeBackend backend_;
+  NumaMode numa_;
+  Isa isa_;
+  int64_t max_chunk_;
+  std::vector<int64_t> row_begin_;  // [G+1] I-rows of group g's gate/up work (slice in split mode)
+  std::vector<ProjStore> store_[3];  // [proj][group]
+  VecDotFn dot_[3] = {};
+  QuantizeRowFn act_quant_[3] = {};  // f32 -> activation format of each projection
+  QType act_type_[3] = {};
+  int64_t act_bytes_[3] = {};        // bytes of one activation row of each projection
+  MoePlan plan_;
+  MoeBuffers buf_;
+  // Buffers of the chunk in flight (set by forward_chunk).
+  struct Chunk {
+    const uint8_t* xq[2] = {};  // [tc, act_bytes] activations of gate (0) and up (1)
+    float* h = nullptr;         // [P, I] silu(gate) * up
+    uint8_t* hq = nullptr;      // [slices][P, act_bytes_[2]] h in the down activation format
+    float* acc = nullptr;       // [slices][tc, H] f32 accumulators
+    float* scratch = nullptr;   // [nthreads][max(H, I)] per-thread f32 row
+  } c_;
+  std::vector<std::atomic<int64_t>> counters_;  // one work counter per group
+};
+
+// Bytes the experts of one layer take, all NUMA copies included (for planned_bytes).
+int64_t moe_weight_bytes(const MoeShape& s, MoeBackend b, NumaMode numa, int ngroups);
+
+}  // namespace ktrans

@@ -1,0 +1,211 @@
+// Forward phases of the gguf MoE backend (see moe.h): activation quantization, gate/up with the
+// SiLU gating, h quantization, down with per-thread output rows, and the NUMA-split reduction.
+//
+// Dot products are the quant formats' own k_vec_dot kernels (csrc/quant/), one weight row against
+// one activation row; loops keep a block of weight rows hot in L1/L2 while a tile of positions
+// streams past it, so each weight byte is read from DRAM once per chunk.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/convert.h"
+#include "moe/moe.h"
+
+namespace ktrans {
+namespace {
+
+constexpr int64_t kRowBlock = 32;  // gate/up rows per work item
+constexpr int64_t kTokTile = 16;   // positions per pass over a block of weight rows
+
+enum Slot { kXq0, kXq1, kH, kHq, kAcc, kScratch };
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+inline void split_range(int64_t len, int i, int n, int64_t* b, int64_t* e) {
+  *b = len * i / n;
+  *e = len * (i + 1) / n;
+}
+
+}  // namespace
+
+void MoeLayer::forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc) {
+  const int64_t H = shape_.H, I = shape_.I;
+  const int S = nslices(), n = pool_->size();
+  plan_.build(a.ids, a.ids_i64, a.weights, a.k, shape_.E, t0, tc);
+  const int64_t P = plan_.num_positions();
+  // NOTE: f32 input with f32-activation formats is read in place: no copy of x.
+  const bool direct = !a.x_bf16 && act_type_[0] == QType::f32 && act_type_[1] == QType::f32;
+  c_.xq[0] = direct ? static_cast<const uint8_t*>(a.x) + t0 * H * 4 : buf_.get(kXq0, tc * act_bytes_[0]);
+  c_.xq[1] = act_type_[1] == act_type_[0] ? c_.xq[0] : buf_.get(kXq1, tc * act_bytes_[1]);
+  c_.h = reinterpret_cast<float*>(buf_.get(kH, std::max<int64_t>(P, 1) * I * 4));
+  c_.hq = act_type_[2] == QType::f32 ? nullptr : buf_.get(kHq, S * std::max<int64_t>(P, 1) * act_bytes_[2]);
+  c_.acc = reinterpret_cast<float*>(buf_.get(kAcc, S * tc * H * 4));
+  c_.scratch = reinterpret_cast<float*>(buf_.get(kScratch, n * std::max(H, I) * 4));
+  if (!direct) phase_act(a, t0, tc);
+  if (P > 0) {
+    phase_gate_up();
+    if (c_.hq) phase_down_act();
+  }
+  phase_down(a, t0, tc);
+  if (S > 1) phase_reduce(a, t0, tc);
+}
+
+void MoeLayer::phase_act(const MoeArgs& a, int64_t t0, int64_t tc) {
+  const int64_t H = shape_.H;
+  const Bf16ToF32Fn to_f32 = k_bf16_to_f32.get(isa_);
+  const int nq = act_type_[1] == act_type_[0] ? 1 : 2;
+  pool_->parallel([&](int ith, int nth) {
+    float* row = c_.scratch + ith * std::max(H, shape_.I);
+    int64_t b, e;
+    split_range(tc, ith, nth, &b, &e);
+    for (int64_t t = b; t < e; ++t) {
+      const float* src;
+      if (a.x_bf16) {
+        to_f32(static_cast<const uint16_t*>(a.x) + (t0 + t) * H, row, H);
+        src = row;
+      } else {
+        src = static_cast<const float*>(a.x) + (t0 + t) * H;
+      }
+      for (int q = 0; q < nq; ++q) {
+        uint8_t* dst = const_cast<uint8_t*>(c_.xq[q]) + t * act_bytes_[q];
+        if (act_type_[q] == QType::f32)
+          std::memcpy(dst, src, H * 4);
+        else
+          act_quant_[q](src, dst, H);
+      }
+    }
+  });
+}
+
+void MoeLayer::phase_gate_up() {
+  const int G = ngroups();
+  const int64_t A = plan_.num_active();
+  for (int g = 0; g < G; ++g) counters_[g].store(0, std::memory_order_relaxed);
+  pool_->parallel([&](int ith, int) {
+    const int g = pool_->group_of(ith);
+    const int64_t nrb = (row_begin_[g + 1] - row_begin_[g] + kRowBlock - 1) / kRowBlock;
+    for (;;) {
+      int64_t it = counters_[g].fetch_add(1, std::memory_order_relaxed);
+      if (it >= A * nrb) break;
+      int64_t r0 = row_begin_[g] + it % nrb * kRowBlock;
+      gate_up_item(g, it / nrb, r0, std::min(r0 + kRowBlock, row_begin_[g + 1]));
+    }
+  });
+}
+
+void MoeLayer::gate_up_item(int g, int64_t a, int64_t r0, int64_t r1) {
+  const int64_t H = shape_.H, I = shape_.I, e = plan_.active[a];
+  const ProjStore& sg = store_[0][g];
+  const ProjStore& su = store_[1][g];
+  const int64_t lo = numa_ == NumaMode::split ? row_begin_[g] : 0;  // first row this copy holds
+  const uint8_t* wg0 = sg.expert(e) + (r0 - lo) * sg.row_bytes;
+  const uint8_t* wu0 = su.expert(e) + (r0 - lo) * su.row_bytes;
+  const int64_t pend = plan_.offset[a + 1];
+  for (int64_t pb = plan_.offset[a]; pb < pend; pb += kTokTile) {
+    const int64_t pe = std::min(pb + kTokTile, pend);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wg = wg0 + (r - r0) * sg.row_bytes;
+      const uint8_t* wu = wu0 + (r - r0) * su.row_bytes;
+      for (int64_t p = pb; p < pe; ++p) {
+        const int64_t t = plan_.tok[p];
+        float gv = dot_[0](H, wg, c_.xq[0] + t * act_bytes_[0]);
+        float uv = dot_[1](H, wu, c_.xq[1] + t * act_bytes_[1]);
+        c_.h[p * I + r] = silu(gv) * uv;  // [P, I]
+      }
+    }
+  }
+}
+
+void MoeLayer::phase_down_act() {
+  const int64_t I = shape_.I, P = plan_.num_positions();
+  const int S = nslices();
+  pool_->parallel([&](int ith, int nth) {
+    int64_t b, e;
+    split_range(P * S, ith, nth, &b, &e);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t p = i / S, s = i % S;
+      const int64_t c0 = S > 1 ? row_begin_[s] : 0, len = S > 1 ? row_begin_[s + 1] - c0 : I;
+      if (len > 0) act_quant_[2](c_.h + p * I + c0, c_.hq + (s * P + p) * act_bytes_[2], len);
+    }
+  });
+}
+
+void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, int64_t) {
+  const ProjStore& sd = store_[2][copy];
+  if (sd.k == 0) return;
+  const int64_t H = shape_.H, I = shape_.I, P = plan_.num_positions();
+  const int64_t c0 = nslices() > 1 ? row_begin_[s] : 0;
+  for (int64_t a = 0; a < plan_.num_active(); ++a) {
+    const uint8_t* base = sd.expert(plan_.active[a]);
+    const int64_t pend = plan_.offset[a + 1];
+    for (int64_t pb = plan_.offset[a]; pb < pend; pb += kTokTile) {
+      const int64_t pe = std::min(pb + kTokTile, pend);
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* w = base + r * sd.row_bytes;
+        for (int64_t p = pb; p < pe; ++p) {
+          const void* act = c_.hq ? static_cast<const void*>(c_.hq + (s * P + p) * act_bytes_[2])
+                                  : static_cast<const void*>(c_.h + p * I + c0);
+          acc[plan_.tok[p] * H + r] += plan_.wt[p] * dot_[2](sd.k, w, act);  // [tc, H]
+        }
+      }
+    }
+  }
+}
+
+void MoeLayer::phase_down(const MoeArgs& a, int64_t t0, int64_t tc) {
+  const int64_t H = shape_.H;
+  const int S = nslices();
+  const Bf16ToF32Fn to_f32 = k_bf16_to_f32.get(isa_);
+  const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
+  pool_->parallel([&](int ith, int nth) {
+    const int g = pool_->group_of(ith);
+    const int s = S > 1 ? g : 0, copy = g;
+    int64_t r0, r1;
+    if (S > 1)
+      split_range(H, ith - pool_->group_begin(g), pool_->group_size(g), &r0, &r1);
+    else
+      split_range(H, ith, nth, &r0, &r1);
+    if (r0 == r1) return;
+    float* acc = c_.acc + s * tc * H;
+    for (int64_t t = 0; t < tc; ++t) {  // start from the caller's output (slice 0) or zero
+      float* dst = acc + t * H + r0;
+      if (s == 0 && a.accumulate && a.x_bf16)
+        to_f32(static_cast<const uint16_t*>(a.out) + (t0 + t) * H + r0, dst, r1 - r0);
+      else if (s == 0 && a.accumulate)
+        std::memcpy(dst, static_cast<const float*>(a.out) + (t0 + t) * H + r0, (r1 - r0) * 4);
+      else
+        std::memset(dst, 0, (r1 - r0) * 4);
+    }
+    down_rows(s, copy, r0, r1, acc, tc);
+    if (S > 1) return;
+    for (int64_t t = 0; t < tc; ++t) {
+      if (a.x_bf16)
+        to_bf16(acc + t * H + r0, static_cast<uint16_t*>(a.out) + (t0 + t) * H + r0, r1 - r0);
+      else
+        std::memcpy(static_cast<float*>(a.out) + (t0 + t) * H + r0, acc + t * H + r0, (r1 - r0) * 4);
+    }
+  });
+}
+
+void MoeLayer::phase_reduce(const MoeArgs& a, int64_t t0, int64_t tc) {
+  const int64_t H = shape_.H;
+  const int S = nslices();
+  const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
+  pool_->parallel([&](int ith, int nth) {
+    int64_t r0, r1;
+    split_range(H, ith, nth, &r0, &r1);
+    for (int64_t t = 0; t < tc; ++t) {
+      float* sum = c_.acc + t * H;  // slice 0 collects the others
+      for (int s = 1; s < S; ++s) {
+        const float* part = c_.acc + (s * tc + t) * H;
+        for (int64_t r = r0; r < r1; ++r) sum[r] += part[r];
+      }
+      if (a.x_bf16)
+        to_bf16(sum + r0, static_cast<uint16_t*>(a.out) + (t0 + t) * H + r0, r1 - r0);
+      else
+        std::memcpy(static_cast<float*>(a.out) + (t0 + t) * H + r0, sum + r0, (r1 - r0) * 4);
+    }
+  });
+}
+
+}  // namespace ktrans
