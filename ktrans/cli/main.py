@@ -17,6 +17,7 @@ from ktrans.errors import KtransError
 # Module names under ktrans.cli, in the order `ktrans --help` lists them.
 SUBCOMMANDS = [
     "info",
+    "rules",
 ]
 
 
