@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ktrans.errors import KtransError
-from ktrans.weights.source import EXPERT_PROJS, RawTensor, TensorInfo, WeightSource, raw_to_torch
+from ktrans.weights.source import RawTensor, TensorInfo, WeightSource, load_hf_config, raw_to_torch
 
 # safetensors dtype -> (ktrans qtype, bytes per element)
 _DTYPES = {"F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F8_E4M3": ("f8_e4m3", 1)}
@@ -216,9 +216,7 @@ class SafetensorsSource(WeightSource):
 
     def config(self):
         if self._cfg is None and os.path.exists(os.path.join(self.dir, "config.json")):
-            from transformers import AutoConfig
-
-            self._cfg = AutoConfig.from_pretrained(self.dir)
+            self._cfg = load_hf_config(self.dir)
         return self._cfg
 
     def tokenizer(self):

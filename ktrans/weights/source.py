@@ -158,11 +158,13 @@ class WeightSource(abc.ABC):
             self._expected = shapes
         return self._expected
 
-    def check_shape(self, name: str, shape: tuple[int, ...], file: str) -> None:
-        """KtransError when the stored shape of `name` is not what the config implies."""
+    def check_shape(self, name: str, shape: tuple[int, ...], file: str, stored: str = "") -> None:
+        """KtransError when the stored shape of `name` is not what the config implies; `stored`
+        names the file's own tensor(s) when they differ from the parameter name."""
         want = self.expected_shapes().get(name)
         if want is not None and tuple(shape) != want:
-            raise KtransError(f"{file}: tensor '{name}' has shape {list(shape)}, but the model config "
+            what = f"tensor '{name}'" + (f" (stored as {stored})" if stored else "")
+            raise KtransError(f"{file}: {what} has shape {list(shape)}, but the model config "
                               f"expects {list(want)} (weights from a different model or variant?)")
 
     # ---- helpers shared by subclasses ----
@@ -212,6 +214,20 @@ class WeightSource(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
+
+
+def load_hf_config(model_dir: str):
+    """transformers config of an HF model directory; KtransError naming config.json when
+    transformers rejects it."""
+    from transformers import AutoConfig
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise KtransError(f"'{model_dir}' has no config.json (expected an HF model directory)")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # transformers' validators raise several unrelated exception types
+        raise KtransError(f"{path}: not a valid transformers config ({str(e).strip().splitlines()[-1]})") from None
 
 
 def open_weights(model_path: str | None, gguf_path: str | None) -> WeightSource:

@@ -60,3 +60,31 @@ def split_gguf(src, out_dir, parts: int) -> list[Path]:
     w.write_tensors_to_file()
     w.close()
     return sorted(Path(out_dir).glob(Path(src).stem + "-*-of-*.gguf"))
+
+
+def model_to_gguf(model, path, gguf_arch: str, qtype: str = "f32", legacy: bool = False) -> Path:
+    """Write a transformers model's weights as a GGUF through names.py's tables (metadata: the
+    architecture and block count only — the config comes from the HF directory). `legacy` writes
+    the older layouts: per-expert `ffn_gate.E` tensors and DeepSeek's unsplit `attn_kv_b`."""
+    from ktrans.weights import names
+
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors, qtypes = {}, {}
+    for hf, gnames, transform in names.expand(cfg, gguf_arch):
+        if hf not in sd and hf == "lm_head.weight":
+            continue
+        w = sd[hf]
+        if legacy and transform == "kv_b":
+            gnames, arrays = (gnames[0].replace("attn_k_b", "attn_kv_b"),), [w]
+        elif legacy and "_exps." in gnames[0]:
+            arrays = names.hf_to_gguf(transform, w, cfg)
+            gnames, arrays = zip(*[(g.replace("_exps.", f".{e}."), a[e]) for g, a in zip(gnames, arrays)
+                                   for e in range(a.shape[0])])
+        else:
+            arrays = names.hf_to_gguf(transform, w, cfg)
+        for g, a in zip(gnames, arrays):
+            tensors[g] = a
+            qtypes[g] = qtype if a.ndim > 1 and a.shape[-1] % 32 == 0 else "f32"
+    meta = {f"{gguf_arch}.block_count": cfg.num_hidden_layers}
+    return write_gguf(path, tensors, arch=gguf_arch, metadata=meta, qtypes=qtypes)
