@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from models_fixture import pytest_report_header, tiny_model  # noqa: F401  (shared generated models)
 
 
 def _has_cuda() -> bool:

@@ -1,0 +1,188 @@
+"""Model shapes for `ktrans gen-model`: tiny/small test shapes and the real models' configs.
+
+Each preset is the config.json a real checkpoint of that architecture ships (same keys, as the
+HF hub files spell them), minus vocabulary-dependent ids, which `build_config` fills in from
+the generated tokenizer.
+
+NOTE: "tiny" uses hidden/intermediate sizes of 256 (not smaller) on purpose: llama.cpp's K-quants
+pack 256 columns per super-block, so with smaller rows every K-quant tensor would fall back to
+another type and tests of q4_k/q5_k/q6_k files would test nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ktrans.config.arch import get_arch
+from ktrans.errors import KtransError
+
+_YARN_V3 = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096, "type": "yarn"}
+_YARN_V2 = dict(_YARN_V3, mscale=0.707, mscale_all_dim=0.707)
+
+_DEEPSEEK_V3 = {
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+    "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+    "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+    "v_head_dim": 128, "vocab_size": 129280, "max_position_embeddings": 163840,
+    "rope_theta": 10000, "rope_scaling": _YARN_V3, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+    "num_nextn_predict_layers": 0,
+}
+_DEEPSEEK_V2_LITE = {
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "num_attention_heads": 16, "num_key_value_heads": 16,
+    "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+    "n_group": 1, "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax",
+    "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+    "q_lora_rank": None, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+    "v_head_dim": 128, "vocab_size": 102400, "max_position_embeddings": 163840,
+    "rope_theta": 10000, "rope_scaling": _YARN_V2, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+}
+_QWEN3_MOE = {
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "vocab_size": 151936, "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-6, "attention_bias": False,
+    "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
+    "sliding_window": None,
+}
+_QWEN2_MOE = {
+    "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+    "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+    "max_position_embeddings": 8192, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
+}
+_MIXTRAL = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+    "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
+    "tie_word_embeddings": False, "hidden_act": "silu",
+}
+_QWEN2 = {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
+    "sliding_window": None,
+}
+
+# vocab_size None = the generated tokenizer's size (tiny/small presets).
+PRESETS: dict[str, dict[str, dict]] = {
+    "deepseek_v3": {
+        "tiny": dict(_DEEPSEEK_V3, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                     num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=8,
+                     num_key_value_heads=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                     n_group=4, topk_group=2, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=16,
+                     qk_nope_head_dim=32, v_head_dim=32, vocab_size=None, max_position_embeddings=1024,
+                     rope_scaling=dict(_YARN_V3, factor=4, original_max_position_embeddings=256)),
+        "small": dict(_DEEPSEEK_V3, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                      num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16,
+                      num_key_value_heads=16, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
+                      topk_group=2, q_lora_rank=512, kv_lora_rank=256, qk_rope_head_dim=32,
+                      qk_nope_head_dim=64, v_head_dim=64, vocab_size=None, max_position_embeddings=8192,
+                      rope_scaling=dict(_YARN_V3, factor=4, original_max_position_embeddings=2048)),
+        "deepseek-v3": _DEEPSEEK_V3,
+    },
+    "deepseek_v2": {
+        "tiny": dict(_DEEPSEEK_V2_LITE, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                     num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=8,
+                     n_shared_experts=2, num_experts_per_tok=2, kv_lora_rank=256, qk_rope_head_dim=16,
+                     qk_nope_head_dim=32, v_head_dim=32, vocab_size=None, max_position_embeddings=1024,
+                     rope_scaling=dict(_YARN_V2, factor=4, original_max_position_embeddings=256)),
+        "small": dict(_DEEPSEEK_V2_LITE, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                      n_routed_experts=32, num_experts_per_tok=4, kv_lora_rank=256, qk_rope_head_dim=32,
+                      qk_nope_head_dim=64, v_head_dim=64, vocab_size=None, max_position_embeddings=8192,
+                      rope_scaling=dict(_YARN_V2, factor=4, original_max_position_embeddings=2048)),
+        "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
+        "deepseek-v2": dict(_DEEPSEEK_V2_LITE, hidden_size=5120, intermediate_size=12288,
+                            moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128,
+                            num_key_value_heads=128, n_routed_experts=160, n_shared_experts=2,
+                            num_experts_per_tok=6, n_group=8, topk_group=3, topk_method="group_limited_greedy",
+                            routed_scaling_factor=16.0, q_lora_rank=1536),
+    },
+    "qwen3_moe": {
+        "tiny": dict(_QWEN3_MOE, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                     num_experts=8, num_experts_per_tok=2, vocab_size=None, max_position_embeddings=1024),
+        "small": dict(_QWEN3_MOE, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                      num_experts=32, num_experts_per_tok=4, vocab_size=None, max_position_embeddings=8192),
+        "qwen3-30b-a3b": _QWEN3_MOE,
+        "qwen3-235b-a22b": dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288,
+                                moe_intermediate_size=1536, num_hidden_layers=94, num_attention_heads=64),
+    },
+    "qwen2_moe": {
+        "tiny": dict(_QWEN2_MOE, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                     shared_expert_intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, vocab_size=None,
+                     max_position_embeddings=1024),
+        "small": dict(_QWEN2_MOE, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                      shared_expert_intermediate_size=2048, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, num_experts=32, num_experts_per_tok=4, vocab_size=None),
+        "qwen1.5-moe-a2.7b": _QWEN2_MOE,
+        "qwen2-57b-a14b": dict(_QWEN2_MOE, hidden_size=3584, intermediate_size=18944,
+                               moe_intermediate_size=2560, shared_expert_intermediate_size=20480,
+                               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                               num_experts=64, num_experts_per_tok=8, max_position_embeddings=32768),
+    },
+    "mixtral": {
+        "tiny": dict(_MIXTRAL, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, vocab_size=None,
+                     max_position_embeddings=1024),
+        "small": dict(_MIXTRAL, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=None),
+        "mixtral-8x7b": _MIXTRAL,
+        "mixtral-8x22b": dict(_MIXTRAL, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                              num_attention_heads=48, num_key_value_heads=8, vocab_size=32768,
+                              max_position_embeddings=65536),
+    },
+    "qwen2": {
+        "tiny": dict(_QWEN2, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=None, max_position_embeddings=1024),
+        "small": dict(_QWEN2, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=None),
+        "qwen2-7b": _QWEN2,
+        "qwen2-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                           tie_word_embeddings=True),
+    },
+}
+
+
+def preset_names(arch: str) -> list[str]:
+    get_arch(arch)
+    return list(PRESETS[arch])
+
+
+def preset_config(arch: str, preset: str, layers: int | None) -> dict:
+    """The preset's config.json fields (a fresh copy), with the layer count cut to `layers`.
+
+    NOTE: when --layers cuts a DeepSeek model to no more layers than its leading dense ones,
+    first_k_dense_replace shrinks so that at least one MoE layer remains (every feature present).
+    """
+    spec = get_arch(arch)
+    if preset not in PRESETS[arch]:
+        raise KtransError(f"unknown preset '{preset}' for --arch {arch}; expected one of: "
+                          f"{', '.join(PRESETS[arch])}")
+    cfg = copy.deepcopy(PRESETS[arch][preset])
+    if layers is not None:
+        if layers < 1:
+            raise KtransError(f"--layers must be at least 1, got {layers}")
+        cfg["num_hidden_layers"] = layers
+        if "first_k_dense_replace" in cfg:
+            cfg["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], layers - 1)
+    cfg["model_type"] = spec.model_type
+    cfg["architectures"] = [spec.hf_class]
+    return cfg

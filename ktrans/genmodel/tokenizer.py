@@ -1,0 +1,135 @@
+"""Byte-level BPE tokenizer for generated models, with each family's special tokens and chat template.
+
+The BPE is trained with the `tokenizers` library on a small embedded multilingual text. Being
+byte-level (GPT-2 style), it encodes any Unicode text and decodes it back exactly, so tests can
+round-trip ASCII, CJK and emoji. Training is deterministic: the same text gives the same vocab.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts routes every token to a few
+experts; the rest of the model stays dense. Attention, normalization, embeddings and the output
+head run on the GPU while the routed experts run on the CPU. Numbers: 0 1 2 3 4 5 6 7 8 9 10 42
+100 2024 3.14159 1e-6. Punctuation: (a, b) [c; d] {e: f} <g/> "quoted" 'single' ? ! - _ = + * / \\ |.
+def forward(self, hidden_states):\n    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+for i in range(10):\n\tprint(f"token {i}")  # comment
+Hello, how are you today? I am fine, thank you. What is the capital of France? Paris is.
+人工智能正在改变世界。大型语言模型可以回答问题、写代码和翻译文本。专家混合模型只激活一部分参数。
+你好，世界！今天天气很好。我们一起去公园散步吧。中文、日本語、한국어。
+こんにちは、世界。これは日本語のテスト文です。機械学習とニューラルネットワーク。
+안녕하세요, 세계. 이것은 한국어 문장입니다. 언어 모델은 텍스트를 생성합니다.
+Привет, мир! Это тестовое предложение на русском языке. Модель генерирует текст.
+مرحبا بالعالم. هذه جملة اختبار باللغة العربية.
+Bonjour le monde ! Ceci est une phrase en français. ¿Qué tal? Ça va très bien, merci.
+Grüße aus München: Größe, Straße, Übung. Emoji: 😀 😃 🚀 🔥 👍 🎉 ❤️ 🤖 🌍 ✨ 👨‍👩‍👧 🇫🇷
+Math: ∑ ∫ √ π ∞ ≈ ≠ ≤ ≥ α β γ δ λ μ σ ω. Arrows → ← ↑ ↓. Box ■ □ ● ○ ★ ☆.
+"""
+
+# Family -> special tokens (ids are assigned in this order, starting at 0) and roles.
+_FAMILIES = {
+    "deepseek": {
+        "specials": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                     "<think>", "</think>", "<｜▁pad▁｜>"],
+        "bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "pad": "<｜▁pad▁｜>",
+        "add_bos": True,
+        "template": (
+            "{% set ns = namespace(system='') %}"
+            "{% for m in messages %}{% if m['role'] == 'system' %}"
+            "{% set ns.system = ns.system + m['content'] %}{% endif %}{% endfor %}"
+            "{{ bos_token }}{{ ns.system }}"
+            "{% for m in messages %}"
+            "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"),
+    },
+    "chatml": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False,
+        "template": (
+            "{% for m in messages %}"
+            "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    },
+    "mistral": {
+        "specials": ["<unk>", "<s>", "</s>"],
+        "bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>", "add_bos": True,
+        "template": (
+            "{{ bos_token }}"
+            "{% for m in messages %}"
+            "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+            "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+            "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"),
+    },
+}
+
+_ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
+                "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral"}
+
+VOCAB_TARGET = 1024
+
+
+@dataclass
+class TokenizerInfo:
+    """What config.json and the GGUF tokenizer metadata need from the tokenizer."""
+    tokens: list[str]           # id -> token string (byte-level alphabet), len == trained size
+    merges: list[str]           # "a b" BPE merges, in rank order
+    special_ids: list[int]      # ids of control tokens
+    bos_id: int | None
+    eos_id: int
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    chat_template: str
+
+
+def _train(specials: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_TARGET, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
+    """Train the tokenizer for `arch`'s family and write tokenizer.json + tokenizer_config.json."""
+    from tokenizers import processors
+
+    fam = _FAMILIES[_ARCH_FAMILY[arch]]
+    tok = _train(fam["specials"])
+    ids = {t: tok.token_to_id(t) for t in fam["specials"]}
+    if fam["add_bos"]:
+        bos = fam["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])])
+    tok.save(str(out_dir / "tokenizer.json"))
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": fam["bos"], "eos_token": fam["eos"], "pad_token": fam["pad"],
+        "unk_token": fam.get("unk"), "add_bos_token": fam["add_bos"], "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+        "chat_template": fam["template"],
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
+
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    tokens = [""] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return TokenizerInfo(
+        tokens=tokens, merges=merges, special_ids=sorted(ids.values()),
+        bos_id=ids.get(fam["bos"]), eos_id=ids[fam["eos"]], pad_id=ids.get(fam["pad"]),
+        unk_id=ids.get(fam.get("unk")), add_bos=fam["add_bos"], chat_template=fam["template"])
