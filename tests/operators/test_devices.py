@@ -1,0 +1,71 @@
+"""The same operators in bf16, on the CPU and (marked gpu) on CUDA: the packed model forward's
+error against transformers' f32 logits is no worse than transformers' own bf16 model's error on
+the same device (times BF16_VS_HF_BF16, or under BF16_LOGITS_NMSE), and the KV cache lives on
+the attention device in the compute dtype."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ktrans.engine.batch import ForwardBatch, forward_context
+from ktrans.kv_cache.storage import KVStorage
+from ktrans.operators.attention_gqa import GQAAttention
+from ktrans.operators.attention_mla import MLAAttention
+from ktrans.operators.model import forward_packed
+from ktrans.operators.moe_block import MoEBlock
+from tests.operators.hf_tiny import model_source, tiny_hf_model
+from tests.tolerances import BF16_LOGITS_NMSE, BF16_VS_HF_BF16
+
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _placed(model, config, device):
+    """HF modules converted to bf16 on `device`; our operators loaded there from the f32 weights."""
+    ours = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16)
+    source = model_source(model)
+    for i, layer in enumerate(ours.model.layers):
+        cls = MLAAttention if config.model_type.startswith("deepseek") else GQAAttention
+        layer.self_attn = cls(key=f"model.layers.{i}.self_attn", orig_module=layer.self_attn, config=config,
+                              device=device, dtype="bf16")
+        layer.self_attn.load_weights(source)
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp = MoEBlock(key=f"model.layers.{i}.mlp", orig_module=layer.mlp, config=config, device=device)
+            layer.mlp.load_weights(source)
+    return ours
+
+
+def _nmse(got, ref):
+    return float(((got - ref) ** 2).sum() / (ref ** 2).sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_packed_forward_close_to_hf_f32(arch, device):
+    config, model = tiny_hf_model(arch)
+    ours = _placed(model, config, device)
+    kv = KVStorage.for_config(config, num_pages=8, page_size=8, dtype=torch.bfloat16, device=device)
+    ids = [torch.randint(0, config.vocab_size, (12,)), torch.randint(0, config.vocab_size, (5,))]
+    hf_bf16 = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = [model(input_ids=i[None]).logits[0] for i in ids]
+        floor = [hf_bf16(input_ids=i[None].to(device)).logits[0].float().cpu() for i in ids]
+    pages = torch.tensor([[3, 5], [0, 7]], dtype=torch.int32)
+    # step 1: both prompts but the last token; step 2: both last tokens as single-token decodes
+    steps = [([11, 4], [0, 0]), ([1, 1], [11, 4])]
+    for new, done in steps:
+        batch = ForwardBatch(input_ids=torch.cat([ids[r][done[r]:done[r] + new[r]] for r in range(2)]),
+                             positions=torch.cat([torch.arange(done[r], done[r] + new[r]) for r in range(2)]),
+                             seq_ids=[0, 1], num_computed=done, num_new=new, page_table=pages,
+                             logits_indices=torch.tensor(new).cumsum(0) - 1)
+        with forward_context(batch, kv) as ctx, torch.no_grad():
+            logits = forward_packed(ours, ours.model.rotary_emb, ctx)
+        assert logits.dtype == torch.float32 and logits.device.type == device
+        for r in range(2):
+            pos = done[r] + new[r] - 1
+            bound = max(BF16_LOGITS_NMSE, BF16_VS_HF_BF16 * _nmse(floor[r][pos], ref[r][pos]))
+            assert _nmse(logits[r].cpu(), ref[r][pos]) < bound
+    assert kv.layers[0][0].device.type == device and kv.layers[0][0].dtype == torch.bfloat16
