@@ -18,6 +18,7 @@ from ktrans.errors import KtransError
 SUBCOMMANDS = [
     "info",
     "rules",
+    "gen_model",
 ]
 
 

@@ -78,7 +78,10 @@ class LLMEngine:
         params.validate()
         req = Request(request_id, prompt_token_ids, params)
         req.generator = make_generator(params)
-        req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
+        elif params.stop:
+            raise KtransError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         with self._lock:
             if request_id in self.requests:
                 raise KtransError(f"request id '{request_id}' is already in use")
@@ -163,8 +166,8 @@ class LLMEngine:
             if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                 reason, text = "stop", ""
             else:
-                text = req.detokenizer.add(token)
-                if req.detokenizer.stopped:
+                text = req.detokenizer.add(token) if req.detokenizer else ""
+                if req.detokenizer and req.detokenizer.stopped:
                     reason = "stop"
                 elif req.num_output_tokens >= p.max_new_tokens or req.num_tokens >= self.max_context:
                     reason = "length"
@@ -177,7 +180,7 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, error: str | None = None, *,
                 new_token_ids: list[int] | None = None, new_text: str = "") -> RequestOutput:
-        if reason in ("stop", "length"):
+        if reason in ("stop", "length") and req.detokenizer:
             new_text += req.detokenizer.flush()
         req.finish(reason, error)
         self.scheduler.remove(req)

@@ -1,0 +1,128 @@
+"""The model flags shared by `ktrans chat`, `ktrans generate`, local_chat.py and `ktrans serve`.
+
+Spelled as KTransformers spells them (`--model_path`, `--gguf_path`, ...), with dashed aliases
+(`--model-path`). `runner_kwargs()` turns parsed flags into ModelRunner keyword arguments and
+`engine_kwargs()` into the engine's; both check values first and raise UsageError naming the flag.
+
+With no model flags at all, `use_demo_model()` points them at a tiny random-weight model of the
+DeepSeek-V3 architecture, generated once under the ktrans cache directory, so a first run works
+anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ktrans.errors import UsageError
+
+DEMO_ARCH = "deepseek_v3"
+DEMO_PRESET = "tiny"
+DEMO_QUANT = "q4_k"
+
+
+def _flag(group, name: str, **kw) -> None:
+    """Add `--name` with its dashed alias."""
+    dashed = name.replace("_", "-")
+    names = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
+    group.add_argument(*names, dest=name, **kw)
+
+
+def add_model_args(parser, *, cache_lens: int = 4096, chunk_size: int = 2048, max_new_tokens: int = 1000):
+    """Add the model flags to an argparse parser; defaults differ between chat and server."""
+    g = parser.add_argument_group("model")
+    _flag(g, "model_path", metavar="DIR", help="HF model directory (config.json, tokenizer); "
+          "weights come from --gguf_path when given")
+    _flag(g, "gguf_path", metavar="PATH", help="GGUF file, first file of a split set, or a directory "
+          "of them; alone, config and tokenizer are read from its metadata")
+    _flag(g, "optimize_config_path", metavar="YAML", help="placement rule file (default: the shipped "
+          "rules for the model's architecture and --device)")
+    _flag(g, "cpu_infer", type=int, metavar="N", help="CPU threads for the routed experts (default: physical cores)")
+    _flag(g, "cache_lens", type=int, default=cache_lens, metavar="TOKENS",
+          help=f"KV cache size in tokens, shared by all requests (default {cache_lens})")
+    _flag(g, "chunk_size", type=int, default=chunk_size, metavar="TOKENS",
+          help=f"most tokens run per engine step; longer prompts are prefilled in chunks (default {chunk_size})")
+    _flag(g, "device", default="auto", metavar="DEV",
+          help="cuda, cuda:N or cpu (default: cuda when available, else cpu with all-CPU rules)")
+    _flag(g, "max_new_tokens", type=int, default=max_new_tokens, metavar="N",
+          help=f"most tokens generated per reply (default {max_new_tokens})")
+    _flag(g, "page_size", type=int, metavar="TOKENS", help="KV page size (default: the runner's)")
+    _flag(g, "force_think", action="store_true", help="start every reply inside <think> (R1-style models)")
+    _flag(g, "trust_rules", action="store_true", help="allow rule files to import Python code they name")
+    return g
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r}: expected cuda, cuda:N, cpu or auto")
+    return device
+
+
+def _positive(args, *names: str) -> None:
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be >= 1, got {v}")
+
+
+def runner_kwargs(args, *, progress: bool = True) -> dict:
+    """ModelRunner keyword arguments from parsed flags (checked)."""
+    _positive(args, "cpu_infer", "cache_lens", "chunk_size", "max_new_tokens", "page_size")
+    for name in ("model_path", "gguf_path", "optimize_config_path"):
+        path = getattr(args, name)
+        if path is not None and not os.path.exists(os.path.expanduser(path)):
+            raise UsageError(f"--{name} {path}: no such file or directory")
+    kw = dict(model_path=_expand(args.model_path), gguf_path=_expand(args.gguf_path),
+              optimize_config_path=_expand(args.optimize_config_path), device=resolve_device(args.device),
+              cpu_infer=args.cpu_infer, cache_lens=args.cache_lens, trust_rules=args.trust_rules,
+              progress=progress)
+    if args.page_size is not None:
+        kw["page_size"] = args.page_size
+    return kw
+
+
+def engine_kwargs(args, *, max_batch_size: int = 1) -> dict:
+    """LLMEngine/AsyncEngine keyword arguments besides the runner's."""
+    batch = getattr(args, "max_batch_size", None) or max_batch_size
+    return dict(max_batch_size=batch, chunk_size=max(args.chunk_size, batch),
+                max_queue=getattr(args, "max_queue", None))
+
+
+def _expand(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(path)
+
+
+def cache_dir() -> Path:
+    """Where ktrans keeps generated files: $KTRANS_CACHE, else $XDG_CACHE_HOME/ktrans, else ~/.cache/ktrans."""
+    if os.environ.get("KTRANS_CACHE"):
+        return Path(os.environ["KTRANS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ktrans"
+
+
+def use_demo_model(args, say) -> bool:
+    """With no model flags, point args at the demo model (generating it once); `say` gets the
+    one-line notice. Returns whether the demo model is used."""
+    if args.model_path or args.gguf_path:
+        return False
+    from ktrans.genmodel import generate_model
+
+    target = cache_dir() / f"demo-{DEMO_ARCH}-{DEMO_PRESET}-{DEMO_QUANT}"
+    if not (target / "model.gguf").exists():
+        say(f"Generating the demo model once into {target} ...")
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        generate_model(tmp, arch=DEMO_ARCH, preset=DEMO_PRESET, quant=DEMO_QUANT, force=True)
+        try:
+            tmp.rename(target)              # atomic: a concurrent first run never sees half a model
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)   # another process got there first
+    say(f"No model given: using a tiny {DEMO_ARCH} model with RANDOM weights (replies are noise). "
+        f"For a real model: --gguf_path FILE_OR_DIR [--model_path HF_DIR].")
+    args.model_path, args.gguf_path = str(target), str(target / "model.gguf")
+    return True
