@@ -19,6 +19,8 @@ SUBCOMMANDS = [
     "info",
     "rules",
     "gen_model",
+    "chat",
+    "generate",
 ]
 
 
