@@ -16,6 +16,8 @@ Contract for subclasses:
   `orig_module` that rules replaced are already operators. An operator whose rule is
   `recursive: true` must keep the children it still uses under the same attribute names, because
   the rule engine loads kept (`default`) children by their dotted path after the swap.
+- Children it loads itself (rather than keeping them for rules to place) are listed in
+  `owned_children`, so the plan neither places nor counts them twice.
 - `orig_module` lives on the meta device: read shapes, attributes and children from it, never data.
   It is not stored by the base class (its meta tensors would otherwise appear in
   `named_parameters()`).
@@ -46,6 +48,9 @@ class Operator(torch.nn.Module):
 
     #: registry name used in YAML rules; set by `register_operator`
     name: ClassVar[str] = ""
+    #: children of `orig_module` whose tensors this operator loads itself (e.g. a MoE block's
+    #: "gate"); rules do not visit them even when the operator's rule is `recursive: true`
+    owned_children: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, key: str, orig_module: torch.nn.Module, config: Any, device, **kwargs):
         super().__init__()

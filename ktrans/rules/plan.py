@@ -109,7 +109,8 @@ def plan_model(model: torch.nn.Module, rules: RuleSet, *, config=None, weights=N
         entry = _entry(path, module, matched, default, dmap, config, weights, dtype)
         entries.append(entry)
         if not matched or matched[0].recursive:
-            kids = [(f"{path}.{name}", child) for name, child in module.named_children()]
+            owned = matched[0].op_class.owned_children if matched and matched[0].op_class else ()
+            kids = [(f"{path}.{name}", child) for name, child in module.named_children() if name not in owned]
             stack.extend(reversed(kids))
     plan = Plan(entries, rules, config, default, dmap, dtype, {})
     counts = plan.counts_per_rule()
