@@ -15,6 +15,7 @@
 #include "amx/amx_peak.h"
 #include "bindings.h"
 #include "packed/packed.h"
+#include "quant/quant.h"
 
 namespace ktrans {
 namespace {
@@ -90,6 +91,32 @@ U8 pack_bf16_py(const std::string& fmt, py::array_t<uint16_t, py::array::c_style
   });
 }
 
+U8 pack_gguf_py(const std::string& fmt, const std::string& qtype, U8 raw, int64_t K, int64_t n_begin,
+                int64_t n_end, py::object out, int nthreads) {
+  QType t;
+  require(qtype_from_name(qtype.c_str(), &t), "pack_gguf: unknown quant type '" + qtype + "'");
+  require(raw.ndim() == 2 && raw.shape(1) == qtype_row_bytes(t, K),
+          "pack_gguf: raw must be uint8 [N, row_bytes(" + qtype + ", K)]");
+  const int64_t N = raw.shape(0);
+  const uint8_t* w = raw.data();
+  return pack_common(fmt, N, K, n_begin, n_end, out, nthreads, [&](PackedFormat f, int64_t b, int64_t e, uint8_t* d) {
+    pack_rows_gguf(f, qi(t), w, N, K, b, e, d);
+  });
+}
+
+U8 pack_fp8_py(const std::string& fmt, U8 W, py::array_t<float, py::array::c_style> scale_inv, int64_t n_begin,
+               int64_t n_end, py::object out, int nthreads) {
+  require(W.ndim() == 2, "pack_fp8: W must be a 2-D uint8 (e4m3 bytes) array [N, K]");
+  const int64_t N = W.shape(0), K = W.shape(1);
+  require(scale_inv.ndim() == 2 && scale_inv.shape(0) == (N + 127) / 128 && scale_inv.shape(1) == (K + 127) / 128,
+          "pack_fp8: scale_inv must be float32 [ceil(N/128), ceil(K/128)]");
+  const uint8_t* w = W.data();
+  const float* s = scale_inv.data();
+  return pack_common(fmt, N, K, n_begin, n_end, out, nthreads, [&](PackedFormat f, int64_t b, int64_t e, uint8_t* d) {
+    pack_rows_fp8(f, w, s, N, K, b, e, d);
+  });
+}
+
 py::array_t<float> unpack_py(const std::string& fmt, U8 packed, int64_t N, int64_t K) {
   const PackedFormat f = parse_packed_format(fmt);
   require(static_cast<size_t>(packed.size()) == packed_bytes(f, N, K), "unpack: packed has the wrong size for N, K");
@@ -129,6 +156,12 @@ void bind_packed(py::module_& m) {
         py::arg("out") = py::none(), py::arg("nthreads") = 1, "Pack f32 W [N, K] (rows [n_begin, n_end)) into out");
   m.def("pack_bf16", &pack_bf16_py, py::arg("format"), py::arg("W"), py::arg("n_begin") = 0, py::arg("n_end") = -1,
         py::arg("out") = py::none(), py::arg("nthreads") = 1, "Pack bf16 W [N, K] (uint16 bits) into out");
+  m.def("pack_gguf", &pack_gguf_py, py::arg("format"), py::arg("qtype"), py::arg("raw"), py::arg("K"),
+        py::arg("n_begin") = 0, py::arg("n_end") = -1, py::arg("out") = py::none(), py::arg("nthreads") = 1,
+        "Pack GGUF rows raw [N, row_bytes] of quant type qtype (K values per row)");
+  m.def("pack_fp8", &pack_fp8_py, py::arg("format"), py::arg("W"), py::arg("scale_inv"), py::arg("n_begin") = 0,
+        py::arg("n_end") = -1, py::arg("out") = py::none(), py::arg("nthreads") = 1,
+        "Pack fp8 e4m3 W [N, K] (uint8) with f32 128x128 block scales scale_inv");
   m.def("unpack", &unpack_py, py::arg("format"), py::arg("packed"), py::arg("N"), py::arg("K"),
         "The f32 weights [N, K] a packed matrix stands for");
   m.def("packed_gemm", &gemm_py, py::arg("format"), py::arg("packed"), py::arg("N"), py::arg("K"), py::arg("x"),

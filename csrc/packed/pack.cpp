@@ -89,6 +89,8 @@ void pack_row_int8(const float* row, int64_t K, uint8_t* panel, int64_t c) {
 
 void pack_row_int4(const float* row, int64_t K, uint8_t* panel, int64_t c) {
   uint8_t* scales = panel + int4_data_bytes(K);
+  const int64_t used = K / kInt4Group * kPanelCols * 2;
+  if (c == 0) std::memset(scales + used, 0, int4_scale_bytes(K) - used);  // alignment padding
   for (int64_t g = 0; g < K / kInt4Group; ++g) {
     const float* w = row ? row + g * kInt4Group : nullptr;
     float amax = 0.f;

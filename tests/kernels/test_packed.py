@@ -1,0 +1,170 @@
+"""Packed AMX/AVX-512 formats (csrc/packed): packed_gemm on every ISA this CPU has, against torch
+on the dequantized weights and against the generic scalar reference; packing and its checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ktrans import _C, cpu
+from tests.tolerances import PACKED_GEMM_NMSE, PACKED_ISA_NMSE, PACKED_WEIGHT_NMSE
+
+FORMATS = ["bf16", "int8", "int4"]
+SHAPES = [(48, 64), (37, 96), (80, 256)]  # (N, K): N not a multiple of 16, K = 3 x 32
+ROWS = [1, 3, 17, 300]
+
+
+def isa_params():
+    marks = {"avx512": [pytest.mark.avx512], "amx": [pytest.mark.amx]}
+    return [pytest.param(isa, marks=marks.get(isa, [])) for isa in cpu.ISA_LEVELS]
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def nmse(out, ref) -> float:
+    out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
+    return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-300))
+
+
+def packed_case(fmt: str, N: int, K: int):
+    W = torch.randn(N, K)
+    packed = _C.pack_f32(fmt, W.numpy())
+    return W, packed, torch.from_numpy(_C.unpack(fmt, packed, N, K))
+
+
+def gemm(fmt, packed, N, K, x, isa, y=None, **kw):
+    y = np.zeros((x.shape[0], N), np.float32) if y is None else y
+    _C.packed_gemm(fmt, packed, N, K, bf16_bits(x), y, isa=isa, **kw)
+    return y
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_matches_torch_and_reference(fmt, isa):
+    for N, K in SHAPES:
+        W, packed, Wd = packed_case(fmt, N, K)
+        for M in ROWS:
+            x = torch.randn(M, K).to(torch.bfloat16)
+            ref = x.double() @ Wd.double().T  # [M, N]
+            y = gemm(fmt, packed, N, K, x, isa)
+            assert nmse(y, ref) < PACKED_GEMM_NMSE[fmt], (fmt, isa, N, K, M)
+            if isa != "generic" and not (fmt == "int4" and isa == "amx" and M >= 16):
+                y_ref = gemm(fmt, packed, N, K, x, "generic")
+                assert nmse(y, y_ref) < PACKED_ISA_NMSE, (fmt, isa, N, K, M)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_large_blocks(fmt, isa):
+    """Several L2 super-blocks of panels, an odd panel count and a 32-row block with a tail."""
+    N, K, M = 300, 4096, 40
+    W, packed, Wd = packed_case(fmt, N, K)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    y = gemm(fmt, packed, N, K, x, isa)
+    assert nmse(y, x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_column_range_and_accumulate(fmt, isa):
+    N, K = 70, 128
+    W, packed, Wd = packed_case(fmt, N, K)
+    for M, (nb, ne) in [(2, (5, 37)), (20, (16, 64)), (33, (3, 70))]:
+        x = torch.randn(M, K).to(torch.bfloat16)
+        y0 = np.random.randn(M, N).astype(np.float32)
+        y = gemm(fmt, packed, N, K, x, isa, y=y0.copy(), n_begin=nb, n_end=ne, accumulate=True)
+        ref = x.double() @ Wd.double().T
+        outside = np.r_[0:nb, ne:N]
+        assert np.array_equal(y[:, outside], y0[:, outside])
+        assert nmse(y[:, nb:ne] - y0[:, nb:ne], ref[:, nb:ne]) < PACKED_GEMM_NMSE[fmt] * 4
+        y2 = gemm(fmt, packed, N, K, x, isa, y=y0.copy(), n_begin=nb, n_end=ne)
+        assert np.array_equal(y2[:, outside], y0[:, outside])
+        assert nmse(y2[:, nb:ne], ref[:, nb:ne]) < PACKED_GEMM_NMSE[fmt]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_gemm_strided_rows(isa):
+    N, K, M = 32, 64, 18
+    W, packed, Wd = packed_case("bf16", N, K)
+    x = torch.randn(M, K + 32).to(torch.bfloat16)
+    xb = bf16_bits(x)[:, :K]  # row stride K + 32
+    y = np.zeros((M, N + 5), np.float32)[:, :N]
+    _C.packed_gemm("bf16", packed, N, K, xb, y, isa=isa)
+    assert nmse(y, x[:, :K].double() @ Wd.double().T) < PACKED_GEMM_NMSE["bf16"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weight_quantization_error(fmt):
+    W = torch.randn(64, 256)
+    Wd = _C.unpack(fmt, _C.pack_f32(fmt, W.numpy()), 64, 256)
+    assert nmse(Wd, W) < PACKED_WEIGHT_NMSE[fmt]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pack_ranges_bf16_source_and_threads_agree(fmt):
+    N, K = 53, 96
+    W = torch.randn(N, K).to(torch.bfloat16)
+    whole = _C.pack_f32(fmt, W.float().numpy())
+    assert np.array_equal(_C.pack_bf16(fmt, bf16_bits(W)), whole)
+    assert np.array_equal(_C.pack_f32(fmt, W.float().numpy(), nthreads=2), whole)
+    out = np.zeros(_C.packed_bytes(fmt, N, K), np.uint8)
+    for nb, ne in [(20, 53), (0, 7), (7, 20)]:  # panels shared by two ranges
+        _C.pack_f32(fmt, W.float().numpy(), n_begin=nb, n_end=ne, out=out)
+    assert np.array_equal(out, whole)
+
+
+def test_bf16_pack_is_exact():
+    W = torch.randn(40, 64).to(torch.bfloat16)
+    Wd = _C.unpack("bf16", _C.pack_bf16("bf16", bf16_bits(W)), 40, 64)
+    assert np.array_equal(Wd, W.float().numpy())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bad_shapes_and_arguments_are_refused(fmt):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _C.pack_f32(fmt, np.zeros((16, 48), np.float32))
+    with pytest.raises(ValueError, match="unknown packed format"):
+        _C.packed_bytes("fp4", 16, 64)
+    packed = _C.pack_f32(fmt, np.ones((16, 64), np.float32))
+    x = np.zeros((2, 64), np.uint16)
+    with pytest.raises(ValueError, match="column range"):
+        _C.packed_gemm(fmt, packed, 16, 64, x, np.zeros((2, 16), np.float32), n_begin=4, n_end=17)
+    with pytest.raises(ValueError, match="columns, expected K"):
+        _C.packed_gemm(fmt, packed, 16, 64, np.zeros((2, 32), np.uint16), np.zeros((2, 16), np.float32))
+    with pytest.raises(ValueError, match="wrong size"):
+        _C.packed_gemm(fmt, packed[:-1], 16, 64, x, np.zeros((2, 16), np.float32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k", "q6_k", "bf16"])
+def test_pack_from_gguf_rows(fmt, qtype):
+    """GGUF rows pack exactly like their gguf-dequantized f32 values."""
+    from gguf import GGMLQuantizationType, quants
+
+    N, K = 40, 256
+    ggml = GGMLQuantizationType[qtype.upper()]
+    raw = _C.quant_quantize(qtype, np.random.randn(N, K).astype(np.float32)).reshape(N, -1)  # [N, row_bytes]
+    W = quants.dequantize(raw, ggml).astype(np.float32)
+    assert np.array_equal(_C.pack_gguf(fmt, qtype, raw, K), _C.pack_f32(fmt, W))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pack_from_fp8_blocks(fmt):
+    N, K = 200, 320  # partial 128-blocks in both directions
+    W8 = (torch.randn(N, K) * 3).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand((N + 127) // 128, (K + 127) // 128) + 0.5
+    W = W8.float() * scale_inv.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+    got = _C.pack_fp8(fmt, W8.view(torch.uint8).numpy(), scale_inv.numpy())
+    assert np.array_equal(got, _C.pack_f32(fmt, W.numpy()))
+
+
+def test_pack_sources_refuse_bad_input():
+    with pytest.raises(ValueError, match="unknown quant type"):
+        _C.pack_gguf("int8", "q9_9", np.zeros((16, 34), np.uint8), 32)
+    with pytest.raises(ValueError, match="row_bytes"):
+        _C.pack_gguf("int8", "q8_0", np.zeros((16, 30), np.uint8), 32)
+    with pytest.raises(ValueError, match="scale_inv"):
+        _C.pack_fp8("int8", np.zeros((16, 64), np.uint8), np.ones((2, 1), np.float32))
