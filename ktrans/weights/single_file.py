@@ -1,0 +1,150 @@
+"""Single-file mode: the transformers config and tokenizer of a model rebuilt from GGUF metadata
+alone, as llama.cpp and Ollama run a bare .gguf (an HF directory via --model_path still wins).
+
+Config: names.py's METADATA table gives the plain `{arch}.*` keys; the rest (DeepSeek's MLA head
+dims, rope scaling, tied head, v2 vs v3) is derived here. Tokenizer: tokenizer_gguf.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ktrans.config.arch import ARCHS
+from ktrans.errors import KtransError
+from ktrans.weights import names
+from ktrans.weights.gguf_reader import GGUFReader
+from ktrans.weights.tokenizer_gguf import tokenizer_from_gguf
+
+__all__ = ["config_from_gguf", "config_dict_from_gguf", "tokenizer_from_gguf"]
+
+# general.file_type (llama_ftype) of unquantized files -> config dtype; quantized files were
+# converted from bf16 checkpoints, the dtype their non-quantized modules run in.
+_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+# llama.cpp's expert gating function ids (LLAMA_EXPERT_GATING_FUNC_TYPE_*).
+_GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
+
+
+def _f32(x) -> float:
+    # NOTE: GGUF stores floats as f32; 7 significant digits give back the decimal that was
+    # written (1e-06, not 9.99999997e-07), which is what config.json holds.
+    return float(f"{float(x):.7g}")
+
+
+def _model_type(r: GGUFReader) -> str:
+    """transformers model_type of a GGUF (llama.cpp's arch names cover several HF models)."""
+    arch = r.arch
+    if arch == "deepseek2":
+        v3 = r.get(f"{arch}.expert_gating_func") == _GATING_SIGMOID or any(
+            n.endswith("exp_probs_b.bias") for n in r.tensors)
+        return "deepseek_v3" if v3 else "deepseek_v2"
+    if arch == "llama":
+        if not r.get("llama.expert_count"):
+            raise KtransError(f"{r.path}: dense llama models are not supported (ktrans runs the 'llama' "
+                              f"architecture only as Mixtral, with llama.expert_count > 0)")
+        return "mixtral"
+    by_gguf = {a.gguf_arch: a.model_type for a in ARCHS.values() if a.gguf_arch not in ("deepseek2", "llama")}
+    if arch not in by_gguf:
+        supported = sorted({a.gguf_arch for a in ARCHS.values()})
+        raise KtransError(f"{r.path}: GGUF architecture '{arch}' is not supported in single-file mode; "
+                          f"supported: {', '.join(supported)} (or pass --model_path with an HF config)")
+    return by_gguf[arch]
+
+
+def _need(r: GGUFReader, key: str) -> Any:
+    v = r.get(key)
+    if v is None:
+        raise KtransError(f"{r.path}: GGUF metadata has no '{key}', needed to build the model config "
+                          f"(pass --model_path with the HF config.json)")
+    return v
+
+
+def _rope(r: GGUFReader, arch: str, cfg: dict) -> None:
+    cfg["rope_theta"] = _f32(r.get(f"{arch}.rope.freq_base", 10000.0))
+    kind = r.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        cfg["rope_scaling"] = None
+        return
+    if kind != "yarn":
+        raise KtransError(f"{r.path}: rope scaling '{kind}' is not supported in single-file mode (expected yarn)")
+    mscale_all = _f32(r.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+    cfg["rope_scaling"] = {
+        "type": "yarn", "factor": _f32(_need(r, f"{arch}.rope.scaling.factor")),
+        "original_max_position_embeddings": int(_need(r, f"{arch}.rope.scaling.original_context_length")),
+        "beta_fast": _f32(r.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+        "beta_slow": _f32(r.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+        # NOTE: llama.cpp keeps one multiplier; mscale == mscale_all_dim makes HF's rotary
+        # attention factor 1 and its softmax scale match llama.cpp's.
+        "mscale": round(mscale_all, 6), "mscale_all_dim": round(mscale_all, 6),
+    }
+
+
+def _deepseek(r: GGUFReader, cfg: dict, model_type: str) -> None:
+    a = "deepseek2"
+    rope = int(_need(r, f"{a}.rope.dimension_count"))
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]   # GGUF says 1: MLA run as MQA over the latent
+    cfg["q_lora_rank"] = int(r.get(f"{a}.attention.q_lora_rank", 0)) or None
+    if r.get(f"{a}.attention.key_length_mla") is not None:
+        cfg["qk_nope_head_dim"] = int(r.get(f"{a}.attention.key_length_mla")) - rope
+    else:                      # files from before llama.cpp's MLA rewrite: per-head K/V lengths
+        cfg["qk_nope_head_dim"] = int(_need(r, f"{a}.attention.key_length")) - rope
+        cfg.setdefault("v_head_dim", int(_need(r, f"{a}.attention.value_length")))
+    v3 = model_type == "deepseek_v3"
+    cfg["scoring_func"] = "sigmoid" if v3 else "softmax"
+    cfg.setdefault("norm_topk_prob", v3)
+    cfg.setdefault("n_group", 1)
+    cfg.setdefault("topk_group", 1)
+    cfg.setdefault("routed_scaling_factor", 1.0)
+    cfg["topk_method"] = "noaux_tc" if v3 else ("greedy" if cfg["n_group"] == 1 else "group_limited_greedy")
+    cfg["moe_layer_freq"] = 1
+    cfg["attention_bias"] = False
+    if v3:                     # multi-token-prediction layers are not converted to GGUF
+        cfg["num_nextn_predict_layers"] = int(r.get(f"{a}.nextn_predict_layers", 0))
+
+
+def config_dict_from_gguf(r: GGUFReader) -> dict:
+    """The config.json fields of the model in `r` (plain dict, HF spelling)."""
+    model_type = _model_type(r)
+    spec = next(a for a in ARCHS.values() if a.model_type == model_type)
+    arch = r.arch
+    cfg: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": model_type, "hidden_act": "silu"}
+    for mk in names.metadata_table(arch):
+        v = r.get(f"{arch}.{mk.key}")
+        if v is not None:
+            cfg[mk.attr] = _f32(v) if mk.vtype == "f32" else bool(v) if mk.vtype == "bool" else int(v)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
+        if key not in cfg:
+            raise KtransError(f"{r.path}: GGUF metadata lacks the {key} key of '{arch}'; cannot build a config")
+    embd = r.tensors.get("token_embd.weight")
+    if embd is not None:
+        cfg["vocab_size"] = embd.shape[0]              # one embedding row per token
+    elif "vocab_size" not in cfg:
+        cfg["vocab_size"] = len(_need(r, "tokenizer.ggml.tokens"))
+    cfg["tie_word_embeddings"] = "output.weight" not in r.tensors
+    cfg["dtype"] = _DTYPES.get(r.get("general.file_type"), "bfloat16")
+    cfg.setdefault("max_position_embeddings", 4096)
+    cfg.setdefault("rms_norm_eps", 1e-6)
+    _rope(r, arch, cfg)
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        tid = r.get(f"tokenizer.ggml.{key}_token_id")
+        cfg[f"{role}_token_id"] = int(tid) if tid is not None else None
+    if model_type.startswith("deepseek"):
+        _deepseek(r, cfg, model_type)
+    elif model_type in ("qwen3_moe", "qwen2_moe"):
+        # NOTE: llama.cpp hard-codes the top-k renormalisation per arch: on for qwen3moe, off for qwen2moe.
+        cfg.update(norm_topk_prob=model_type == "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[])
+    if model_type in ("qwen3_moe", "qwen2_moe", "qwen2"):
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "mixtral":
+        cfg["sliding_window"] = None
+    return cfg
+
+
+def config_from_gguf(r: GGUFReader):
+    """transformers config object of the model in `r`; KtransError when it cannot be built."""
+    from transformers import CONFIG_MAPPING
+
+    d = config_dict_from_gguf(r)
+    try:
+        return CONFIG_MAPPING[d["model_type"]](**{k: v for k, v in d.items() if k != "model_type"})
+    except Exception as e:  # transformers' validators raise several unrelated exception types
+        raise KtransError(f"{r.path}: the config rebuilt from GGUF metadata is invalid: {e}") from None

@@ -1,0 +1,153 @@
+"""A transformers tokenizer rebuilt from GGUF tokenizer metadata (single-file mode).
+
+GGUF carries the vocabulary (`tokenizer.ggml.tokens`, token types), the BPE merges, the special
+token ids, the add-BOS/EOS flags, the chat template, and the *name* of the pre-tokenizer
+(`tokenizer.ggml.pre`) — not its definition. PRE_TOKENIZERS below maps the names to the split
+regexes of the HF tokenizers they stand for, so the rebuilt tokenizer splits text exactly as the
+original tokenizer.json did. An unknown name is an error, never a silent guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ktrans.errors import KtransError
+from ktrans.weights.gguf_reader import GGUFReader
+
+# llama.cpp token types (llama_token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+           r"|\s+(?!\S)|\s+")
+_DEEPSEEK_V3 = [
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+]
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    splits: tuple[str, ...] | None   # regexes applied in turn (isolated); None: GPT-2's own regex
+    nfc: bool = False                # HF tokenizer applies NFC normalization first (Qwen2)
+    ignore_merges: bool = False      # whole-word vocab hits skip BPE merges (Llama 3)
+
+
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "default": PreTokenizer(None),
+    "gpt-2": PreTokenizer(None),
+    "gpt2": PreTokenizer(None),
+    "qwen2": PreTokenizer((_QWEN2,), nfc=True),
+    "llama-bpe": PreTokenizer((_LLAMA3,), ignore_merges=True),
+    "llama3": PreTokenizer((_LLAMA3,), ignore_merges=True),
+    "deepseek-v3": PreTokenizer(tuple(_DEEPSEEK_V3)),
+}
+
+
+def _pre_tokenizer(r: GGUFReader):
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    name = r.get("tokenizer.ggml.pre", "default")
+    spec = PRE_TOKENIZERS.get(name)
+    if spec is None:
+        raise KtransError(f"{r.path}: tokenizer pre-tokenizer '{name}' is not known to ktrans (known: "
+                          f"{', '.join(PRE_TOKENIZERS)}); pass --model_path with the HF tokenizer files")
+    if spec.splits is None:
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        pre = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(rx), behavior="isolated", invert=False) for rx in spec.splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return spec, pre, (normalizers.NFC() if spec.nfc else None)
+
+
+def _bpe_model(r: GGUFReader, tokens: list[str], spec: PreTokenizer):
+    from tokenizers import models
+
+    merges = r.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise KtransError(f"{r.path}: BPE tokenizer without 'tokenizer.ggml.merges'")
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise KtransError(f"{r.path}: malformed BPE merge {m!r} (expected 'left right')")
+        pairs.append((left, right))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return models.BPE(vocab=vocab, merges=pairs, ignore_merges=spec.ignore_merges, fuse_unk=False)
+
+
+def _token(r: GGUFReader, role: str, tokens: list[str]) -> str | None:
+    tid = r.get(f"tokenizer.ggml.{role}_token_id")
+    if tid is None:
+        return None
+    if not 0 <= int(tid) < len(tokens):
+        raise KtransError(f"{r.path}: tokenizer.ggml.{role}_token_id = {tid} is outside the vocabulary "
+                          f"of {len(tokens)} tokens")
+    return tokens[int(tid)]
+
+
+def _post_processor(r: GGUFReader, bos: str | None, eos: str | None, tokens: list[str]):
+    """BOS/EOS added around encoded text, as the original tokenizer's post-processor did."""
+    from tokenizers import processors
+
+    add_bos = bool(r.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(r.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if not (add_bos or add_eos):
+        return None
+    head, tail = (f"{bos} " if add_bos else ""), (f" {eos}" if add_eos else "")
+    single = f"{head}$A{tail}"
+    pair = f"{single} {head}$B{tail}"
+    specials = {t: tokens.index(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(specials.items()))
+
+
+def _chat_template(r: GGUFReader):
+    main = r.get("tokenizer.chat_template")
+    named = {k[len("tokenizer.chat_template."):]: v for k, v in r.metadata.items()
+             if k.startswith("tokenizer.chat_template.")}
+    if named:
+        return {**({"default": main} if main else {}), **named}
+    return main
+
+
+def tokenizer_from_gguf(r: GGUFReader):
+    """transformers fast tokenizer equivalent to the one the GGUF was converted from."""
+    from tokenizers import AddedToken, Tokenizer, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    kind = r.get("tokenizer.ggml.model")
+    if kind is None:
+        raise KtransError(f"{r.path}: GGUF has no tokenizer metadata (tokenizer.ggml.model); pass --model_path")
+    if kind != "gpt2":
+        raise KtransError(f"{r.path}: tokenizer model '{kind}' is not supported in single-file mode "
+                          f"(ktrans rebuilds byte-level BPE 'gpt2' tokenizers); pass --model_path")
+    tokens = list(r.get("tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise KtransError(f"{r.path}: tokenizer.ggml.tokens is missing or empty")
+    types = r.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise KtransError(f"{r.path}: {len(types)} token types for {len(tokens)} tokens")
+    spec, pre, norm = _pre_tokenizer(r)
+    tok = Tokenizer(_bpe_model(r, tokens, spec))
+    tok.pre_tokenizer = pre
+    if norm is not None:
+        tok.normalizer = norm
+    tok.decoder = decoders.ByteLevel()
+    if types is not None:
+        tok.add_tokens([AddedToken(tokens[i], special=int(t) == _CONTROL, normalized=False)
+                        for i, t in enumerate(types) if int(t) in (_CONTROL, _USER_DEFINED)])
+    bos, eos = _token(r, "bos", tokens), _token(r, "eos", tokens)
+    post = _post_processor(r, bos, eos, tokens)
+    if post is not None:
+        tok.post_processor = post
+    ctx = r.get(f"{r.arch}.context_length") if "general.architecture" in r.metadata else None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=_token(r, "unknown", tokens),
+        pad_token=_token(r, "padding", tokens), chat_template=_chat_template(r),
+        clean_up_tokenization_spaces=False, model_max_length=int(ctx) if ctx else int(1e30),
+        add_bos_token=bool(r.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(r.get("tokenizer.ggml.add_eos_token", False)))
