@@ -1,0 +1,366 @@
+"""Routed-expert operators: drop-ins for transformers' fused experts module
+(`forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`).
+
+- `cpu_experts`: one layer's experts in ktrans's C++ MoE kernels (csrc/moe/), on the owned thread
+  pool. `submit`/`sync` let the MoE block overlap the shared experts on the GPU with the routed
+  experts on the CPU. With CUDA inputs of up to `_STREAM_MAX_T` tokens the work is stream-ordered
+  (copies to pinned buffers, the CPU task as host functions on the current stream, copy back), so
+  no host sync is needed and the step can be captured in a CUDA graph.
+- `torch_experts`: the experts dequantized as plain torch tensors on a device.
+
+Both take a negative expert id as "skip this slot". Weights come from the layer's expert stacks
+(`WeightSource.expert_stack`): GGUF blocks are used as stored; formats the kernels lack
+(e.g. FP8 safetensors) are dequantized to bf16 at load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ktrans.errors import KtransError
+from ktrans.operators.base import Operator
+from ktrans.operators.registry import register_operator
+
+BACKENDS = ("auto", "gguf", "amx_bf16", "amx_int8", "amx_int4", "torch")
+NUMA_MODES = ("auto", "replicate", "split")
+PROJS = ("gate", "up", "down")
+# Formats the gguf backend computes from directly (the others are dequantized to bf16 at load).
+KERNEL_QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs")
+# Largest T that goes through the stream-ordered path with per-T pinned buffers (decode, small
+# batches, CUDA-graph sizes); larger CUDA batches copy synchronously.
+_STREAM_MAX_T = 512
+
+_pools: dict[tuple[int, int], Any] = {}
+
+
+def shared_pool(threads: int, groups: int):
+    """The process's thread pool for (threads, thread groups): one owned pool shared by layers."""
+    from ktrans import _C
+
+    key = (threads, groups)
+    if key not in _pools:
+        _pools[key] = _C.ThreadPool(threads, groups)
+    return _pools[key]
+
+
+def numa_nodes_available() -> int:
+    from ktrans import _C
+
+    return len({node for _, node in _C.physical_cores()})
+
+
+def layer_index(key: str) -> int:
+    m = re.search(r"layers\.(\d+)\.", key + ".")
+    if not m:
+        raise KtransError(f"{key}: cannot find the layer index (expected '...layers.N...')")
+    return int(m.group(1))
+
+
+def expert_dims(orig_module) -> tuple[int, int, int]:
+    """(E, H, I) from the fused HF experts module (gate_up_proj [E, 2I, H])."""
+    gu = getattr(orig_module, "gate_up_proj", None)
+    if gu is None or gu.dim() != 3:
+        raise KtransError(f"experts operators replace a fused experts module with gate_up_proj [E, 2I, H], "
+                          f"got {type(orig_module).__name__}")
+    e, two_i, h = gu.shape
+    return int(e), int(h), int(two_i) // 2
+
+
+def torch_moe(x, ids, w, gate, up, down) -> torch.Tensor:
+    """Plain-torch MoE: x [T, H], ids [T, k] (negative = skip), w [T, k], gate/up [E, I, H],
+    down [E, H, I] -> [T, H] in float32 (computed in the weights' dtype, accumulated in f32)."""
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    xw = x.to(gate.dtype)
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        xe = xw[tok]                                                                     # [m, H]
+        h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)                                      # [m, I]
+        y = (h @ down[e].T).float() * w[tok, slot, None].float()                         # [m, H]
+        out.index_add_(0, tok, y)
+    return out
+
+
+def expert_tensors(weights, layer: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """(gate [E, I, H], up [E, I, H], down [E, H, I]) dequantized to `dtype` on `device`."""
+    from ktrans.weights.source import raw_to_torch
+
+    out = []
+    for proj in PROJS:
+        raw = weights.expert_stack(layer, proj)
+        if raw.qtype in KERNEL_QTYPES:
+            t = raw_to_torch(raw, where=f"layer {layer} {proj} experts")
+        else:  # e.g. FP8: the source applies its scales when dequantizing by parameter name
+            t = _fused_tensor(weights, layer, proj, torch.float32)
+        out.append(t.to(dtype=dtype, device=device))
+    return tuple(out)
+
+
+def _fused_tensor(weights, layer: int, proj: str, dtype) -> torch.Tensor:
+    pre = f"model.layers.{layer}.mlp.experts"
+    if proj == "down":
+        return weights.tensor(f"{pre}.down_proj", dtype=dtype)
+    gu = weights.tensor(f"{pre}.gate_up_proj", dtype=dtype)                              # [E, 2I, H]
+    half = gu.shape[1] // 2
+    return gu[:, :half] if proj == "gate" else gu[:, half:]
+
+
+@dataclass
+class Pending:
+    """A submitted CPU MoE call: keeps its inputs alive until sync."""
+    ticket: int | None          # pool ticket (CPU path), None for the stream-ordered path
+    out: torch.Tensor           # [T, H] CPU result (or the device result of the stream path)
+    refs: tuple                 # tensors the C++ task reads
+    device: torch.device
+    dtype: torch.dtype
+    stream_task: Any = None
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor; bf16 as uint16 bits."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _check_choice(key: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise KtransError(f"{key}: {name} '{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def default_threads() -> int:
+    """Physical cores, leaving one to the Python/GPU-driving thread on larger machines."""
+    from ktrans import _C
+
+    n = len(_C.physical_cores())
+    return n - 1 if n > 4 else n
+
+
+def numa_layout(numa: str, numa_nodes: int | None, copy_bytes: int, config) -> tuple[str, int]:
+    """(mode, thread groups). auto replicates when a copy per node of every layer's experts fits
+    in 80% of RAM, else splits each expert across the nodes."""
+    groups = numa_nodes if numa_nodes else numa_nodes_available()
+    if numa != "auto":
+        return numa, groups
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    layers = getattr(config, "num_hidden_layers", 1) or 1
+    return ("replicate" if groups * copy_bytes * layers <= 0.8 * ram else "split"), groups
+
+
+@register_operator("cpu_experts")
+class CPUExperts(Operator):
+    """One layer's routed experts in the C++ MoE kernels (see the module docstring).
+
+    kwargs: backend (auto | gguf | amx_bf16 | amx_int8 | amx_int4 | torch), cpu_infer (threads;
+    default: physical cores), numa (auto | replicate | split), numa_nodes (force a layout of that
+    many thread groups, e.g. 2 on a one-node machine for tests), max_chunk (tokens per pass).
+    """
+
+    name: ClassVar[str] = "cpu_experts"
+
+    def __init__(self, *, key: str, orig_module, config, device, backend: str = "auto", cpu_infer: int | None = None,
+                 numa: str = "auto", numa_nodes: int | None = None, max_chunk: int = 4096, **kwargs):
+        super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        _check_choice(key, "backend", backend, BACKENDS)
+        _check_choice(key, "numa", numa, NUMA_MODES)
+        if cpu_infer is not None and (not isinstance(cpu_infer, int) or cpu_infer < 1):
+            raise KtransError(f"{key}: cpu_infer must be a positive number of threads, got {cpu_infer!r}")
+        if numa_nodes is not None and (not isinstance(numa_nodes, int) or numa_nodes < 1):
+            raise KtransError(f"{key}: numa_nodes must be a positive int, got {numa_nodes!r}")
+        self.num_experts, self.hidden_size, self.intermediate_size = expert_dims(orig_module)
+        self.layer = layer_index(key)
+        self.backend, self.numa, self.numa_nodes = backend, numa, numa_nodes
+        self.cpu_infer = cpu_infer or default_threads()
+        self.max_chunk = int(max_chunk)
+        self._moe = None            # the C++ MoeLayer
+        self._native = None         # (gate, up, down) f32 tensors: backend torch, forward_native
+        self._source = None         # WeightSource kept for forward_native's lazy dequantization
+        self._stream: dict[tuple, tuple] = {}  # (T, k, dtype) -> pinned buffers + StreamTask
+
+    # ---- loading ----
+
+    def _raw_experts(self, weights) -> list[tuple[str, np.ndarray]]:
+        """(format, bytes) of gate, up, down in a format the kernels compute from."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        out = []
+        for proj, shape in zip(PROJS, ((e, i, h), (e, i, h), (e, h, i))):
+            raw = weights.expert_stack(self.layer, proj)
+            if tuple(raw.shape) != shape:
+                raise KtransError(f"{self.key}: {proj} experts have shape {list(raw.shape)}, expected {list(shape)}")
+            if raw.qtype in KERNEL_QTYPES:
+                out.append((raw.qtype, np.ascontiguousarray(raw.data).reshape(-1)))
+            else:
+                t = _fused_tensor(weights, self.layer, proj, torch.bfloat16).contiguous()
+                out.append(("bf16", _np(t).view(np.uint8).reshape(-1)))
+        return out
+
+    def load_weights(self, weights) -> None:
+        from ktrans import _C
+
+        self._source = weights
+        if self.backend == "torch":
+            self._native = expert_tensors(weights, self.layer, torch.float32, "cpu")
+            return
+        raws = self._raw_experts(weights)
+        types = [t for t, _ in raws]
+        backend = "gguf" if self.backend == "auto" else self.backend
+        copy_bytes = _C.moe_weight_bytes(self.num_experts, self.hidden_size, self.intermediate_size, types, backend,
+                                         "split", 1)
+        mode, groups = numa_layout(self.numa, self.numa_nodes, copy_bytes, self.config)
+        pool = shared_pool(self.cpu_infer, groups if self.numa_nodes else 0)
+        try:
+            self._moe = _C.MoeLayer(pool, self.num_experts, self.hidden_size, self.intermediate_size, types,
+                                    backend=backend, numa=mode, max_chunk=self.max_chunk)
+            for p, (_, data) in enumerate(raws):
+                self._moe.load(p, 0, data)
+        except ValueError as e:
+            raise KtransError(f"{self.key}: {e}") from None
+        self._pool = pool
+        self.numa_mode = mode
+
+    @classmethod
+    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
+        from ktrans import _C
+
+        e, h, i = expert_dims(orig_module)
+        backend = kwargs.get("backend", "auto")
+        if backend == "torch":
+            return {"cpu": 4 * e * 3 * h * i}
+        types = []
+        for name in ("gate_up_proj", "gate_up_proj", "down_proj"):
+            qtype = "bf16"
+            if weights is not None and weights.has(f"{key}.{name}"):
+                qtype = weights.info(f"{key}.{name}").qtype
+            types.append(qtype if qtype in KERNEL_QTYPES else "bf16")
+        backend = "gguf" if backend == "auto" else backend
+        one = _C.moe_weight_bytes(e, h, i, types, backend, "split", 1)
+        mode, groups = numa_layout(kwargs.get("numa", "auto"), kwargs.get("numa_nodes"), one, config)
+        return {"cpu": _C.moe_weight_bytes(e, h, i, types, backend, mode, groups)}
+
+    # ---- forward ----
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        return self.sync(self.submit(hidden_states, top_k_index, top_k_weights))
+
+    def submit(self, hidden_states, top_k_index, top_k_weights) -> Pending:
+        """Start the routed experts; returns a handle for sync()."""
+        x, dev, dt = hidden_states, hidden_states.device, hidden_states.dtype
+        if self._native is not None:
+            out = torch_moe(x.to("cpu", torch.float32), top_k_index.to("cpu"), top_k_weights.to("cpu"), *self._native)
+            return Pending(None, out, (), dev, dt)
+        if self._moe is None:
+            raise KtransError(f"{self.key}: cpu_experts used before load_weights()")
+        if dev.type == "cuda" and x.shape[0] <= _STREAM_MAX_T:
+            return self._submit_stream(x, top_k_index, top_k_weights)
+        xc = x.detach().to("cpu")
+        xc = (xc if xc.dtype in (torch.bfloat16, torch.float32) else xc.float()).contiguous()
+        ids = top_k_index.to("cpu", torch.int64).contiguous()
+        w = top_k_weights.to("cpu", torch.float32).contiguous()
+        out = torch.empty_like(xc)                                                       # [T, H]
+        try:
+            ticket = self._moe.submit(_np(xc), _np(ids), _np(w), _np(out), False)
+        except ValueError as e:
+            raise KtransError(f"{self.key}: {e}") from None
+        return Pending(ticket, out, (xc, ids, w), dev, dt)
+
+    def sync(self, handle: Pending) -> torch.Tensor:
+        """Wait for a submit(); returns [T, H] in the input's dtype on its device."""
+        if handle.stream_task is not None:
+            return self._sync_stream(handle)
+        if handle.ticket is not None:
+            try:
+                self._pool.sync(handle.ticket)
+            except ValueError as e:
+                raise KtransError(f"{self.key}: {e}") from None
+        return handle.out.to(handle.device, handle.dtype)
+
+    def _stream_buffers(self, t: int, k: int, dtype: torch.dtype) -> tuple:
+        key = (t, k, dtype)
+        if key not in self._stream:
+            cdt = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+            x = torch.empty(t, self.hidden_size, dtype=cdt, pin_memory=True)
+            ids = torch.empty(t, k, dtype=torch.int64, pin_memory=True)
+            w = torch.empty(t, k, dtype=torch.float32, pin_memory=True)
+            out = torch.empty(t, self.hidden_size, dtype=cdt, pin_memory=True)
+            task = self._moe.stream_task(_np(x), _np(ids), _np(w), _np(out), False)
+            self._stream[key] = (x, ids, w, out, task)
+        return self._stream[key]
+
+    def _submit_stream(self, x, idx, w) -> Pending:
+        xb, ib, wb, ob, task = self._stream_buffers(x.shape[0], idx.shape[1], x.dtype)
+        err = task.take_error()
+        if err:
+            raise KtransError(f"{self.key}: an earlier stream-ordered MoE call failed: {err}")
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        # NOTE: all copies and both host functions sit on the current stream, in order: no host
+        # sync, and the pinned buffers are only reused by later work on the same stream.
+        xb.copy_(x, non_blocking=True)
+        ib.copy_(idx, non_blocking=True)
+        wb.copy_(w, non_blocking=True)
+        try:
+            task.launch_start(stream)
+        except RuntimeError as e:
+            raise KtransError(f"{self.key}: {e}") from None
+        return Pending(None, ob, (xb, ib, wb), x.device, x.dtype, stream_task=task)
+
+    def _sync_stream(self, handle: Pending) -> torch.Tensor:
+        handle.stream_task.launch_wait(torch.cuda.current_stream(handle.device).cuda_stream)
+        return handle.out.to(handle.device, non_blocking=True).to(handle.dtype)
+
+    def forward_native(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """f32 torch oracle on the same (dequantized) weights."""
+        if self._native is None:
+            if self._source is None:
+                raise KtransError(f"{self.key}: forward_native needs load_weights() first")
+            self._native = expert_tensors(self._source, self.layer, torch.float32, "cpu")
+        x = hidden_states
+        out = torch_moe(x.to("cpu", torch.float32), top_k_index.to("cpu"), top_k_weights.to("cpu"), *self._native)
+        return out.to(x.device, x.dtype)
+
+
+@register_operator("torch_experts")
+class TorchExperts(Operator):
+    """The experts dequantized to `dtype` (auto: bf16 on CUDA, f32 on the CPU) on `device`."""
+
+    name: ClassVar[str] = "torch_experts"
+
+    def __init__(self, *, key: str, orig_module, config, device, dtype: str = "auto", **kwargs):
+        from ktrans.operators.linear import resolve_dtype
+
+        super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        self.num_experts, self.hidden_size, self.intermediate_size = expert_dims(orig_module)
+        self.layer = layer_index(key)
+        self.dtype = resolve_dtype(dtype, self.device)
+
+    def load_weights(self, weights) -> None:
+        gate, up, down = expert_tensors(weights, self.layer, self.dtype, self.device)
+        self.gate_proj = torch.nn.Parameter(gate, requires_grad=False)                  # [E, I, H]
+        self.up_proj = torch.nn.Parameter(up, requires_grad=False)                      # [E, I, H]
+        self.down_proj = torch.nn.Parameter(down, requires_grad=False)                  # [E, H, I]
+
+    @classmethod
+    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
+        from ktrans.operators.linear import resolve_dtype
+
+        e, h, i = expert_dims(orig_module)
+        size = torch.empty(0, dtype=resolve_dtype(kwargs.get("dtype", "auto"), device)).element_size()
+        return {str(torch.device(device)): size * e * 3 * h * i}
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        x = hidden_states
+        out = torch_moe(x.to(self.device), top_k_index.to(self.device), top_k_weights.to(self.device),
+                        self.gate_proj, self.up_proj, self.down_proj)
+        return out.to(x.device, x.dtype)
+
+    def forward_native(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        x = hidden_states
+        w = [p.float() for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        out = torch_moe(x.to(self.device, torch.float32), top_k_index.to(self.device), top_k_weights.to(self.device), *w)
+        return out.to(x.device, x.dtype)

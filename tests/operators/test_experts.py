@@ -1,0 +1,124 @@
+"""cpu_experts / torch_experts vs transformers' own fused experts module on the same weights;
+submit/sync, NUMA layouts, thread counts, quantized expert stacks, planned bytes, bad kwargs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ktrans.errors import KtransError
+from ktrans.operators.registry import get_operator
+from ktrans.weights import quant
+from ktrans.weights.source import RawTensor
+from tests.operators.hf_tiny import StateDictSource, model_source, tiny_hf_model
+from tests.tolerances import F32_ATOL, F32_RTOL, MOE_NMSE
+
+ARCHS = ["deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral"]
+KEY = "model.layers.1.mlp.experts"
+
+
+def make(arch, name="cpu_experts", source=None, **kwargs):
+    config, model = tiny_hf_model(arch)
+    hf = model.model.layers[1].mlp.experts
+    op = get_operator(name)(key=KEY, orig_module=hf, config=config, device="cpu", **kwargs)
+    op.load_weights(source(model) if source else model_source(model))
+    return config, hf, op
+
+
+def routing(config, hf, t):
+    e, k = hf.gate_up_proj.shape[0], config.num_experts_per_tok
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])                         # [T, k]
+    return ids, torch.rand(t, k)
+
+
+def nmse(a, b):
+    return float((a.double() - b.double()).pow(2).sum() / b.double().pow(2).sum())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["cpu_experts", "torch_experts"])
+def test_matches_hf_experts(arch, name):
+    config, hf, op = make(arch, name)
+    for t in (1, 17):
+        x = torch.randn(t, config.hidden_size)
+        ids, w = routing(config, hf, t)
+        with torch.no_grad():
+            ref = hf(x, ids, w)
+            for got in (op(x, ids, w), op.forward_native(x, ids, w)):
+                assert got.dtype == x.dtype and got.shape == ref.shape
+                torch.testing.assert_close(got, ref, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+def test_bf16_input_skip_and_submit_sync():
+    config, hf, op = make("qwen3_moe")
+    x = torch.randn(9, config.hidden_size).bfloat16()
+    ids, w = routing(config, hf, 9)
+    ids[2, 0] = -1                                                                         # negative: skipped
+    ref = op.forward_native(x.float(), ids, w)
+    handle = op.submit(x, ids, w)
+    got = op.sync(handle)
+    assert got.dtype == torch.bfloat16
+    assert nmse(got.float(), ref) < MOE_NMSE["bf16"]
+    keep = ids.clone()
+    keep[2, 0] = keep[2, 1]
+    w2 = w.clone()
+    w2[2, 0] = 0.0                                                                         # same as skipping
+    assert nmse(op(x, keep, w2).float(), ref) < MOE_NMSE["bf16"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(numa="replicate", numa_nodes=2), dict(numa="split", numa_nodes=2),
+                                    dict(cpu_infer=1), dict(backend="torch"), dict(max_chunk=4)])
+def test_layouts_and_backends(kwargs):
+    config, hf, op = make("deepseek_v3", **kwargs)
+    x = torch.randn(11, config.hidden_size)
+    ids, w = routing(config, hf, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x, ids, w), hf(x, ids, w), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+class Q8Source(StateDictSource):
+    """Expert stacks stored as q8_0 blocks, the way a GGUF file hands them over."""
+
+    def expert_stack(self, layer, proj):
+        raw = super().expert_stack(layer, proj)
+        f32 = raw.data.view(np.float32).reshape(raw.shape)
+        return RawTensor("q8_0", raw.shape, quant.quantize(np.ascontiguousarray(f32), "q8_0").reshape(-1))
+
+
+def test_quantized_stack_against_native():
+    config, hf, op = make("qwen3_moe", source=lambda m: Q8Source(dict(m.state_dict())))
+    x = torch.randn(5, config.hidden_size)
+    ids, w = routing(config, hf, 5)
+    assert nmse(op(x, ids, w), op.forward_native(x, ids, w)) < MOE_NMSE["q8_0"]
+
+
+def test_planned_bytes_counts_numa_copies():
+    config, model = tiny_hf_model("qwen3_moe")
+    hf = model.model.layers[1].mlp.experts
+    e, two_i, h = hf.gate_up_proj.shape
+    one = e * 3 * (two_i // 2) * h * 4                                                     # f32 experts
+    cls = get_operator("cpu_experts")
+    src = model_source(model)
+    plan = lambda **kw: cls.planned_bytes(key=KEY, orig_module=hf, config=config, device="cpu", kwargs=kw, weights=src)
+    assert plan(numa="split", numa_nodes=2) == {"cpu": one}
+    assert plan(numa="replicate", numa_nodes=2) == {"cpu": 2 * one}
+    assert plan(numa="auto", numa_nodes=2) == {"cpu": 2 * one}                             # fits: replicate
+    _, _, op = make("qwen3_moe", numa="replicate", numa_nodes=2)
+    assert op._moe.weight_bytes == 2 * one
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(backend="avx9"), "backend 'avx9'"), (dict(numa="both"), "numa"),
+                                           (dict(cpu_infer=0), "cpu_infer"), (dict(threads=2), "unknown kwargs")])
+def test_bad_kwargs(kwargs, match):
+    config, model = tiny_hf_model("qwen3_moe")
+    with pytest.raises(KtransError, match=match):
+        get_operator("cpu_experts")(key=KEY, orig_module=model.model.layers[1].mlp.experts, config=config,
+                                    device="cpu", **kwargs)
+
+
+def test_bad_expert_id_is_a_ktrans_error():
+    config, hf, op = make("qwen3_moe")
+    ids = torch.tensor([[0, 99]])
+    with pytest.raises(KtransError, match="expert id 99"):
+        op(torch.randn(1, config.hidden_size), ids, torch.rand(1, 2))
