@@ -20,7 +20,8 @@ from pathlib import Path
 from ktrans.config.arch import build_meta_model, get_arch
 from ktrans.errors import KtransError
 from ktrans.genmodel import plan as planmod
-from ktrans.genmodel.gguf_out import QUANT_CHOICES, GGUFStream
+from ktrans.genmodel.gguf_out import GGUFStream
+from ktrans.genmodel.presets import QUANT_CHOICES
 from ktrans.genmodel.presets import preset_config
 from ktrans.genmodel.safetensors_out import SafetensorsStream, checkpoint_name
 from ktrans.genmodel.tokenizer import build_tokenizer

@@ -13,10 +13,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ktrans.genmodel.presets import QUANT_CHOICES  # noqa: F401  (re-exported for writers' callers)
 from ktrans.weights import names, quant
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
-QUANT_CHOICES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
 
 # llama.cpp's fallback when a row is not a whole number of 256-value K-quant super-blocks
 # (llama_tensor_get_type). NOTE: llama.cpp uses q5_1 for q5_k; ktrans has no q5_1, so q8_0.

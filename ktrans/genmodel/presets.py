@@ -16,6 +16,9 @@ import copy
 from ktrans.config.arch import get_arch
 from ktrans.errors import KtransError
 
+# --quant choices: GGUF tensor types, plus llama.cpp's q4_k_m mixture recipe.
+QUANT_CHOICES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
+
 _YARN_V3 = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
             "original_max_position_embeddings": 4096, "type": "yarn"}
 _YARN_V2 = dict(_YARN_V3, mscale=0.707, mscale_all_dim=0.707)
