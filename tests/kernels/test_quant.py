@@ -227,3 +227,13 @@ def test_vec_dot_one_dim_input_and_bad_shapes():
         _C.quant_vec_dot("q4_k", w[:, :100].copy(), x)
     with pytest.raises(ValueError, match="multiple"):
         _C.quant_vec_dot("q8_0", np.zeros((1, 34), np.uint8), np.zeros(48, np.float32))
+
+
+def test_every_isa_has_its_own_vec_dot_and_activation_quantizer():
+    """Guards the static registration: each ISA level this CPU has runs its own kernels."""
+    for isa in ISAS:
+        want = "avx512" if isa == "amx" else isa
+        for t in DOT_TYPES:
+            assert _C.quant_kernel_isa("vec_dot", t, isa) == want, (t, isa)
+        for act in ("q8_0", "q8_k"):
+            assert _C.quant_kernel_isa("quantize", act, isa) == ("generic" if isa == "generic" else "avx2")

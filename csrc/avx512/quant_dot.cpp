@@ -1,0 +1,347 @@
+// AVX-512 (VNNI) dot products of one weight row with one quantized activation row.
+//
+// Core: vpdpbusd (u8 weight level x s8 activation, 4 products summed into each i32 lane) on
+// 64-byte vectors = two 32-value blocks (legacy formats) or two sub-blocks (K-quants). Per-group
+// scales multiply the i32 lanes (vpmulld) before accumulation, so every integer sum is the same
+// as the reference's; only the float summation order differs. Weight levels are made unsigned:
+// q4_0/q5_0 subtract 8*sum(a)/16*sum(a) (a second vpdpbusd), K-quant offsets and mins go through
+// the activation's 16-value sums (bsums), q8_0 takes |w| and moves w's sign onto a, iq4_xs uses
+// a codebook shifted by +128 and removes 128*sum(a) per sub-block.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common/numeric.h"
+#include "quant/quant.h"
+
+KTRANS_TARGET_AVX512_BEGIN
+namespace ktrans {
+namespace {
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+inline __m512i join_i32(int lo, int hi) { return join(_mm256_set1_epi32(lo), _mm256_set1_epi32(hi)); }
+inline __m512 join_ps(float lo, float hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(lo))),
+                                             _mm256_castps_pd(_mm256_set1_ps(hi)), 1));
+}
+
+// 16 packed bytes -> 32 nibbles (low nibbles first), as in the block layouts.
+inline __m256i nibbles_16(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+inline int hsum_epi32_128(__m128i s) {
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+float dot_f32_avx512(int64_t n, const void* w, const void* a) {
+  const float* x = static_cast<const float*>(w);
+  const float* y = static_cast<const float*>(a);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16), acc1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+template <bool kBf16>
+float dot_half_avx512(int64_t n, const void* w, const void* a) {
+  const uint16_t* x = static_cast<const uint16_t*>(w);
+  const float* y = static_cast<const float*>(a);
+  auto load16 = [&](int64_t i) {
+    const __m256i h = load256(x + i);
+    if constexpr (kBf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  };
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(load16(i), _mm512_loadu_ps(y + i), acc0);
+    acc1 = _mm512_fmadd_ps(load16(i + 16), _mm512_loadu_ps(y + i + 16), acc1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += (kBf16 ? bf16_to_f32(x[i]) : fp16_to_f32(x[i])) * y[i];
+  return s;
+}
+
+// Unsigned levels (32 bytes) of a legacy block and the offset subtracted from each level.
+inline __m256i ulevels(const BlockQ4_0& b) { return nibbles_16(b.qs); }
+inline __m256i ulevels(const BlockQ5_0& b) {
+  uint32_t qh;
+  std::memcpy(&qh, b.qh, 4);
+  const __m256i hi = _mm256_maskz_mov_epi8(static_cast<__mmask32>(qh), _mm256_set1_epi8(0x10));
+  return _mm256_or_si256(nibbles_16(b.qs), hi);
+}
+constexpr int offset_of(const BlockQ4_0*) { return 8; }
+constexpr int offset_of(const BlockQ5_0*) { return 16; }
+
+// Two blocks at a time: 16 i32 lanes, 8 per block, each block with its own float scale.
+template <class Block>
+float dot_q32u_avx512(int64_t n, const void* w, const void* a) {
+  const Block* x = static_cast<const Block*>(w);
+  const BlockQ8_0* y = static_cast<const BlockQ8_0*>(a);
+  const __m512i off = _mm512_set1_epi8(static_cast<char>(offset_of(static_cast<const Block*>(nullptr))));
+  const int64_t nb = n / kQK;
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    const __m512i q = join(ulevels(x[i]), ulevels(x[i + 1]));
+    const __m512i ya = join(load256(y[i].qs), load256(y[i + 1].qs));
+    const __m512i dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ya),
+                                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, ya));
+    const __m512 d = join_ps(fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d), fp16_to_f32(x[i + 1].d) * fp16_to_f32(y[i + 1].d));
+    acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dp), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  if (i < nb) {
+    const __m256i ya = load256(y[i].qs);
+    const __m256i dp = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ulevels(x[i]), ya),
+                                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(off), ya));
+    const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(dp), _mm256_extracti128_si256(dp, 1));
+    s += static_cast<float>(hsum_epi32_128(s4)) * (fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d));
+  }
+  return s;
+}
+
+// q8_0 weights are signed: |w| as the unsigned operand, w's sign moved onto the activation.
+inline __m512i dot_s8_512(__m512i w, __m512i ya) {
+  const __mmask64 neg = _mm512_movepi8_mask(w);
+  const __m512i ys = _mm512_mask_sub_epi8(ya, neg, _mm512_setzero_si512(), ya);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), ys);
+}
+
+float dot_q8_0_avx512(int64_t n, const void* w, const void* a) {
+  const BlockQ8_0* x = static_cast<const BlockQ8_0*>(w);
+  const BlockQ8_0* y = static_cast<const BlockQ8_0*>(a);
+  const int64_t nb = n / kQK;
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    const __m512i dp = dot_s8_512(join(load256(x[i].qs), load256(x[i + 1].qs)),
+                                  join(load256(y[i].qs), load256(y[i + 1].qs)));
+    const __m512 d = join_ps(fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d), fp16_to_f32(x[i + 1].d) * fp16_to_f32(y[i + 1].d));
+    acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dp), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  if (i < nb) {  // last odd block: pad the upper half with zeros
+    const __m512i dp = dot_s8_512(join(load256(x[i].qs), _mm256_setzero_si256()),
+                                  join(load256(y[i].qs), _mm256_setzero_si256()));
+    s += static_cast<float>(_mm512_reduce_add_epi32(dp)) * (fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d));
+  }
+  return s;
+}
+
+// q4_K / q5_K scales and mins as bytes (sc in out[0..7], m in out[8..15]).
+inline void unpack_k4_scales(const uint8_t* q, uint8_t* out) {
+  uint32_t a[3], r[4];
+  std::memcpy(a, q, 12);
+  r[0] = a[0] & 0x3f3f3f3f;
+  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);
+  r[2] = a[1] & 0x3f3f3f3f;
+  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);
+  std::memcpy(out, r, 16);
+}
+
+// sum_j v[j] * (sum of activation values 32j..32j+31), v: 8 int16.
+inline int dot_pairs_bsums(__m128i v, const int16_t* bsums) {
+  const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums)),
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums + 8)));
+  return hsum_epi32_128(_mm_madd_epi16(pairs, v));
+}
+
+// sum_g sc[g] * bsums[g] over 16 groups of 16; sc: 16 int8.
+inline int dot16_bsums(__m128i sc8, const int16_t* bsums) {
+  const __m256i p = _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc8), load256(bsums));
+  return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+}
+
+// q4_K / q5_K: per 64 values one vpdpbusd on [sub-block 2c | 2c+1], lanes scaled by sc.
+template <bool kQ5>
+float dot_k45_avx512(int64_t n, const void* w, const void* a) {
+  const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m512 acc = _mm512_setzero_ps();
+  float acc_m = 0.0f;
+  for (int64_t i = 0; i < n / kQK_K; ++i) {
+    const uint8_t* qs;
+    const uint8_t* scales;
+    uint32_t qh[8] = {};
+    uint16_t d16, dmin16;
+    if constexpr (kQ5) {
+      const BlockQ5_K& b = static_cast<const BlockQ5_K*>(w)[i];
+      qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
+      std::memcpy(qh, b.qh, 32);
+    } else {
+      const BlockQ4_K& b = static_cast<const BlockQ4_K*>(w)[i];
+      qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
+    }
+    alignas(16) uint8_t sm[16];
+    unpack_k4_scales(scales, sm);
+    const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
+    acc_m += fp16_to_f32(dmin16) * y[i].d * static_cast<float>(dot_pairs_bsums(mins, y[i].bsums));
+    const __m256i hbits = load256(qh);
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q = load256(qs + 32 * c);
+      __m256i q0 = _mm256_and_si256(q, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+      if constexpr (kQ5) {  // bit 2c (2c+1) of each qh byte -> 0x10 of the level
+        const __m256i bit0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
+        const __m256i bit1 = _mm256_set1_epi8(static_cast<char>(2 << (2 * c)));
+        q0 = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hbits, bit0), q0, _mm256_or_si256(q0, _mm256_set1_epi8(0x10)));
+        q1 = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hbits, bit1), q1, _mm256_or_si256(q1, _mm256_set1_epi8(0x10)));
+      }
+      const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(q0, q1), load512(y[i].qs + 64 * c));
+      sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dp, join_i32(sm[2 * c], sm[2 * c + 1])));
+    }
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(fp16_to_f32(d16) * y[i].d), _mm512_cvtepi32_ps(sumi), acc);
+  }
+  return _mm512_reduce_add_ps(acc) - acc_m;
+}
+
+// Scales of 16-value groups 4k..4k+3 spread over 16 i32 lanes (4 lanes = one group), from 16 int8.
+inline __m512i group_scales(__m128i sc8, int k) {
+  const __m128i idx = _mm_add_epi8(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm_set1_epi8(static_cast<char>(4 * k)));
+  return _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, idx));
+}
+
+// 16-group K-quants from 8 unsigned 32-value slices (slice s = values 32s..32s+31):
+// sum_g sc[g] * sum_{l in g} q_l * a_l, integer.
+inline __m512i dot_slices16(const __m256i* slices, __m128i sc8, const int8_t* aq) {
+  __m512i sumi = _mm512_setzero_si512();
+  for (int k = 0; k < 4; ++k) {
+    const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(slices[2 * k], slices[2 * k + 1]),
+                                           load512(aq + 64 * k));
+    sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dp, group_scales(sc8, k)));
+  }
+  return sumi;
+}
+
+float dot_q6_k_avx512(int64_t n, const void* w, const void* a) {
+  const BlockQ6_K* x = static_cast<const BlockQ6_K*>(w);
+  const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
+  __m512 acc = _mm512_setzero_ps();
+  float acc_off = 0.0f;
+  for (int64_t i = 0; i < n / kQK_K; ++i) {
+    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
+    const float d = fp16_to_f32(x[i].d) * y[i].d;
+    acc_off += d * static_cast<float>(32 * dot16_bsums(sc8, y[i].bsums));
+    __m256i sl[8];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = load256(x[i].ql + 64 * h), l1 = load256(x[i].ql + 64 * h + 32);
+      const __m256i qh = load256(x[i].qh + 32 * h);
+      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
+                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
+      for (int s = 0; s < 4; ++s)
+        sl[4 * h + s] = _mm256_or_si256(lo[s], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2), 4));
+    }
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(dot_slices16(sl, sc8, y[i].qs)), acc);
+  }
+  return _mm512_reduce_add_ps(acc) - acc_off;
+}
+
+// q2_K (kQ3 = false) and q3_K (kQ3 = true); see the AVX2 file for the level layout.
+template <bool kQ3>
+float dot_k23_avx512(int64_t n, const void* w, const void* a) {
+  const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i low2 = _mm256_set1_epi8(3);
+  __m512 acc = _mm512_setzero_ps();
+  float acc_off = 0.0f;
+  for (int64_t i = 0; i < n / kQK_K; ++i) {
+    alignas(16) int8_t sc[16];
+    const uint8_t* qs;
+    __m256i hm = _mm256_setzero_si256();
+    float d;
+    if constexpr (kQ3) {
+      const BlockQ3_K& b = static_cast<const BlockQ3_K*>(w)[i];
+      for (int g = 0; g < 16; ++g) {
+        const int lo = g < 8 ? (b.scales[g] & 0xF) : (b.scales[g - 8] >> 4);
+        sc[g] = static_cast<int8_t>((lo | ((b.scales[8 + g % 4] >> (2 * (g / 4))) & 3) << 4) - 32);
+      }
+      qs = b.qs;
+      hm = load256(b.hmask);
+      d = fp16_to_f32(b.d) * y[i].d;
+      acc_off += d * static_cast<float>(4 * dot16_bsums(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)), y[i].bsums));
+    } else {
+      const BlockQ2_K& b = static_cast<const BlockQ2_K*>(w)[i];
+      const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
+      _mm_store_si128(reinterpret_cast<__m128i*>(sc), _mm_and_si128(s, _mm_set1_epi8(0x0F)));
+      const __m128i m = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F));
+      qs = b.qs;
+      d = fp16_to_f32(b.d) * y[i].d;
+      acc_off += fp16_to_f32(b.dmin) * y[i].d * static_cast<float>(dot16_bsums(m, y[i].bsums));
+    }
+    __m256i sl[8];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q2 = load256(qs + 32 * h);
+      for (int s = 0; s < 4; ++s) {
+        __m256i q = _mm256_and_si256(_mm256_srli_epi16(q2, 2 * s), low2);
+        if constexpr (kQ3) {
+          const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * h + s)));
+          q = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hm, bit), q, _mm256_or_si256(q, _mm256_set1_epi8(4)));
+        }
+        sl[4 * h + s] = q;
+      }
+    }
+    const __m128i sc8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sc));
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(dot_slices16(sl, sc8, y[i].qs)), acc);
+  }
+  return _mm512_reduce_add_ps(acc) - acc_off;
+}
+
+// iq4_xs: unsigned codebook (kIQ4NL + 128) via vpshufb; the +128 comes back out through bsums.
+float dot_iq4_xs_avx512(int64_t n, const void* w, const void* a) {
+  const BlockIQ4_XS* x = static_cast<const BlockIQ4_XS*>(w);
+  const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
+  const __m256i table = _mm256_xor_si256(
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL))), _mm256_set1_epi8(-128));
+  __m512 acc = _mm512_setzero_ps();
+  float acc_off = 0.0f;
+  for (int64_t i = 0; i < n / kQK_K; ++i) {
+    alignas(16) int16_t ls[8];
+    for (int j = 0; j < 8; ++j)
+      ls[j] = static_cast<int16_t>((((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0xF) | ((x[i].scales_h >> (2 * j)) & 3) << 4) - 32);
+    const float d = fp16_to_f32(x[i].d) * y[i].d;
+    acc_off += d * static_cast<float>(128 * dot_pairs_bsums(_mm_load_si128(reinterpret_cast<const __m128i*>(ls)), y[i].bsums));
+    __m512i sumi = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q0 = _mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c));
+      const __m256i q1 = _mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c + 16));
+      const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(q0, q1), load512(y[i].qs + 64 * c));
+      sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dp, join_i32(ls[2 * c], ls[2 * c + 1])));
+    }
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+  }
+  return _mm512_reduce_add_ps(acc) - acc_off;
+}
+
+#define KT_REG(t, fn) RegisterKernel<VecDotFn> reg_##t(k_vec_dot[qi(QType::t)], Isa::avx512, fn);
+KT_REG(f32, dot_f32_avx512)
+KT_REG(f16, dot_half_avx512<false>)
+KT_REG(bf16, dot_half_avx512<true>)
+KT_REG(q8_0, dot_q8_0_avx512)
+KT_REG(q4_0, dot_q32u_avx512<BlockQ4_0>)
+KT_REG(q5_0, dot_q32u_avx512<BlockQ5_0>)
+KT_REG(q4_k, dot_k45_avx512<false>)
+KT_REG(q5_k, dot_k45_avx512<true>)
+KT_REG(q6_k, dot_q6_k_avx512)
+KT_REG(q2_k, dot_k23_avx512<false>)
+KT_REG(q3_k, dot_k23_avx512<true>)
+KT_REG(iq4_xs, dot_iq4_xs_avx512)
+#undef KT_REG
+
+}  // namespace
+}  // namespace ktrans
+KTRANS_TARGET_END
