@@ -1,0 +1,157 @@
+"""Single-file GGUF mode on gen-model files of every architecture: the config rebuilt from GGUF
+metadata equals config.json; the tokenizer rebuilt from GGUF metadata encodes/decodes mixed text
+(ASCII, CJK, emoji, special tokens) and renders the chat template exactly like the tokenizer files
+it came from. Real pre-tokenizers (qwen2, deepseek-v3, llama-bpe) against tokenizers built from
+their HF definitions; clear errors for what single-file mode cannot rebuild."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Tokenizer
+
+from gguf_testutil import write_gguf
+from ktrans.config.arch import ARCHS, build_meta_model
+from ktrans.errors import KtransError
+from ktrans.weights import open_weights
+from ktrans.weights.gguf_reader import GGUFReader
+from ktrans.weights.gguf_source import GGUFSource
+from ktrans.weights.single_file import config_from_gguf, tokenizer_from_gguf
+
+SPECIALS = {  # a few special tokens of each generated family, mixed into the text
+    "deepseek_v3": "<｜User｜>hi<｜Assistant｜><think>x</think><｜end▁of▁sentence｜>",
+    "deepseek_v2": "<｜User｜>hi<｜Assistant｜><｜end▁of▁sentence｜>",
+    "qwen3_moe": "<|im_start|>user\nhi<|im_end|><think>y</think>",
+    "qwen2_moe": "<|im_start|>user\nhi<|im_end|><|endoftext|>",
+    "qwen2": "<|im_start|>user\nhi<|im_end|>",
+    "mixtral": "<s>[INST] hi [/INST]</s><unk>",
+}
+MIXED = ("Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  "
+         "你好，世界！人工智能。こんにちは、世界。한국어 Привет 🚀🔥😀 👨‍👩‍👧 🇫🇷 ∑∫√ ")
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "你好 🚀 what's 2+2?"},
+        {"role": "assistant", "content": "4"}, {"role": "user", "content": "Thanks! ありがとう"}]
+
+
+def _assert_same_tokenizer(ours, ref, text: str):
+    ids = ref(text)["input_ids"]
+    assert ours(text)["input_ids"] == ids
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_config_and_tokenizer_from_gguf_match_hf_files(tiny_model, arch):
+    d = tiny_model(arch)
+    r = GGUFReader(str(d / "model.gguf"))
+    ours, ref = config_from_gguf(r), AutoConfig.from_pretrained(d)
+    a, b = ours.to_dict(), ref.to_dict()
+    a.pop("_name_or_path"), b.pop("_name_or_path")
+    assert a == b
+    shapes = lambda c: {n: tuple(p.shape) for n, p in build_meta_model(c).named_parameters()}  # noqa: E731
+    assert shapes(ours) == shapes(ref)
+
+    tok, ref_tok = tokenizer_from_gguf(r), PreTrainedTokenizerFast.from_pretrained(d)
+    _assert_same_tokenizer(tok, ref_tok, MIXED + SPECIALS[arch] + MIXED[::-1])
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token)
+    for gen in (False, True):
+        text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen)
+        assert text == ref_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ref_tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_single_file_source_and_gguf_only_directory(tiny_model, tmp_path):
+    d = tiny_model("qwen3_moe")
+    src = open_weights(None, str(d / "model.gguf"))
+    assert isinstance(src, GGUFSource) and src.hf_dir is None
+    assert src.config().model_type == "qwen3_moe" and src.tokenizer().eos_token == "<|im_end|>"
+    assert src.tensor("model.norm.weight").shape == (src.config().hidden_size,)
+    shutil.copy(d / "model.gguf", tmp_path / "model.gguf")
+    only = open_weights(str(tmp_path), None)              # a directory holding just GGUF files
+    assert isinstance(only, GGUFSource) and only.names() == src.names()
+    with_dir = open_weights(str(d), str(d / "model.gguf"))  # --model_path wins for config/tokenizer
+    assert with_dir.config().to_dict() | {"_name_or_path": ""} == src.config().to_dict() | {"_name_or_path": ""}
+
+
+# ---- real pre-tokenizers: rebuilt tokenizer vs one defined the way the HF files define it ----
+
+CORPUS = [MIXED, "The quick brown fox 123456789 jumps!!! over 'the' lazy dog's back.\r\n", "数字１２３ と カタカナ ひらがな",
+          "def f(x):\n    return x ** 2  # square\n", "Ünïcödé café naïve résumé e\u0301 ﬁ"] * 3
+HF_SPLITS = {  # the pre_tokenizer "Split" patterns of the published tokenizer.json files
+    "llama-bpe": ["(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+    "deepseek-v3": ["\\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+                    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+                    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"],
+}
+SPECIAL = ["<|bos|>", "<|eos|>", "<|user|>"]
+
+
+def _train(splits, nfc=False):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(s), "isolated") for s in splits]
+                                                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def _gguf_of(tok: Tokenizer, pre: str, path):
+    model = json.loads(tok.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": [3 if t in SPECIAL else 1 for t in tokens],
+            "tokenizer.ggml.eos_token_id": model["vocab"]["<|eos|>"], "tokenizer.chat_template": "{{ messages }}"}
+    return GGUFReader(str(write_gguf(path, {"token_embd.weight": np.zeros((len(tokens), 32))}, metadata=meta)))
+
+
+@pytest.mark.parametrize("pre", sorted(HF_SPLITS))
+def test_real_pre_tokenizers(tmp_path, pre):
+    tok = _train(HF_SPLITS[pre])
+    ref = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    ours = tokenizer_from_gguf(_gguf_of(tok, pre, tmp_path / "t.gguf"))
+    for text in CORPUS[:5] + ["<|user|>hi 1234567 <|eos|>"]:
+        _assert_same_tokenizer(ours, ref, text)
+
+
+def test_qwen2_pre_tokenizer_against_transformers_qwen2_tokenizer(tmp_path):
+    """transformers' Qwen2Tokenizer applies Qwen2's own split regex and NFC: an independent oracle."""
+    tok = _train(["(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"], nfc=True)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    ref = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|eos|>", unk_token=None, pad_token=None)
+    assert len(ref) == len(model["vocab"])
+    ref.add_special_tokens({"additional_special_tokens": SPECIAL})
+    ours = tokenizer_from_gguf(_gguf_of(tok, "qwen2", tmp_path / "t.gguf"))
+    for text in CORPUS[:5] + ["<|user|>hi 1234567 <|eos|>"]:
+        _assert_same_tokenizer(ours, ref, text)
+
+
+def test_single_file_errors(tmp_path, tiny_model):
+    embd = {"token_embd.weight": np.zeros((4, 32))}
+    cases = [
+        (write_gguf(tmp_path / "q3.gguf", embd, arch="qwen3", metadata={"qwen3.block_count": 1}),
+         config_from_gguf, "architecture 'qwen3' is not supported in single-file mode"),
+        (write_gguf(tmp_path / "ll.gguf", embd, arch="llama", metadata={"llama.block_count": 1}),
+         config_from_gguf, "dense llama models are not supported"),
+        (write_gguf(tmp_path / "nokey.gguf", embd, arch="qwen2", metadata={"qwen2.block_count": 1}),
+         config_from_gguf, "lacks the hidden_size key of 'qwen2'"),
+        (write_gguf(tmp_path / "notok.gguf", embd, arch="qwen2"), tokenizer_from_gguf, "no tokenizer metadata"),
+        (write_gguf(tmp_path / "spm.gguf", embd, metadata={"tokenizer.ggml.model": "bert"}), tokenizer_from_gguf,
+         "tokenizer model 'bert' is not supported"),
+        (write_gguf(tmp_path / "pre.gguf", embd, metadata={"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "xyz",
+                                                           "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []}),
+         tokenizer_from_gguf, "pre-tokenizer 'xyz' is not known"),
+    ]
+    for path, fn, msg in cases:
+        with pytest.raises(KtransError, match=msg) as e:
+            fn(GGUFReader(str(path)))
+        assert str(path) in str(e.value)
