@@ -49,7 +49,8 @@ class Operator(torch.nn.Module):
     #: registry name used in YAML rules; set by `register_operator`
     name: ClassVar[str] = ""
     #: children of `orig_module` whose tensors this operator loads itself (e.g. a MoE block's
-    #: "gate"); rules do not visit them even when the operator's rule is `recursive: true`
+    #: "gate"), or ("*",) for all of them; rules do not visit them even when the operator's rule
+    #: is `recursive: true`
     owned_children: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, key: str, orig_module: torch.nn.Module, config: Any, device, **kwargs):

@@ -28,7 +28,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan, weights) -> torch.nn.Module:
         if e.op == "default" and _still_there(model, e.path, kept[e.path]):
             _load_kept(model, e, kept[e.path], weights, plan.dtype or auto_dtype(e.device), tied, shared)
     for e in plan.entries:
-        if e.path in operators:
+        # NOTE: an operator swapped in below another operator that dropped it is not loaded.
+        if e.path in operators and _still_there(model, e.path, operators[e.path]):
             operators[e.path].load_weights(weights)
     _check_no_meta(model, plan)
     return model
@@ -47,7 +48,7 @@ def _swap(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn.Module]:
 
 
 def _still_there(model, path: str, module) -> bool:
-    """A kept module an operator above it dropped is that operator's business."""
+    """A module an operator above it dropped is that operator's business."""
     try:
         return model.get_submodule(path) is module
     except AttributeError:

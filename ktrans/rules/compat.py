@@ -52,6 +52,10 @@ KT_EXPERT_OPS = {"KExpertsCPU": "cpu_experts", "KExpertsTorch": "torch_experts",
 # `backend` of KExpertsCPU -> cpu_experts backend.
 KT_BACKENDS = {"llamafile": "gguf", "AMXInt8": "amx_int8", "AMXBF16": "amx_bf16"}
 
+# ktrans operators that own their whole subtree: a KTransformers rule mapped to one of them is
+# non-recursive (KTransformers' attention/linear/experts loaded their children themselves).
+KT_SUBTREE_OPS = ("mla_attention", "gqa_attention", "linear", "cpu_experts", "torch_experts")
+
 # KTransformers' own modeling classes (match.class) -> transformers-5 class names.
 KT_MATCH_ALIASES = {
     "MoEGate": ("DeepseekV3TopkRouter", "DeepseekV2TopkRouter"),

@@ -91,6 +91,7 @@ def notes(plan: Plan) -> list[str]:
         pats = [_collapse(p, es) for p, es in by_pattern.items()]
         out.append(f"overlap: rule {other} also matches {len(paths)} module(s) placed by rule {win} "
                    f"(first match wins): {_summary(pats)}")
+    out.extend(plan.notes)
     for r in plan.shadowed:
         out.append(f"shadowed: {r.label} places nothing; every module it matches an earlier rule placed")
     for r in plan.rules.rules:

@@ -47,6 +47,7 @@ class Plan:
     dtype: torch.dtype | None             # kept modules' float dtype; None = auto per device
     transfer_map: dict[int, str]          # decoder layer -> device it runs on, where that changes
     shadowed: list[Rule] = field(default_factory=list)  # rules every one of whose modules an earlier rule took
+    notes: list[str] = field(default_factory=list)       # findings that are not errors (explain prints them)
 
     def entry(self, path: str) -> PlanEntry:
         return self._by_path()[path]
@@ -110,11 +111,12 @@ def plan_model(model: torch.nn.Module, rules: RuleSet, *, config=None, weights=N
         entries.append(entry)
         if not matched or matched[0].recursive:
             owned = matched[0].op_class.owned_children if matched and matched[0].op_class else ()
-            kids = [(f"{path}.{name}", child) for name, child in module.named_children() if name not in owned]
+            kids = [(f"{path}.{name}", child) for name, child in module.named_children()
+                    if name not in owned and "*" not in owned]
             stack.extend(reversed(kids))
     plan = Plan(entries, rules, config, default, dmap, dtype, {})
     counts = plan.counts_per_rule()
-    _check_every_rule_matches(rules, candidates, model, n_layers)
+    plan.notes = _check_every_rule_matches(rules, candidates, model, n_layers)
     plan.shadowed = [r for r in rules.rules if candidates[r.index] and not counts.get(r.index)]
     plan.transfer_map = _transfer_map(plan, rules, dmap, n_layers)
     return plan
@@ -155,12 +157,21 @@ def _kept_bytes(module: torch.nn.Module, device: str, dtype) -> dict[str, int]:
     return {device: total} if total else {}
 
 
-def _check_every_rule_matches(rules: RuleSet, candidates, model, n_layers: int) -> None:
-    """A rule that places nothing is a mistake in the file: say which, and what is near."""
+def _check_every_rule_matches(rules: RuleSet, candidates, model, n_layers: int) -> list[str]:
+    """A rule that places nothing is a mistake in the file: say which, and what is near.
+
+    NOTE: a KTransformers rule whose modules an operator loads itself (its MoEGate rule under
+    moe_block) is only noted: it was meaningful there and is harmless here.
+    """
     dead = [r for r in rules.rules if not candidates[r.index]]
-    if not dead:
-        return
     modules = list(model.named_modules())[1:]
+    notes = []
+    for r in [r for r in dead if r.kt_class and any(_matches(r, p, m, n_layers) for p, m in modules)]:
+        notes.append(f"{r.label}: no effect: the modules it matches ({r.kt_class}) are loaded by the "
+                     f"operator above them")
+        dead.remove(r)
+    if not dead:
+        return notes
     lines = [_why_unmatched(r, modules, rules.rules, n_layers) for r in dead]
     raise RuleError(f"{len(dead)} rule(s) in {rules.path} match no module of {type(model).__name__}:\n  "
                     + "\n  ".join(lines))
@@ -171,7 +182,7 @@ def _why_unmatched(rule: Rule, modules, all_rules, n_layers: int) -> str:
     hidden = [p for p, m in modules if _matches(rule, p, m, n_layers)]
     if hidden:
         return msg + f" visited by the walk: its matches (e.g. '{hidden[0]}') are inside a module an " \
-                     f"earlier rule replaced with recursive: false"
+                     f"earlier rule replaced with recursive: false, or one its operator loads itself"
     paths = [p for p, _ in modules]
     if rule.name is not None:
         probe = re.sub(r"\\(.)", r"\1", re.sub(r"[\^\$]|\(\?[!=].*?\)", "", rule.name.pattern))

@@ -47,6 +47,7 @@ class Rule:
     recursive: bool = True                  # visit children of a matched module
     transfer_map: dict | None = None        # KTransformers layer -> device switch points
     notes: tuple[str, ...] = ()             # KTransformers keys accepted but not used
+    kt_class: str | None = None             # the KTransformers class this rule was written for
 
     @property
     def label(self) -> str:
@@ -154,8 +155,12 @@ def _rule(node, index: int, source: str, loader, trust_rules: bool) -> Rule:
         recursive = _value(fields["recursive"], loader)
         if not isinstance(recursive, bool):
             raise RuleError(f"{_at(source, fields['recursive'])}: recursive must be true or false, got {recursive!r}")
-    return Rule(index, where, name, cls, layers, recursive=recursive,
-                **_replace(fields["replace"], index, source, loader, trust_rules))
+    replace = _replace(fields["replace"], index, source, loader, trust_rules)
+    if replace["kt_class"] and recursive and replace["op"] in compat.KT_SUBTREE_OPS:
+        # KTransformers operators loaded their children themselves; ktrans's equivalents own them.
+        recursive = False
+        replace["notes"] += (f"recursive: false implied: {replace['op']} loads the whole subtree itself",)
+    return Rule(index, where, name, cls, layers, recursive=recursive, **replace)
 
 
 def _regex(pattern, where: str) -> re.Pattern:
@@ -189,7 +194,7 @@ def _replace(node, index: int, source: str, loader, trust_rules: bool) -> dict:
     if transfer_map is not None:
         transfer_map = _transfer_map(transfer_map, dwhere)
     return dict(op=op, op_class=op_class, device=device, kwargs=kwargs, transfer_map=transfer_map,
-                notes=tuple(notes))
+                notes=tuple(notes), kt_class=cls_text if kt else None)
 
 
 def _operator(text: str, where: str, trust_rules: bool):
