@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "gen_model",
     "chat",
     "generate",
+    "serve",
 ]
 
 

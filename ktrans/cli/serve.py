@@ -20,7 +20,7 @@ BACKENDS = ("balance_serve",)
 def add_server_args(p: argparse.ArgumentParser) -> None:
     from ktrans.cli.model_args import add_model_args
 
-    add_model_args(p)
+    add_model_args(p, cache_lens=16384, chunk_size=512, max_new_tokens=4096)
     g = p.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=10002, help="port to listen on (default: 10002)")
@@ -56,14 +56,12 @@ def register(sub) -> None:
 
 def _model_name(args) -> str:
     path = args.gguf_path or args.model_path
-    if not path:
-        return "ktrans-tiny-random"
     base = os.path.basename(os.path.normpath(path))
     return base[:-5] if base.endswith(".gguf") else base
 
 
 def build_app(args):
-    from ktrans.cli.model_args import engine_kwargs
+    from ktrans.cli.model_args import engine_kwargs, runner_kwargs, use_demo_model
     from ktrans.engine import AsyncEngine
     from ktrans_server.app import create_app
     from ktrans_server.service import Settings
@@ -72,15 +70,15 @@ def build_app(args):
         v = getattr(args, name)
         if v < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name} must be a positive integer, got {v}")
-    settings = Settings(model_name=_model_name(args), served_model_names=args.served_model_name or [],
+    demo = use_demo_model(args, lambda msg: print(msg, file=sys.stderr))
+    settings = Settings(model_name="ktrans-demo-random" if demo else _model_name(args), served_model_names=args.served_model_name or [],
                         max_new_tokens=args.max_new_tokens, force_think=args.force_think,
                         api_key=args.api_key or None, cors_origins=args.cors_origins,
                         ping_interval=args.ping_interval)
-    kwargs = engine_kwargs(args)
+    kwargs = {**runner_kwargs(args, progress=sys.stderr.isatty()), **engine_kwargs(args)}
 
     def load():
-        return AsyncEngine.from_args(**kwargs, max_batch_size=args.max_batch_size,
-                                     chunk_size=args.chunk_size, max_queue=args.max_queue)
+        return AsyncEngine.from_args(**kwargs)
 
     return create_app(settings, load)
 

@@ -89,16 +89,17 @@ async def _serve(service: Service, request: Request, spec: GenerationSpec, *, ch
         return JSONResponse({}, status_code=499)
     reasoning, content, finish = result
     service.log_request(endpoint, prep, stats, 200)
-    base = {"id": prep.request_id, "created": int(time.time()), "model": model, "usage": _usage(stats)}
+    base = {"id": prep.request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model}
     if chat:
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if reasoning:
             msg["reasoning_content"] = msg["reasoning"] = reasoning
-        return {**base, "object": "chat.completion", "choices": [
-            {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}]}
+        return {**base, "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(stats)}
     text = (prep.prompt_text + content) if spec.echo else content
-    return {**base, "object": "text_completion", "choices": [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": _usage(stats)}
 
 
 async def _collect(service: Service, prep: Prepared, spec: GenerationSpec, stats: RequestStats):
