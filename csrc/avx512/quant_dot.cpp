@@ -1,12 +1,13 @@
 // AVX-512 (VNNI) dot products of one weight row with one quantized activation row.
 //
-// Core: vpdpbusd (u8 weight level x s8 activation, 4 products summed into each i32 lane) on
-// 64-byte vectors = two 32-value blocks (legacy formats) or two sub-blocks (K-quants). Per-group
-// scales multiply the i32 lanes (vpmulld) before accumulation, so every integer sum is the same
-// as the reference's; only the float summation order differs. Weight levels are made unsigned:
-// q4_0/q5_0 subtract 8*sum(a)/16*sum(a) (a second vpdpbusd), K-quant offsets and mins go through
-// the activation's 16-value sums (bsums), q8_0 takes |w| and moves w's sign onto a, iq4_xs uses
-// a codebook shifted by +128 and removes 128*sum(a) per sub-block.
+// 64-byte vectors hold two 32-value blocks (legacy formats) or two sub-blocks (K-quants).
+// Legacy formats: vpdpbusd (u8 weight level x s8 activation, 4 products per i32 lane), one float
+// scale per 8 lanes; q4_0/q5_0 levels are unsigned with the offset removed as 8*sum(a) (16*sum(a))
+// by a second vpdpbusd, q8_0 takes |w| and moves w's sign onto a.
+// K-quants: vpmaddubsw (pairs in i16, no saturation: at most 63*127*2) then vpdpwssd, which
+// multiplies by the per-group scale and accumulates in one instruction. Offsets (q6_K -32, q3_K
+// -4) and mins go through the activation's 16-value sums (bsums). Every integer sum equals the
+// reference's; only the float summation order differs.
 #include <immintrin.h>
 
 #include <cstring>
@@ -18,10 +19,11 @@ KTRANS_TARGET_AVX512_BEGIN
 namespace ktrans {
 namespace {
 
+// F16C conversion: exact for every half value, far cheaper than the portable helper.
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
-inline __m512i join_i32(int lo, int hi) { return join(_mm256_set1_epi32(lo), _mm256_set1_epi32(hi)); }
 inline __m512 join_ps(float lo, float hi) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(lo))),
                                              _mm256_castps_pd(_mm256_set1_ps(hi)), 1));
@@ -70,7 +72,7 @@ float dot_half_avx512(int64_t n, const void* w, const void* a) {
     acc1 = _mm512_fmadd_ps(load16(i + 16), _mm512_loadu_ps(y + i + 16), acc1);
   }
   float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += (kBf16 ? bf16_to_f32(x[i]) : fp16_to_f32(x[i])) * y[i];
+  for (; i < n; ++i) s += (kBf16 ? bf16_to_f32(x[i]) : h2f(x[i])) * y[i];
   return s;
 }
 
@@ -99,7 +101,7 @@ float dot_q32u_avx512(int64_t n, const void* w, const void* a) {
     const __m512i ya = join(load256(y[i].qs), load256(y[i + 1].qs));
     const __m512i dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ya),
                                         _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, ya));
-    const __m512 d = join_ps(fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d), fp16_to_f32(x[i + 1].d) * fp16_to_f32(y[i + 1].d));
+    const __m512 d = join_ps(h2f(x[i].d) * h2f(y[i].d), h2f(x[i + 1].d) * h2f(y[i + 1].d));
     acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dp), acc);
   }
   float s = _mm512_reduce_add_ps(acc);
@@ -108,7 +110,7 @@ float dot_q32u_avx512(int64_t n, const void* w, const void* a) {
     const __m256i dp = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ulevels(x[i]), ya),
                                         _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(off), ya));
     const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(dp), _mm256_extracti128_si256(dp, 1));
-    s += static_cast<float>(hsum_epi32_128(s4)) * (fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d));
+    s += static_cast<float>(hsum_epi32_128(s4)) * (h2f(x[i].d) * h2f(y[i].d));
   }
   return s;
 }
@@ -129,14 +131,14 @@ float dot_q8_0_avx512(int64_t n, const void* w, const void* a) {
   for (; i + 2 <= nb; i += 2) {
     const __m512i dp = dot_s8_512(join(load256(x[i].qs), load256(x[i + 1].qs)),
                                   join(load256(y[i].qs), load256(y[i + 1].qs)));
-    const __m512 d = join_ps(fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d), fp16_to_f32(x[i + 1].d) * fp16_to_f32(y[i + 1].d));
+    const __m512 d = join_ps(h2f(x[i].d) * h2f(y[i].d), h2f(x[i + 1].d) * h2f(y[i + 1].d));
     acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dp), acc);
   }
   float s = _mm512_reduce_add_ps(acc);
   if (i < nb) {  // last odd block: pad the upper half with zeros
     const __m512i dp = dot_s8_512(join(load256(x[i].qs), _mm256_setzero_si256()),
                                   join(load256(y[i].qs), _mm256_setzero_si256()));
-    s += static_cast<float>(_mm512_reduce_add_epi32(dp)) * (fp16_to_f32(x[i].d) * fp16_to_f32(y[i].d));
+    s += static_cast<float>(_mm512_reduce_add_epi32(dp)) * (h2f(x[i].d) * h2f(y[i].d));
   }
   return s;
 }
@@ -165,7 +167,7 @@ inline int dot16_bsums(__m128i sc8, const int16_t* bsums) {
   return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
 }
 
-// q4_K / q5_K: per 64 values one vpdpbusd on [sub-block 2c | 2c+1], lanes scaled by sc.
+// q4_K / q5_K: per 64 values one maddubs on [sub-block 2c | 2c+1], vpdpwssd by the two scales.
 template <bool kQ5>
 float dot_k45_avx512(int64_t n, const void* w, const void* a) {
   const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
@@ -188,7 +190,7 @@ float dot_k45_avx512(int64_t n, const void* w, const void* a) {
     alignas(16) uint8_t sm[16];
     unpack_k4_scales(scales, sm);
     const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
-    acc_m += fp16_to_f32(dmin16) * y[i].d * static_cast<float>(dot_pairs_bsums(mins, y[i].bsums));
+    acc_m += h2f(dmin16) * y[i].d * static_cast<float>(dot_pairs_bsums(mins, y[i].bsums));
     const __m256i hbits = load256(qh);
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
@@ -200,29 +202,30 @@ float dot_k45_avx512(int64_t n, const void* w, const void* a) {
         q0 = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hbits, bit0), q0, _mm256_or_si256(q0, _mm256_set1_epi8(0x10)));
         q1 = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hbits, bit1), q1, _mm256_or_si256(q1, _mm256_set1_epi8(0x10)));
       }
-      const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(q0, q1), load512(y[i].qs + 64 * c));
-      sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dp, join_i32(sm[2 * c], sm[2 * c + 1])));
+      const __m512i sc = join(_mm256_set1_epi16(sm[2 * c]), _mm256_set1_epi16(sm[2 * c + 1]));
+      sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join(q0, q1), load512(y[i].qs + 64 * c)), sc);
     }
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(fp16_to_f32(d16) * y[i].d), _mm512_cvtepi32_ps(sumi), acc);
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(d16) * y[i].d), _mm512_cvtepi32_ps(sumi), acc);
   }
   return _mm512_reduce_add_ps(acc) - acc_m;
 }
 
-// Scales of 16-value groups 4k..4k+3 spread over 16 i32 lanes (4 lanes = one group), from 16 int8.
-inline __m512i group_scales(__m128i sc8, int k) {
-  const __m128i idx = _mm_add_epi8(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                   _mm_set1_epi8(static_cast<char>(4 * k)));
-  return _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, idx));
+// Scales of 16-value groups 4k..4k+3 as 32 int16 (8 per group: one per maddubs pair), from 16 int8.
+inline __m512i group_scales(__m256i sc8x2, int k) {
+  const __m256i idx = _mm256_add_epi8(
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+      _mm256_set1_epi8(static_cast<char>(4 * k)));
+  return _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(sc8x2, idx));
 }
 
 // 16-group K-quants from 8 unsigned 32-value slices (slice s = values 32s..32s+31):
 // sum_g sc[g] * sum_{l in g} q_l * a_l, integer.
 inline __m512i dot_slices16(const __m256i* slices, __m128i sc8, const int8_t* aq) {
+  const __m256i sc8x2 = _mm256_broadcastsi128_si256(sc8);
   __m512i sumi = _mm512_setzero_si512();
   for (int k = 0; k < 4; ++k) {
-    const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(slices[2 * k], slices[2 * k + 1]),
-                                           load512(aq + 64 * k));
-    sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dp, group_scales(sc8, k)));
+    const __m512i p = _mm512_maddubs_epi16(join(slices[2 * k], slices[2 * k + 1]), load512(aq + 64 * k));
+    sumi = _mm512_dpwssd_epi32(sumi, p, group_scales(sc8x2, k));
   }
   return sumi;
 }
@@ -235,7 +238,7 @@ float dot_q6_k_avx512(int64_t n, const void* w, const void* a) {
   float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
     const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
-    const float d = fp16_to_f32(x[i].d) * y[i].d;
+    const float d = h2f(x[i].d) * y[i].d;
     acc_off += d * static_cast<float>(32 * dot16_bsums(sc8, y[i].bsums));
     __m256i sl[8];
     for (int h = 0; h < 2; ++h) {
@@ -272,7 +275,7 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
       }
       qs = b.qs;
       hm = load256(b.hmask);
-      d = fp16_to_f32(b.d) * y[i].d;
+      d = h2f(b.d) * y[i].d;
       acc_off += d * static_cast<float>(4 * dot16_bsums(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)), y[i].bsums));
     } else {
       const BlockQ2_K& b = static_cast<const BlockQ2_K*>(w)[i];
@@ -280,8 +283,8 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
       _mm_store_si128(reinterpret_cast<__m128i*>(sc), _mm_and_si128(s, _mm_set1_epi8(0x0F)));
       const __m128i m = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F));
       qs = b.qs;
-      d = fp16_to_f32(b.d) * y[i].d;
-      acc_off += fp16_to_f32(b.dmin) * y[i].d * static_cast<float>(dot16_bsums(m, y[i].bsums));
+      d = h2f(b.d) * y[i].d;
+      acc_off += h2f(b.dmin) * y[i].d * static_cast<float>(dot16_bsums(m, y[i].bsums));
     }
     __m256i sl[8];
     for (int h = 0; h < 2; ++h) {
@@ -301,30 +304,30 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
   return _mm512_reduce_add_ps(acc) - acc_off;
 }
 
-// iq4_xs: unsigned codebook (kIQ4NL + 128) via vpshufb; the +128 comes back out through bsums.
+// iq4_xs: signed codebook via vpshufb; |q| x (a with q's sign) in maddubs, then vpdpwssd by scale.
 float dot_iq4_xs_avx512(int64_t n, const void* w, const void* a) {
   const BlockIQ4_XS* x = static_cast<const BlockIQ4_XS*>(w);
   const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
-  const __m256i table = _mm256_xor_si256(
-      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL))), _mm256_set1_epi8(-128));
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
   __m512 acc = _mm512_setzero_ps();
-  float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
-    alignas(16) int16_t ls[8];
-    for (int j = 0; j < 8; ++j)
-      ls[j] = static_cast<int16_t>((((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0xF) | ((x[i].scales_h >> (2 * j)) & 3) << 4) - 32);
-    const float d = fp16_to_f32(x[i].d) * y[i].d;
-    acc_off += d * static_cast<float>(128 * dot_pairs_bsums(_mm_load_si128(reinterpret_cast<const __m128i*>(ls)), y[i].bsums));
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
-      const __m256i q0 = _mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c));
-      const __m256i q1 = _mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c + 16));
-      const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(q0, q1), load512(y[i].qs + 64 * c));
-      sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dp, join_i32(ls[2 * c], ls[2 * c + 1])));
+      int ls[2];
+      for (int k = 0; k < 2; ++k) {
+        const int j = 2 * c + k;
+        ls[k] = (((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0xF) | ((x[i].scales_h >> (2 * j)) & 3) << 4) - 32;
+      }
+      const __m512i q = join(_mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c)),
+                             _mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c + 16)));
+      const __m512i ya = load512(y[i].qs + 64 * c);
+      const __m512i ys = _mm512_mask_sub_epi8(ya, _mm512_movepi8_mask(q), _mm512_setzero_si512(), ya);
+      const __m512i sc = join(_mm256_set1_epi16(static_cast<int16_t>(ls[0])), _mm256_set1_epi16(static_cast<int16_t>(ls[1])));
+      sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(_mm512_abs_epi8(q), ys), sc);
     }
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(x[i].d) * y[i].d), _mm512_cvtepi32_ps(sumi), acc);
   }
-  return _mm512_reduce_add_ps(acc) - acc_off;
+  return _mm512_reduce_add_ps(acc);
 }
 
 #define KT_REG(t, fn) RegisterKernel<VecDotFn> reg_##t(k_vec_dot[qi(QType::t)], Isa::avx512, fn);
