@@ -246,6 +246,10 @@ def run(args) -> int:
 
     from ktrans.engine import LLMEngine
 
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
     console = Console(highlight=False)
     say = lambda msg: console.print(msg, style="yellow", markup=False)   # noqa: E731
     model_args.use_demo_model(args, say)

@@ -12,7 +12,6 @@ anywhere.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from ktrans.errors import UsageError
@@ -116,12 +115,10 @@ def use_demo_model(args, say) -> bool:
     target = cache_dir() / f"demo-{DEMO_ARCH}-{DEMO_PRESET}-{DEMO_QUANT}"
     if not (target / "model.gguf").exists():
         say(f"Generating the demo model once into {target} ...")
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        generate_model(tmp, arch=DEMO_ARCH, preset=DEMO_PRESET, quant=DEMO_QUANT, force=True)
-        try:
-            tmp.rename(target)              # atomic: a concurrent first run never sees half a model
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)   # another process got there first
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # generate_model writes into a temporary directory and renames it into place, so a
+        # concurrent or interrupted first run never leaves half a model behind.
+        generate_model(target, arch=DEMO_ARCH, preset=DEMO_PRESET, quant=DEMO_QUANT, force=True)
     say(f"No model given: using a tiny {DEMO_ARCH} model with RANDOM weights (replies are noise). "
         f"For a real model: --gguf_path FILE_OR_DIR [--model_path HF_DIR].")
     args.model_path, args.gguf_path = str(target), str(target / "model.gguf")
