@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "common/numeric.h"
+#include "quant/kquant_impl.h"
 #include "quant/quant.h"
 
 namespace ktrans {
@@ -19,8 +20,8 @@ namespace {
 
 constexpr float kGroupEps = 1e-15f;  // below this a group is treated as all zeros
 
-static inline int nearest_int(float v) { return static_cast<int>(std::lrintf(v)); }
-static inline int clampi(int v, int lo, int hi) { return std::min(hi, std::max(lo, v)); }
+static inline int nearest_int(float v) { return kq_nearest_int(v); }
+static inline int clampi(int v, int lo, int hi) { return kq_clamp(v, lo, hi); }
 
 // Weighted error of x ~ scale*L + min (squared, or absolute when abs_err).
 float affine_error(int n, const float* x, const float* w, const uint8_t* L, float scale, float min, bool abs_err) {
@@ -122,21 +123,10 @@ float fit_symmetric(int n, int nmax, const float* x, uint8_t* L) {
   return best_scale;
 }
 
-// Packs 8 6-bit scales and mins in the q4_K / q5_K layout (inverse of unpack_scale_min_k4).
-void pack_scale_min_k4(const uint8_t* ls, const uint8_t* lm, uint8_t* q) {
-  for (int j = 0; j < 4; ++j) {
-    q[j] = ls[j] | static_cast<uint8_t>((ls[j + 4] >> 4) << 6);
-    q[j + 4] = lm[j] | static_cast<uint8_t>((lm[j + 4] >> 4) << 6);
-    q[j + 8] = (ls[j + 4] & 0xF) | static_cast<uint8_t>((lm[j + 4] & 0xF) << 4);
-  }
-}
-
-// Shared part of q4_K / q5_K: fits 8 sub-blocks of 32, quantizes their scales and mins to 6 bits
-// and re-rounds every value to its final level L (0..nmax).
-void quantize_k45_block(const float* x, int nmax, float rmin, int nstep, uint8_t* scales, uint16_t* d16,
-                        uint16_t* dmin16, uint8_t* L) {
-  float sc[8], mn[8], w[32];
-  float max_sc = 0.0f, max_mn = 0.0f;
+// q4_K / q5_K: fit 8 sub-blocks of 32 (weights: mean magnitude + |x|), then the shared finish
+// (6-bit scales, re-rounding, packing; quant/kquant_impl.h).
+void fit_k45_block(const float* x, int nmax, float rmin, int nstep, float* sc, float* mn, uint8_t* L) {
+  float w[32];
   for (int j = 0; j < 8; ++j) {
     const float* xs = x + 32 * j;
     float sum2 = 0.0f;
@@ -144,48 +134,28 @@ void quantize_k45_block(const float* x, int nmax, float rmin, int nstep, uint8_t
     const float av = std::sqrt(sum2 / 32);
     for (int l = 0; l < 32; ++l) w[l] = av + std::fabs(xs[l]);
     sc[j] = fit_scale_min(32, nmax, xs, w, L + 32 * j, &mn[j], rmin, 0.1f, nstep, false);
-    max_sc = std::max(max_sc, sc[j]);
-    max_mn = std::max(max_mn, mn[j]);
-  }
-  const float inv_sc = max_sc > 0.0f ? 63.0f / max_sc : 0.0f, inv_mn = max_mn > 0.0f ? 63.0f / max_mn : 0.0f;
-  uint8_t ls[8], lm[8];
-  for (int j = 0; j < 8; ++j) {
-    ls[j] = static_cast<uint8_t>(std::min(63, nearest_int(inv_sc * sc[j])));
-    lm[j] = static_cast<uint8_t>(std::min(63, nearest_int(inv_mn * mn[j])));
-  }
-  pack_scale_min_k4(ls, lm, scales);
-  *d16 = f32_to_fp16(max_sc / 63.0f);
-  *dmin16 = f32_to_fp16(max_mn / 63.0f);
-  const float d = fp16_to_f32(*d16), dmin = fp16_to_f32(*dmin16);
-  for (int j = 0; j < 8; ++j) {
-    const float dl = d * ls[j], ml = dmin * lm[j];
-    if (dl == 0.0f) continue;  // every level decodes to -ml: keep the fit's levels
-    for (int l = 0; l < 32; ++l)
-      L[32 * j + l] = static_cast<uint8_t>(clampi(nearest_int((x[32 * j + l] + ml) / dl), 0, nmax));
   }
 }
 
 void q_q4_k(const float* x, void* dst, int64_t n) {
   BlockQ4_K* y = static_cast<BlockQ4_K*>(dst);
   uint8_t L[kQK_K];
+  float sc[8], mn[8];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
-    quantize_k45_block(x, 15, -1.0f, 20, y[i].scales, &y[i].d, &y[i].dmin, L);
-    for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < 32; ++l) y[i].qs[32 * c + l] = L[64 * c + l] | L[64 * c + 32 + l] << 4;
+    fit_k45_block(x, 15, -1.0f, 20, sc, mn, L);
+    kq_finish_k45(x, sc, mn, 15, y[i].scales, &y[i].d, &y[i].dmin, L);
+    kq_pack_q4_k(L, &y[i]);
   }
 }
 
 void q_q5_k(const float* x, void* dst, int64_t n) {
   BlockQ5_K* y = static_cast<BlockQ5_K*>(dst);
   uint8_t L[kQK_K];
+  float sc[8], mn[8];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
-    quantize_k45_block(x, 31, -0.5f, 15, y[i].scales, &y[i].d, &y[i].dmin, L);
-    std::memset(y[i].qh, 0, sizeof(y[i].qh));
-    for (int j = 0; j < 8; ++j)
-      for (int l = 0; l < 32; ++l) y[i].qh[l] |= static_cast<uint8_t>((L[32 * j + l] >> 4) << j);
-    for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < 32; ++l)
-        y[i].qs[32 * c + l] = (L[64 * c + l] & 0xF) | (L[64 * c + 32 + l] & 0xF) << 4;
+    fit_k45_block(x, 31, -0.5f, 15, sc, mn, L);
+    kq_finish_k45(x, sc, mn, 31, y[i].scales, &y[i].d, &y[i].dmin, L);
+    kq_pack_q5_k(L, &y[i]);
   }
 }
 

@@ -110,6 +110,19 @@ def test_quantize_error_on_gaussian_and_gguf_reads_it(qtype):
     assert err <= tol.QUANT_NMSE[qtype], (qtype, err)
 
 
+@pytest.mark.parametrize("qtype", QUANTIZABLE)
+def test_quantize_identical_bytes_on_every_isa(qtype):
+    """SIMD quantizers repeat the reference's float operations in order: the same bytes."""
+    rng = np.random.default_rng()
+    x = _gaussian_with_edge_blocks(6, 1024, rng)
+    x[3, 256:512] = -np.abs(x[3, 256:512])
+    x[4, 512:768] = np.abs(x[4, 512:768]) + 3.0
+    ref = _C.quant_quantize(qtype, x, isa="generic")
+    for isa in ISAS[1:]:
+        out = _C.quant_quantize(qtype, x, isa=isa)
+        assert np.array_equal(out, ref), (qtype, isa, _C.quant_kernel_isa("quantize", qtype, isa))
+
+
 @pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q2_k", "q3_k"])
 def test_kquant_edge_blocks_decode_finite_and_close(qtype):
     rng = np.random.default_rng()

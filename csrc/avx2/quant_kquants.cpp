@@ -1,0 +1,146 @@
+// AVX2 q4_K / q5_K quantization: the per-sub-block scale/min search of the reference, run for
+// the 8 sub-blocks of a super-block at once (lane j = sub-block j; values gathered so that
+// vector l holds element l of every sub-block). The scale quantization, re-rounding and packing
+// are the shared scalar steps of quant/kquant_impl.h.
+// NOTE: bit-identical to the generic reference: each lane performs the reference's float
+// operations in the same order (sequential sums over l, IEEE div/sqrt, round-to-nearest-even
+// conversion), and fused multiply-add contraction is turned off for this file.
+#include <immintrin.h>
+
+#include "quant/kquant_impl.h"
+#include "quant/quant.h"
+
+KTRANS_TARGET_AVX2_BEGIN
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#else
+#pragma GCC optimize("fp-contract=off")
+#endif
+namespace ktrans {
+namespace {
+
+// Levels round(iscale * (x - lo)) clamped to [0, nmax], as int32 lanes.
+inline __m256i levels(__m256 x, __m256 lo, __m256 iscale, __m256i nmax) {
+  const __m256i l = _mm256_cvtps_epi32(_mm256_mul_ps(iscale, _mm256_sub_ps(x, lo)));
+  return _mm256_min_epi32(_mm256_max_epi32(l, _mm256_setzero_si256()), nmax);
+}
+
+// Weighted squared error of x ~ scale*L + min per lane, summed over l in order.
+inline __m256 fit_error(const __m256* X, const __m256* W, const __m256i* L, __m256 scale, __m256 min) {
+  __m256 err = _mm256_setzero_ps();
+  for (int l = 0; l < 32; ++l) {
+    const __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(L[l])), min), X[l]);
+    err = _mm256_add_ps(err, _mm256_mul_ps(W[l], _mm256_mul_ps(diff, diff)));
+  }
+  return err;
+}
+
+struct LaneFit {
+  __m256 scale, min;  // per sub-block
+  __m256i L[32];      // levels, vector l = element l of each sub-block
+};
+
+// The reference's fit_scale_min for 8 sub-blocks of 32 (squared error, min <= 0).
+void fit_lanes(const __m256* X, const __m256* W, int nmax, float rmin, int nstep, LaneFit* f) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i vnmax = _mm256_set1_epi32(nmax);
+  __m256 lo = X[0], hi = X[0], sum_w = zero, sum_x = zero;
+  for (int l = 0; l < 32; ++l) {
+    lo = _mm256_min_ps(X[l], lo);
+    hi = _mm256_max_ps(X[l], hi);
+    sum_w = _mm256_add_ps(sum_w, W[l]);
+    sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(W[l], X[l]));
+  }
+  lo = _mm256_min_ps(zero, lo);
+  const __m256 range = _mm256_sub_ps(hi, lo);
+  const __m256 flat = _mm256_cmp_ps(hi, lo, _CMP_EQ_OQ);
+  __m256 iscale = _mm256_div_ps(_mm256_set1_ps(static_cast<float>(nmax)), range);
+  __m256 scale = _mm256_div_ps(_mm256_set1_ps(1.0f), iscale), min = lo;
+  for (int l = 0; l < 32; ++l) f->L[l] = levels(X[l], lo, iscale, vnmax);
+  __m256 best = fit_error(X, W, f->L, scale, min);
+  __m256i cand[32];
+  for (int k = 0; k <= nstep; ++k) {
+    const float c = rmin + 0.1f * static_cast<float>(k) + static_cast<float>(nmax);
+    iscale = _mm256_div_ps(_mm256_set1_ps(c), range);
+    __m256 sl = zero, sl2 = zero, sxl = zero;
+    for (int l = 0; l < 32; ++l) {
+      cand[l] = levels(X[l], lo, iscale, vnmax);
+      const __m256 lf = _mm256_cvtepi32_ps(cand[l]);
+      const __m256 wl = _mm256_mul_ps(W[l], lf);
+      sl = _mm256_add_ps(sl, wl);
+      sl2 = _mm256_add_ps(sl2, _mm256_mul_ps(wl, lf));
+      sxl = _mm256_add_ps(sxl, _mm256_mul_ps(wl, X[l]));
+    }
+    const __m256 det = _mm256_sub_ps(_mm256_mul_ps(sum_w, sl2), _mm256_mul_ps(sl, sl));
+    const __m256 ok = _mm256_cmp_ps(det, zero, _CMP_NLE_UQ);  // the reference skips det <= 0
+    __m256 s = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_w, sxl), _mm256_mul_ps(sum_x, sl)), det);
+    __m256 m = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sl2, sum_x), _mm256_mul_ps(sl, sxl)), det);
+    const __m256 pos = _mm256_cmp_ps(m, zero, _CMP_GT_OQ);
+    s = _mm256_blendv_ps(s, _mm256_div_ps(sxl, sl2), pos);
+    m = _mm256_blendv_ps(m, zero, pos);
+    const __m256 err = fit_error(X, W, cand, s, m);
+    const __m256 better = _mm256_and_ps(ok, _mm256_cmp_ps(err, best, _CMP_LT_OQ));
+    const __m256i bi = _mm256_castps_si256(better);
+    for (int l = 0; l < 32; ++l) f->L[l] = _mm256_blendv_epi8(f->L[l], cand[l], bi);
+    best = _mm256_blendv_ps(best, err, better);
+    scale = _mm256_blendv_ps(scale, s, better);
+    min = _mm256_blendv_ps(min, m, better);
+  }
+  // Constant sub-blocks: scale 0, min = lo, levels 0 (as the reference's early return).
+  f->scale = _mm256_blendv_ps(scale, zero, flat);
+  f->min = _mm256_blendv_ps(min, lo, flat);
+  for (int l = 0; l < 32; ++l) f->L[l] = _mm256_andnot_si256(_mm256_castps_si256(flat), f->L[l]);
+}
+
+// Gathers one super-block as lanes, builds the reference's weights and fits; outputs as the
+// generic fit_k45_block does (sc, -min per sub-block, levels in natural order).
+void fit_k45_avx2(const float* x, int nmax, float rmin, int nstep, float* sc, float* mn, uint8_t* L) {
+  const __m256i idx = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+  __m256 X[32], W[32];
+  __m256 sum2 = _mm256_setzero_ps();
+  for (int l = 0; l < 32; ++l) {
+    X[l] = _mm256_i32gather_ps(x + l, idx, 4);
+    sum2 = _mm256_add_ps(sum2, _mm256_mul_ps(X[l], X[l]));
+  }
+  const __m256 av = _mm256_sqrt_ps(_mm256_div_ps(sum2, _mm256_set1_ps(32.0f)));
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int l = 0; l < 32; ++l) W[l] = _mm256_add_ps(av, _mm256_and_ps(X[l], abs_mask));
+  LaneFit f;
+  fit_lanes(X, W, nmax, rmin, nstep, &f);
+  _mm256_storeu_ps(sc, f.scale);
+  _mm256_storeu_ps(mn, _mm256_xor_ps(f.min, _mm256_set1_ps(-0.0f)));  // -min, as unary minus
+  alignas(32) int32_t lv[8];
+  for (int l = 0; l < 32; ++l) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lv), f.L[l]);
+    for (int j = 0; j < 8; ++j) L[32 * j + l] = static_cast<uint8_t>(lv[j]);
+  }
+}
+
+void q4_k_avx2(const float* x, void* dst, int64_t n) {
+  BlockQ4_K* y = static_cast<BlockQ4_K*>(dst);
+  alignas(32) uint8_t L[kQK_K];
+  float sc[8], mn[8];
+  for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
+    fit_k45_avx2(x, 15, -1.0f, 20, sc, mn, L);
+    kq_finish_k45(x, sc, mn, 15, y[i].scales, &y[i].d, &y[i].dmin, L);
+    kq_pack_q4_k(L, &y[i]);
+  }
+}
+
+void q5_k_avx2(const float* x, void* dst, int64_t n) {
+  BlockQ5_K* y = static_cast<BlockQ5_K*>(dst);
+  alignas(32) uint8_t L[kQK_K];
+  float sc[8], mn[8];
+  for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
+    fit_k45_avx2(x, 31, -0.5f, 15, sc, mn, L);
+    kq_finish_k45(x, sc, mn, 31, y[i].scales, &y[i].d, &y[i].dmin, L);
+    kq_pack_q5_k(L, &y[i]);
+  }
+}
+
+RegisterKernel<QuantizeRowFn> reg_q4_k(k_quantize_row[qi(QType::q4_k)], Isa::avx2, q4_k_avx2);
+RegisterKernel<QuantizeRowFn> reg_q5_k(k_quantize_row[qi(QType::q5_k)], Isa::avx2, q5_k_avx2);
+
+}  // namespace
+}  // namespace ktrans
+KTRANS_TARGET_END

@@ -1,0 +1,70 @@
+// Shared scalar steps of q4_K / q5_K quantization, used by the generic reference and the AVX2
+// quantizer (which vectorises only the per-sub-block scale/min search): quantizing the 8
+// sub-block scales and mins to 6 bits, re-rounding every value against its final scale, and
+// packing levels into the block layout. static inline: each file keeps a baseline-ISA copy.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/numeric.h"
+#include "quant/quant.h"
+
+namespace ktrans {
+
+static inline int kq_nearest_int(float v) { return static_cast<int>(std::lrintf(v)); }
+static inline int kq_clamp(int v, int lo, int hi) { return std::min(hi, std::max(lo, v)); }
+
+// Packs 8 6-bit scales and mins in the q4_K / q5_K layout (inverse of unpack_scale_min_k4).
+static inline void kq_pack_scale_min(const uint8_t* ls, const uint8_t* lm, uint8_t* q) {
+  for (int j = 0; j < 4; ++j) {
+    q[j] = ls[j] | static_cast<uint8_t>((ls[j + 4] >> 4) << 6);
+    q[j + 4] = lm[j] | static_cast<uint8_t>((lm[j + 4] >> 4) << 6);
+    q[j + 8] = (ls[j + 4] & 0xF) | static_cast<uint8_t>((lm[j + 4] & 0xF) << 4);
+  }
+}
+
+// From the fitted sub-block scales sc[8] and mins mn[8] (as -min) and the fit's levels L[256]:
+// writes the 6-bit scales, d and dmin, and re-rounds L against the scales the block will have.
+static inline void kq_finish_k45(const float* x, const float* sc, const float* mn, int nmax, uint8_t* scales,
+                                 uint16_t* d16, uint16_t* dmin16, uint8_t* L) {
+  float max_sc = 0.0f, max_mn = 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    max_sc = std::max(max_sc, sc[j]);
+    max_mn = std::max(max_mn, mn[j]);
+  }
+  const float inv_sc = max_sc > 0.0f ? 63.0f / max_sc : 0.0f, inv_mn = max_mn > 0.0f ? 63.0f / max_mn : 0.0f;
+  uint8_t ls[8], lm[8];
+  for (int j = 0; j < 8; ++j) {
+    ls[j] = static_cast<uint8_t>(std::min(63, kq_nearest_int(inv_sc * sc[j])));
+    lm[j] = static_cast<uint8_t>(std::min(63, kq_nearest_int(inv_mn * mn[j])));
+  }
+  kq_pack_scale_min(ls, lm, scales);
+  *d16 = f32_to_fp16(max_sc / 63.0f);
+  *dmin16 = f32_to_fp16(max_mn / 63.0f);
+  const float d = fp16_to_f32(*d16), dmin = fp16_to_f32(*dmin16);
+  for (int j = 0; j < 8; ++j) {
+    const float dl = d * ls[j], ml = dmin * lm[j];
+    if (dl == 0.0f) continue;  // every level decodes to -ml: keep the fit's levels
+    for (int l = 0; l < 32; ++l)
+      L[32 * j + l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int((x[32 * j + l] + ml) / dl), 0, nmax));
+  }
+}
+
+// Levels 0..15 of 256 values -> q4_K qs: per 64 values, 32 bytes (low nibble first 32).
+static inline void kq_pack_q4_k(const uint8_t* L, BlockQ4_K* y) {
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < 32; ++l) y->qs[32 * c + l] = L[64 * c + l] | L[64 * c + 32 + l] << 4;
+}
+
+// Levels 0..31 -> q5_K qs (low 4 bits) + qh (bit 4 of value 32*j + l at bit j of qh[l]).
+static inline void kq_pack_q5_k(const uint8_t* L, BlockQ5_K* y) {
+  std::memset(y->qh, 0, sizeof(y->qh));
+  for (int j = 0; j < 8; ++j)
+    for (int l = 0; l < 32; ++l) y->qh[l] |= static_cast<uint8_t>((L[32 * j + l] >> 4) << j);
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < 32; ++l) y->qs[32 * c + l] = (L[64 * c + l] & 0xF) | (L[64 * c + 32 + l] & 0xF) << 4;
+}
+
+}  // namespace ktrans
