@@ -36,12 +36,18 @@ MoeLayer::MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& s, MoeBacke
   }
   // Gate/up row ranges per group; in split mode cut at block boundaries of the down format (the
   // down slice of group g is these columns) and of the packed formats' K groups.
-  if (backend_ != MoeBackend::gguf)
-    throw std::invalid_argument("the packed AMX MoE backends need csrc/packed/ (not built in)");
-  const int64_t align = numa_ == NumaMode::split ? qtype_traits(s.types[2]).block_size : 1;
+  const bool packed = backend_ != MoeBackend::gguf;
+  if (packed && (s.H % kPackKAlign || s.I % kPackKAlign))
+    throw std::invalid_argument("the " + std::string(packed_format_name(packed_format(backend_))) +
+                                " packed MoE backend needs H and I multiples of " + std::to_string(kPackKAlign) +
+                                ", got H=" + std::to_string(s.H) + ", I=" + std::to_string(s.I));
+  // NOTE: block sizes are 1, 32 or 256, so the larger one is a multiple of the other.
+  const int64_t align = numa_ == NumaMode::split
+                            ? std::max<int64_t>(qtype_traits(s.types[2]).block_size, packed ? kPackKAlign : 1)
+                            : 1;
   const int64_t nb = s.I / align;
   for (int g = 0; g <= G; ++g) row_begin_.push_back(nb * g / G * align + (g == G ? s.I - nb * align : 0));
-  if (backend_ == MoeBackend::gguf) {
+  if (!packed) {
     for (int p = 0; p < 3; ++p) {
       QType t = s.types[p];
       dot_[p] = k_vec_dot[qi(t)].get(isa_);
@@ -60,7 +66,8 @@ MoeLayer::MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& s, MoeBacke
       st.rows = p < 2 ? len : s.H;
       st.k = p < 2 ? s.H : len;
       st.row_bytes = qtype_row_bytes(s.types[p], st.k);
-      st.expert_bytes = st.rows * st.row_bytes;
+      st.expert_bytes = packed ? static_cast<int64_t>(packed_bytes(packed_format(backend_), st.rows, st.k))
+                               : st.rows * st.row_bytes;
       st.mem = Region(static_cast<size_t>(st.expert_bytes * s.E), pool_->group_node(g));
     }
   }
@@ -78,7 +85,8 @@ int64_t moe_weight_bytes(const MoeShape& s, MoeBackend b, NumaMode numa, int ngr
   int64_t per_copy = 0;
   for (int p = 0; p < 3; ++p) {
     int64_t rows = p < 2 ? s.I : s.H, k = p < 2 ? s.H : s.I;
-    per_copy += s.E * rows * qtype_row_bytes(s.types[p], k);
+    per_copy += s.E * (b == MoeBackend::gguf ? rows * qtype_row_bytes(s.types[p], k)
+                                             : static_cast<int64_t>(packed_bytes(packed_format(b), rows, k)));
   }
   return per_copy * copies;
 }
@@ -89,7 +97,10 @@ void MoeLayer::load(int proj, int64_t e0, int64_t e1, const uint8_t* src) {
   pool_->parallel([&](int ith, int nth) {
     // Each group copies into its own memory with its own threads (first touch stays local).
     int g = pool_->group_of(ith);
-    load_group(proj, g, e0, e1, src, ith - pool_->group_begin(g), pool_->group_size(g));
+    if (backend_ == MoeBackend::gguf)
+      load_group(proj, g, e0, e1, src, ith - pool_->group_begin(g), pool_->group_size(g));
+    else
+      load_group_packed(proj, g, e0, e1, src, ith - pool_->group_begin(g), pool_->group_size(g));
   });
 }
 
@@ -112,7 +123,13 @@ void MoeLayer::load_group(int proj, int g, int64_t e0, int64_t e1, const uint8_t
 }
 
 void MoeLayer::forward(const MoeArgs& a) {
-  for (int64_t t0 = 0; t0 < a.T; t0 += max_chunk_) forward_chunk(a, t0, std::min(max_chunk_, a.T - t0));
+  for (int64_t t0 = 0; t0 < a.T; t0 += max_chunk_) {
+    const int64_t tc = std::min(max_chunk_, a.T - t0);
+    if (backend_ == MoeBackend::gguf)
+      forward_chunk(a, t0, tc);
+    else
+      forward_chunk_packed(a, t0, tc);
+  }
 }
 
 }  // namespace ktrans

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/threadpool.h"
+#include "packed/packed.h"
 #include "moe/moe_buffers.h"
 #include "moe/moe_plan.h"
 #include "quant/quant.h"
@@ -92,6 +93,12 @@ class MoeLayer {
   void gate_up_item(int g, int64_t a, int64_t r0, int64_t r1);
   void down_rows(int slice, int copy, int64_t r0, int64_t r1, float* acc, int64_t tc);
   void load_group(int proj, int g, int64_t e0, int64_t e1, const uint8_t* src, int ith, int nth);
+  // amx_* backends (moe_packed.cpp)
+  void load_group_packed(int proj, int g, int64_t e0, int64_t e1, const uint8_t* src, int ith, int nth);
+  void forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc);
+  void phase_gather(const MoeArgs& a, int64_t t0);
+  void phase_gate_up_packed();
+  void down_rows_packed(int slice, int copy, int64_t r0, int64_t r1, float* acc, int ith);
 
   std::shared_ptr<ThreadPool> pool_;
   MoeShape shape_;
@@ -115,8 +122,14 @@ class MoeLayer {
     float* acc = nullptr;       // [slices][tc, H] f32 accumulators
     float* scratch = nullptr;   // [nthreads][max(H, I)] per-thread f32 row
   } c_;
+  uint16_t* xg_ = nullptr;  // [P, H] bf16 x rows grouped per expert (amx_*)
+  uint16_t* hb_ = nullptr;  // [P, I] bf16 h (amx_*)
+  float* scr_ = nullptr;    // [nthreads][scr_floats_] per-thread GEMM outputs (amx_*)
+  int64_t scr_floats_ = 0;
   std::vector<std::atomic<int64_t>> counters_;  // one work counter per group
 };
+
+PackedFormat packed_format(MoeBackend b);
 
 // Bytes the experts of one layer take, all NUMA copies included (for planned_bytes).
 int64_t moe_weight_bytes(const MoeShape& s, MoeBackend b, NumaMode numa, int ngroups);

@@ -26,6 +26,12 @@ inline void split_range(int64_t len, int i, int n, int64_t* b, int64_t* e) {
   *e = len * (i + 1) / n;
 }
 
+// Like split_range, with inner boundaries on multiples of 16 (one packed panel / one zmm).
+inline void split_range16(int64_t len, int i, int n, int64_t* b, int64_t* e) {
+  *b = i == 0 ? 0 : std::min(len, (len * i / n + 8) / 16 * 16);
+  *e = i == n - 1 ? len : std::min(len, (len * (i + 1) / n + 8) / 16 * 16);
+}
+
 }  // namespace
 
 void MoeLayer::forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc) {
@@ -162,10 +168,10 @@ void MoeLayer::phase_down(const MoeArgs& a, int64_t t0, int64_t tc) {
     const int s = S > 1 ? g : 0, copy = g;
     int64_t r0, r1;
     if (S > 1)
-      split_range(H, ith - pool_->group_begin(g), pool_->group_size(g), &r0, &r1);
+      split_range16(H, ith - pool_->group_begin(g), pool_->group_size(g), &r0, &r1);
     else
-      split_range(H, ith, nth, &r0, &r1);
-    if (r0 == r1) return;
+      split_range16(H, ith, nth, &r0, &r1);
+    if (r0 >= r1) return;
     float* acc = c_.acc + s * tc * H;
     for (int64_t t = 0; t < tc; ++t) {  // start from the caller's output (slice 0) or zero
       float* dst = acc + t * H + r0;
@@ -176,7 +182,10 @@ void MoeLayer::phase_down(const MoeArgs& a, int64_t t0, int64_t tc) {
       else
         std::memset(dst, 0, (r1 - r0) * 4);
     }
-    down_rows(s, copy, r0, r1, acc, tc);
+    if (backend_ == MoeBackend::gguf)
+      down_rows(s, copy, r0, r1, acc, tc);
+    else
+      down_rows_packed(s, copy, r0, r1, acc, ith);
     if (S > 1) return;
     for (int64_t t = 0; t < tc; ++t) {
       if (a.x_bf16)

@@ -154,6 +154,16 @@ def numa_layout(numa: str, numa_nodes: int | None, copy_bytes: int, config) -> t
     return ("replicate" if groups * copy_bytes * layers <= 0.8 * ram else "split"), groups
 
 
+def resolve_backend(backend: str, types: list[str]) -> str:
+    """auto: bf16 checkpoints run on AMX tiles where the CPU has them (same bytes, tile speed);
+    GGUF blocks (and f32/f16) stay in their own format on the gguf backend."""
+    if backend != "auto":
+        return backend
+    from ktrans import cpu
+
+    return "amx_bf16" if all(t == "bf16" for t in types) and cpu.best_isa() == "amx" else "gguf"
+
+
 @register_operator("cpu_experts")
 class CPUExperts(Operator):
     """One layer's routed experts in the C++ MoE kernels (see the module docstring).
@@ -210,7 +220,7 @@ class CPUExperts(Operator):
             return
         raws = self._raw_experts(weights)
         types = [t for t, _ in raws]
-        backend = "gguf" if self.backend == "auto" else self.backend
+        backend = resolve_backend(self.backend, types)
         copy_bytes = _C.moe_weight_bytes(self.num_experts, self.hidden_size, self.intermediate_size, types, backend,
                                          "split", 1)
         mode, groups = numa_layout(self.numa, self.numa_nodes, copy_bytes, self.config)
@@ -239,7 +249,7 @@ class CPUExperts(Operator):
             if weights is not None and weights.has(f"{key}.{name}"):
                 qtype = weights.info(f"{key}.{name}").qtype
             types.append(qtype if qtype in KERNEL_QTYPES else "bf16")
-        backend = "gguf" if backend == "auto" else backend
+        backend = resolve_backend(backend, types)
         one = _C.moe_weight_bytes(e, h, i, types, backend, "split", 1)
         mode, groups = numa_layout(kwargs.get("numa", "auto"), kwargs.get("numa_nodes"), one, config)
         return {"cpu": _C.moe_weight_bytes(e, h, i, types, backend, mode, groups)}

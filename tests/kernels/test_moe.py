@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ktrans import _C, cpu
 from ktrans.weights import quant
-from tests.tolerances import MOE_LAYOUT_NMSE, MOE_NMSE
+from tests.tolerances import MOE_LAYOUT_NMSE, MOE_NMSE, MOE_PACKED_NMSE
 
 E, H, I, K = 8, 256, 256, 3
 FORMATS = list(MOE_NMSE)
@@ -41,9 +41,10 @@ class Experts:
         self.raw = [quant.quantize(t.numpy(), qtype) for t in src]
         self.deq = [torch.from_numpy(quant.dequantize(r, qtype, tuple(t.shape))) for r, t in zip(self.raw, src)]
 
-    def layer(self, pool, isa: str = "", numa: str = "replicate", max_chunk: int = 4096):
+    def layer(self, pool, isa: str = "", numa: str = "replicate", max_chunk: int = 4096, backend: str = "gguf"):
         e, h, i = self.shape
-        moe = _C.MoeLayer(pool, e, h, i, [self.qtype] * 3, numa=numa, isa=isa, max_chunk=max_chunk)
+        moe = _C.MoeLayer(pool, e, h, i, [self.qtype] * 3, numa=numa, isa=isa, max_chunk=max_chunk,
+                          backend=backend)
         for p in range(3):
             moe.load(p, 0, self.raw[p])
         return moe
@@ -95,6 +96,36 @@ def test_formats_against_torch(pool, experts, qtype, isa):
         for dtype in (torch.float32, torch.bfloat16) if t < 300 else (torch.bfloat16,):
             err = nmse(run(moe, x.to(dtype), ids, w).float(), ref)
             assert err < MOE_NMSE[qtype], f"{qtype} {isa} T={t} {dtype}: NMSE {err:.2e}"
+
+
+@pytest.mark.parametrize("isa", cpu.supported_isas())
+@pytest.mark.parametrize("backend", list(MOE_PACKED_NMSE))
+def test_packed_backends_against_torch(pool, experts, backend, isa):
+    # Repacked at load from bf16 and from GGUF q4_k blocks; AMX tiles run for T=300 (M >= 16).
+    for qtype, sizes in (("bf16", (1, 3, 17, 300)), ("q4_k", (3,))):
+        ex = experts(qtype)
+        moe = ex.layer(pool, isa=isa, backend=backend)
+        for t in sizes:
+            ids, w = routing(t)
+            x = torch.randn(t, H).bfloat16()
+            ref = dense_reference(x, ids, w, *ex.deq)
+            for dtype in (torch.float32, torch.bfloat16) if t < 300 else (torch.bfloat16,):
+                err = nmse(run(moe, x.to(dtype), ids, w).float(), ref)
+                assert err < MOE_PACKED_NMSE[backend], f"{backend} from {qtype} {isa} T={t} {dtype}: NMSE {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", list(MOE_PACKED_NMSE))
+def test_packed_numa_layouts_agree(experts, backend):
+    ex = experts("bf16")
+    ids, w = routing(40)
+    x = torch.randn(40, H).bfloat16()
+    base = run(ex.layer(_C.ThreadPool(1), backend=backend), x, ids, w).float()
+    two = _C.ThreadPool(2, 2)
+    # Replicas hold the same packed bytes: only the summation order (and a bf16 ulp) moves.
+    assert nmse(run(ex.layer(two, numa="replicate", backend=backend), x, ids, w).float(), base) < 1e-5
+    # Split slices each row of down: int8 scales are per row slice, so compare with the reference.
+    ref = dense_reference(x, ids, w, *ex.deq)
+    assert nmse(run(ex.layer(two, numa="split", backend=backend), x, ids, w).float(), ref) < MOE_PACKED_NMSE[backend]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ from ktrans.operators.registry import get_operator
 from ktrans.weights import quant
 from ktrans.weights.source import RawTensor
 from tests.operators.hf_tiny import StateDictSource, model_source, tiny_hf_model
-from tests.tolerances import F32_ATOL, F32_RTOL, MOE_NMSE
+from tests.tolerances import F32_ATOL, F32_RTOL, MOE_NMSE, MOE_PACKED_NMSE
 
 ARCHS = ["deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral"]
 KEY = "model.layers.1.mlp.experts"
@@ -75,6 +75,14 @@ def test_layouts_and_backends(kwargs):
     ids, w = routing(config, hf, 11)
     with torch.no_grad():
         torch.testing.assert_close(op(x, ids, w), hf(x, ids, w), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+@pytest.mark.parametrize("backend", list(MOE_PACKED_NMSE))
+def test_packed_backends_against_native(backend):
+    config, hf, op = make("qwen3_moe", backend=backend)
+    x = torch.randn(20, config.hidden_size)
+    ids, w = routing(config, hf, 20)
+    assert nmse(op(x, ids, w), op.forward_native(x, ids, w)) < MOE_PACKED_NMSE[backend]
 
 
 class Q8Source(StateDictSource):

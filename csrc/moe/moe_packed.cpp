@@ -1,0 +1,147 @@
+// The amx_* MoE backends: experts repacked at load into the packed panel formats of csrc/packed/
+// (bf16, int8 per-channel, int4 group scales) and multiplied with packed_gemm (AMX tiles for
+// M >= 16 tokens of one expert, AVX-512 below, the generic reference elsewhere).
+//
+// Phases (see moe.h for the common structure): 1. gather each position's x row as bf16, grouped
+// per expert ([P, H]); 2. per (expert, block of 64 I-columns): gate and up GEMMs into per-thread
+// f32 scratch, h = silu(g) * u stored as bf16 [P, I]; 3. down: each thread owns a 16-aligned range
+// of H output columns, runs the GEMM of every active expert on it and adds w * y into the f32
+// accumulator. Loading dequantizes each source row (any GGUF format, bf16, f32) and packs rows in
+// chunks, experts split across the group's threads, so peak extra memory is one chunk per thread.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/convert.h"
+#include "common/numeric.h"
+#include "moe/moe.h"
+
+namespace ktrans {
+namespace {
+
+constexpr int64_t kColBlock = 64;   // I-columns of gate/up per work item (4 panels)
+constexpr int64_t kPackRows = 64;   // source rows dequantized per pack call
+
+enum Slot { kXg = 10, kHb, kScr, kAccP };  // after moe_forward.cpp's slots
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+}  // namespace
+
+PackedFormat packed_format(MoeBackend b) {
+  return b == MoeBackend::amx_bf16 ? PackedFormat::bf16 : b == MoeBackend::amx_int8 ? PackedFormat::int8
+                                                                                   : PackedFormat::int4;
+}
+
+void MoeLayer::load_group_packed(int proj, int g, int64_t e0, int64_t e1, const uint8_t* src, int ith, int nth) {
+  const ProjStore& st = store_[proj][g];
+  const QType type = shape_.types[proj];
+  const int64_t full_rows = proj < 2 ? shape_.I : shape_.H, full_k = proj < 2 ? shape_.H : shape_.I;
+  const int64_t src_row = qtype_row_bytes(type, full_k);
+  const bool sliced = numa_ == NumaMode::split;
+  const int64_t r0 = sliced && proj < 2 ? row_begin_[g] : 0;
+  const int64_t col_off = qtype_row_bytes(type, sliced && proj == 2 ? row_begin_[g] : 0);
+  const DequantizeRowFn dq = k_dequantize_row[qi(type)].get(isa_);
+  const PackedFormat pf = packed_format(backend_);
+  std::vector<float> rows(kPackRows * st.k);  // [kPackRows, k] dequantized source rows
+  const int64_t b = (e1 - e0) * ith / nth, e = (e1 - e0) * (ith + 1) / nth;
+  for (int64_t x = e0 + b; x < e0 + e; ++x) {
+    const uint8_t* s = src + (x - e0) * full_rows * src_row;
+    uint8_t* d = const_cast<uint8_t*>(st.expert(x));
+    for (int64_t n0 = 0; n0 < st.rows; n0 += kPackRows) {
+      const int64_t n1 = std::min(n0 + kPackRows, st.rows);
+      for (int64_t n = n0; n < n1; ++n) dq(s + (r0 + n) * src_row + col_off, rows.data() + (n - n0) * st.k, st.k);
+      // NOTE: pack_rows_f32 reads row n at W + n * K, so W is shifted back by n0 rows.
+      pack_rows_f32(pf, rows.data() - n0 * st.k, st.rows, st.k, n0, n1, d);
+    }
+  }
+}
+
+void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
+  const int64_t H = shape_.H, I = shape_.I;
+  const int S = nslices(), n = pool_->size();
+  plan_.build(a.ids, a.ids_i64, a.weights, a.k, shape_.E, t0, tc);
+  const int64_t P = plan_.num_positions();
+  int64_t max_m = 1;
+  for (int64_t i = 0; i < plan_.num_active(); ++i) max_m = std::max(max_m, plan_.offset[i + 1] - plan_.offset[i]);
+  // Per-thread scratch: gate + up blocks [max_m, 64] each, or one expert's down columns.
+  int min_group = n;
+  for (int g = 0; g < ngroups(); ++g) min_group = std::min(min_group, pool_->group_size(g));
+  scr_floats_ = max_m * std::max<int64_t>(2 * kColBlock, (S > 1 ? H / min_group : H / n) + 32);
+  xg_ = reinterpret_cast<uint16_t*>(buf_.get(kXg, std::max<int64_t>(P, 1) * H * 2));
+  hb_ = reinterpret_cast<uint16_t*>(buf_.get(kHb, std::max<int64_t>(P, 1) * I * 2));
+  scr_ = reinterpret_cast<float*>(buf_.get(kScr, n * scr_floats_ * 4));
+  c_.acc = reinterpret_cast<float*>(buf_.get(kAccP, S * tc * H * 4));
+  if (P > 0) {
+    phase_gather(a, t0);
+    phase_gate_up_packed();
+  }
+  phase_down(a, t0, tc);
+  if (S > 1) phase_reduce(a, t0, tc);
+}
+
+void MoeLayer::phase_gather(const MoeArgs& a, int64_t t0) {
+  const int64_t H = shape_.H, P = plan_.num_positions();
+  const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
+  pool_->parallel([&](int ith, int nth) {
+    for (int64_t p = P * ith / nth; p < P * (ith + 1) / nth; ++p) {
+      const int64_t t = t0 + plan_.tok[p];
+      if (a.x_bf16)
+        std::memcpy(xg_ + p * H, static_cast<const uint16_t*>(a.x) + t * H, H * 2);
+      else
+        to_bf16(static_cast<const float*>(a.x) + t * H, xg_ + p * H, H);
+    }
+  });
+}
+
+void MoeLayer::phase_gate_up_packed() {
+  const int G = ngroups();
+  const int64_t A = plan_.num_active(), H = shape_.H, I = shape_.I;
+  const PackedGemmFn gemm = packed_gemm_kernel(packed_format(backend_)).get(isa_);
+  for (int g = 0; g < G; ++g) counters_[g].store(0, std::memory_order_relaxed);
+  pool_->parallel([&](int ith, int) {
+    const int g = pool_->group_of(ith);
+    const int64_t lo = numa_ == NumaMode::split ? row_begin_[g] : 0;  // global col = local + lo
+    const int64_t c0 = row_begin_[g] - lo, c1 = row_begin_[g + 1] - lo;
+    const int64_t nblk = (c1 - c0 + kColBlock - 1) / kColBlock;
+    float* gs = scr_ + ith * scr_floats_;
+    for (;;) {
+      int64_t it = counters_[g].fetch_add(1, std::memory_order_relaxed);
+      if (it >= A * nblk) break;
+      const int64_t ai = it / nblk, n0 = c0 + it % nblk * kColBlock, n1 = std::min(n0 + kColBlock, c1);
+      const int64_t e = plan_.active[ai], p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
+      const ProjStore& sg = store_[0][g];
+      const ProjStore& su = store_[1][g];
+      float* us = gs + m * kColBlock;
+      // NOTE: y is indexed by absolute column n, hence the pointers shifted back by n0.
+      gemm(sg.expert(e), sg.rows, H, xg_ + p0 * H, H, m, gs - n0, kColBlock, n0, n1, false);
+      gemm(su.expert(e), su.rows, H, xg_ + p0 * H, H, m, us - n0, kColBlock, n0, n1, false);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t c = n0; c < n1; ++c) {
+          const float h = silu(gs[i * kColBlock + c - n0]) * us[i * kColBlock + c - n0];
+          hb_[(p0 + i) * I + c + lo] = f32_to_bf16(h);  // [P, I]
+        }
+    }
+  });
+}
+
+void MoeLayer::down_rows_packed(int s, int copy, int64_t r0, int64_t r1, float* acc, int ith) {
+  const ProjStore& sd = store_[2][copy];
+  if (sd.k == 0) return;
+  const int64_t H = shape_.H, I = shape_.I, c0 = nslices() > 1 ? row_begin_[s] : 0, w = r1 - r0;
+  const PackedGemmFn gemm = packed_gemm_kernel(packed_format(backend_)).get(isa_);
+  float* y = scr_ + ith * scr_floats_;  // [m, w]
+  for (int64_t a = 0; a < plan_.num_active(); ++a) {
+    const int64_t p0 = plan_.offset[a], m = plan_.offset[a + 1] - p0;
+    gemm(sd.expert(plan_.active[a]), H, sd.k, hb_ + p0 * I + c0, I, m, y - r0, w, r0, r1, false);
+    for (int64_t i = 0; i < m; ++i) {
+      float* dst = acc + plan_.tok[p0 + i] * H + r0;  // [tc, H]
+      const float wt = plan_.wt[p0 + i];
+      const float* src = y + i * w;
+      for (int64_t r = 0; r < w; ++r) dst[r] += wt * src[r];
+    }
+  }
+}
+
+}  // namespace ktrans
