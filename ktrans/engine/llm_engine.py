@@ -76,6 +76,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         params.validate()
+        vocab = getattr(self.config, "vocab_size", None)
+        if vocab and any(not 0 <= t < vocab for t in prompt_token_ids):
+            bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
+            raise KtransError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         req = Request(request_id, prompt_token_ids, params)
         req.generator = make_generator(params)
         if self.tokenizer is not None:

@@ -1,0 +1,129 @@
+"""AsyncEngine on a tiny model: concurrent requests (more than the batch holds, so requests join
+and leave the running batch every step) each get exactly the greedy tokens they get alone;
+leaving the stream early, cancelling the task or abort() frees the KV pages; queue limit,
+over-long prompts and bad token ids are refused up front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+
+from ktrans.engine import AsyncEngine, LLMEngine, QueueFullError, SamplingParams
+from ktrans.errors import KtransError
+from tests.models.test_batching_invariance import _generate, _runner
+from tests.models.test_fidelity import rules_for
+from tests.operators.hf_tiny import tiny_hf_model
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+LONG = SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    config, model = tiny_hf_model("qwen3_moe")
+    out = tmp_path_factory.mktemp("qwen3_moe")
+    model.save_pretrained(out)
+    (out / "rules.yaml").write_text(rules_for("qwen3_moe"))
+    return _runner(out)
+
+
+async def _collect(engine: AsyncEngine, rid: str, prompt, params=GREEDY):
+    tokens, last = [], None
+    async for out in engine.generate(rid, prompt, params):
+        tokens += out.new_token_ids
+        last = out
+    return tokens, last
+
+
+async def _until_pages_free(engine: AsyncEngine, timeout=10.0):
+    for _ in range(int(timeout / 0.02)):
+        if engine.stats()["kv_pages_used"] == 0 and engine.stats()["running"] == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"KV pages not freed: {engine.stats()}")
+
+
+def test_concurrent_requests_match_alone(runner):
+    prompts = [torch.randint(0, runner.config.vocab_size, (n,)).tolist() for n in (9, 40, 3, 25, 17, 60)]
+    alone = [_generate(runner, [p], batch=1, chunk=256)[0][0][:12] for p in prompts]
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(runner, max_batch_size=2, chunk_size=32))
+        await engine.start()
+        results = await asyncio.gather(*(_collect(engine, f"r{i}", p) for i, p in enumerate(prompts)))
+        stats = engine.stats()
+        await engine.shutdown()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    assert [t for t, _ in results] == alone
+    assert all(last.finished and last.finish_reason == "length" and last.num_output_tokens == 12
+               for _, last in results)
+    assert stats["kv_pages_used"] == 0 and stats["waiting"] == stats["running"] == 0
+
+
+def test_leaving_early_cancel_and_abort_free_the_kv(runner):
+    prompt = torch.randint(0, runner.config.vocab_size, (30,)).tolist()
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(runner, max_batch_size=4, chunk_size=64))
+        await engine.start()
+        async with contextlib.aclosing(engine.generate("early", prompt, LONG)) as stream:
+            async for out in stream:
+                if out.num_output_tokens >= 2:
+                    assert engine.stats()["kv_pages_used"] > 0
+                    break
+        await _until_pages_free(engine)
+
+        task = asyncio.create_task(_collect(engine, "cancelled", prompt, LONG))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _until_pages_free(engine)
+
+        task = asyncio.create_task(_collect(engine, "aborted", prompt, LONG))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.01)
+        engine.abort("aborted")
+        tokens, last = await task
+        assert last.finished and last.finish_reason == "abort" and len(tokens) < 400
+        await _until_pages_free(engine)
+        tokens, last = await _collect(engine, "after", prompt)      # the loop keeps serving
+        assert len(tokens) == 12
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_refusals_come_before_any_output(runner):
+    vocab = runner.config.vocab_size
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(runner, max_batch_size=1, chunk_size=64, max_queue=1))
+        await engine.start()
+        with pytest.raises(KtransError, match=f"prompt is {engine.max_context} tokens.*{engine.max_context}"):
+            await _collect(engine, "long", [1] * engine.max_context)
+        with pytest.raises(KtransError, match=f"token id {vocab}"):
+            await _collect(engine, "bad-id", [1, vocab, 2])
+        with pytest.raises(KtransError, match="top_p"):
+            await _collect(engine, "bad-param", [1, 2], SamplingParams(top_p=0))
+        running = asyncio.create_task(_collect(engine, "running", [1, 2, 3], LONG))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(_collect(engine, "waiting", [4, 5], LONG))
+        while engine.stats()["waiting"] == 0:
+            await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError, match="1 waiting"):
+            await _collect(engine, "refused", [6, 7])
+        engine.abort("running")
+        engine.abort("waiting")
+        assert (await running)[1].finish_reason == "abort" and (await waiting)[1].finish_reason == "abort"
+        await _until_pages_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
