@@ -1,9 +1,8 @@
 // AVX-512 (VNNI) dot products of one weight row with one quantized activation row.
 //
-// 64-byte vectors hold two 32-value blocks (legacy formats) or two sub-blocks (K-quants).
-// Legacy formats: vpdpbusd (u8 weight level x s8 activation, 4 products per i32 lane), one float
-// scale per 8 lanes; q4_0/q5_0 levels are unsigned with the offset removed as 8*sum(a) (16*sum(a))
-// by a second vpdpbusd, q8_0 takes |w| and moves w's sign onto a.
+// Legacy formats (one 32-value block per step): 256-bit vpdpbusd (u8 |w| x s8 a with w's sign,
+// 4 products per i32 lane) replaces AVX2's maddubs + madd; one float scale per block.
+// K-quants use 64-byte vectors holding two sub-blocks (or four 16-value groups).
 // K-quants: vpmaddubsw (pairs in i16, no saturation: at most 63*127*2) then vpdpwssd, which
 // multiplies by the per-group scale and accumulates in one instruction. Offsets (q6_K -32, q3_K
 // -4) and mins go through the activation's 16-value sums (bsums). Every integer sum equals the
@@ -76,71 +75,40 @@ float dot_half_avx512(int64_t n, const void* w, const void* a) {
   return s;
 }
 
-// Unsigned levels (32 bytes) of a legacy block and the offset subtracted from each level.
-inline __m256i ulevels(const BlockQ4_0& b) { return nibbles_16(b.qs); }
-inline __m256i ulevels(const BlockQ5_0& b) {
+// Signed levels (32 bytes) of a legacy block.
+inline __m256i levels(const BlockQ8_0& b) { return load256(b.qs); }
+inline __m256i levels(const BlockQ4_0& b) { return _mm256_sub_epi8(nibbles_16(b.qs), _mm256_set1_epi8(8)); }
+inline __m256i levels(const BlockQ5_0& b) {
   uint32_t qh;
   std::memcpy(&qh, b.qh, 4);
   const __m256i hi = _mm256_maskz_mov_epi8(static_cast<__mmask32>(qh), _mm256_set1_epi8(0x10));
-  return _mm256_or_si256(nibbles_16(b.qs), hi);
+  return _mm256_sub_epi8(_mm256_or_si256(nibbles_16(b.qs), hi), _mm256_set1_epi8(16));
 }
-constexpr int offset_of(const BlockQ4_0*) { return 8; }
-constexpr int offset_of(const BlockQ5_0*) { return 16; }
 
-// Two blocks at a time: 16 i32 lanes, 8 per block, each block with its own float scale.
+// One block per step with 256-bit vpdpbusd: |w| as the unsigned operand, w's sign moved onto a.
+// (Two blocks per 512-bit vector measured slower: the halves come from separate 34-byte blocks.)
 template <class Block>
-float dot_q32u_avx512(int64_t n, const void* w, const void* a) {
+float dot_q32_avx512(int64_t n, const void* w, const void* a) {
   const Block* x = static_cast<const Block*>(w);
   const BlockQ8_0* y = static_cast<const BlockQ8_0*>(a);
-  const __m512i off = _mm512_set1_epi8(static_cast<char>(offset_of(static_cast<const Block*>(nullptr))));
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   const int64_t nb = n / kQK;
-  __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
+  auto block = [&](int64_t k) {
+    const __m256i q = levels(x[k]), ya = load256(y[k].qs);
+    const __m256i dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), _mm256_sign_epi8(ya, q));
+    return _mm256_mul_ps(_mm256_set1_ps(h2f(x[k].d) * h2f(y[k].d)), _mm256_cvtepi32_ps(dp));
+  };
   for (; i + 2 <= nb; i += 2) {
-    const __m512i q = join(ulevels(x[i]), ulevels(x[i + 1]));
-    const __m512i ya = join(load256(y[i].qs), load256(y[i + 1].qs));
-    const __m512i dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ya),
-                                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, ya));
-    const __m512 d = join_ps(h2f(x[i].d) * h2f(y[i].d), h2f(x[i + 1].d) * h2f(y[i + 1].d));
-    acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dp), acc);
+    acc0 = _mm256_add_ps(acc0, block(i));
+    acc1 = _mm256_add_ps(acc1, block(i + 1));
   }
-  float s = _mm512_reduce_add_ps(acc);
-  if (i < nb) {
-    const __m256i ya = load256(y[i].qs);
-    const __m256i dp = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ulevels(x[i]), ya),
-                                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(off), ya));
-    const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(dp), _mm256_extracti128_si256(dp, 1));
-    s += static_cast<float>(hsum_epi32_128(s4)) * (h2f(x[i].d) * h2f(y[i].d));
-  }
-  return s;
-}
-
-// q8_0 weights are signed: |w| as the unsigned operand, w's sign moved onto the activation.
-inline __m512i dot_s8_512(__m512i w, __m512i ya) {
-  const __mmask64 neg = _mm512_movepi8_mask(w);
-  const __m512i ys = _mm512_mask_sub_epi8(ya, neg, _mm512_setzero_si512(), ya);
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), ys);
-}
-
-float dot_q8_0_avx512(int64_t n, const void* w, const void* a) {
-  const BlockQ8_0* x = static_cast<const BlockQ8_0*>(w);
-  const BlockQ8_0* y = static_cast<const BlockQ8_0*>(a);
-  const int64_t nb = n / kQK;
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 <= nb; i += 2) {
-    const __m512i dp = dot_s8_512(join(load256(x[i].qs), load256(x[i + 1].qs)),
-                                  join(load256(y[i].qs), load256(y[i + 1].qs)));
-    const __m512 d = join_ps(h2f(x[i].d) * h2f(y[i].d), h2f(x[i + 1].d) * h2f(y[i + 1].d));
-    acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dp), acc);
-  }
-  float s = _mm512_reduce_add_ps(acc);
-  if (i < nb) {  // last odd block: pad the upper half with zeros
-    const __m512i dp = dot_s8_512(join(load256(x[i].qs), _mm256_setzero_si256()),
-                                  join(load256(y[i].qs), _mm256_setzero_si256()));
-    s += static_cast<float>(_mm512_reduce_add_epi32(dp)) * (h2f(x[i].d) * h2f(y[i].d));
-  }
-  return s;
+  if (i < nb) acc0 = _mm256_add_ps(acc0, block(i));
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
 }
 
 // q4_K / q5_K scales and mins as bytes (sc in out[0..7], m in out[8..15]).
@@ -171,7 +139,7 @@ inline int dot16_bsums(__m128i sc8, const int16_t* bsums) {
 template <bool kQ5>
 float dot_k45_avx512(int64_t n, const void* w, const void* a) {
   const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc = _mm512_setzero_ps();
   float acc_m = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
@@ -191,19 +159,22 @@ float dot_k45_avx512(int64_t n, const void* w, const void* a) {
     unpack_k4_scales(scales, sm);
     const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
     acc_m += h2f(dmin16) * y[i].d * static_cast<float>(dot_pairs_bsums(mins, y[i].bsums));
-    const __m256i hbits = load256(qh);
+    // 8 scales as int16, replicated so that vpermw can pick [sc 2c x16 | sc 2c+1 x16]
+    const __m512i sc16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm))));
+    const __m512i hbits = _mm512_broadcast_i64x4(load256(qh));
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
-      const __m256i q = load256(qs + 32 * c);
-      __m256i q0 = _mm256_and_si256(q, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-      if constexpr (kQ5) {  // bit 2c (2c+1) of each qh byte -> 0x10 of the level
-        const __m256i bit0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
-        const __m256i bit1 = _mm256_set1_epi8(static_cast<char>(2 << (2 * c)));
-        q0 = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hbits, bit0), q0, _mm256_or_si256(q0, _mm256_set1_epi8(0x10)));
-        q1 = _mm256_mask_blend_epi8(_mm256_test_epi8_mask(hbits, bit1), q1, _mm256_or_si256(q1, _mm256_set1_epi8(0x10)));
+      // [low nibbles | high nibbles] of the 32 bytes = [sub-block 2c | 2c+1]
+      const __m512i q32 = _mm512_broadcast_i64x4(load256(qs + 32 * c));
+      __m512i q = _mm512_and_si512(_mm512_mask_srli_epi16(q32, 0xFFFF0000u, q32, 4), low4);
+      if constexpr (kQ5) {  // bit 2c (low half) / 2c+1 (high half) of each qh byte -> 0x10
+        const __m512i bit = join(_mm256_set1_epi8(static_cast<char>(1 << (2 * c))),
+                                 _mm256_set1_epi8(static_cast<char>(2 << (2 * c))));
+        q = _mm512_mask_blend_epi8(_mm512_test_epi8_mask(hbits, bit), q, _mm512_or_si512(q, _mm512_set1_epi8(0x10)));
       }
-      const __m512i sc = join(_mm256_set1_epi16(sm[2 * c]), _mm256_set1_epi16(sm[2 * c + 1]));
-      sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join(q0, q1), load512(y[i].qs + 64 * c)), sc);
+      const __m512i sc = _mm512_permutexvar_epi16(
+          join(_mm256_set1_epi16(static_cast<int16_t>(2 * c)), _mm256_set1_epi16(static_cast<int16_t>(2 * c + 1))), sc16);
+      sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(q, load512(y[i].qs + 64 * c)), sc);
     }
     acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(d16) * y[i].d), _mm512_cvtepi32_ps(sumi), acc);
   }
@@ -334,9 +305,9 @@ float dot_iq4_xs_avx512(int64_t n, const void* w, const void* a) {
 KT_REG(f32, dot_f32_avx512)
 KT_REG(f16, dot_half_avx512<false>)
 KT_REG(bf16, dot_half_avx512<true>)
-KT_REG(q8_0, dot_q8_0_avx512)
-KT_REG(q4_0, dot_q32u_avx512<BlockQ4_0>)
-KT_REG(q5_0, dot_q32u_avx512<BlockQ5_0>)
+KT_REG(q8_0, dot_q32_avx512<BlockQ8_0>)
+KT_REG(q4_0, dot_q32_avx512<BlockQ4_0>)
+KT_REG(q5_0, dot_q32_avx512<BlockQ5_0>)
 KT_REG(q4_k, dot_k45_avx512<false>)
 KT_REG(q5_k, dot_k45_avx512<true>)
 KT_REG(q6_k, dot_q6_k_avx512)
