@@ -44,9 +44,10 @@ def init_std(hf_name: str, fan_in: int, num_layers: int) -> tuple[float, float]:
 
 
 def _round_bf16(x: np.ndarray) -> None:
-    """Round float32 `x` in place to the nearest bf16 value (ties to even)."""
+    """Round float32 `x` in place to a nearest bf16 value (ties away from zero: two in-place
+    passes, no temporaries; which of two equidistant values a random weight gets is immaterial)."""
     u = x.view(np.uint32)
-    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    u += np.uint32(0x8000)
     u &= np.uint32(0xFFFF0000)
 
 

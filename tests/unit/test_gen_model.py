@@ -1,0 +1,297 @@
+"""`ktrans gen-model`: every architecture's files load in transformers and gguf, the GGUF and the
+safetensors hold the same weights, quant types follow llama.cpp's rules, bad input fails cleanly.
+
+References are the libraries themselves: transformers (AutoConfig, AutoTokenizer,
+AutoModelForCausalLM with its own per-expert checkpoint conversion) and gguf-py (GGUFReader and
+its numpy dequantization).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tolerances import QUANT_NMSE
+
+from ktrans.cli.main import main as cli_main
+from ktrans.config.arch import ARCHS
+from ktrans.errors import KtransError
+from ktrans.genmodel import generate_model
+from ktrans.genmodel.gguf_out import tensor_qtype
+from ktrans.weights import names
+
+ALL_ARCHS = list(ARCHS)
+TEXT = "Hello, world! 你好，世界。こんにちは 🚀🔥 naïve café ∑x² <think>hmm</think>"
+
+
+def _gguf_tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _np_shape(t) -> tuple[int, ...]:
+    return tuple(int(x) for x in reversed(t.shape))
+
+
+def _dequant(t) -> np.ndarray:
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(_np_shape(t))
+
+
+def _hf_from_gguf(cfg, arch: str, tensors: dict) -> dict[str, np.ndarray]:
+    """transformers-5 parameter name -> weights rebuilt from the GGUF with gguf-py's dequantization."""
+    return {hf: names.gguf_to_hf(tr, [_dequant(tensors[g]) for g in gn], cfg)
+            for hf, gn, tr in names.expand(cfg, ARCHS[arch].gguf_arch)}
+
+
+def _load_st(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.fields[key]
+    return f.contents()
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_arch_files_load_and_agree(tiny_model, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tiny_model(arch)
+    spec = ARCHS[arch]
+    cfg = AutoConfig.from_pretrained(d)
+    assert type(cfg).__name__ == spec.hf_class.replace("ForCausalLM", "Config")
+    reader = gguf.GGUFReader(d / "model.gguf")
+    ga = spec.gguf_arch
+    assert _field(reader, "general.architecture") == ga
+    for key, attr in [("block_count", "num_hidden_layers"), ("embedding_length", "hidden_size"),
+                      ("attention.head_count", "num_attention_heads"), ("context_length", "max_position_embeddings")]:
+        assert _field(reader, f"{ga}.{key}") == getattr(cfg, attr), key
+    if spec.is_moe:
+        assert _field(reader, f"{ga}.expert_count") == names.num_experts(cfg)
+        assert _field(reader, f"{ga}.expert_used_count") == cfg.num_experts_per_tok
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size and _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == cfg.eos_token_id
+    assert "{%" in _field(reader, "tokenizer.chat_template")
+
+    tensors = {t.name: t for t in reader.tensors}
+    expected = names.expand(cfg, ga)
+    assert set(tensors) == {g for _, gn, _ in expected for g in gn}
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors.values())
+
+    model, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = model.state_dict()
+    for hf, w in _hf_from_gguf(cfg, arch, tensors).items():
+        assert w.shape == tuple(state[hf].shape), hf
+        np.testing.assert_array_equal(w, state[hf].numpy(), err_msg=hf)
+
+    ids = torch.randint(0, len(tokens), (1, 12))
+    with torch.no_grad():
+        logits = model(ids).logits[0]                          # [T, V]
+    assert torch.isfinite(logits).all()
+    assert (logits.std(-1) > 0.3).all() and (logits.std(-1) < 10).all()   # not degenerate, not exploding
+    assert len(set(logits.argmax(-1).tolist())) > 1            # different tokens, different predictions
+
+
+@pytest.mark.parametrize("quant", ["bf16", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m"])
+def test_quant_gguf_matches_safetensors(tiny_model, quant):
+    """DeepSeek-V3 tiny has every kind of tensor (MLA incl. 32-column k_b, dense + MoE, shared
+    experts, router, score bias). The safetensors hold exactly what gguf-py dequantizes; both
+    stay within the format's error of the f32 model generated from the same seed."""
+    from transformers import AutoConfig
+
+    d, ref = tiny_model("deepseek_v3", quant), tiny_model("deepseek_v3", "f32")
+    cfg = AutoConfig.from_pretrained(d)
+    tensors = _gguf_tensors(d / "model.gguf")
+    for name, t in tensors.items():
+        want = tensor_qtype(name, _np_shape(t), quant, cfg)
+        assert t.tensor_type.name.lower() == want, name
+    st = _load_st(d / "model.safetensors")
+    ref_st = _load_st(ref / "model.safetensors")
+    assert set(st) == set(ref_st)
+    kinds = {t.tensor_type.name.lower() for t in tensors.values()}
+    assert {"f32", {"q4_k_m": "q4_k"}.get(quant, quant)} <= kinds, kinds
+    if quant.startswith(("q4_k", "q5_k", "q6_k")):       # attn_k_b rows of 32: llama.cpp's fallback
+        assert tensors["blk.0.attn_k_b.weight"].tensor_type.name.lower() in ("q5_0", "q8_0")
+    for hf, w in _hf_from_gguf(cfg, "deepseek_v3", tensors).items():
+        if ".experts." in hf:       # fused in transformers, per expert on disk
+            proj = hf.rsplit(".", 1)[-1]
+            parts = ["gate", "up"] if proj == "gate_up_proj" else ["down"]
+            layer = hf.split(".mlp.")[0]
+            disk = [np.concatenate([st[f"{layer}.mlp.experts.{e}.{p}_proj.weight"] for p in parts])
+                    for e in range(w.shape[0])]
+            got = np.stack(disk)
+        else:
+            got = st[hf]
+        np.testing.assert_array_equal(got, w, err_msg=hf)
+    for name, t in tensors.items():
+        q, r = _dequant(t), ref_tensors(ref)[name]
+        nmse = float(((q - r) ** 2).sum() / (r ** 2).sum())
+        assert nmse <= QUANT_NMSE[t.tensor_type.name.lower()], (name, t.tensor_type.name, nmse)
+
+
+_REF_CACHE: dict[Path, dict] = {}
+
+
+def ref_tensors(d: Path) -> dict[str, np.ndarray]:
+    if d not in _REF_CACHE:
+        _REF_CACHE[d] = {n: _dequant(t) for n, t in _gguf_tensors(d / "model.gguf").items()}
+    return _REF_CACHE[d]
+
+
+def test_q4_k_m_follows_llama_cpp_recipe():
+    """Layers that get q6_k ffn_down / attn_v in a 32-layer Q4_K_M model (llama.cpp's
+    use_more_bits: first and last 4, then every third from layer 6)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("qwen2", num_hidden_layers=32, hidden_size=512, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=1000)
+    q6 = [i for i in range(32) if tensor_qtype(f"blk.{i}.ffn_down.weight", (512, 1024), "q4_k_m", cfg) == "q6_k"]
+    assert q6 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert tensor_qtype("blk.5.attn_v.weight", (128, 512), "q4_k_m", cfg) == "q4_k"
+    assert tensor_qtype("blk.6.attn_v.weight", (128, 512), "q4_k_m", cfg) == "q6_k"
+    assert tensor_qtype("output.weight", (1000, 512), "q4_k_m", cfg) == "q6_k"
+    assert tensor_qtype("blk.5.ffn_gate.weight", (1024, 512), "q4_k_m", cfg) == "q4_k"
+    assert tensor_qtype("blk.5.attn_norm.weight", (512,), "q4_k_m", cfg) == "f32"
+    assert tensor_qtype("blk.5.ffn_down.weight", (512, 1408), "q4_k", cfg) == "q5_0"    # 1408 % 256 != 0
+    mix = AutoConfig.for_model("mixtral", num_hidden_layers=32, num_local_experts=8)
+    assert tensor_qtype("blk.5.attn_v.weight", (1024, 4096), "q4_k_m", mix) == "q8_0"
+    assert tensor_qtype("blk.5.ffn_gate_inp.weight", (8, 4096), "q4_k_m", mix) == "f32"
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])
+def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model(arch))
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert tok.decode(ids) == TEXT
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 你好"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    marker = {"deepseek_v3": "<｜Assistant｜>", "qwen3_moe": "<|im_start|>assistant\n", "mixtral": "[/INST]"}[arch]
+    assert "Hi 你好" in text and "2+2?" in text and text.rstrip().endswith(marker.rstrip())
+    if arch == "deepseek_v3":
+        assert text.startswith(tok.bos_token)
+        for special in ("<think>", "</think>", "<｜User｜>"):
+            assert len(tok.encode(special, add_special_tokens=False)) == 1, special
+
+
+def test_sharded_safetensors_and_determinism(tiny_model, tmp_path):
+    """Shards + index load into the same model; the same seed gives the same weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from models_fixture import SEED
+
+    ref = tiny_model("qwen2_moe")
+    out = generate_model(tmp_path / "m", arch="qwen2_moe", preset="tiny", quant="f32", seed=SEED,
+                         with_safetensors=True, shard_bytes=2 << 20, nthreads=2)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    merged = {k: v for f in files for k, v in _load_st(out / f).items()}
+    single = _load_st(ref / "model.safetensors")
+    assert merged.keys() == single.keys()
+    for k in single:
+        np.testing.assert_array_equal(merged[k], single[k], err_msg=k)
+    assert (out / "model.gguf").read_bytes() == (ref / "model.gguf").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 8
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    rc = cli_main(["gen-model", *argv])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "llama9"], "unknown architecture 'llama9'; expected one of: deepseek_v3"),
+    (["--arch", "qwen2", "--preset", "deepseek-v3"], "unknown preset 'deepseek-v3' for --arch qwen2"),
+    (["--arch", "qwen2", "--quant", "q4_k_s"], "unknown quant type 'q4_k_s'; expected one of: f32"),
+    (["--arch", "qwen2", "--layers", "0"], "--layers must be at least 1"),
+])
+def test_bad_flags(tmp_path, capsys, argv, message):
+    rc, err = _cli([str(tmp_path / "out"), *argv], capsys)
+    assert rc != 0 and message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_output_paths(tmp_path, capsys):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    rc, err = _cli([str(full), "--arch", "qwen2"], capsys)
+    assert rc != 0 and "is not empty; pass --force" in err
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    rc, err = _cli([str(full / "keep.txt"), "--arch", "qwen2"], capsys)
+    assert rc != 0 and "exists and is not a directory" in err
+    rc, err = _cli([str(tmp_path / "no" / "such" / "dir"), "--arch", "qwen2"], capsys)
+    assert rc != 0 and "does not exist" in err
+    rc, err = _cli(["/proc/ktrans-gen-model-test", "--arch", "qwen2"], capsys)
+    assert rc != 0 and "cannot write '/proc/ktrans-gen-model-test'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_failure_midway_leaves_nothing_and_keeps_old_output(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("previous model")
+
+    def boom(n):
+        raise KeyboardInterrupt        # what Ctrl+C raises in the writing thread
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_model(out, arch="qwen2", preset="tiny", quant="q8_0", force=True, on_bytes=boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with pytest.raises(KtransError, match="not empty"):
+        generate_model(out, arch="qwen2", preset="tiny", quant="f32")
+
+
+def test_python_m_ktrans_and_force(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    cmd = [sys.executable, "-m", "ktrans", "gen-model", str(out), "--arch", "mixtral", "--quant", "q4_0",
+           "--layers", "1", "--seed", "7", "--force"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}" in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.gguf",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert _field(reader, "llama.block_count") == 1
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+
+
+def test_real_presets_have_real_shapes():
+    """The real-shape presets, planned (not written) at full depth."""
+    import transformers
+
+    from ktrans.config.arch import get_arch
+    from ktrans.genmodel import plan
+    from ktrans.genmodel.generate import _hf_shapes
+    from ktrans.genmodel.presets import preset_config
+
+    cfg = preset_config("deepseek_v3", "deepseek-v3", None)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    units = plan.build_plan(config, get_arch("deepseek_v3").gguf_arch, "q4_k_m", _hf_shapes(config))
+    g = {n: (s, q) for u in units for n, s, q in u.gguf}
+    assert g["blk.3.ffn_gate_exps.weight"] == ((256, 2048, 7168), "q4_k")
+    assert g["blk.60.ffn_down_exps.weight"] == ((256, 7168, 2048), "q6_k")
+    assert g["blk.0.attn_k_b.weight"] == ((128, 512, 128), "q5_0")
+    assert g["blk.0.attn_v_b.weight"] == ((128, 128, 512), "q4_k")
+    assert g["blk.3.exp_probs_b.bias"] == ((256,), "f32")
+    assert "blk.2.ffn_gate_exps.weight" not in g and g["blk.2.ffn_gate.weight"][0] == (18432, 7168)
+    assert g["token_embd.weight"][0] == (129280, 7168) and g["output.weight"][1] == "q6_k"
+    params = sum(int(np.prod(s)) for s, _ in g.values())
+    assert 670e9 < params < 672e9      # DeepSeek-V3 without its MTP layer: 671B
