@@ -1,0 +1,253 @@
+"""One CPU MoE layer at DeepSeek-V3 and Qwen3-30B-A3B shapes, ktrans vs kt-kernel 0.7.2.
+
+For each weight format and T: µs per layer call (submit + sync, routing new every call, layers
+cycled so the weights stream from DRAM), GB/s of expert weights read, TFLOP/s, and the fraction
+of the roofline max(FLOPs / AMX peak, bytes / bandwidth); the machine's read bandwidth and AMX
+peak are measured in the same run. kt-kernel runs the comparable format (AMXINT8, AMXINT4, BF16,
+LLAMAFILE Q4_K) on the same bytes and threads; `ratio` = its time / ours (> 1: ktrans faster).
+
+  python bench/moe.py --quick                       # small machine: fewer experts and cases
+  python bench/moe.py --json moe.json               # the full table (16-core machine)
+  python bench/moe.py --shapes qwen3 --formats q4_k,amx_int8 --T 1,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import moe_peer  # noqa: E402
+
+from ktrans import _C, cpu  # noqa: E402
+from ktrans.weights import quant  # noqa: E402
+
+SHAPES = {"dsv3": dict(E=256, k=8, H=7168, I=2048, layers=1),
+          "qwen3": dict(E=128, k=8, H=2048, I=768, layers=16)}
+# format -> (ktrans backend, stored type of the source bytes)
+FORMATS = {"q4_k": ("gguf", "q4_k"), "q8_0": ("gguf", "q8_0"), "bf16": ("gguf", "bf16"),
+           "amx_bf16": ("amx_bf16", "bf16"), "amx_int8": ("amx_int8", "bf16"), "amx_int4": ("amx_int4", "bf16")}
+TS = (1, 4, 32, 512, 2048, 8192)
+NPOOL = 4        # distinct random experts, tiled over E (same bytes, separate memory)
+ROUTINGS = 61    # prime: a layer never sees the same routing twice in a row
+
+
+def measure_bandwidth(threads: int) -> float:
+    """GB/s of a large streaming read (torch sum over 2 GiB, or 1/8 of RAM if smaller)."""
+    torch.set_num_threads(threads)
+    n = min(1 << 29, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 32)
+    x = torch.ones(n)
+    x.sum()
+    t0, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        x.sum()
+    return reps * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def measure_amx_peak(threads: int) -> dict[str, float]:
+    """Tile-only FLOP/s (bf16) and op/s (int8) on `threads` cores, 0 where there is no AMX."""
+    if cpu.best_isa() != "amx" or not hasattr(_C, "amx_peak"):
+        return {"bf16": 0.0, "int8": 0.0}
+    iters = 2_000_000
+    out = {}
+    for dtype, ops in (("bf16", 16 * 16 * 32 * 2), ("int8", 16 * 16 * 64 * 2)):
+        _C.amx_peak(dtype, iters // 10, threads, 6)
+        out[dtype] = iters * threads * ops / _C.amx_peak(dtype, iters, threads, 6)
+    return out
+
+
+def source_experts(H: int, I: int) -> dict[str, list[np.ndarray]]:
+    """NPOOL random experts per projection, bf16-rounded: f32 arrays [NPOOL, rows, cols]."""
+    g = torch.Generator().manual_seed(0)
+    mk = lambda r, c: (torch.randn(NPOOL, r, c, generator=g) / c**0.5).bfloat16().float().numpy()  # noqa: E731
+    return {"gate": mk(I, H), "up": mk(I, H), "down": mk(H, I)}
+
+
+def stored(src, qtype: str) -> list[np.ndarray]:
+    """Per projection: uint8 [NPOOL, bytes per expert] in `qtype`."""
+    out = []
+    for p in ("gate", "up", "down"):
+        a = src[p]
+        if qtype == "bf16":  # values are bf16-exact: the high half of each f32 is the bf16
+            raw = (a.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        else:
+            raw = quant.quantize(a, qtype)
+        out.append(np.ascontiguousarray(raw).reshape(NPOOL, -1))
+    return out
+
+
+def build_ours(fmt, shape, pool, src, max_len):
+    backend, qtype = FORMATS[fmt]
+    E, H, I = shape["E"], shape["H"], shape["I"]
+    raws = stored(src, qtype)
+    layers = []
+    t0 = time.perf_counter()
+    for _ in range(shape["layers"]):
+        m = _C.MoeLayer(pool, E, H, I, [qtype] * 3, backend=backend, max_chunk=max(max_len, 1))
+        for p in range(3):
+            for e in range(E):
+                m.load(p, e, raws[p][e % NPOOL])
+        layers.append(m)
+    load_s = time.perf_counter() - t0
+    return layers, load_s, raws
+
+
+def full_tensors(fmt, shape, src, raws):
+    """The peer's sources: contiguous [E, ...] tensors (bf16 values, or the same GGUF blocks)."""
+    E = shape["E"]
+    idx = np.arange(E) % NPOOL
+    if fmt == "q4_k":
+        return tuple(torch.from_numpy(np.ascontiguousarray(r[idx])) for r in raws)
+    return tuple(torch.from_numpy(np.ascontiguousarray(src[p][idx])).bfloat16() for p in ("gate", "up", "down"))
+
+
+def inputs(shape, T: int, n_layers: int):
+    E, k, H = shape["E"], shape["k"], shape["H"]
+    ids = torch.rand(ROUTINGS, T, E).argsort(-1)[..., :k].contiguous()                  # [G, T, k] int64
+    w = torch.rand(ROUTINGS, T, k)
+    x = (torch.randn(n_layers, T, H) / 4).bfloat16()
+    out = torch.empty(n_layers, T, H, dtype=torch.bfloat16)
+    return ids, w, x, out
+
+
+def np16(t):
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def time_calls(call, T: int, budget_s: float) -> tuple[float, int]:
+    for i in range(2 if T >= 2048 else 5):
+        call(i)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        call(n)
+        n += 1
+        dt = time.perf_counter() - t0
+        if (dt > budget_s and n >= 3) or n >= 2000:
+            return dt / n, n
+
+
+def bytes_per_expert(fmt: str, shape) -> float:
+    """Bytes of one expert's three matrices as the kernels read them."""
+    backend, qtype = FORMATS[fmt]
+    H, I = shape["H"], shape["I"]
+    if backend == "gguf":
+        return 2 * quant.row_bytes(qtype, H) * I + quant.row_bytes(qtype, I) * H
+    return _C.moe_weight_bytes(1, H, I, [qtype] * 3, backend, "replicate", 1)
+
+
+def metrics(fmt, shape, T, dt, ids, peaks, bw) -> dict:
+    E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+    uniq = float(np.mean([len(torch.unique(ids[g])) for g in range(ROUTINGS)]))       # experts touched
+    nbytes = uniq * bytes_per_expert(fmt, shape)
+    flops = 2.0 * 3 * H * I * k * T
+    backend = FORMATS[fmt][0]
+    peak = peaks["int8"] if backend in ("amx_int8",) else peaks["bf16"] if backend.startswith("amx") else 0.0
+    floor = max(flops / peak if peak else 0.0, nbytes / (bw * 1e9))
+    return dict(us=dt * 1e6, gbs=nbytes / dt / 1e9, tflops=flops / dt / 1e12, uniq_experts=uniq,
+                roofline_frac=floor / dt)
+
+
+def run_shape(name, shape, args, pool, peaks, bw, peer_variant):
+    rows = []
+    src = source_experts(shape["H"], shape["I"])
+    Ts = [t for t in args.T if t <= args.max_T]
+    for fmt in args.formats:
+        layers, load_s, raws = build_ours(fmt, shape, pool, src, max(Ts))
+        peer = label = None
+        if peer_variant and fmt in moe_peer.PEERS and not args.no_peer:
+            try:
+                peer = moe_peer.Peer(args.peer_threads or args.threads)
+                t0 = time.perf_counter()
+                label = peer.build(fmt, shape["E"], shape["k"], shape["H"], shape["I"], shape["layers"], max(Ts),
+                                   {fmt: full_tensors(fmt, shape, src, raws)})
+                peer_load = time.perf_counter() - t0
+            except RuntimeError as e:
+                print(f"  peer {fmt}: {e}", flush=True)
+                peer = None
+        for T in Ts:
+            ids, w, x, out = inputs(shape, T, len(layers))
+            ours = lambda i: layers[i % len(layers)].forward(  # noqa: E731
+                np16(x[i % len(layers)]), ids[i % ROUTINGS].numpy(), w[i % ROUTINGS].numpy(), np16(out[i % len(layers)]))
+            dt, n = time_calls(ours, T, args.budget)
+            row = dict(shape=name, format=fmt, T=T, layers=len(layers), calls=n, load_s=load_s,
+                       **metrics(fmt, shape, T, dt, ids, peaks, bw))
+            if peer is not None:
+                qlen = torch.tensor([T], dtype=torch.int32)
+                pout = torch.empty_like(out)
+                call = lambda i: peer.call(i, T, shape["k"], ids[i % ROUTINGS], w[i % ROUTINGS],  # noqa: E731
+                                           x[i % len(layers)], pout[i % len(layers)], qlen)
+                pdt, _ = time_calls(call, T, args.budget)
+                # same inputs, one call each: how far apart the two outputs are
+                ours(0), call(0)
+                ref = out[0].float()
+                nmse = float((pout[0].float() - ref).pow(2).sum() / ref.pow(2).sum())
+                row.update(peer=label, peer_us=pdt * 1e6, peer_load_s=peer_load, ratio=pdt / dt, nmse_vs_peer=nmse)
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+        if peer is not None:
+            peer.free()
+        del layers
+    return rows
+
+
+def fmt_row(r: dict) -> str:
+    s = (f"{r['shape']:6} {r['format']:9} T={r['T']:<5} {r['us']:10.1f} us  {r['gbs']:7.1f} GB/s  "
+         f"{r['tflops']:7.3f} TFLOP/s  roofline {100 * r['roofline_frac']:5.1f}%")
+    if "peer" in r:
+        s += f"  | {r['peer']}: {r['peer_us']:10.1f} us  ratio {r['ratio']:5.2f}  nmse {r['nmse_vs_peer']:.1e}"
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="dsv3,qwen3")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--T", default=",".join(map(str, TS)))
+    ap.add_argument("--threads", type=int, default=0, help="ktrans threads (default: physical cores)")
+    ap.add_argument("--peer-threads", type=int, default=0, help="kt-kernel threads (default: --threads)")
+    ap.add_argument("--experts", type=int, default=0, help="override E (smaller machines)")
+    ap.add_argument("--layers", type=int, default=0, help="override layers per shape")
+    ap.add_argument("--max-T", type=int, default=1 << 30)
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per case")
+    ap.add_argument("--quick", action="store_true", help="E=32, 2 layers, T in 1,32,512, 0.3 s per case")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    if args.quick:
+        args.experts, args.layers, args.budget = args.experts or 32, args.layers or 2, 0.3
+        args.T = args.T if args.T != ",".join(map(str, TS)) else "1,32,512"
+    args.T = [int(t) for t in args.T.split(",")]
+    args.formats = args.formats.split(",")
+    args.threads = args.threads or len(_C.physical_cores())
+    pool = _C.ThreadPool(args.threads)
+    bw = measure_bandwidth(args.threads)
+    peaks = measure_amx_peak(args.threads)
+    peer_variant = moe_peer.available()
+    print(f"threads={args.threads} isa={cpu.best_isa()} read bandwidth {bw:.1f} GB/s  AMX peak bf16 "
+          f"{peaks['bf16'] / 1e12:.2f} TFLOP/s int8 {peaks['int8'] / 1e12:.2f} TOP/s  kt-kernel: {peer_variant}",
+          flush=True)
+    rows = []
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        shape["E"] = args.experts or shape["E"]
+        shape["layers"] = args.layers or shape["layers"]
+        rows += run_shape(name, shape, args, pool, peaks, bw, peer_variant)
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, cpu=platform.processor(),
+                    threads=args.threads, isa=cpu.best_isa(), bandwidth_gbs=bw, amx_peak=peaks,
+                    kt_kernel=peer_variant, command=" ".join(sys.argv))
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
