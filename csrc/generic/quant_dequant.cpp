@@ -86,17 +86,24 @@ void dq_q5_k(const void* src, float* dst, int64_t n) {
 }
 
 // q6_K: 16 groups of 16 values, value = (d*scale) * (q - 32), q = 4 low bits | 2 high bits << 4.
+// Loops run over (half h, slice s, l) so the inner loop reads contiguous bytes.
 void dq_q6_k(const void* src, float* dst, int64_t n) {
   const BlockQ6_K* b = static_cast<const BlockQ6_K*>(src);
   for (int64_t i = 0; i < n / kQK_K; ++i, dst += kQK_K) {
     const float d = fp16_to_f32(b[i].d);
-    for (int e = 0; e < kQK_K; ++e) {
-      const int half = e / 128, r = e % 128, s = r / 32, l = r % 32;  // s: 32-value slice in the half
-      const uint8_t lo = b[i].ql[64 * half + l + 32 * (s % 2)] >> (4 * (s / 2)) & 0xF;
-      const uint8_t hi = (b[i].qh[32 * half + l] >> (2 * s)) & 3;
-      const float dl = d * static_cast<float>(b[i].scales[e / 16]);
-      dst[e] = dl * static_cast<float>((lo | hi << 4) - 32);
-    }
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s) {
+        const uint8_t* ql = b[i].ql + 64 * h + 32 * (s % 2);
+        const uint8_t* qh = b[i].qh + 32 * h;
+        float* out = dst + 128 * h + 32 * s;
+        for (int g = 0; g < 2; ++g) {
+          const float dl = d * static_cast<float>(b[i].scales[8 * h + 2 * s + g]);
+          for (int l = 16 * g; l < 16 * g + 16; ++l) {
+            const int q = ((ql[l] >> (4 * (s / 2))) & 0xF) | ((qh[l] >> (2 * s)) & 3) << 4;
+            out[l] = dl * static_cast<float>(q - 32);
+          }
+        }
+      }
   }
 }
 
@@ -105,13 +112,15 @@ void dq_q2_k(const void* src, float* dst, int64_t n) {
   const BlockQ2_K* b = static_cast<const BlockQ2_K*>(src);
   for (int64_t i = 0; i < n / kQK_K; ++i, dst += kQK_K) {
     const float d = fp16_to_f32(b[i].d), dmin = fp16_to_f32(b[i].dmin);
-    for (int e = 0; e < kQK_K; ++e) {
-      const int half = e / 128, r = e % 128, s = r / 32, l = r % 32;
-      const int q = (b[i].qs[32 * half + l] >> (2 * s)) & 3;
-      const uint8_t sc = b[i].scales[e / 16];
-      const float dl = d * static_cast<float>(sc & 0xF), ml = dmin * static_cast<float>(sc >> 4);
-      dst[e] = dl * static_cast<float>(q) - ml;
-    }
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s)
+        for (int g = 0; g < 2; ++g) {
+          const uint8_t sc = b[i].scales[8 * h + 2 * s + g];
+          const float dl = d * static_cast<float>(sc & 0xF), ml = dmin * static_cast<float>(sc >> 4);
+          const uint8_t* qs = b[i].qs + 32 * h;
+          float* out = dst + 128 * h + 32 * s;
+          for (int l = 16 * g; l < 16 * g + 16; ++l) out[l] = dl * static_cast<float>((qs[l] >> (2 * s)) & 3) - ml;
+        }
   }
 }
 
@@ -122,18 +131,24 @@ static inline int q3k_scale(const uint8_t* s, int j) {
   return (lo | hi << 4) - 32;
 }
 
-// q3_K: 16 groups of 16, value = (d*scale) * (q - 4*(1 - hbit)), q 2 low bits.
+// q3_K: 16 groups of 16, value = (d*scale) * (q - 4*(1 - hbit)), q 2 low bits; the hmask bit of
+// value 32*k + l is bit k of hmask[l].
 void dq_q3_k(const void* src, float* dst, int64_t n) {
   const BlockQ3_K* b = static_cast<const BlockQ3_K*>(src);
   for (int64_t i = 0; i < n / kQK_K; ++i, dst += kQK_K) {
     const float d = fp16_to_f32(b[i].d);
-    for (int e = 0; e < kQK_K; ++e) {
-      const int half = e / 128, r = e % 128, s = r / 32, l = r % 32;
-      const int q = (b[i].qs[32 * half + l] >> (2 * s)) & 3;
-      const int h = (b[i].hmask[e % 32] >> (e / 32)) & 1;
-      const float dl = d * static_cast<float>(q3k_scale(b[i].scales, e / 16));
-      dst[e] = dl * static_cast<float>(q - (h ? 0 : 4));
-    }
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s)
+        for (int g = 0; g < 2; ++g) {
+          const float dl = d * static_cast<float>(q3k_scale(b[i].scales, 8 * h + 2 * s + g));
+          const uint8_t* qs = b[i].qs + 32 * h;
+          const int k = 4 * h + s;
+          float* out = dst + 32 * k;
+          for (int l = 16 * g; l < 16 * g + 16; ++l) {
+            const int q = ((qs[l] >> (2 * s)) & 3) - (((b[i].hmask[l] >> k) & 1) ? 0 : 4);
+            out[l] = dl * static_cast<float>(q);
+          }
+        }
   }
 }
 
