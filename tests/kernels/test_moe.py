@@ -198,3 +198,13 @@ def test_bad_input(pool, experts):
         _C.MoeLayer(pool, 2, 100, 256, ["q4_k"] * 3)
     ok = torch.tensor([[0, 1]]).repeat(2, 1)                                              # the pool survives
     moe.forward(x.numpy(), ok.numpy(), w.numpy(), out.numpy())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_stream_task_without_cuda_says_so(pool, experts):
+    moe = experts("bf16").layer(pool)
+    x, out = torch.randn(1, H), torch.zeros(1, H)
+    task = moe.stream_task(x.numpy(), torch.tensor([[0, 1, 2]]).numpy(), torch.rand(1, 3).numpy(), out.numpy())
+    assert not _C.cuda_host_available()
+    with pytest.raises(RuntimeError, match="stream-ordered submit needs CUDA: no CUDA runtime"):
+        task.launch_start(0)
