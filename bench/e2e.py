@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--rules", default=None, help="rule file (default: the shipped one for the architecture)")
     p.add_argument("--model-root", default=os.path.expanduser("~/.cache/ktrans/bench-models"))
     p.add_argument("--out", default=None, help="append one JSON line per measurement to this file")
+    p.add_argument("--generate-only", action="store_true", help="only generate the models (a separate step)")
     args = p.parse_args(argv)
     root = Path(args.model_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     for text in args.preset:
         arch, preset = resolve_preset(text)
         model_dir = ensure_model(root, arch, preset, args.quant, args.layers)
+        if args.generate_only:
+            continue
         label = f"{arch}:{preset}-{args.quant}{f'-{args.layers}l' if args.layers else ''}"
         for device in args.devices.split(","):
             rows = run_one(args, model_dir, label, device.strip(), bandwidth)

@@ -89,8 +89,10 @@ def build_context(batch: ForwardBatch, kv, device: torch.device) -> ForwardConte
     qs = [0]
     for n in batch.num_new:
         qs.append(qs[-1] + n)
+    # NOTE: output_size spares CUDA a device->host sync to learn T.
     req_of_token = torch.repeat_interleave(
-        torch.arange(batch.num_reqs, device=device), torch.tensor(batch.num_new, device=device))  # [T]
+        torch.arange(batch.num_reqs, device=device), torch.tensor(batch.num_new, device=device),
+        output_size=batch.num_tokens)  # [T]
     pages = page_table[req_of_token, positions // page_size]  # [T]
     slot_mapping = pages * page_size + positions % page_size  # [T]
     seq_lens = [c + n for c, n in zip(batch.num_computed, batch.num_new)]
@@ -120,8 +122,3 @@ def current_forward() -> ForwardContext:
         raise KtransError("no forward in progress: operators that need batch metadata must run "
                           "inside `with forward_context(batch, kv)` (ModelRunner.execute sets it)")
     return ctx
-
-
-def maybe_current_forward() -> ForwardContext | None:
-    """The ForwardContext if a forward is in progress, else None (operators used standalone)."""
-    return _CURRENT.get()

@@ -21,7 +21,8 @@ import transformers
 from ktrans.engine.batch import ForwardBatch
 from ktrans.engine.model_runner import ModelRunner
 from tests.operators.hf_tiny import tiny_hf_model
-from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE
+from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_ATOL, FIDELITY_F32_RTOL,
+                              QUANT_LOGITS_NMSE)
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
@@ -127,3 +128,26 @@ def test_single_file_gguf_needs_no_model_path(tiny_model, tmp_path):
                          progress=False)
     assert runner.config.model_type == "qwen3_moe" and runner.tokenizer is not None
     _greedy_matches(runner, _reference(out), "qwen3_moe")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "qwen2"])
+def test_cuda_shipped_rules_close_to_transformers(tiny_model, arch):
+    """--device cuda with the shipped rules: attention, KV cache, router and shared experts in
+    bf16 on the GPU, routed experts on the CPU (stream-ordered); logits of a prefill and four
+    decode steps stay as close to the f32 reference as transformers' own bf16 model on the GPU."""
+    out = tiny_model(arch, "f32")
+    runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cuda",
+                         cache_lens=256, page_size=16, progress=False)
+    assert runner.kv.layers[0][0].is_cuda
+    model = _reference(out)
+    hf_bf16 = _reference(out).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (24,)).tolist()
+    pages = torch.arange(runner.num_pages, dtype=torch.int32)
+    for n in (20, 21, 22, 23, 24):
+        got = _one(runner, ids[n - 1:n] if n > 20 else ids[:20], n - 1 if n > 20 else 0, pages).cpu()
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids[:n]])).logits[0, -1]
+            floor = hf_bf16(input_ids=torch.tensor([ids[:n]], device="cuda")).logits[0, -1].float().cpu()
+        nmse = lambda a: float(((a - ref) ** 2).sum() / (ref ** 2).sum())  # noqa: E731
+        assert nmse(got) < max(BF16_LOGITS_NMSE, BF16_VS_HF_BF16 * nmse(floor))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ktrans.engine.batch import ForwardBatch, current_forward, forward_context, maybe_current_forward
+from ktrans.engine.batch import ForwardBatch, current_forward, forward_context
 from ktrans.errors import KtransError
 from ktrans.kv_cache.storage import KVStorage
 
@@ -32,7 +32,8 @@ def test_context_is_scoped_and_slots_follow_pages():
     kv = KVStorage(num_layers=2, num_pages=64, page_size=page_size, mla=True, dims=(6,),
                    dtype=torch.float32, device="cpu")
     batch = _batch([0, 5, 9], [7, 1, 3], [2, 2, 3], page_size)
-    assert maybe_current_forward() is None
+    with pytest.raises(KtransError, match="no forward in progress"):
+        current_forward()
     with forward_context(batch, kv) as ctx:
         assert current_forward() is ctx
         assert ctx.query_start == [0, 7, 8, 11] and ctx.seq_lens == [7, 6, 12]
