@@ -20,11 +20,11 @@ from pathlib import Path
 from ktrans.config.arch import build_meta_model, get_arch
 from ktrans.errors import KtransError
 from ktrans.genmodel import plan as planmod
-from ktrans.genmodel.gguf_out import GGUFStream
+from ktrans.genmodel.gguf_out import GGUFStream, nbytes
 from ktrans.genmodel.presets import QUANT_CHOICES
 from ktrans.genmodel.presets import preset_config
 from ktrans.genmodel.safetensors_out import SafetensorsStream, checkpoint_name
-from ktrans.genmodel.tokenizer import build_tokenizer
+from ktrans.genmodel.tokenizer import build_tokenizer, trained_vocab_size
 
 SHARD_BYTES = 4 << 30      # safetensors shard size, as large HF checkpoints split theirs
 _CONFIG_DTYPE = {"bf16": "bfloat16", "f16": "float16"}
@@ -124,10 +124,9 @@ def total_gguf_bytes(arch: str, preset: str, quant_name: str, layers: int | None
     import transformers
 
     cfg = preset_config(arch, preset, layers)
-    cfg["vocab_size"] = cfg.get("vocab_size") or 1
+    cfg["vocab_size"] = cfg.get("vocab_size") or trained_vocab_size(arch)
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     units = planmod.build_plan(config, get_arch(arch).gguf_arch, quant_name, _hf_shapes(config))
-    from ktrans.genmodel.gguf_out import nbytes
     return sum(nbytes(q, s) for u in units for _, s, q in u.gguf)
 
 

@@ -102,6 +102,11 @@ def _train(specials: list[str]):
     return tok
 
 
+def trained_vocab_size(arch: str) -> int:
+    """Size of the tokenizer build_tokenizer writes for `arch` (the tiny/small presets' vocab)."""
+    return _train(_FAMILIES[_ARCH_FAMILY[arch]]["specials"]).get_vocab_size()
+
+
 def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
     """Train the tokenizer for `arch`'s family and write tokenizer.json + tokenizer_config.json."""
     from tokenizers import processors
