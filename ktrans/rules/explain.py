@@ -32,7 +32,7 @@ class ExplainRow:
 
 
 def explain_rows(plan: Plan) -> list[ExplainRow]:
-    """The table's rows, in the order their first module appears in the model."""
+    """The table's rows, grouped by path pattern in model order."""
     groups: dict[tuple, list[PlanEntry]] = {}
     for e in plan.entries:
         if e.op == "default" and not e.nbytes:
@@ -40,8 +40,13 @@ def explain_rows(plan: Plan) -> list[ExplainRow]:
         key = (_LAYER_SUB.sub("#", e.path), e.module_class, e.op, e.device,
                e.rule.index if e.rule else 0, repr(sorted(e.kwargs.items())))
         groups.setdefault(key, []).append(e)
+    # NOTE: rows of one path pattern stay together (layers 0-3 and 4-60 of the experts), in the
+    # order each pattern first appears in the model.
+    first_seen: dict[str, int] = {}
+    for key in groups:
+        first_seen.setdefault(key[0], len(first_seen))
     rows = []
-    for (pattern, cls, op, device, _, _), entries in groups.items():
+    for (pattern, cls, op, device, _, _), entries in sorted(groups.items(), key=lambda kv: first_seen[kv[0][0]]):
         nbytes: dict[str, int] = {}
         for e in entries:
             for dev, n in e.nbytes.items():
