@@ -19,7 +19,7 @@ import time
 
 from ktrans.cli import model_args
 from ktrans.cli.generate import add_sampling_args, chat_prompt, encode, run_request, sampling_params
-from ktrans.errors import KtransError
+from ktrans.errors import KtransError, UsageError
 
 HELP = '''Commands:
   /help, /?            this help
@@ -107,10 +107,10 @@ class ChatSession:
                 except KeyboardInterrupt:
                     self.console.print("\n(message discarded)", style=TAG_STYLE)
                     continue
-            if not line.strip() and self.args.prompt_file:
-                return _read_file(self.args.prompt_file)
-            if line.strip() and os.path.isfile(os.path.expanduser(line.strip())):
-                return _read_file(os.path.expanduser(line.strip()))
+            path = self.args.prompt_file if not line.strip() else os.path.expanduser(line.strip())
+            if path and os.path.isfile(path):
+                self.console.print(f"(sending the contents of {path})", style=TAG_STYLE, markup=False)
+                return _read_file(path)
             if line.strip():
                 return line
 
@@ -174,6 +174,16 @@ class ChatSession:
         return ids, thinking
 
     def reply(self, user: str) -> None:
+        """One turn. Ctrl+C sets a flag (checked between engine steps) instead of raising, from
+        before anything is printed until the stats line is out."""
+        self._interrupted = False
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            self._reply(user)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _reply(self, user: str) -> None:
         prepared = self._prompt_ids(user)
         if prepared is None:
             return
@@ -181,13 +191,8 @@ class ChatSession:
         splitter = ThinkSplitter(thinking)
         if thinking:
             self._show([(ThinkSplitter.OPEN + "\n", TAG_STYLE)])
-        self._interrupted = False
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            gen = run_request(self.engine, ids, self.params, on_text=lambda s: self._show(splitter.feed(s)),
-                              should_stop=lambda: self._interrupted)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        gen = run_request(self.engine, ids, self.params, on_text=lambda s: self._show(splitter.feed(s)),
+                          should_stop=lambda: self._interrupted)
         self._show(splitter.flush())
         self.console.print()
         if gen.finish_reason == "abort":
@@ -250,6 +255,8 @@ def run(args) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        raise UsageError(f"--prompt_file {args.prompt_file}: no such file")
     console = Console(highlight=False)
     say = lambda msg: console.print(msg, style="yellow", markup=False)   # noqa: E731
     model_args.use_demo_model(args, say)
@@ -274,3 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     except KtransError as e:
         print(f"local_chat.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

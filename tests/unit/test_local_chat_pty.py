@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pty
+import random
 import re
 import select
 import signal
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ktrans.cli.chat import THINK_STYLE, ThinkSplitter
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
@@ -141,11 +144,27 @@ def _interrupt(term: Terminal, message: str) -> int:
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(env):
-    term = Terminal([sys.executable, "local_chat.py", "--max_new_tokens", "1000", "--ignore_eos"], env)
+    term = Terminal([sys.executable, "local_chat.py", "--max_new_tokens", "1000", "--ignore_eos",
+                     "--force_think"], env)
     first = _interrupt(term, "tell me a long story")
+    assert "story\n<think>\n" in term.text                  # --force_think: the reply opens thinking
     assert _interrupt(term, "and another one") > first       # still chatting, history kept
     term.expect(r">>> ")
     term.send("\x03")                                         # Ctrl+C twice at the prompt leaves
     term.expect(r"Ctrl\+C again")
     term.send("\x03")
     assert term.wait() == 0
+
+
+def test_think_splitter_styles_thinking_across_chunk_boundaries():
+    rng = random.Random()
+    text = "intro <think>\nweighing 🙂 options</think>\nThe answer <thi is 42.<think>more</think> done"
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+        chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        splitter = ThinkSplitter(thinking=False)
+        pieces = [p for c in chunks for p in splitter.feed(c)] + splitter.flush()
+        assert "".join(t for t, _ in pieces) == text
+        thought = "".join(t for t, style in pieces if style == THINK_STYLE)
+        assert thought == "\nweighing 🙂 optionsmore"
+        assert splitter.answer == "intro \nThe answer <thi is 42. done"
