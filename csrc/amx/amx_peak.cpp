@@ -55,9 +55,9 @@ void peak_loop(bool int8, int64_t iters, int accumulators) {
 }
 #undef KT_TDP
 
-}  // namespace
-
-double amx_peak_seconds(bool int8, int64_t iters, int nthreads, int accumulators) {
+// Starts nthreads threads, releases them together, returns the wall time until all finished.
+template <class Fn>
+double run_together(int nthreads, Fn&& fn) {
   std::atomic<int> ready{0};
   std::atomic<bool> go{false};
   std::vector<std::thread> threads;
@@ -65,13 +65,33 @@ double amx_peak_seconds(bool int8, int64_t iters, int nthreads, int accumulators
     threads.emplace_back([&] {
       ready.fetch_add(1);
       while (!go.load(std::memory_order_acquire)) {}
-      peak_loop(int8, iters, accumulators);
+      fn();
     });
   while (ready.load() < nthreads) {}
   const auto t0 = std::chrono::steady_clock::now();
   go.store(true, std::memory_order_release);
   for (auto& th : threads) th.join();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+double amx_peak_seconds(bool int8, int64_t iters, int nthreads, int accumulators) {
+  return run_together(nthreads, [&] { peak_loop(int8, iters, accumulators); });
+}
+
+double core_clock_ghz(int nthreads) {
+  constexpr uint64_t kIters = 100000000;  // x 8 dependent adds
+  const double s = run_together(nthreads, [] {
+    uint64_t v = 0, n = kIters;
+    __asm__ volatile(
+        "1:\n\t"
+        "add %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\t"
+        "add %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\tadd %0, %0\n\t"
+        "dec %1\n\tjnz 1b"
+        : "+r"(v), "+r"(n));
+  });
+  return 8.0 * kIters / s / 1e9;
 }
 
 }  // namespace ktrans

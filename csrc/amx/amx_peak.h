@@ -10,4 +10,8 @@ namespace ktrans {
 // at once; returns the wall time in seconds. Needs AMX (checked by the caller).
 double amx_peak_seconds(bool int8, int64_t iters, int nthreads, int accumulators = 4);
 
+// Core clock in GHz seen by nthreads threads at once, from a chain of dependent register-register adds
+// (one per cycle; immediate adds are folded at rename on recent cores); used to turn FLOP/s into FLOP/cycle.
+double core_clock_ghz(int nthreads);
+
 }  // namespace ktrans

@@ -30,6 +30,8 @@ using namespace packed;
 constexpr int64_t kAmxMinRows = 16;        // below this, AVX-512 streams the weights faster
 constexpr int64_t kL2Budget = 1 << 20;     // bytes of B panels per super-block
 constexpr int64_t kTileBytes = 1024;       // one B tile: 16 rows x 64 bytes
+constexpr int64_t kPrefetchKb = 2;         // B prefetch distance in k-blocks
+constexpr int64_t kKChunk = 8;             // k-blocks per chunk (A chunk = 16 KB, stays in L1)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -56,24 +58,39 @@ void load_tile_config() {
   else                             \
     _tile_dpbf16ps(d, a, b)
 
-// C (32 x 32, row stride 128 bytes) = A rows x B panels over nkb k-blocks, all in tiles.
+// C (32 x 32, row stride 128 bytes) = A block x B panels over nkb k-blocks, all in tiles. The A
+// block is blocked (block_a): k-block kb of its rows 0-15 is the 1 KB at a + kb * 2048, rows
+// 16-31 the next 1 KB.
 template <bool kInt8, int MT, int NT>
-void tile_block(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0, const uint8_t* b1,
-                int64_t nkb, uint8_t* c) {
-  _tile_zero(0);
-  if constexpr (NT == 2) _tile_zero(1);
-  if constexpr (MT == 2) _tile_zero(2);
-  if constexpr (MT == 2 && NT == 2) _tile_zero(3);
+void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t nkb, uint8_t* c, bool load_c) {
+  if (load_c) {
+    _tile_loadd(0, c, 128);
+    if constexpr (NT == 2) _tile_loadd(1, c + 64, 128);
+    if constexpr (MT == 2) _tile_loadd(2, c + 16 * 128, 128);
+    if constexpr (MT == 2 && NT == 2) _tile_loadd(3, c + 16 * 128 + 64, 128);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT == 2) _tile_zero(1);
+    if constexpr (MT == 2) _tile_zero(2);
+    if constexpr (MT == 2 && NT == 2) _tile_zero(3);
+  }
   for (int64_t kb = 0; kb < nkb; ++kb) {
+    // NOTE: tile loads that miss L1 run far below the TMUL rate, so the B tiles kPrefetchKb
+    // k-blocks ahead are pulled into L1 while this one computes.
+    for (int i = 0; i < 16; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(b0 + (kb + kPrefetchKb) * kTileBytes + i * 64), _MM_HINT_T0);
+      if constexpr (NT == 2)
+        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kb + kPrefetchKb) * kTileBytes + i * 64), _MM_HINT_T0);
+    }
     _tile_loadd(6, b0 + kb * kTileBytes, 64);
-    _tile_loadd(4, a0 + kb * 64, lda);
+    _tile_loadd(4, a + kb * 2 * kTileBytes, 64);
     KT_TDP(0, 4, 6);
     if constexpr (NT == 2) {
       _tile_loadd(7, b1 + kb * kTileBytes, 64);
       KT_TDP(1, 4, 7);
     }
     if constexpr (MT == 2) {
-      _tile_loadd(5, a1 + kb * 64, lda);
+      _tile_loadd(5, a + kb * 2 * kTileBytes + kTileBytes, 64);
       KT_TDP(2, 5, 6);
       if constexpr (NT == 2) KT_TDP(3, 5, 7);
     }
@@ -86,12 +103,27 @@ void tile_block(const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t
 #undef KT_TDP
 
 template <bool kInt8>
-void run_block(int mt, int nt, const uint8_t* a0, const uint8_t* a1, int64_t lda, const uint8_t* b0,
-               const uint8_t* b1, int64_t nkb, uint8_t* c) {
-  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a0, a1, lda, b0, b1, nkb, c);
-  if (mt == 2) return tile_block<kInt8, 2, 1>(a0, a1, lda, b0, b1, nkb, c);
-  if (nt == 2) return tile_block<kInt8, 1, 2>(a0, a1, lda, b0, b1, nkb, c);
-  tile_block<kInt8, 1, 1>(a0, a1, lda, b0, b1, nkb, c);
+void run_block(int mt, int nt, const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t nkb, uint8_t* c,
+               bool load_c) {
+  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a, b0, b1, nkb, c, load_c);
+  if (mt == 2) return tile_block<kInt8, 2, 1>(a, b0, b1, nkb, c, load_c);
+  if (nt == 2) return tile_block<kInt8, 1, 2>(a, b0, b1, nkb, c, load_c);
+  tile_block<kInt8, 1, 1>(a, b0, b1, nkb, c, load_c);
+}
+
+// Row-major A (M rows of row_bytes, lda bytes apart) -> 32-row blocks of 64-byte k-slices,
+// [m_block][kb][32 rows][64 bytes], rows past M zero. Tile loads then read 1 KB contiguously
+// instead of 16 rows a power-of-two stride apart (which thrashes a few L1/L2 sets).
+const uint8_t* block_a(const uint8_t* src, int64_t lda, int64_t M, int64_t row_bytes) {
+  const int64_t nkb = row_bytes / 64, mb = (M + 31) / 32;
+  uint8_t* dst = scratch(kScratchA, mb * nkb * 2 * kTileBytes);
+  for (int64_t m = 0; m < mb * 32; ++m) {
+    uint8_t* d = dst + (m / 32) * nkb * 2 * kTileBytes + (m % 32) * 64;
+    for (int64_t kb = 0; kb < nkb; ++kb)
+      _mm512_storeu_si512(d + kb * 2 * kTileBytes,
+                          m < M ? _mm512_loadu_si512(src + m * lda + kb * 64) : _mm512_setzero_si512());
+  }
+  return dst;
 }
 
 // One 32 x 32 C block into y: rows [m0, m0 + mv), panel columns masked to [n_begin, n_end);
@@ -119,78 +151,51 @@ struct Epilogue {
   }
 };
 
-// Walks super-blocks of panels [p_begin, p_end); b_panel(ps, pe) prepares one and returns the
-// base of its first panel (panels then lie b_stride apart); a_rows(m) gives the A tile of rows
-// [m, m + 16) and its row stride.
-template <bool kInt8, class BPrep, class ARows>
+// Walks super-blocks of panels [p_begin, p_end); b_prep(ps, pe) prepares one and returns the
+// base of its first panel (panels then lie b_stride apart). a: the blocked A (block_a).
+// NOTE: K is walked in chunks of kKChunk k-blocks, each chunk against every panel pair of the
+// super-block, so the A chunk (32 rows, 16 KB) is read from L1 by all pairs and only B streams
+// from L2; the C blocks of the pairs wait in a small buffer between chunks.
+template <bool kInt8, class BPrep>
 void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t b_stride, BPrep&& b_prep,
-           ARows&& a_rows, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {
-  uint8_t* c = scratch(kScratchC, 32 * 128);
+           const uint8_t* a, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {
   const int64_t sb = std::max<int64_t>(2, kL2Budget / b_stride / 2 * 2);
+  uint8_t* cbuf = scratch(kScratchC, sb / 2 * 32 * 128);
   for (int64_t ps = p_begin; ps < p_end; ps += sb) {
     const int64_t pe = std::min(ps + sb, p_end);
     const uint8_t* b = b_prep(ps, pe);
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
       const int mt = M - m0 > 16 ? 2 : 1;
-      int64_t lda0, lda1 = 0;
-      const uint8_t* a0 = a_rows(m0, &lda0);
-      const uint8_t* a1 = mt == 2 ? a_rows(m0 + 16, &lda1) : a0;
-      // NOTE: the two A tiles share one stride in the tile loop; a tail tile copied to scratch
-      // may have another, so such a block runs as two single-row-tile blocks.
-      const bool split = mt == 2 && lda1 != lda0;
+      const uint8_t* am = a + (m0 / 32) * nkb * 2 * kTileBytes;
+      for (int64_t k0 = 0; k0 < nkb; k0 += kKChunk) {
+        const int64_t nk = std::min(kKChunk, nkb - k0);
+        for (int64_t p = ps; p < pe; p += 2) {
+          const uint8_t* b0 = b + (p - ps) * b_stride + k0 * kTileBytes;
+          run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes, b0, b0 + b_stride, nk,
+                           cbuf + (p - ps) / 2 * 32 * 128, k0 > 0);
+        }
+      }
       for (int64_t p = ps; p < pe; p += 2) {
         const int nt = p + 1 < pe ? 2 : 1;
-        const uint8_t* b0 = b + (p - ps) * b_stride;
         const float* sw[2] = {nullptr, nullptr};
         if (meta_base)
-          for (int t = 0; t < nt; ++t)
-            sw[t] = reinterpret_cast<const float*>(meta_base + (p + t) * meta_stride);
-        const int64_t n0 = p * kPanelCols;
-        if (!split) {
-          run_block<kInt8>(mt, nt, a0, a1, lda0, b0, b0 + b_stride, nkb, c);
-          epi(c, m0, std::min<int64_t>(32, M - m0), n0, nt, sw);
-        } else {
-          run_block<kInt8>(1, nt, a0, a0, lda0, b0, b0 + b_stride, nkb, c);
-          epi(c, m0, 16, n0, nt, sw);
-          run_block<kInt8>(1, nt, a1, a1, lda1, b0, b0 + b_stride, nkb, c);
-          epi(c, m0 + 16, M - m0 - 16, n0, nt, sw);
-        }
+          for (int t = 0; t < nt; ++t) sw[t] = reinterpret_cast<const float*>(meta_base + (p + t) * meta_stride);
+        epi(cbuf + (p - ps) / 2 * 32 * 128, m0, std::min<int64_t>(32, M - m0), p * kPanelCols, nt, sw);
       }
     }
   }
 }
-
-// A tiles of bf16 x: full tiles straight from x, the tail tile from a zero-padded copy.
-struct Bf16Rows {
-  const uint16_t* x;
-  int64_t ldx, M, K;
-  uint8_t* tail;
-  Bf16Rows(const uint16_t* x_, int64_t ldx_, int64_t M_, int64_t K_) : x(x_), ldx(ldx_), M(M_), K(K_) {
-    tail = scratch(kScratchA, 16 * K * 2);
-    const int64_t m_tail = M / 16 * 16;
-    if (m_tail < M) std::memset(tail, 0, 16 * K * 2);
-    for (int64_t m = m_tail; m < M; ++m) std::memcpy(tail + (m - m_tail) * K * 2, x + m * ldx, K * 2);
-  }
-  const uint8_t* operator()(int64_t m, int64_t* lda) const {
-    if (m + 16 <= M) {
-      *lda = ldx * 2;
-      return reinterpret_cast<const uint8_t*>(x + m * ldx);
-    }
-    *lda = K * 2;
-    return tail;
-  }
-};
 
 void gemm_bf16_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
                    float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
   if (M < kAmxMinRows)
     return k_packed_gemm_bf16.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
   const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
+  const uint8_t* a = block_a(reinterpret_cast<const uint8_t*>(x), ldx * 2, M, K * 2);
   load_tile_config();
-  Bf16Rows rows(x, ldx, M, K);
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
   drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
-               [&](int64_t ps, int64_t) { return packed + ps * pb; }, rows, epi, nullptr, 0);
+               [&](int64_t ps, int64_t) { return packed + ps * pb; }, a, epi, nullptr, 0);
   _tile_release();
 }
 
@@ -199,19 +204,15 @@ void gemm_int8_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* 
   if (M < kAmxMinRows)
     return k_packed_gemm_int8.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
   const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int8, K));
-  const int64_t kp = int8_kpad(K), mp = (M + 15) / 16 * 16;
-  int8_t* q = reinterpret_cast<int8_t*>(scratch(kScratchA, mp * kp + mp * 4));
-  float* sx = reinterpret_cast<float*>(q + mp * kp);
+  const int64_t kp = int8_kpad(K);
+  int8_t* q = reinterpret_cast<int8_t*>(scratch(kScratchB, M * kp + M * 4));
+  float* sx = reinterpret_cast<float*>(q + M * kp);
   quantize_rows_avx512(x, ldx, M, K, kp, q, sx, nullptr, 0);
-  std::memset(q + M * kp, 0, (mp - M) * kp);
+  const uint8_t* a = block_a(reinterpret_cast<const uint8_t*>(q), kp, M, kp);
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, sx};
-  auto a_rows = [&](int64_t m, int64_t* lda) {
-    *lda = kp;
-    return reinterpret_cast<const uint8_t*>(q + m * kp);
-  };
   drive<true>(M, kp / 64, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
-              [&](int64_t ps, int64_t) { return packed + ps * pb; }, a_rows, epi, packed + int8_data_bytes(K), pb);
+              [&](int64_t ps, int64_t) { return packed + ps * pb; }, a, epi, packed + int8_data_bytes(K), pb);
   _tile_release();
 }
 
@@ -254,14 +255,14 @@ void gemm_int4_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* 
   const int64_t pb16 = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
   const int64_t sb = std::max<int64_t>(2, kL2Budget / pb16 / 2 * 2);
   uint8_t* wbuf = scratch(kScratchB, sb * pb16);
-  Bf16Rows rows(x, ldx, M, K);
+  const uint8_t* a = block_a(reinterpret_cast<const uint8_t*>(x), ldx * 2, M, K * 2);
   auto prep = [&](int64_t ps, int64_t pe) {
     for (int64_t p = ps; p < pe; ++p) int4_panel_to_bf16(packed + p * pb, K, wbuf + (p - ps) * pb16);
     return static_cast<const uint8_t*>(wbuf);
   };
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
-  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb16, prep, rows, epi,
+  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb16, prep, a, epi,
                nullptr, 0);
   _tile_release();
 }

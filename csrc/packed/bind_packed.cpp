@@ -179,6 +179,10 @@ void bind_packed(py::module_& m) {
     return amx_peak_seconds(dtype == "int8", iters, nthreads, accumulators);
   }, py::arg("dtype"), py::arg("iters"), py::arg("nthreads") = 1, py::arg("accumulators") = 4,
      "Seconds for `iters` tile dot products per thread (16x16 C tiles, no memory traffic)");
+  m.def("core_clock_ghz", [](int nthreads) {
+    py::gil_scoped_release release;
+    return core_clock_ghz(nthreads);
+  }, py::arg("nthreads") = 1, "Core clock (GHz) under nthreads busy threads, from dependent integer adds");
 }
 
 }  // namespace ktrans
