@@ -30,8 +30,9 @@ QUANT_NMSE = {
 }
 # vec_dot (weights as stored, activations quantized to q8_0 / q8_K) vs a float64 dot of the
 # dequantized weights with the original float activations: the activation rounding alone
-# (8 bits per block of 32 or 256) gives NMSE ~3e-5..6e-5 on Gaussian data.
-VEC_DOT_Q8_NMSE = 2e-4
+# (8 bits per block of 32 or 256) gives NMSE median 3e-5 (q8_0) / 5e-5 (q8_K) on Gaussian data,
+# max 1.4e-4 over 200 draws of the smallest test case (one block, 24 rows x 2).
+VEC_DOT_Q8_NMSE = 6e-4
 # f32 / f16 / bf16 weights dot f32 activations: float32 accumulation only.
 VEC_DOT_FLOAT_NMSE = 1e-10
 # An ISA variant vs the generic reference: same integer sums, different float summation order.

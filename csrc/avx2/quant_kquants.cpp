@@ -1,5 +1,5 @@
-// AVX2 q4_K / q5_K quantization: the per-sub-block scale/min search of the reference, run for
-// the 8 sub-blocks of a super-block at once (lane j = sub-block j; values gathered so that
+// AVX2 q4_K / q5_K / q6_K quantization: the per-sub-block scale (and min) search of the
+// reference, run for 8 sub-blocks (q6_K: 8 groups of 16) at once (lane j = sub-block j; values gathered so that
 // vector l holds element l of every sub-block). The scale quantization, re-rounding and packing
 // are the shared scalar steps of quant/kquant_impl.h.
 // NOTE: bit-identical to the generic reference: each lane performs the reference's float
@@ -138,6 +138,71 @@ void q5_k_avx2(const float* x, void* dst, int64_t n) {
   }
 }
 
+// The reference's fit_symmetric (q6_K: levels -32..31, weight x^2, 20 candidate scales) for 8
+// groups of 16 at once; X[l] holds element l of each group. Writes scales and levels (l + 32).
+void fit_symmetric_lanes(const __m256* X, float* sc, uint8_t* L, int group0) {
+  constexpr int kNmax = 32;
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 amax = zero, max = zero;
+  for (int l = 0; l < 16; ++l) {
+    const __m256 ax = _mm256_and_ps(X[l], abs_mask);
+    const __m256 gt = _mm256_cmp_ps(ax, amax, _CMP_GT_OQ);  // strict: the first largest wins
+    amax = _mm256_blendv_ps(amax, ax, gt);
+    max = _mm256_blendv_ps(max, X[l], gt);
+  }
+  const __m256 tiny = _mm256_cmp_ps(amax, _mm256_set1_ps(kKQuantGroupEps), _CMP_LT_OQ);
+  const __m256i lo = _mm256_set1_epi32(-kNmax), hi = _mm256_set1_epi32(kNmax - 1);
+  __m256 best_scale = zero, best = _mm256_set1_ps(-1.0f);
+  __m256i Lv[16], cand[16];
+  for (int l = 0; l < 16; ++l) Lv[l] = _mm256_setzero_si256();
+  for (int k = 0; k <= 19; ++k) {
+    const float off = k == 0 ? 0.0f : 0.1f * static_cast<float>(k <= 9 ? k - 10 : k - 9);
+    const __m256 iscale = _mm256_div_ps(_mm256_set1_ps(-(static_cast<float>(kNmax) + off)), max);
+    __m256 slx = zero, sl2 = zero;
+    for (int l = 0; l < 16; ++l) {
+      cand[l] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(iscale, X[l])), lo), hi);
+      const __m256 lf = _mm256_cvtepi32_ps(cand[l]);
+      const __m256 w = _mm256_mul_ps(X[l], X[l]);
+      slx = _mm256_add_ps(slx, _mm256_mul_ps(_mm256_mul_ps(w, X[l]), lf));
+      sl2 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(w, lf), lf));
+    }
+    const __m256 better = _mm256_and_ps(
+        _mm256_cmp_ps(sl2, zero, _CMP_GT_OQ),
+        _mm256_or_ps(_mm256_cmp_ps(best, zero, _CMP_LT_OQ),
+                     _mm256_cmp_ps(_mm256_mul_ps(slx, slx), _mm256_mul_ps(best, sl2), _CMP_GT_OQ)));
+    const __m256i bi = _mm256_castps_si256(better);
+    for (int l = 0; l < 16; ++l) Lv[l] = _mm256_blendv_epi8(Lv[l], cand[l], bi);
+    const __m256 s = _mm256_div_ps(slx, sl2);
+    best_scale = _mm256_blendv_ps(best_scale, s, better);
+    best = _mm256_blendv_ps(best, _mm256_mul_ps(s, slx), better);
+  }
+  // All-zero groups: scale 0, level 0 (stored as nmax), as the reference's early return.
+  _mm256_storeu_ps(sc + group0, _mm256_blendv_ps(best_scale, zero, tiny));
+  const __m256i ti = _mm256_castps_si256(tiny);
+  alignas(32) int32_t lv[8];
+  for (int l = 0; l < 16; ++l) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lv), _mm256_andnot_si256(ti, Lv[l]));
+    for (int j = 0; j < 8; ++j) L[16 * (group0 + j) + l] = static_cast<uint8_t>(lv[j] + kNmax);
+  }
+}
+
+void q6_k_avx2(const float* x, void* dst, int64_t n) {
+  BlockQ6_K* y = static_cast<BlockQ6_K*>(dst);
+  const __m256i idx = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);
+  alignas(32) uint8_t L[kQK_K];
+  float sc[16];
+  __m256 X[16];
+  for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
+    for (int half = 0; half < 2; ++half) {
+      for (int l = 0; l < 16; ++l) X[l] = _mm256_i32gather_ps(x + 128 * half + l, idx, 4);
+      fit_symmetric_lanes(X, sc, L, 8 * half);
+    }
+    kq_finish_q6_k(x, sc, L, &y[i]);
+  }
+}
+
+RegisterKernel<QuantizeRowFn> reg_q6_k(k_quantize_row[qi(QType::q6_k)], Isa::avx2, q6_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q4_k(k_quantize_row[qi(QType::q4_k)], Isa::avx2, q4_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q5_k(k_quantize_row[qi(QType::q5_k)], Isa::avx2, q5_k_avx2);
 

@@ -18,7 +18,7 @@
 namespace ktrans {
 namespace {
 
-constexpr float kGroupEps = 1e-15f;  // below this a group is treated as all zeros
+constexpr float kGroupEps = kKQuantGroupEps;
 
 static inline int nearest_int(float v) { return kq_nearest_int(v); }
 static inline int clampi(int v, int lo, int hi) { return kq_clamp(v, lo, hi); }
@@ -173,35 +173,8 @@ void q_q6_k(const float* x, void* dst, int64_t n) {
   uint8_t L[kQK_K];
   float sc[16];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
-    float max_abs = 0.0f, max_sc = 0.0f;
-    for (int g = 0; g < 16; ++g) {
-      sc[g] = fit_symmetric(16, 32, x + 16 * g, L + 16 * g);
-      if (std::fabs(sc[g]) > max_abs) {
-        max_abs = std::fabs(sc[g]);
-        max_sc = sc[g];
-      }
-    }
-    if (max_abs < kGroupEps) {
-      std::memset(&y[i], 0, sizeof(BlockQ6_K));
-      continue;
-    }
-    const float iscale = -128.0f / max_sc;
-    y[i].d = f32_to_fp16(1.0f / iscale);
-    const float d = fp16_to_f32(y[i].d);
-    for (int g = 0; g < 16; ++g) {
-      y[i].scales[g] = static_cast<int8_t>(std::min(127, nearest_int(iscale * sc[g])));
-      const float dl = d * y[i].scales[g];
-      if (dl == 0.0f) continue;
-      for (int l = 16 * g; l < 16 * g + 16; ++l)
-        L[l] = static_cast<uint8_t>(clampi(nearest_int(x[l] / dl), -32, 31) + 32);
-    }
-    for (int h = 0; h < 2; ++h)
-      for (int l = 0; l < 32; ++l) {
-        const uint8_t* v = L + 128 * h + l;
-        y[i].ql[64 * h + l] = (v[0] & 0xF) | (v[64] & 0xF) << 4;
-        y[i].ql[64 * h + l + 32] = (v[32] & 0xF) | (v[96] & 0xF) << 4;
-        y[i].qh[32 * h + l] = (v[0] >> 4) | (v[32] >> 4) << 2 | (v[64] >> 4) << 4 | (v[96] >> 4) << 6;
-      }
+    for (int g = 0; g < 16; ++g) sc[g] = fit_symmetric(16, 32, x + 16 * g, L + 16 * g);
+    kq_finish_q6_k(x, sc, L, &y[i]);
   }
 }
 

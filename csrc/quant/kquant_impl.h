@@ -1,4 +1,4 @@
-// Shared scalar steps of q4_K / q5_K quantization, used by the generic reference and the AVX2
+// Shared scalar steps of q4_K / q5_K / q6_K quantization, used by the generic reference and the AVX2
 // quantizer (which vectorises only the per-sub-block scale/min search): quantizing the 8
 // sub-block scales and mins to 6 bits, re-rounding every value against its final scale, and
 // packing levels into the block layout. static inline: each file keeps a baseline-ISA copy.
@@ -12,6 +12,8 @@
 #include "quant/quant.h"
 
 namespace ktrans {
+
+constexpr float kKQuantGroupEps = 1e-15f;  // a group whose largest |x| is below this is all zeros
 
 static inline int kq_nearest_int(float v) { return static_cast<int>(std::lrintf(v)); }
 static inline int kq_clamp(int v, int lo, int hi) { return std::min(hi, std::max(lo, v)); }
@@ -65,6 +67,39 @@ static inline void kq_pack_q5_k(const uint8_t* L, BlockQ5_K* y) {
     for (int l = 0; l < 32; ++l) y->qh[l] |= static_cast<uint8_t>((L[32 * j + l] >> 4) << j);
   for (int c = 0; c < 4; ++c)
     for (int l = 0; l < 32; ++l) y->qs[32 * c + l] = (L[64 * c + l] & 0xF) | (L[64 * c + 32 + l] & 0xF) << 4;
+}
+
+// q6_K from the 16 fitted group scales sc[16] and the fit's levels L (l + 32): quantizes the
+// scales to int8 against an fp16 super-scale, re-rounds the values, packs ql / qh.
+static inline void kq_finish_q6_k(const float* x, const float* sc, uint8_t* L, BlockQ6_K* y) {
+  float max_abs = 0.0f, max_sc = 0.0f;
+  for (int g = 0; g < 16; ++g) {
+    if (std::fabs(sc[g]) > max_abs) {
+      max_abs = std::fabs(sc[g]);
+      max_sc = sc[g];
+    }
+  }
+  if (max_abs < kKQuantGroupEps) {
+    std::memset(y, 0, sizeof(BlockQ6_K));
+    return;
+  }
+  const float iscale = -128.0f / max_sc;
+  y->d = f32_to_fp16(1.0f / iscale);
+  const float d = fp16_to_f32(y->d);
+  for (int g = 0; g < 16; ++g) {
+    y->scales[g] = static_cast<int8_t>(std::min(127, kq_nearest_int(iscale * sc[g])));
+    const float dl = d * y->scales[g];
+    if (dl == 0.0f) continue;
+    for (int l = 16 * g; l < 16 * g + 16; ++l)
+      L[l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int(x[l] / dl), -32, 31) + 32);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* v = L + 128 * h + l;
+      y->ql[64 * h + l] = (v[0] & 0xF) | (v[64] & 0xF) << 4;
+      y->ql[64 * h + l + 32] = (v[32] & 0xF) | (v[96] & 0xF) << 4;
+      y->qh[32 * h + l] = (v[0] >> 4) | (v[32] >> 4) << 2 | (v[64] >> 4) << 4 | (v[96] >> 4) << 6;
+    }
 }
 
 }  // namespace ktrans
