@@ -77,7 +77,29 @@ class ForwardContext:
     seq_lens: list[int]            # [R] num_computed + num_new: tokens each request attends over
     page_table: torch.Tensor       # [R, max_pages] int64 on `device`
     positions: torch.Tensor        # [T] int64 on `device`
-    cache: dict = field(default_factory=dict)  # per-step values shared between layers (e.g. rope cos/sin)
+    cache: dict = field(default_factory=dict)  # per-step values shared between layers
+
+    def decode_group(self) -> "DecodeGroup | None":
+        """The requests with exactly one new token, batched for attention (built once per step,
+        so layers add no host-to-device copies, which on CUDA would each wait for the stream)."""
+        if "decode" not in self.cache:
+            reqs = [r for r, n in enumerate(self.batch.num_new) if n == 1]
+            group = None
+            if reqs:
+                rows = torch.tensor([self.query_start[r] for r in reqs], device=self.device)
+                tables = self.page_table.index_select(0, torch.tensor(reqs, device=self.device))
+                group = DecodeGroup(reqs=frozenset(reqs), rows=rows, page_table=tables,
+                                    max_len=max(self.seq_lens[r] for r in reqs))
+            self.cache["decode"] = group
+        return self.cache["decode"]
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    reqs: frozenset[int]           # request indices (into the batch) with num_new == 1
+    rows: torch.Tensor             # [B] int64 on the device, their token rows in the packed batch
+    page_table: torch.Tensor       # [B, max_pages] int64 on the device
+    max_len: int                   # longest of their seq_lens (padding bound of the gather)
 
 
 def build_context(batch: ForwardBatch, kv, device: torch.device) -> ForwardContext:

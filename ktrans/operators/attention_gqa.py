@@ -102,10 +102,11 @@ class GQAAttention(Operator):
         ctx.kv.write(self.layer_idx, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)                                                         # [T, Hq, d]
         qs, pos = ctx.query_start, ctx.positions
-        single = [r for r, n in enumerate(ctx.batch.num_new) if batch_decode and n == 1]
-        if single:
-            rows = torch.tensor([qs[r] for r in single], device=x.device)               # [B]
-            kc, vc = ctx.kv.gather_padded(self.layer_idx, ctx.page_table[single], max(ctx.seq_lens[r] for r in single))
+        group = ctx.decode_group() if batch_decode else None
+        single = group.reqs if group is not None else frozenset()
+        if group is not None:
+            rows = group.rows                                                             # [B]
+            kc, vc = ctx.kv.gather_padded(self.layer_idx, group.page_table, group.max_len)  # [B, L, Hkv, d]
             out[rows] = self._attend(q[rows, None], kc, vc, pos[rows, None])[:, 0]
         for r in range(ctx.batch.num_reqs):
             if r in single:

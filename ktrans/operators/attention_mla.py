@@ -142,18 +142,18 @@ class MLAAttention(Operator):
         ctx.kv.write(self.layer_idx, ctx.slot_mapping, entries)
         out = torch.empty(x.shape[0], self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)  # [T, H, dv]
         qs, pos = ctx.query_start, ctx.positions
-        decode = [r for r, n in enumerate(ctx.batch.num_new) if absorb_decode and (n == 1 or self.absorb_for_prefill)]
-        single = [r for r in decode if ctx.batch.num_new[r] == 1]
-        if single:
-            rows = torch.tensor([qs[r] for r in single], device=x.device)               # [B]
-            cached = ctx.kv.gather_padded(self.layer_idx, ctx.page_table[single], max(ctx.seq_lens[r] for r in single))[0]
+        group = ctx.decode_group() if absorb_decode else None
+        single = group.reqs if group is not None else frozenset()
+        if group is not None:
+            rows = group.rows                                                             # [B]
+            cached = ctx.kv.gather_padded(self.layer_idx, group.page_table, group.max_len)[0]  # [B, L, r + dr]
             out[rows] = self._attend_absorbed(q_nope[rows, None], q_pe[rows, None], cached, pos[rows, None])[:, 0]
         for r in range(ctx.batch.num_reqs):
             if r in single:
                 continue
             sl = slice(qs[r], qs[r + 1])
             cached = ctx.kv.gather(self.layer_idx, ctx.page_table[r], ctx.seq_lens[r])[0]  # [L, r + dr]
-            if r in decode:
+            if absorb_decode and self.absorb_for_prefill:
                 out[sl] = self._attend_absorbed(q_nope[sl][None], q_pe[sl][None], cached[None], pos[sl][None])[0]
             else:
                 out[sl] = self._attend_expanded(q_nope[sl], q_pe[sl], cached, pos[sl])

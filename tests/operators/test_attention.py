@@ -71,3 +71,17 @@ def test_attention_matches_hf_over_packed_chunked_steps(arch, native):
     got = _run_schedule(op, model, config, xs, native)
     for r in range(3):
         torch.testing.assert_close(got[r], _hf_reference(model, attn, xs[r]), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_mla_absorbed_prefill_matches_hf(arch):
+    """absorb_for_prefill: the absorbed form for multi-token chunks too (long contexts)."""
+    config, model = tiny_hf_model(arch)
+    attn = model.model.layers[1].self_attn
+    op = MLAAttention(key="model.layers.1.self_attn", orig_module=attn, config=config, device="cpu",
+                      absorb_for_prefill=True)
+    op.load_weights(model_source(model))
+    xs = [torch.randn(sum(SCHEDULE[r]), config.hidden_size) for r in range(3)]
+    got = _run_schedule(op, model, config, xs, native=False)
+    for r in range(3):
+        torch.testing.assert_close(got[r], _hf_reference(model, attn, xs[r]), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
