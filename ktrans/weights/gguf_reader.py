@@ -29,6 +29,7 @@ from ktrans.weights.source import RawTensor
 GGUF_MAGIC = b"GGUF"
 MAX_DIMS = 4                      # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32
+_MADV_POPULATE_READ = 22         # linux/mman.h; not exported by Python's mmap module
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # GGUF metadata value types -> (struct code, numpy dtype) for fixed-size scalars.
@@ -153,6 +154,7 @@ class GGUFFile:
         finally:
             os.close(fd)
         self.size = size
+        self._populate_ok: bool | None = None
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, GGUFTensor] = {}
@@ -161,12 +163,21 @@ class GGUFFile:
     def view(self, start: int, nbytes: int) -> np.ndarray:
         return self._buf[start:start + nbytes]
 
-    def advise(self, start: int, nbytes: int, advice: int = getattr(mmap, "MADV_WILLNEED", 3)) -> None:
-        """Hint the kernel to read a byte range ahead (a no-op where madvise is missing)."""
-        page = mmap.PAGESIZE
-        lo = start - start % page
-        if hasattr(self._mm, "madvise") and nbytes > 0:
-            self._mm.madvise(advice, lo, min(self.size, start + nbytes) - lo)
+    def populate(self, start: int, nbytes: int) -> None:
+        """Map a byte range's pages in one call before a bulk copy of it.
+
+        NOTE: copying from a fresh mapping takes one page fault per 4 KiB page, which halves copy
+        speed from the page cache; MADV_POPULATE_READ (Linux >= 5.14) maps them all at once
+        (reading from disk what is not cached). Where unsupported, pages fault in as before.
+        """
+        if nbytes <= 0 or self._populate_ok is False:
+            return
+        lo = start - start % mmap.PAGESIZE
+        try:
+            self._mm.madvise(_MADV_POPULATE_READ, lo, min(self.size, start + nbytes) - lo)
+            self._populate_ok = True
+        except (OSError, ValueError, AttributeError):
+            self._populate_ok = False
 
     def _parse(self) -> None:
         cur = _Cursor(self._mm, self.path)

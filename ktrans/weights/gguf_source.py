@@ -143,6 +143,8 @@ class GGUFSource(WeightSource):
     def tensor(self, name: str, dtype=None, device="cpu"):
         import torch
 
+        for p in self._resolve(name).parts:               # about to read all of it: map it in one go
+            p.file.populate(p.start, p.nbytes)
         raw = self._raw(name)
         t = raw_to_torch(raw, where=f"{self.where(name)}").to(dtype or torch.float32)
         return self.placed(t, device, raw.nbytes)

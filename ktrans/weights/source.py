@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,11 +64,36 @@ class RawTensor:
         return int(self.data.nbytes)
 
 
+_COPY_CHUNK = 32 << 20     # bytes per copy task: large enough to amortise a task, small enough to spread
+_copy_pool: ThreadPoolExecutor | None = None
+
+
+def copy_bytes(src: np.ndarray) -> np.ndarray:
+    """An owned copy of flat uint8 `src`, split across threads when large.
+
+    NOTE: one thread cannot saturate memory bandwidth on a many-core machine (and reading a
+    memory-mapped file adds page-table work per page); numpy releases the GIL while copying, so
+    chunks copied from a few threads run in parallel.
+    """
+    global _copy_pool
+    out = np.empty(src.shape, dtype=src.dtype)
+    n = src.nbytes
+    threads = min(os.cpu_count() or 1, 8, n // _COPY_CHUNK)
+    if threads <= 1:
+        np.copyto(out, src)
+        return out
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(min(os.cpu_count() or 1, 8), thread_name_prefix="ktrans-copy")
+    steps = range(0, n, _COPY_CHUNK)
+    list(_copy_pool.map(lambda i: np.copyto(out[i:i + _COPY_CHUNK], src[i:i + _COPY_CHUNK]), steps))
+    return out
+
+
 def raw_to_torch(raw: RawTensor, where: str = "") -> "torch.Tensor":
     """Dequantize stored bytes to a float tensor of `raw.shape` on the CPU.
 
-    f32/f16/bf16/f8_e4m3 are reinterpreted (one copy, so the result never aliases a read-only
-    mapping); block quant types go through `ktrans.weights.quant.dequantize` (float32).
+    f32/f16/bf16/f8_e4m3 are reinterpreted: a read-only `raw.data` (a file mapping) is copied, a
+    writeable one is taken over (the result shares its memory); block quant types go through `ktrans.weights.quant.dequantize` (float32).
     """
     import torch
 
@@ -81,7 +107,10 @@ def raw_to_torch(raw: RawTensor, where: str = "") -> "torch.Tensor":
                 f"{where or 'tensor'}: {raw.qtype} data has {flat.nbytes} bytes, expected {expect} "
                 f"for shape {list(shape)}"
             )
-        t = torch.from_numpy(flat.view(np_dtype).copy())
+        # A read-only array is a view of a file mapping: copy it out. A writeable one was just
+        # built by a layout transform (concatenation, permutation) and is ours to keep.
+        owned = flat if flat.flags.writeable else copy_bytes(flat)
+        t = torch.from_numpy(owned.view(np_dtype))
         return t.view(getattr(torch, torch_name)).reshape(shape)
     from ktrans.weights import quant
 
