@@ -88,16 +88,17 @@ def build_ours(fmt, shape, pool, src, max_len):
     backend, qtype = FORMATS[fmt]
     E, H, I = shape["E"], shape["H"], shape["I"]
     raws = stored(src, qtype)
-    layers = []
-    t0 = time.perf_counter()
-    for _ in range(shape["layers"]):
-        m = _C.MoeLayer(pool, E, H, I, [qtype] * 3, backend=backend, max_chunk=max(max_len, 1))
-        for p in range(3):
-            for e in range(E):
-                m.load(p, e, raws[p][e % NPOOL])
-        layers.append(m)
-    load_s = time.perf_counter() - t0
-    return layers, load_s, raws
+    layers = [_C.MoeLayer(pool, E, H, I, [qtype] * 3, backend=backend, max_chunk=max(max_len, 1))
+              for _ in range(shape["layers"])]
+    load_s, src_bytes = 0.0, 0
+    for p in range(3):  # one projection of all E experts at a time: what a model load does
+        full = np.ascontiguousarray(raws[p][np.arange(E) % NPOOL])
+        t0 = time.perf_counter()
+        for m in layers:
+            m.load(p, 0, full)
+        load_s += time.perf_counter() - t0
+        src_bytes += full.nbytes * len(layers)
+    return layers, dict(load_s=load_s, load_gbs=src_bytes / load_s / 1e9), raws
 
 
 def full_tensors(fmt, shape, src, raws):
@@ -160,7 +161,7 @@ def run_shape(name, shape, args, pool, peaks, bw, peer_variant):
     src = source_experts(shape["H"], shape["I"])
     Ts = [t for t in args.T if t <= args.max_T]
     for fmt in args.formats:
-        layers, load_s, raws = build_ours(fmt, shape, pool, src, max(Ts))
+        layers, load, raws = build_ours(fmt, shape, pool, src, max(Ts))
         peer = label = None
         if peer_variant and fmt in moe_peer.PEERS and not args.no_peer:
             try:
@@ -177,7 +178,7 @@ def run_shape(name, shape, args, pool, peaks, bw, peer_variant):
             ours = lambda i: layers[i % len(layers)].forward(  # noqa: E731
                 np16(x[i % len(layers)]), ids[i % ROUTINGS].numpy(), w[i % ROUTINGS].numpy(), np16(out[i % len(layers)]))
             dt, n = time_calls(ours, T, args.budget)
-            row = dict(shape=name, format=fmt, T=T, layers=len(layers), calls=n, load_s=load_s,
+            row = dict(shape=name, format=fmt, T=T, layers=len(layers), calls=n, **load,
                        **metrics(fmt, shape, T, dt, ids, peaks, bw))
             if peer is not None:
                 qlen = torch.tensor([T], dtype=torch.int32)
@@ -196,6 +197,14 @@ def run_shape(name, shape, args, pool, peaks, bw, peer_variant):
             peer.free()
         del layers
     return rows
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def fmt_row(r: dict) -> str:
@@ -242,7 +251,7 @@ def main() -> None:
         rows += run_shape(name, shape, args, pool, peaks, bw, peer_variant)
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, cpu=platform.processor(),
+        meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, cpu=cpu_model(),
                     threads=args.threads, isa=cpu.best_isa(), bandwidth_gbs=bw, amx_peak=peaks,
                     kt_kernel=peer_variant, command=" ".join(sys.argv))
         with open(args.json, "w") as f:

@@ -126,6 +126,7 @@ class MoeLayer {
   uint16_t* hb_ = nullptr;  // [P, I] bf16 h (amx_*)
   float* scr_ = nullptr;    // [nthreads][scr_floats_] per-thread GEMM outputs (amx_*)
   int64_t scr_floats_ = 0;
+  int64_t col_block_ = 64;  // gate/up columns per work item of this chunk (amx_*)
   std::vector<std::atomic<int64_t>> counters_;  // one work counter per group
 };
 

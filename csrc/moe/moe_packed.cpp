@@ -3,7 +3,7 @@
 // M >= 16 tokens of one expert, AVX-512 below, the generic reference elsewhere).
 //
 // Phases (see moe.h for the common structure): 1. gather each position's x row as bf16, grouped
-// per expert ([P, H]); 2. per (expert, block of 64 I-columns): gate and up GEMMs into per-thread
+// per expert ([P, H]); 2. per (expert, block of 64..256 I-columns): gate and up GEMMs into per-thread
 // f32 scratch, h = silu(g) * u stored as bf16 [P, I]; 3. down: each thread owns a 16-aligned range
 // of H output columns, runs the GEMM of every active expert on it and adds w * y into the f32
 // accumulator. Loading dequantizes each source row (any GGUF format, bf16, f32) and packs rows in
@@ -20,7 +20,7 @@
 namespace ktrans {
 namespace {
 
-constexpr int64_t kColBlock = 64;   // I-columns of gate/up per work item (4 panels)
+constexpr int64_t kMaxColBlock = 256;  // I-columns of gate/up per work item, at most (16 panels)
 constexpr int64_t kPackRows = 64;   // source rows dequantized per pack call
 
 enum Slot { kXg = 10, kHb, kScr, kAccP };  // after moe_forward.cpp's slots
@@ -68,7 +68,10 @@ void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
   // Per-thread scratch: gate + up blocks [max_m, 64] each, or one expert's down columns.
   int min_group = n;
   for (int g = 0; g < ngroups(); ++g) min_group = std::min(min_group, pool_->group_size(g));
-  scr_floats_ = max_m * std::max<int64_t>(2 * kColBlock, (S > 1 ? H / min_group : H / n) + 32);
+  // Wider gate/up blocks when there is plenty of work: x of an expert is re-read once per block.
+  const int64_t per_thread = plan_.num_active() * I / (64 * 8 * n);
+  col_block_ = 64 * std::min<int64_t>(kMaxColBlock / 64, std::max<int64_t>(1, per_thread));
+  scr_floats_ = max_m * std::max<int64_t>(2 * col_block_, (S > 1 ? H / min_group : H / n) + 32);
   xg_ = reinterpret_cast<uint16_t*>(buf_.get(kXg, std::max<int64_t>(P, 1) * H * 2));
   hb_ = reinterpret_cast<uint16_t*>(buf_.get(kHb, std::max<int64_t>(P, 1) * I * 2));
   scr_ = reinterpret_cast<float*>(buf_.get(kScr, n * scr_floats_ * 4));
@@ -104,22 +107,22 @@ void MoeLayer::phase_gate_up_packed() {
     const int g = pool_->group_of(ith);
     const int64_t lo = numa_ == NumaMode::split ? row_begin_[g] : 0;  // global col = local + lo
     const int64_t c0 = row_begin_[g] - lo, c1 = row_begin_[g + 1] - lo;
-    const int64_t nblk = (c1 - c0 + kColBlock - 1) / kColBlock;
+    const int64_t cb = col_block_, nblk = (c1 - c0 + cb - 1) / cb;
     float* gs = scr_ + ith * scr_floats_;
     for (;;) {
       int64_t it = counters_[g].fetch_add(1, std::memory_order_relaxed);
       if (it >= A * nblk) break;
-      const int64_t ai = it / nblk, n0 = c0 + it % nblk * kColBlock, n1 = std::min(n0 + kColBlock, c1);
+      const int64_t ai = it / nblk, n0 = c0 + it % nblk * cb, n1 = std::min(n0 + cb, c1);
       const int64_t e = plan_.active[ai], p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
       const ProjStore& sg = store_[0][g];
       const ProjStore& su = store_[1][g];
-      float* us = gs + m * kColBlock;
+      float* us = gs + m * cb;
       // NOTE: y is indexed by absolute column n, hence the pointers shifted back by n0.
-      gemm(sg.expert(e), sg.rows, H, xg_ + p0 * H, H, m, gs - n0, kColBlock, n0, n1, false);
-      gemm(su.expert(e), su.rows, H, xg_ + p0 * H, H, m, us - n0, kColBlock, n0, n1, false);
+      gemm(sg.expert(e), sg.rows, H, xg_ + p0 * H, H, m, gs - n0, cb, n0, n1, false);
+      gemm(su.expert(e), su.rows, H, xg_ + p0 * H, H, m, us - n0, cb, n0, n1, false);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t c = n0; c < n1; ++c) {
-          const float h = silu(gs[i * kColBlock + c - n0]) * us[i * kColBlock + c - n0];
+          const float h = silu(gs[i * cb + c - n0]) * us[i * cb + c - n0];
           hb_[(p0 + i) * I + c + lo] = f32_to_bf16(h);  // [P, I]
         }
     }
