@@ -92,8 +92,8 @@ def copy_bytes(src: np.ndarray) -> np.ndarray:
 def raw_to_torch(raw: RawTensor, where: str = "") -> "torch.Tensor":
     """Dequantize stored bytes to a float tensor of `raw.shape` on the CPU.
 
-    f32/f16/bf16/f8_e4m3 are reinterpreted: a read-only `raw.data` (a file mapping) is copied, a
-    writeable one is taken over (the result shares its memory); block quant types go through `ktrans.weights.quant.dequantize` (float32).
+    f32/f16/bf16/f8_e4m3 are reinterpreted: views are copied, an array owning its memory (made by
+    a layout transform) is taken over (the result shares it); block quant types go through `ktrans.weights.quant.dequantize` (float32).
     """
     import torch
 
@@ -107,9 +107,11 @@ def raw_to_torch(raw: RawTensor, where: str = "") -> "torch.Tensor":
                 f"{where or 'tensor'}: {raw.qtype} data has {flat.nbytes} bytes, expected {expect} "
                 f"for shape {list(shape)}"
             )
-        # A read-only array is a view of a file mapping: copy it out. A writeable one was just
-        # built by a layout transform (concatenation, permutation) and is ours to keep.
-        owned = flat if flat.flags.writeable else copy_bytes(flat)
+        # An array that owns its writeable memory was just built by a layout transform
+        # (concatenation, permutation) and is ours to keep; views (of a file mapping, of another
+        # tensor) are copied, so the result never aliases memory someone else holds.
+        mine = raw.data.flags.owndata and raw.data.flags.writeable
+        owned = flat if mine else copy_bytes(flat)
         t = torch.from_numpy(owned.view(np_dtype))
         return t.view(getattr(torch, torch_name)).reshape(shape)
     from ktrans.weights import quant
