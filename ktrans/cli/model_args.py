@@ -89,9 +89,8 @@ def runner_kwargs(args, *, progress: bool = True) -> dict:
 
 def engine_kwargs(args, *, max_batch_size: int = 1) -> dict:
     """LLMEngine/AsyncEngine keyword arguments besides the runner's."""
-    batch = getattr(args, "max_batch_size", None) or max_batch_size
-    return dict(max_batch_size=batch, chunk_size=max(args.chunk_size, batch),
-                max_queue=getattr(args, "max_queue", None))
+    return dict(max_batch_size=getattr(args, "max_batch_size", None) or max_batch_size,
+                chunk_size=args.chunk_size, max_queue=getattr(args, "max_queue", None))
 
 
 def _expand(path: str | None) -> str | None:

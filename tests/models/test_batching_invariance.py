@@ -27,8 +27,8 @@ def saved(request, tmp_path_factory):
     return config, out
 
 
-def _runner(out, cache_lens=1024, page_size=16):
-    return ModelRunner(model_path=str(out), optimize_config_path=str(out / "rules.yaml"), device="cpu",
+def _runner(out, cache_lens=1024, page_size=16, device="cpu"):
+    return ModelRunner(model_path=str(out), optimize_config_path=str(out / "rules.yaml"), device=device,
                        cache_lens=cache_lens, page_size=page_size, progress=False)
 
 
@@ -47,9 +47,10 @@ def _generate(runner, prompts, *, batch: int, chunk: int) -> tuple[list[list[int
     return [tokens[str(i)] for i in range(len(prompts))], stats
 
 
-def test_alone_batched_and_chunked_give_the_same_greedy_tokens(saved):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_alone_batched_and_chunked_give_the_same_greedy_tokens(saved, device):
     config, out = saved
-    runner = _runner(out)
+    runner = _runner(out, device=device)
     prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in LENGTHS]
     alone = [_generate(runner, [p], batch=1, chunk=256)[0][0] for p in prompts]
     assert all(len(t) == NEW_TOKENS for t in alone)

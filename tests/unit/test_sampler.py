@@ -109,6 +109,23 @@ def test_draw_frequencies_follow_the_distribution():
     assert ((counts / N - probs).abs() <= 5 * sigma + 1e-3).all(), (counts / N, probs)
 
 
+@pytest.mark.gpu
+def test_cuda_logits_filter_and_draw_like_cpu():
+    V = 5000
+    params = [SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.02, seed=7),
+              SamplingParams(temperature=0, repetition_penalty=1.2), SamplingParams(temperature=1.3, seed=3)]
+    logits = torch.randn(len(params), V) * 3
+    ref = filter_logits(logits, params)
+    got = filter_logits(logits.cuda(), params).cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[~torch.isinf(ref)], ref[~torch.isinf(ref)])
+    on = {}
+    for dev in ("cpu", "cuda"):
+        reqs = [_request(p, [1, 2, 3]) for p in params]
+        on[dev] = [Sampler()(logits.to(dev), reqs) for _ in range(20)]
+    assert on["cpu"] == on["cuda"]                              # the draw itself runs on the CPU
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2),
                                          ("min_p", 1.5), ("repetition_penalty", 0.0),
                                          ("presence_penalty", 3.0), ("max_new_tokens", 0),
