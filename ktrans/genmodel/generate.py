@@ -80,15 +80,20 @@ def _write_tensors(units, gg: GGUFStream, st: SafetensorsStream | None, *, seed:
 
         while len(pending) < window and submit_next():
             pass
-        while pending:
-            raws, st_data = pending.popleft().result()
-            submit_next()
-            for raw in raws:
-                gg.write(raw)
-                if on_bytes:
-                    on_bytes(raw.nbytes)
-            if st is not None:
-                st.write(st_data)
+        try:
+            while pending:
+                raws, st_data = pending.popleft().result()
+                submit_next()
+                for raw in raws:
+                    gg.write(raw)
+                    if on_bytes:
+                        on_bytes(raw.nbytes)
+                if st is not None:
+                    st.write(st_data)
+        except BaseException:
+            for f in pending:           # Ctrl+C / error: drop queued chunks, wait only for running ones
+                f.cancel()
+            raise
 
 
 def _generate_into(tmp: Path, arch: str, preset: str, quant_name: str, layers, seed: int,

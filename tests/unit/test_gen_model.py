@@ -295,3 +295,25 @@ def test_real_presets_have_real_shapes():
     assert g["token_embd.weight"][0] == (129280, 7168) and g["output.weight"][1] == "q6_k"
     params = sum(int(np.prod(s)) for s, _ in g.values())
     assert 670e9 < params < 672e9      # DeepSeek-V3 without its MTP layer: 671B
+
+
+def test_ctrl_c_leaves_nothing(tmp_path):
+    """A real SIGINT while tensors are being written: exit code 130, no partial directory left."""
+    import signal
+    import time
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "ktrans", "gen-model", str(out), "--arch", "qwen2", "--preset", "qwen2-7b",
+           "--layers", "1", "--quant", "q4_k", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.partial-*/model.gguf")):
+            assert proc.poll() is None and time.monotonic() < deadline, "generation never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
