@@ -27,6 +27,7 @@ from ktrans.operators.rope import apply_rope, rope_style
 @register_operator("gqa_attention")
 class GQAAttention(Operator):
     name: ClassVar[str] = "gqa_attention"
+    owned_children: ClassVar[tuple[str, ...]] = ("*",)      # every projection and norm is loaded here
 
     def __init__(self, *, key: str, orig_module, config, device, dtype="auto", **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)

@@ -42,6 +42,7 @@ def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn) -> to
 @register_operator("mla_attention")
 class MLAAttention(Operator):
     name: ClassVar[str] = "mla_attention"
+    owned_children: ClassVar[tuple[str, ...]] = ("*",)      # every projection and norm is loaded here
 
     def __init__(self, *, key: str, orig_module, config, device, dtype="auto", absorb_for_prefill=False, **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)

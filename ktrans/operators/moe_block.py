@@ -82,6 +82,7 @@ def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
 @register_operator("moe_block")
 class MoEBlock(Operator):
     name: ClassVar[str] = "moe_block"
+    owned_children: ClassVar[tuple[str, ...]] = ("gate",)   # the router weights are loaded here, in f32
 
     def __init__(self, *, key: str, orig_module, config, device, **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
