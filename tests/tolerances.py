@@ -14,7 +14,8 @@ F32_ATOL = 1e-6
 # --- Quant formats (Q) -------------------------------------------------------------------------
 # Quantization error, NMSE of dequantize(quantize(x)) vs x on x ~ N(0, 1) (blocks of 128 rows x
 # 1024). Measured (docs/quant.md): f16 4.4e-8, bf16 2.8e-6, q8_0 2.9e-5, q4_0 7.4e-3,
-# q5_0 1.8e-3, q4_k 5.2e-3, q5_k 1.3e-3, q6_k 3.2e-4, q3_k 2.3e-2, q2_k 9.0e-2; bounds add ~30%.
+# q5_0 1.8e-3, q4_k 5.2e-3, q5_k 1.3e-3, q6_k 3.2e-4, q3_k 2.3e-2, q2_k 9.0e-2, iq4_xs 5.9e-3;
+# bounds add ~30%.
 QUANT_NMSE = {
     "f32": 0.0,
     "f16": 6e-8,
@@ -27,6 +28,7 @@ QUANT_NMSE = {
     "q6_k": 4.2e-4,
     "q3_k": 3.0e-2,
     "q2_k": 0.115,
+    "iq4_xs": 7.7e-3,
 }
 # vec_dot (weights as stored, activations quantized to q8_0 / q8_K) vs a float64 dot of the
 # dequantized weights with the original float activations: the activation rounding alone

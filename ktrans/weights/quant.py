@@ -24,15 +24,13 @@ class QuantType:
     block_size: int  # values per block (1 for f32/f16/bf16)
     type_size: int  # bytes per block
     vec_dot_type: str  # activation format the CPU dot products quantize inputs to
-    can_quantize: bool  # False for formats ktrans only reads (iq4_xs)
 
 
 # q8_k is an activation-only format of the K-quant dot products: not a weight type.
 _ACTIVATION_ONLY = {"q8_k"}
 
 QTYPES: dict[str, QuantType] = {
-    t["name"]: QuantType(t["name"], t["ggml_type"], t["block_size"], t["type_size"], t["vec_dot_type"],
-                         t["has_quantize"])
+    t["name"]: QuantType(t["name"], t["ggml_type"], t["block_size"], t["type_size"], t["vec_dot_type"])
     for t in _C.quant_types()
     if t["name"] not in _ACTIVATION_ONLY
 }
@@ -70,9 +68,7 @@ def row_bytes(qtype: str, cols: int) -> int:
 
 def quantize(x: np.ndarray, qtype: str, nthreads: int = 0) -> np.ndarray:
     """float32 C-contiguous [..., cols] -> uint8 [..., row_bytes(qtype, cols)] in llama.cpp layout."""
-    q = _qtype(qtype)
-    if not q.can_quantize:
-        raise KtransError(f"quantizing to {qtype} is not supported (ktrans only reads it)")
+    _qtype(qtype)
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise KtransError(f"quantize expects a float32 numpy array, got {_describe(x)}")
     if x.ndim == 0 or not x.flags.c_contiguous:
