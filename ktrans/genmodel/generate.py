@@ -36,10 +36,23 @@ def _check_out(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise KtransError(f"output directory '{out}' is not empty; pass --force to replace it")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise KtransError(f"cannot create '{out}': parent directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise KtransError(f"cannot write '{out}': parent directory '{parent}' is not writable")
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create missing parent directories (like mkdir -p); returns those created, deepest last."""
+    missing = []
+    p = parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except OSError as e:
+            raise KtransError(f"cannot create directory '{d}': {e.strerror}") from None
+    return list(reversed(missing))
 
 
 def _write_config(tmp: Path, cfg: dict, tok, quant_name: str) -> dict:
@@ -148,9 +161,11 @@ def generate_model(out_dir, *, arch: str, preset: str, quant: str, layers: int |
     out = Path(out_dir)
     _check_out(out, force)
     nthreads = nthreads or os.cpu_count() or 1
+    created = _make_parents(out.resolve().parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     except OSError as e:
+        _remove_dirs(created)
         raise KtransError(f"cannot write '{out}': {e.strerror}") from None
     umask = os.umask(0)
     os.umask(umask)
@@ -160,8 +175,17 @@ def generate_model(out_dir, *, arch: str, preset: str, quant: str, layers: int |
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
         raise
     return out
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for d in reversed(created):      # deepest first; only the (now empty) ones we made
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _replace(tmp: Path, out: Path) -> None:

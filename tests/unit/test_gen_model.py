@@ -234,8 +234,8 @@ def test_bad_output_paths(tmp_path, capsys):
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
     rc, err = _cli([str(full / "keep.txt"), "--arch", "qwen2"], capsys)
     assert rc != 0 and "exists and is not a directory" in err
-    rc, err = _cli([str(tmp_path / "no" / "such" / "dir"), "--arch", "qwen2"], capsys)
-    assert rc != 0 and "does not exist" in err
+    rc, err = _cli([str(full / "keep.txt" / "sub"), "--arch", "qwen2"], capsys)
+    assert rc != 0 and "keep.txt" in err and "Not a directory" in err
     rc, err = _cli(["/proc/ktrans-gen-model-test", "--arch", "qwen2"], capsys)
     assert rc != 0 and "cannot write '/proc/ktrans-gen-model-test'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
@@ -253,6 +253,9 @@ def test_failure_midway_leaves_nothing_and_keeps_old_output(tmp_path):
         generate_model(out, arch="qwen2", preset="tiny", quant="q8_0", force=True, on_bytes=boom)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with pytest.raises(KeyboardInterrupt):      # missing parents are created, and removed again
+        generate_model(tmp_path / "a" / "b" / "m", arch="qwen2", preset="tiny", quant="f32", on_bytes=boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     with pytest.raises(KtransError, match="not empty"):
         generate_model(out, arch="qwen2", preset="tiny", quant="f32")
 
