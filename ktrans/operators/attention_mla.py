@@ -5,7 +5,8 @@ and the rotated shared rope key k_pe (qk_rope_head_dim): 576 values for V3 inste
 2 * 128 heads * 192. Two ways to attend over it:
 
 - expanded (prefill, and the oracle `forward_native`): K/V of every cached token are rebuilt
-  with kv_b_proj, then ordinary attention with head dim qk_nope + qk_rope;
+  with kv_b_proj (kept as its per-head halves W_UK, W_UV), then ordinary attention with head dim
+  qk_nope + qk_rope;
 - absorbed (decode): kv_b_proj = [W_UK; W_UV] per head is folded into the query and the output,
   q_lat = q_nope · W_UK  [.., H, r];  score = q_lat · c + q_pe · k_pe;  o = (p · c) · W_UVᵀ,
   so attention reads the latent cache directly and nothing per-head is materialised per token.
@@ -87,6 +88,11 @@ class MLAAttention(Operator):
         self.params = torch.nn.ParameterDict()
         for name in self._shapes():
             self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype, self.device)
+        # NOTE: kv_b_proj is kept only as its two per-head halves, each contiguous, so the
+        # absorbed decode multiplies them without a per-step copy of a strided view.
+        w = self.params.pop("kv_b_proj__weight").view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        self.w_uk = torch.nn.Parameter(w[:, : self.nope_dim].contiguous(), requires_grad=False)  # [H, dn, r]
+        self.w_uv = torch.nn.Parameter(w[:, self.nope_dim:].contiguous(), requires_grad=False)   # [H, dv, r]
 
     def _p(self, name: str) -> torch.Tensor | None:
         """A loaded parameter by its name under this module (None for an absent bias)."""
@@ -109,16 +115,11 @@ class MLAAttention(Operator):
         k_pe = apply_rope(k_pe[:, None, :], emb, self.style)[:, 0]                        # [T, dr]
         return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)
 
-    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, dn, r] and W_UV [H, dv, r]: views of kv_b_proj's weight."""
-        w = self._p("kv_b_proj.weight").view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope_dim], w[:, self.nope_dim:]
-
     def _attend_expanded(self, q_nope, q_pe, cached, q_pos) -> torch.Tensor:
         """One request: q_* [n, H, .], cached [L, r + dr], q_pos [n] -> [n, H, dv]."""
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self._linear(latent, "kv_b_proj").view(-1, self.num_heads, self.nope_dim + self.v_dim)  # [L, H, dn+dv]
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_nope = torch.einsum("lr,hdr->lhd", latent, self.w_uk)                           # [L, H, dn]
+        v = torch.einsum("lr,hvr->lhv", latent, self.w_uv)                                # [L, H, dv]
         scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
                   + torch.einsum("nhe,le->hnl", q_pe, k_pe)) * self.scale                # [H, n, L]
         out = masked_attention(scores[None], q_pos[None], lambda p: torch.einsum("hnl,lhv->nhv", p[0].to(v.dtype), v))
@@ -126,7 +127,7 @@ class MLAAttention(Operator):
 
     def _attend_absorbed(self, q_nope, q_pe, cached, q_pos) -> torch.Tensor:
         """B requests at once: q_* [B, n, H, .], cached [B, L, r + dr], q_pos [B, n] -> [B, n, H, dv]."""
-        w_uk, w_uv = self._kv_b()
+        w_uk, w_uv = self.w_uk, self.w_uv
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_lat = torch.einsum("bnhd,hdr->bnhr", q_nope, w_uk)                              # [B, n, H, r]
         scores = (torch.einsum("bnhr,blr->bhnl", q_lat, latent)
