@@ -8,7 +8,9 @@
 //         of 16 f32 scales and a line of 16 int32 column sums (for the +128 activation offset).
 //   int4: groups of 32 k; 4 lines per group, byte (4c + i) of line l holds column c's k = 8l + i
 //         (low nibble) and 8l + 4 + i (high nibble) as q + 8; then per group 16 bf16 scales.
-// N is padded to a multiple of 16 (zero weights); K must be a multiple of 32.
+// N is padded to a multiple of 16 (zero weights); K must be a multiple of 32. Panels are whole
+// multiples of 64 bytes, so a 64-byte aligned buffer (recommended: any alignment works, but split
+// cache lines cost bandwidth) keeps every line and tile row in one cache line.
 //
 // Packing is per row range so callers split N across threads; the matrix product works on an
 // output-column range [n_begin, n_end) for the same reason. Neither allocates per call after a

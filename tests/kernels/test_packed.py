@@ -168,3 +168,10 @@ def test_pack_sources_refuse_bad_input():
         _C.pack_gguf("int8", "q8_0", np.zeros((16, 30), np.uint8), 32)
     with pytest.raises(ValueError, match="scale_inv"):
         _C.pack_fp8("int8", np.zeros((16, 64), np.uint8), np.ones((2, 1), np.float32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_isa_level_has_its_own_kernel(fmt):
+    """The ISA tests above really exercise each level's kernel, not a fallback."""
+    for isa in cpu.supported_isas():
+        assert _C.packed_kernel_isa(fmt, isa) == isa
