@@ -15,7 +15,8 @@ from ktrans.errors import KtransError
 from ktrans.weights.gguf_reader import GGUFReader
 
 # llama.cpp token types (llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+SPACE = "\u2581"   # sentencepiece's visible space
 
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
@@ -94,7 +95,7 @@ def _post_processor(r: GGUFReader, bos: str | None, eos: str | None, tokens: lis
     """BOS/EOS added around encoded text, as the original tokenizer's post-processor did."""
     from tokenizers import processors
 
-    add_bos = bool(r.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_bos = _add_bos(r) and bos is not None
     add_eos = bool(r.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if not (add_bos or add_eos):
         return None
@@ -103,6 +104,11 @@ def _post_processor(r: GGUFReader, bos: str | None, eos: str | None, tokens: lis
     pair = f"{single} {head}$B{tail}"
     specials = {t: tokens.index(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(specials.items()))
+
+
+def _add_bos(r: GGUFReader) -> bool:
+    # NOTE: llama.cpp adds BOS to sentencepiece vocabularies whose file does not say otherwise.
+    return bool(r.get("tokenizer.ggml.add_bos_token", r.get("tokenizer.ggml.model") == "llama"))
 
 
 def _chat_template(r: GGUFReader):
@@ -114,32 +120,74 @@ def _chat_template(r: GGUFReader):
     return main
 
 
-def tokenizer_from_gguf(r: GGUFReader):
-    """transformers fast tokenizer equivalent to the one the GGUF was converted from."""
-    from tokenizers import AddedToken, Tokenizer, decoders
-    from transformers import PreTrainedTokenizerFast
+def _spm_merges(tokens: list[str], scores) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a piece into two pieces,
+    best-scored merged piece first (sentencepiece merges the best-scored adjacent pair)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for t, i in ids.items():
+        for k in range(1, len(t)):
+            left, right = t[:k], t[k:]
+            if left in ids and right in ids:
+                found.append((-float(scores[i]), i, ids[left], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
 
-    kind = r.get("tokenizer.ggml.model")
-    if kind is None:
-        raise KtransError(f"{r.path}: GGUF has no tokenizer metadata (tokenizer.ggml.model); pass --model_path")
-    if kind != "gpt2":
-        raise KtransError(f"{r.path}: tokenizer model '{kind}' is not supported in single-file mode "
-                          f"(ktrans rebuilds byte-level BPE 'gpt2' tokenizers); pass --model_path")
-    tokens = list(r.get("tokenizer.ggml.tokens") or [])
-    if not tokens:
-        raise KtransError(f"{r.path}: tokenizer.ggml.tokens is missing or empty")
-    types = r.get("tokenizer.ggml.token_type")
-    if types is not None and len(types) != len(tokens):
-        raise KtransError(f"{r.path}: {len(types)} token types for {len(tokens)} tokens")
+
+def _spm_backend(r: GGUFReader, tokens: list[str]):
+    """llama.cpp's 'llama' vocabulary (sentencepiece BPE with byte fallback), as HF's
+    LlamaTokenizerFast files define it: '▁' for spaces, one prepended; <0xXX> byte pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = r.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise KtransError(f"{r.path}: sentencepiece tokenizer needs one tokenizer.ggml.scores entry per token")
+    unk = _token(r, "unknown", tokens)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores),
+                               unk_token=unk, byte_fallback=True, fuse_unk=True))
+    prefix = bool(r.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(SPACE)] if prefix else [])
+                                          + [normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
+
+
+def _bpe_backend(r: GGUFReader, tokens: list[str]):
+    """llama.cpp's 'gpt2' vocabulary: byte-level BPE with the named pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders
+
     spec, pre, norm = _pre_tokenizer(r)
     tok = Tokenizer(_bpe_model(r, tokens, spec))
     tok.pre_tokenizer = pre
     if norm is not None:
         tok.normalizer = norm
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def tokenizer_from_gguf(r: GGUFReader):
+    """transformers fast tokenizer equivalent to the one the GGUF was converted from."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    kind = r.get("tokenizer.ggml.model")
+    if kind is None:
+        raise KtransError(f"{r.path}: GGUF has no tokenizer metadata (tokenizer.ggml.model); pass --model_path")
+    if kind not in ("gpt2", "llama"):
+        raise KtransError(f"{r.path}: tokenizer model '{kind}' is not supported in single-file mode (ktrans "
+                          f"rebuilds 'gpt2' byte-level BPE and 'llama' sentencepiece BPE); pass --model_path")
+    tokens = list(r.get("tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise KtransError(f"{r.path}: tokenizer.ggml.tokens is missing or empty")
+    types = r.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise KtransError(f"{r.path}: {len(types)} token types for {len(tokens)} tokens")
+    tok = _bpe_backend(r, tokens) if kind == "gpt2" else _spm_backend(r, tokens)
+    special = (_CONTROL, _UNKNOWN) if kind == "llama" else (_CONTROL,)
     if types is not None:
-        tok.add_tokens([AddedToken(tokens[i], special=int(t) == _CONTROL, normalized=False)
-                        for i, t in enumerate(types) if int(t) in (_CONTROL, _USER_DEFINED)])
+        tok.add_tokens([AddedToken(tokens[i], special=int(t) in special, normalized=False)
+                        for i, t in enumerate(types) if int(t) in (*special, _USER_DEFINED)])
     bos, eos = _token(r, "bos", tokens), _token(r, "eos", tokens)
     post = _post_processor(r, bos, eos, tokens)
     if post is not None:
@@ -149,5 +197,5 @@ def tokenizer_from_gguf(r: GGUFReader):
         tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=_token(r, "unknown", tokens),
         pad_token=_token(r, "padding", tokens), chat_template=_chat_template(r),
         clean_up_tokenization_spaces=False, model_max_length=int(ctx) if ctx else int(1e30),
-        add_bos_token=bool(r.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=_add_bos(r),
         add_eos_token=bool(r.get("tokenizer.ggml.add_eos_token", False)))

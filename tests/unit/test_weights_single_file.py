@@ -155,3 +155,43 @@ def test_single_file_errors(tmp_path, tiny_model):
         with pytest.raises(KtransError, match=msg) as e:
             fn(GGUFReader(str(path)))
         assert str(path) in str(e.value)
+
+
+def _spm_gguf(path):
+    """A llama.cpp 'llama' (sentencepiece BPE) vocabulary: <unk>/<s>/</s>, 256 byte pieces, pieces
+    trained on a small corpus (score = -rank, as sentencepiece orders them), a user-defined token."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    tok.train_from_iterator([c for c in CORPUS if "数" not in c],
+                            trainers.BpeTrainer(vocab_size=500, show_progress=False))
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    pieces = sorted(vocab, key=vocab.get)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|user|>"]
+    meta = {"llama.block_count": 1, "llama.expert_count": 2, "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0],
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]"
+                                       "{% endfor %}"}
+    return write_gguf(path, {"token_embd.weight": np.zeros((len(tokens), 32))}, arch="llama", metadata=meta)
+
+
+def test_sentencepiece_vocabulary_against_transformers_gguf_loader(tmp_path):
+    """transformers' own GGUF tokenizer loader is an independent implementation of the same format.
+    NOTE: it uses the non-legacy Metaspace prefix; llama.cpp and Mixtral's tokenizer.json prepend
+    '▁' to every text segment (also after a special token) as ktrans does, so the texts compared
+    here start with a non-space and hold no special tokens."""
+    from transformers import AutoTokenizer
+
+    path = _spm_gguf(tmp_path / "spm.gguf")
+    ours, ref = tokenizer_from_gguf(GGUFReader(str(path))), AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in [CORPUS[1], CORPUS[3], CORPUS[4], MIXED.strip(), "def f(x):\n    return x ** 2  # 你好 🚀"]:
+        _assert_same_tokenizer(ours, ref, text)
+    assert ours("hi")["input_ids"][0] == 1 and ours.decode(ours("hi")["input_ids"]) == "<s> hi"
+    ids = ours("<|user|>hi there</s>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == ours.convert_tokens_to_ids("<|user|>") and ids[-1] == 2
+    assert ours.convert_ids_to_tokens(ids)[1] == "▁"          # legacy: '▁' prepended after a special token
+    assert ours.decode(ids) == "<|user|> hi there</s>" and ours.decode(ids, skip_special_tokens=True) == "<|user|> hi there"
+    assert ours.apply_chat_template(CHAT[1:2], tokenize=False) == ref.apply_chat_template(CHAT[1:2], tokenize=False)
