@@ -3,6 +3,8 @@
 // so it is meant for calls that take milliseconds or more, not for per-token kernels (those use
 // the MoE thread pool).
 #pragma once
+#include <sched.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <thread>
@@ -11,10 +13,17 @@
 
 namespace ktrans {
 
-// Number of threads to use: requested > 0 as given, else all hardware threads; never more than
-// `max_useful` (so tiny inputs stay on the calling thread).
+// CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share).
+inline int available_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+// Number of threads to use: requested > 0 as given, else every CPU available to the process;
+// never more than `max_useful` (so tiny inputs stay on the calling thread).
 inline int resolve_threads(int requested, int64_t max_useful) {
-  int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
+  int n = requested > 0 ? requested : available_cpus();
   n = std::max(1, n);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, max_useful)));
 }
