@@ -62,7 +62,7 @@ def _collapse(pattern: str, entries: list[PlanEntry]) -> str:
     layers = sorted({layer_of(e.path) for e in entries} - {None})
     if "#" not in pattern or not layers:
         return pattern
-    return pattern.replace("#", "{" + index_ranges(layers) + "}", 1)
+    return pattern.replace("#", str(layers[0]) if len(layers) == 1 else "{" + index_ranges(layers) + "}", 1)
 
 
 def index_ranges(values: list[int]) -> str:
