@@ -3,8 +3,9 @@
 Two tables per llama.cpp architecture (`general.architecture`):
 
 * TENSORS: which transformers-5 parameter (the name `model.named_parameters()` lists, plus the
-  DeepSeek-V3 `e_score_correction_bias` buffer) is stored under which llama.cpp tensor name(s),
-  in which kind of layer, and the transform between the two layouts.
+  DeepSeek-V3 `mlp.gate.e_score_correction_bias`, a persistent buffer in transformers) is stored
+  under which llama.cpp tensor name(s), in which kind of layer, and the transform between the two
+  layouts.
 * METADATA: which config attribute is stored under which `{arch}.*` GGUF key.
 
 Shapes below are numpy shapes (row-major, last dim contiguous). GGUF lists dims reversed
@@ -91,8 +92,8 @@ def _dense_mlp(prefix: str = "mlp", suffix: str = "", layers: str = "dense") -> 
 
 _EXPERTS = [
     TensorMap("model.layers.{i}.mlp.gate.weight", ("blk.{i}.ffn_gate_inp.weight",), "copy", "moe"),
-    TensorMap("model.layers.{i}.mlp.experts.gate_up_proj", ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"),
-              "gate_up", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.gate_up_proj",
+              ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"), "gate_up", "moe"),
     TensorMap("model.layers.{i}.mlp.experts.down_proj", ("blk.{i}.ffn_down_exps.weight",), "copy", "moe"),
 ]
 
