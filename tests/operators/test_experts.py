@@ -130,3 +130,29 @@ def test_bad_expert_id_is_a_ktrans_error():
     ids = torch.tensor([[0, 99]])
     with pytest.raises(KtransError, match="expert id 99"):
         op(torch.randn(1, config.hidden_size), ids, torch.rand(1, 2))
+
+
+def test_gguf_file_mixed_formats(tiny_model):
+    """A real GGUF (q4_k_m: q4_k gate/up, q6_k down) through expert_stack, as stored."""
+    import transformers
+
+    from ktrans.weights.source import open_weights
+
+    src = open_weights(None, str(tiny_model("qwen3_moe", "q4_k_m", with_safetensors=False) / "model.gguf"))
+    config = src.config()
+    with torch.device("meta"):
+        model = transformers.Qwen3MoeForCausalLM(config)
+    hf = model.model.layers[1].mlp.experts
+    op = get_operator("cpu_experts")(key=KEY, orig_module=hf, config=config, device="cpu", backend="auto")
+    op.load_weights(src)
+    ref_op = get_operator("torch_experts")(key=KEY, orig_module=hf, config=config, device="cpu")
+    ref_op.load_weights(src)
+    x = torch.randn(7, config.hidden_size)
+    ids, w = routing(config, hf, 7)
+    got = op(x, ids, w)
+    assert nmse(got, ref_op(x, ids, w)) < MOE_NMSE["q4_k"]
+    assert nmse(got, op.forward_native(x, ids, w)) < MOE_NMSE["q4_k"]
+    stored = src.info(f"{KEY}.gate_up_proj").nbytes + src.info(f"{KEY}.down_proj").nbytes
+    planned = type(op).planned_bytes(key=KEY, orig_module=hf, config=config, device="cpu",
+                                     kwargs={"numa": "replicate", "numa_nodes": 1}, weights=src)
+    assert planned == {"cpu": stored} and op._moe.weight_bytes == stored
