@@ -129,7 +129,8 @@ def bench(path: str, dequant: bool) -> None:
         # NOTE: CPU seconds (all threads) say how much work the load cost, whatever else shares
         # the machine; wall time is what a user waits.
         print(f"tensor() of {len(group)} {label} parameters: {prog.seconds:.2f} s wall, {human_bytes(rate)}/s "
-              f"= {rate / bw_fresh:.0%} of memcpy into fresh memory; {cpu:.2f} CPU-s = {human_bytes(nbytes / cpu)}/CPU-s")
+              f"= {rate / bw_fresh:.0%} of memcpy into fresh memory; "
+              f"{cpu:.2f} CPU-s = {human_bytes(nbytes / cpu)}/CPU-s")
     if quant and not dequant:
         print(f"({len(quant)} quantized parameters skipped; --dequant to time their dequantization)")
 

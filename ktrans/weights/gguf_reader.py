@@ -81,7 +81,8 @@ class _Cursor:
         self.buf, self.path, self.off, self.size = buf, path, 0, len(buf)
 
     def fail(self, what: str) -> KtransError:
-        return KtransError(f"{self.path}: corrupt or truncated GGUF: {what} (at byte {self.off}, file size {self.size})")
+        return KtransError(f"{self.path}: corrupt or truncated GGUF: {what} "
+                           f"(at byte {self.off}, file size {self.size})")
 
     def take(self, n: int, what: str) -> int:
         if n < 0 or self.off + n > self.size:
@@ -193,7 +194,8 @@ class GGUFFile:
         n_kv = cur.scalar("<Q", "metadata count")
         # Smallest kv entry: 8 (key length) + 4 (type) + 1 byte; smallest tensor entry: 8+4+8+4+8.
         if n_kv * 13 > self.size or n_tensors * 32 > self.size:
-            raise cur.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold")
+            raise cur.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries, "
+                           f"more than the file can hold")
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             if key in self.metadata:
@@ -310,7 +312,8 @@ def gguf_files(path: str) -> list[str]:
     if not m:
         return [path]
     count = int(m["count"])
-    parts = [os.path.join(os.path.dirname(path), f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    folder = os.path.dirname(path)
+    parts = [os.path.join(folder, f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     for p in parts:
         if not os.path.exists(p):
             raise KtransError(f"split GGUF set of '{path}' is incomplete: part '{p}' is missing")

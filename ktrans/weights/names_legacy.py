@@ -26,7 +26,8 @@ ROW_TRANSFORMS = frozenset({"copy", "gate_up", "rope_q", "rope_k", "flat", "expe
 _STACKED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 
 
-def alternatives(hf: str, gguf_names: tuple[str, ...], transform: str, num_experts: int) -> list[tuple[tuple[str, ...], str]]:
+def alternatives(hf: str, gguf_names: tuple[str, ...], transform: str,
+                 num_experts: int) -> list[tuple[tuple[str, ...], str]]:
     """Legacy spellings of one (hf, gguf_names, transform) table entry, best first."""
     if transform == "kv_b":
         layer = gguf_names[0].split(".")[1]
@@ -64,7 +65,8 @@ def hf_shape(transform: str, shapes: list[tuple[int, ...]], config) -> tuple[int
         raise ValueError(f"parts have shapes {[list(s) for s in shapes]}, expected equal [E, I, H] / [rows, cols]")
     if transform == "kv_b" and (len(shapes[0]) != 3 or len(shapes[1]) != 3 or shapes[0][0] != shapes[1][0]
                                 or shapes[0][1] != shapes[1][2]):
-        raise ValueError(f"attn_k_b / attn_v_b have shapes {[list(s) for s in shapes]}, expected [nH, r, nope] / [nH, v, r]")
+        raise ValueError(f"attn_k_b / attn_v_b have shapes {[list(s) for s in shapes]}, "
+                         f"expected [nH, r, nope] / [nH, v, r]")
     if transform in ("copy", "rope_q", "rope_k"):
         return tuple(shapes[0])
     if transform == "flat":

@@ -75,7 +75,8 @@ class _STFile:
             raise KtransError(f"{where} has a malformed header entry {spec!r}") from None
         qtype, item = _DTYPES.get(dtype, (dtype.lower(), 0))
         if item and e - b != math.prod(shape) * item:
-            raise KtransError(f"{where}: {e - b} bytes for {dtype} shape {list(shape)}, expected {math.prod(shape) * item}")
+            raise KtransError(f"{where}: {e - b} bytes for {dtype} shape {list(shape)}, "
+                              f"expected {math.prod(shape) * item}")
         if not 0 <= b <= e <= size - base:
             raise KtransError(f"{where}: data [{b}, {e}) lies outside the file — truncated file?")
         return _Entry(name, qtype, shape, base + b, e - b, self)

@@ -93,7 +93,8 @@ def raw_to_torch(raw: RawTensor, where: str = "") -> "torch.Tensor":
     """Dequantize stored bytes to a float tensor of `raw.shape` on the CPU.
 
     f32/f16/bf16/f8_e4m3 are reinterpreted: views are copied, an array owning its memory (made by
-    a layout transform) is taken over (the result shares it); block quant types go through `ktrans.weights.quant.dequantize` (float32).
+    a layout transform) is taken over (the result shares it); block quant types go through
+    `ktrans.weights.quant.dequantize` (float32).
     """
     import torch
 
