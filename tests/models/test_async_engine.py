@@ -13,7 +13,7 @@ import torch
 
 from ktrans.engine import AsyncEngine, LLMEngine, QueueFullError, SamplingParams
 from ktrans.errors import KtransError
-from tests.models.test_batching_invariance import _generate, _runner
+from tests.models.test_batching_invariance import _generate, _runner, one_torch_thread  # noqa: F401
 from tests.models.test_fidelity import rules_for
 from tests.operators.hf_tiny import tiny_hf_model
 

@@ -1,0 +1,74 @@
+"""What the engine streams back, on a tiny generated model with its tokenizer: the text equals
+decode() of the tokens; a stop string ends the request with the text cut before it; a stop token
+id ends it at that token; a seeded sampled request gives the same tokens alone and in a batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from ktrans.engine import LLMEngine, SamplingParams
+from ktrans.engine.model_runner import ModelRunner
+from tests.models.test_batching_invariance import one_torch_thread  # noqa: F401
+from tests.models.test_fidelity import rules_for
+
+ARCH = "deepseek_v3"
+
+
+@pytest.fixture(scope="module")
+def engine_factory(tiny_model, tmp_path_factory):
+    d = tiny_model(ARCH, "f32", with_safetensors=False)
+    rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    rules.write_text(rules_for(ARCH))       # torch experts: no CPU thread pool in this process
+    runner = ModelRunner(model_path=str(d), gguf_path=str(d / "model.gguf"), optimize_config_path=str(rules),
+                         device="cpu", cache_lens=512, page_size=16, progress=False)
+    return lambda batch=4: LLMEngine(runner, max_batch_size=batch, chunk_size=64)
+
+
+def _run(engine, requests: dict[str, tuple[list[int], SamplingParams]]):
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+    got = {rid: {"tokens": [], "text": "", "reason": None} for rid in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            g = got[out.request_id]
+            g["tokens"] += out.new_token_ids
+            g["text"] += out.new_text
+            if out.finished:
+                g["reason"] = out.finish_reason
+    assert engine.stats()["kv_pages_used"] == 0
+    return got
+
+
+def test_text_stop_strings_and_stop_tokens(engine_factory):
+    engine = engine_factory()
+    tok = engine.tokenizer
+    prompt = tok.encode("Once upon a time", add_special_tokens=False)
+    greedy = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    base = _run(engine, {"base": (prompt, greedy)})["base"]
+    assert base["reason"] == "length" and base["text"] == tok.decode(base["tokens"], skip_special_tokens=True)
+    text = base["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop.strip()) > 0
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True, stop=[stop])
+    stopped = _run(engine, {"s": (prompt, params)})["s"]
+    assert stopped["reason"] == "stop" and stopped["text"] == text[:text.find(stop)]
+    assert stopped["tokens"] == base["tokens"][:len(stopped["tokens"])]
+    stop_id = base["tokens"][5]
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True, stop_token_ids=[stop_id])
+    by_id = _run(engine, {"t": (prompt, params)})["t"]
+    first = base["tokens"].index(stop_id)
+    assert by_id["reason"] == "stop" and by_id["tokens"] == base["tokens"][:first + 1]
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(engine_factory):
+    engine = engine_factory()
+    tok = engine.tokenizer
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_new_tokens=16, ignore_eos=True)
+    prompt = tok.encode("The weather today", add_special_tokens=False)
+    alone = _run(engine, {"a": (prompt, seeded)})["a"]["tokens"]
+    others = {f"o{i}": (tok.encode("x " * (i * 7 + 1), add_special_tokens=False),
+                        SamplingParams(temperature=1.0, max_new_tokens=10 + i)) for i in range(3)}
+    batched = _run(engine_factory(), {"a": (prompt, seeded), **others})["a"]["tokens"]
+    assert batched == alone
+    reseeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99, max_new_tokens=16, ignore_eos=True)
+    assert _run(engine, {"b": (prompt, reseeded)})["b"]["tokens"] != alone
