@@ -261,7 +261,19 @@ class SafetensorsSource(WeightSource):
             return t
         if scale is None:
             raise KtransError(f"{entry.file.path}: FP8 tensor '{entry.name}' has no weight_scale_inv")
-        return dequant_fp8_blocks(t, raw_to_torch(scale.raw()), where=f"{entry.file.path}: tensor '{entry.name}'")
+        return dequant_fp8_blocks(t, raw_to_torch(scale.raw()), block=self._fp8_block(),
+                                  where=f"{entry.file.path}: tensor '{entry.name}'")
+
+    def _fp8_block(self) -> int:
+        """Block edge of the FP8 scales: config.json's quantization_config.weight_block_size."""
+        qc = getattr(self.config(), "quantization_config", None) or {}
+        size = (qc.get("weight_block_size") if isinstance(qc, dict) else getattr(qc, "weight_block_size", None))
+        if not size:
+            return FP8_BLOCK
+        if len(set(size)) != 1:
+            raise KtransError(f"{self.dir}/config.json: weight_block_size {size} is not square; ktrans reads "
+                              f"square FP8 blocks (DeepSeek's [128, 128])")
+        return int(size[0])
 
 
 def dequant_fp8_blocks(w, scale_inv, block: int = FP8_BLOCK, where: str = "tensor"):

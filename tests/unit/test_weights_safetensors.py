@@ -164,3 +164,18 @@ def test_shape_mismatch_with_config(tmp_path):
     with pytest.raises(KtransError, match=r"tensor 'model.norm.weight' has shape \[32\], but the model config expects \[64\]"):
         src.tensor("model.norm.weight")
     assert model is not None
+
+
+def test_fp8_block_size_from_config(tmp_path):
+    cfg = CONFIGS["deepseek_v3"]().to_dict()
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [64, 64]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    q, s = _fp8_blocks(torch.randn(100, 130), block=64)
+    save_file({"extra.weight": q, "extra.weight_scale_inv": s}, str(tmp_path / "model.safetensors"))
+    src = SafetensorsSource(str(tmp_path))
+    assert torch.equal(src.tensor("extra.weight"), _fp8_reference(q, s, block=64))
+    cfg["quantization_config"]["weight_block_size"] = [128, 64]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KtransError, match=r"weight_block_size \[128, 64\] is not square"):
+        SafetensorsSource(str(tmp_path)).tensor("extra.weight")
