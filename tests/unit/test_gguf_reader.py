@@ -177,3 +177,19 @@ def test_open_maps_instead_of_reading(tmp_path):
     views = [r.raw(name).data for name in r.tensors]
     assert sum(v.nbytes for v in views) == n * 128 * 2**20
     assert _rss_bytes() - before < 32 * 2**20
+
+
+def test_custom_alignment(tmp_path):
+    x = np.random.default_rng().standard_normal((3, 40)).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "qwen2")
+    w.add_custom_alignment(256)
+    w.add_tensor("a.weight", x[:, :33].copy())                 # odd byte sizes: padding between tensors
+    w.add_tensor("b.weight", x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = GGUFReader(str(tmp_path / "a.gguf"))
+    assert r.files[0].alignment == 256 and all(t.start % 256 == 0 for t in r.tensors.values())
+    assert np.array_equal(r.raw("b.weight").data.view(np.float32), x)
+    assert np.array_equal(r.raw("a.weight").data.view(np.float32), x[:, :33])
