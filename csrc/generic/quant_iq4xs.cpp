@@ -13,16 +13,21 @@
 namespace ktrans {
 namespace {
 
-// Index of the codebook entry nearest to v (the table is sorted ascending).
-int nearest_code(float v) {
-  if (v <= kIQ4NL[0]) return 0;
-  if (v >= kIQ4NL[15]) return 15;
-  int lo = 0, hi = 15;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    (v < kIQ4NL[mid] ? hi : lo) = mid;
-  }
-  return v - kIQ4NL[lo] < kIQ4NL[hi] - v ? lo : hi;
+// Index of the codebook entry nearest to v (ties to the larger entry): the number of midpoints
+// between consecutive entries that v reaches. Branch-free, so the 32-value loops vectorise.
+constexpr float kIQ4Mid[15] = {-115.5f, -93.5f, -74.0f, -57.0f, -42.0f, -28.5f, -16.0f, -4.5f,
+                               7.0f,    19.0f,  31.5f,  45.5f,  61.0f,  79.0f,  101.0f};
+constexpr bool midpoints_match_codebook() {
+  for (int k = 0; k < 15; ++k)
+    if (kIQ4NL[k] + kIQ4NL[k + 1] != 2.0f * kIQ4Mid[k]) return false;
+  return true;
+}
+static_assert(midpoints_match_codebook(), "kIQ4Mid must hold the midpoints of kIQ4NL");
+
+inline int nearest_code(float v) {
+  int idx = 0;
+  for (int k = 0; k < 15; ++k) idx += v >= kIQ4Mid[k];
+  return idx;
 }
 
 // Least-squares scale of 32 values for the codes picked with inverse scale `id`; returns the
