@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "chat",
     "generate",
     "serve",
+    "weights",
 ]
 
 
