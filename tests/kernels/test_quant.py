@@ -246,3 +246,25 @@ def test_every_isa_has_its_own_vec_dot_and_activation_quantizer():
             assert _C.quant_kernel_isa("vec_dot", t, isa) == want, (t, isa)
         for act in ("q8_0", "q8_k"):
             assert _C.quant_kernel_isa("quantize", act, isa) == ("generic" if isa == "generic" else "avx2")
+
+
+def test_f16_every_half_value_and_random_float_bits():
+    """All 65536 halves decode as numpy does (NaN: identical across ISAs); random float32 bit
+    patterns (subnormals, overflow to inf) encode as numpy's astype(float16)."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ref = halves.view(np.float16).astype(np.float32)
+    not_nan = ~np.isnan(ref)
+    outs = [_C.quant_dequantize("f16", halves.view(np.uint8), halves.size, isa=isa) for isa in ISAS]
+    for isa, out in zip(ISAS, outs):
+        assert np.array_equal(out.view(np.uint32)[not_nan], ref.view(np.uint32)[not_nan]), isa
+        assert np.array_equal(out.view(np.uint32), outs[0].view(np.uint32)), isa
+    bits = np.random.default_rng().integers(0, 1 << 32, 100_000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    finite = ~np.isnan(x)
+    first = _C.quant_quantize("f16", x, isa="generic")
+    for isa in ISAS:
+        got = _C.quant_quantize("f16", x, isa=isa).view(np.uint16)
+        assert np.array_equal(got[finite], want[finite]), isa
+        assert np.array_equal(got, first.view(np.uint16)), isa
