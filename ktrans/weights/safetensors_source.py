@@ -64,15 +64,21 @@ class _STFile:
             header = json.loads(bytes(self._mm[8:8 + n]))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise KtransError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise KtransError(f"{path}: corrupt safetensors header (a JSON object was expected)")
         header.pop("__metadata__", None)
         self.entries = {name: self._entry(name, spec, 8 + n, size) for name, spec in header.items()}
 
-    def _entry(self, name: str, spec: dict, base: int, size: int) -> _Entry:
+    def _entry(self, name: str, spec, base: int, size: int) -> _Entry:
         where = f"{self.path}: tensor '{name}'"
-        try:
-            dtype, shape, (b, e) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise KtransError(f"{where} has a malformed header entry {spec!r}") from None
+        ok = isinstance(spec, dict) and isinstance(spec.get("dtype"), str)
+        shape, offsets = (spec.get("shape"), spec.get("data_offsets")) if ok else (None, None)
+        ints = lambda v, n=None: (isinstance(v, list) and (n is None or len(v) == n)  # noqa: E731
+                                  and all(type(x) is int and x >= 0 for x in v))
+        if not (ok and ints(shape) and ints(offsets, 2)):
+            raise KtransError(f"{where} has a malformed header entry {repr(spec)[:200]} (expected dtype, shape and "
+                              f"data_offsets of non-negative integers)")
+        dtype, shape, (b, e) = spec["dtype"], tuple(shape), offsets
         qtype, item = _DTYPES.get(dtype, (dtype.lower(), 0))
         if item and e - b != math.prod(shape) * item:
             raise KtransError(f"{where}: {e - b} bytes for {dtype} shape {list(shape)}, "

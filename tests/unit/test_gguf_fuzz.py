@@ -89,3 +89,37 @@ def test_corrupt_header_fields(valid_blob, data):
     path = d / "fields.gguf"
     path.write_bytes(bytes(buf))
     _check(str(path))
+
+
+@pytest.fixture(scope="module")
+def valid_safetensors(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("fuzz-st")
+    save_file({"model.norm.weight": torch.randn(16), "model.layers.0.mlp.experts.0.gate_proj.weight": torch.randn(4, 16),
+               "model.layers.0.mlp.experts.1.gate_proj.weight": torch.randn(4, 16).bfloat16()}, str(d / "model.safetensors"))
+    blob = (d / "model.safetensors").read_bytes()
+    return blob, 8 + int.from_bytes(blob[:8], "little"), d
+
+
+@FUZZ
+@given(data=st.data())
+def test_corrupt_safetensors(valid_safetensors, data):
+    """Truncated files and corrupted JSON headers of safetensors checkpoints: KtransError only."""
+    from ktrans.weights.safetensors_source import SafetensorsSource
+
+    blob, header_end, d = valid_safetensors
+    buf = bytearray(blob[: data.draw(st.integers(0, len(blob)))] if data.draw(st.booleans()) else blob)
+    for _ in range(data.draw(st.integers(0, 6))):
+        if len(buf) > 8:
+            at = data.draw(st.integers(0, min(header_end, len(buf)) - 1))
+            buf[at] = data.draw(st.sampled_from(list(b'0123456789[]{}",:-.eE ') + [0, 255]))
+    path = d / "model.safetensors"
+    path.write_bytes(bytes(buf))
+    try:
+        src = SafetensorsSource(str(d))
+        for name in src.names():
+            src.tensor(name)
+    except KtransError:
+        pass

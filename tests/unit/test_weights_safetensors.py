@@ -179,3 +179,22 @@ def test_fp8_block_size_from_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(KtransError, match=r"weight_block_size \[128, 64\] is not square"):
         SafetensorsSource(str(tmp_path)).tensor("extra.weight")
+
+
+@pytest.mark.parametrize("header,msg", [
+    ([1, 2], "a JSON object was expected"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, "malformed header entry"),
+    ({"a": {"dtype": 3, "shape": [2], "data_offsets": [0, 8]}}, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 10]}}, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, r"-8 bytes for F32 shape \[2\], expected 8"),
+    ({"a": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, r"data \[0, 256\) lies outside the file"),
+    ({"a": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}, "has dtype I64; expected F32, F16, BF16"),
+])
+def test_malformed_headers(tmp_path, header, msg):
+    blob = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(64))
+    with pytest.raises(KtransError, match=msg) as e:
+        src = SafetensorsSource(str(tmp_path))
+        src.tensor("a")
+    assert "model.safetensors" in str(e.value)
