@@ -150,15 +150,20 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk size in tokens")
     p.add_argument("--cpu-infer", type=int, default=None, help="CPU expert threads (default: the operator's)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads for the CPU parts (default: torch's own choice)")
     p.add_argument("--rules", default=None, help="rule file (default: the shipped one for the architecture)")
     p.add_argument("--model-root", default=os.path.expanduser("~/.cache/ktrans/bench-models"))
     p.add_argument("--out", default=None, help="append one JSON line per measurement to this file")
     p.add_argument("--generate-only", action="store_true", help="only generate the models (a separate step)")
     args = p.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     root = Path(args.model_root)
     root.mkdir(parents=True, exist_ok=True)
     bandwidth = host_bandwidth_gbs()
-    print(f"host memory bandwidth (copy): {bandwidth:.1f} GB/s; torch {torch.__version__}", flush=True)
+    print(f"host memory bandwidth (copy): {bandwidth:.1f} GB/s; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} intra-op threads", flush=True)
     print(f"{'model':32s} {'dev':5s} {'prompt':>6s} {'prefill/s':>10s} {'decode/s':>8s} {'floor/s':>10s}")
     for text in args.preset:
         arch, preset = resolve_preset(text)

@@ -12,8 +12,9 @@ Routing follows each architecture exactly as transformers computes it:
 - Mixtral: softmax top-k, always renormalised.
 The router runs in f32 (its logits decide discrete choices; bf16 would flip near-ties).
 
-Overlap: when the experts operator has submit/sync (the CPU experts), the routed work is
-submitted first, the shared experts run on the GPU meanwhile, then sync joins them.
+Overlap: when the block runs on the GPU and the experts operator has submit/sync (the CPU
+experts), the routed work is submitted first, the shared experts run on the GPU meanwhile, then
+sync joins them.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ class MoEBlock(Operator):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])                                          # [T, H]
         w, idx = self.route(x)
-        if hasattr(self.experts, "submit"):
+        # NOTE: overlap only pays when the shared experts run on an accelerator; on the CPU they
+        # would compete with the experts' thread pool for the same cores.
+        if hasattr(self.experts, "submit") and x.device.type != "cpu":
             handle = self.experts.submit(x, idx, w)          # routed experts start on the CPU ...
             shared = self._shared(x)                          # ... while the GPU runs the shared ones
             routed = self.experts.sync(handle).to(x.device, x.dtype)
