@@ -109,8 +109,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched, batch = self._schedule()
-        logits, error = self._run(batch)
-        return self._update(sched, logits, error)
+        rows, errors = self._run(sched, batch)
+        return self._update(sched, rows, errors)
 
     def _schedule(self):
         """The step's plan and its ForwardBatch (None when nothing runs), built under the lock so
@@ -119,44 +119,65 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             return sched, (None if sched.empty else build_forward_batch(sched, self.pool))
 
-    def _run(self, batch) -> tuple[torch.Tensor | None, str | None]:
-        """Logits of the sampled rows, or the error that made the forward fail."""
+    def _run(self, sched: SchedulerOutput, batch) -> tuple[list, dict[Request, str]]:
+        """Logits rows [V] of the sampled requests in order (None where the forward failed) and
+        the error of each failed request."""
         if batch is None:
-            return None, None
+            return [], {}
         t0 = time.perf_counter()
         try:
-            logits = self.runner.execute(batch)
-        except Exception as e:      # one failed forward fails its requests, never the engine
+            rows, errors = list(self.runner.execute(batch)), {}
+        except Exception as e:      # a failed forward fails requests, never the engine
             log.exception("model forward failed for %d requests", batch.num_reqs)
-            return None, f"model forward failed: {type(e).__name__}: {e}"
+            rows, errors = self._run_singly(sched, e)
         dt = time.perf_counter() - t0
         self.counters["steps"] += 1
         self.counters["step_seconds"] += dt
         self.counters["last_step_seconds"] = dt
-        return logits, None
+        return rows, errors
 
-    def _update(self, sched: SchedulerOutput, logits, error: str | None) -> list[RequestOutput]:
+    def _run_singly(self, sched: SchedulerOutput, error: Exception) -> tuple[list, dict[Request, str]]:
+        """After a batched forward failed: run each request alone, so one request's failure (an
+        out-of-memory prefill chunk, say) does not fail those batched with it.
+        NOTE: re-running rewrites the same KV entries with the same values, since a request's KV
+        depends on its own tokens only."""
+        if len(sched.scheduled) == 1:
+            s = sched.scheduled[0]
+            return ([None] if s.sample else []), {s.request: _describe(error)}
+        rows, errors = [], {}
+        for s in sched.scheduled:
+            out = None
+            try:
+                with self._lock:
+                    batch = build_forward_batch(SchedulerOutput([s]), self.pool)
+                out = self.runner.execute(batch)
+            except Exception as e:
+                log.exception("model forward failed for request %s alone", s.request.request_id)
+                errors[s.request] = _describe(e)
+            if s.sample:
+                rows.append(None if out is None else out[0])
+        return rows, errors
+
+    def _update(self, sched: SchedulerOutput, rows: list, errors: dict[Request, str]) -> list[RequestOutput]:
         with self._lock:
-            return self._update_locked(sched, logits, error)
+            return self._update_locked(sched, rows, errors)
 
-    def _update_locked(self, sched: SchedulerOutput, logits, error: str | None) -> list[RequestOutput]:
+    def _update_locked(self, sched: SchedulerOutput, rows: list, errors: dict[Request, str]) -> list[RequestOutput]:
         self.counters["preemptions"] += len(sched.preempted)
-        if error is not None:
-            return [self._finish(s.request, "error", error) for s in sched.scheduled if not s.request.finished]
+        outputs = [self._finish(r, "error", msg) for r, msg in errors.items() if not r.finished]
         self.counters["prefill_tokens"] += sum(min(s.num_new, max(0, s.request.num_prompt_tokens - s.num_computed))
-                                               for s in sched.scheduled)
+                                               for s in sched.scheduled if s.request not in errors)
         sampled = [s.request for s in sched.scheduled if s.sample]
-        if not sampled:
-            return []
-        live = [i for i, r in enumerate(sampled) if not r.finished]      # aborted during the forward
+        # Skipped: failed, and aborted while the forward ran.
+        live = [i for i, r in enumerate(sampled) if not r.finished and rows[i] is not None]
         if not live:
-            return []
+            return outputs
         try:
-            tokens = self.sampler(logits[live], [sampled[i] for i in live])
+            tokens = self.sampler(torch.stack([rows[i] for i in live]), [sampled[i] for i in live])
         except Exception as e:
             log.exception("sampling failed")
-            return [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
-        return [self._append(sampled[i], tok) for i, tok in zip(live, tokens)]
+            return outputs + [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
+        return outputs + [self._append(sampled[i], tok) for i, tok in zip(live, tokens)]
 
     def _append(self, req: Request, token: int) -> RequestOutput:
         """Record one sampled token, detokenize it and decide whether the request is done."""
@@ -205,6 +226,10 @@ class LLMEngine:
             return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
                     "kv_page_size": self.pool.page_size, **self.counters}
+
+
+def _describe(error: Exception) -> str:
+    return f"model forward failed: {type(error).__name__}: {error}"
 
 
 def build_forward_batch(sched: SchedulerOutput, pool: PagePool):

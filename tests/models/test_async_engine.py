@@ -1,7 +1,8 @@
 """AsyncEngine on a tiny model: concurrent requests (more than the batch holds, so requests join
 and leave the running batch every step) each get exactly the greedy tokens they get alone;
 leaving the stream early, cancelling the task or abort() frees the KV pages; queue limit,
-over-long prompts and bad token ids are refused up front."""
+over-long prompts and bad token ids are refused up front; a request whose forward fails ends with
+an error while the requests batched with it go on unharmed."""
 
 from __future__ import annotations
 
@@ -127,3 +128,47 @@ def test_refusals_come_before_any_output(runner):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+class FaultyRunner:
+    """The real runner with one injected fault: a forward containing the poison token at
+    position 0 (only a prompt can put it there) raises, as an out-of-memory prefill would."""
+
+    def __init__(self, runner, poison: int):
+        self.runner, self.poison = runner, poison
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, batch):
+        if bool(((batch.positions == 0) & (batch.input_ids == self.poison)).any()):
+            raise RuntimeError("injected fault")
+        return self.runner.execute(batch)
+
+
+def test_a_failing_request_fails_alone(runner):
+    poison = runner.config.vocab_size - 1
+    prompts = [torch.randint(0, poison, (n,)).tolist() for n in (7, 30, 12)]
+    alone = [_generate(runner, [p], batch=1, chunk=256)[0][0] for p in prompts]
+    engine = LLMEngine(FaultyRunner(runner, poison), max_batch_size=4, chunk_size=64)
+    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    tokens = {"g0": [], "g1": []}
+    for rid, p in zip(tokens, prompts):
+        engine.add_request(rid, p, params)
+    outs = engine.step()                                   # both prefilled; decodes next
+    engine.add_request("bad", [poison] + prompts[2], params)
+    outs += engine.step()                                  # the poisoned prefill joins their decodes
+    failed = [o for o in outs if o.request_id == "bad"]
+    assert len(failed) == 1 and failed[0].finish_reason == "error" and "injected fault" in failed[0].error
+    while engine.has_unfinished():
+        outs += engine.step()
+    for o in outs:
+        if o.request_id in tokens:
+            tokens[o.request_id] += o.new_token_ids
+    assert [tokens["g0"], tokens["g1"]] == alone[:2]
+    engine.add_request("after", prompts[2], params)
+    after = []
+    while engine.has_unfinished():
+        after += [t for o in engine.step() for t in o.new_token_ids]
+    assert after == alone[2]
+    assert engine.stats()["requests_failed"] == 1 and engine.stats()["kv_pages_used"] == 0
