@@ -51,9 +51,10 @@ def _round_bf16(x: np.ndarray) -> None:
     u &= np.uint32(0xFFFF0000)
 
 
-def _key(seed: int, name: str, expert: int, block: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1),
-                                                     (zlib.crc32(name.encode()) << 32) | (expert + 1) << 20 | block]))
+def _rng(seed: int, name: str, expert: int, block: int) -> np.random.Generator:
+    """An independent stream per (seed, tensor, expert, block)."""
+    entropy = [seed & (2**63 - 1), zlib.crc32(name.encode()), expert + 1, block]
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence(entropy)))
 
 
 def block_rows(cols: int) -> int:
@@ -75,7 +76,7 @@ def generate(seed: int, key: str, expert: int, row0: int, shape: tuple[int, ...]
     half = std * math.sqrt(3.0)              # uniform [-h, h] has std h/sqrt(3)
     for r in range(0, rows, per):
         blk = out[r:r + per]
-        _key(seed, key, expert, (row0 + r) // per).random(out=blk, dtype=np.float32)
+        _rng(seed, key, expert, (row0 + r) // per).random(out=blk, dtype=np.float32)
         blk *= 2.0 * half
         blk += mean - half
     _round_bf16(out)

@@ -320,3 +320,23 @@ def test_ctrl_c_leaves_nothing(tmp_path):
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch, layers", [("deepseek_v3", 61), ("qwen2", 28)])
+def test_real_depth_stays_finite(tmp_path, arch, layers):
+    """At the real models' depth, the residual stream neither explodes nor vanishes and the logits
+    stay informative (init scales depend on depth and fan-in only, so narrow layers suffice)."""
+    from transformers import AutoModelForCausalLM
+
+    out = generate_model(tmp_path / "m", arch=arch, preset="tiny", layers=layers, quant="f32", seed=1,
+                         with_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        res = model(ids, output_hidden_states=True)
+    rms = torch.stack([h[0].pow(2).mean(-1).sqrt() for h in res.hidden_states])   # [L+1, T]
+    assert torch.isfinite(rms).all() and len(rms) == layers + 1
+    assert rms.max() / rms[0].min() < 8 and rms.min() > 0.3
+    logits = res.logits[0]
+    assert torch.isfinite(logits).all() and (logits.std(-1) > 0.3).all() and (logits.std(-1) < 10).all()
+    assert len(set(logits.argmax(-1).tolist())) > 2
