@@ -7,6 +7,7 @@ dims, rope scaling, tied head, v2 vs v3) is derived here. Tokenizer: tokenizer_g
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ktrans.config.arch import ARCHS
@@ -20,8 +21,9 @@ __all__ = ["config_from_gguf", "config_dict_from_gguf", "tokenizer_from_gguf"]
 # general.file_type (llama_ftype) of unquantized files -> config dtype; quantized files were
 # converted from bf16 checkpoints, the dtype their non-quantized modules run in.
 _DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
-# llama.cpp's expert gating function ids (LLAMA_EXPERT_GATING_FUNC_TYPE_*).
-_GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
+# llama.cpp's expert gating function id of sigmoid scoring (LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID).
+_GATING_SIGMOID = 2
+_BLK = re.compile(r"^blk\.(\d+)\.")
 
 
 def _f32(x) -> float:
@@ -101,6 +103,24 @@ def _deepseek(r: GGUFReader, cfg: dict, model_type: str) -> None:
         cfg["num_nextn_predict_layers"] = int(r.get(f"{a}.nextn_predict_layers", 0))
 
 
+def _check_against_tensors(r: GGUFReader, cfg: dict) -> None:
+    """Sizes from metadata must match the tensors, so a corrupt key cannot make ktrans build a model
+    of billions of layers or experts."""
+    layers = {int(m[1]) for m in (_BLK.match(n) for n in r.tensors) if m}
+    if layers and cfg["num_hidden_layers"] != max(layers) + 1:
+        raise KtransError(f"{r.path}: GGUF metadata says {cfg['num_hidden_layers']} layers, but the tensors cover "
+                          f"blk.0 .. blk.{max(layers)}")
+    embd = r.tensors.get("token_embd.weight")
+    if embd is not None and embd.shape[-1] != cfg["hidden_size"]:
+        raise KtransError(f"{r.path}: GGUF metadata says hidden size {cfg['hidden_size']}, but token_embd.weight "
+                          f"has shape {list(embd.shape)}")
+    routers = [t for n, t in r.tensors.items() if n.endswith(".ffn_gate_inp.weight")]
+    experts = next((cfg[k] for k in ("n_routed_experts", "num_experts", "num_local_experts") if k in cfg), None)
+    if routers and experts is not None and routers[0].shape[0] != experts:
+        raise KtransError(f"{r.path}: GGUF metadata says {experts} experts, but {routers[0].name} has shape "
+                          f"{list(routers[0].shape)}")
+
+
 def config_dict_from_gguf(r: GGUFReader) -> dict:
     """The config.json fields of the model in `r` (plain dict, HF spelling)."""
     model_type = _model_type(r)
@@ -114,6 +134,7 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
         if key not in cfg:
             raise KtransError(f"{r.path}: GGUF metadata lacks the {key} key of '{arch}'; cannot build a config")
+    _check_against_tensors(r, cfg)
     embd = r.tensors.get("token_embd.weight")
     if embd is not None:
         cfg["vocab_size"] = embd.shape[0]              # one embedding row per token

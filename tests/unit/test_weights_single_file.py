@@ -151,6 +151,17 @@ def test_single_file_errors(tmp_path, tiny_model):
                                                            "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []}),
          tokenizer_from_gguf, "pre-tokenizer 'xyz' is not known"),
     ]
+    moe = {"token_embd.weight": np.zeros((4, 32)), "blk.0.attn_q.weight": np.zeros((32, 32)),
+           "blk.1.ffn_gate_inp.weight": np.zeros((3, 32))}
+    base = {"qwen2moe.block_count": 2, "qwen2moe.embedding_length": 32, "qwen2moe.attention.head_count": 4,
+            "qwen2moe.expert_count": 3}
+    for i, (key, value, msg) in enumerate([("qwen2moe.block_count", 4000000000, "says 4000000000 layers, but the "
+                                            "tensors cover blk.0 .. blk.1"),
+                                           ("qwen2moe.embedding_length", 64, "says hidden size 64, but token_embd"),
+                                           ("qwen2moe.expert_count", 1 << 30, f"says {1 << 30} experts, but "
+                                            "blk.1.ffn_gate_inp.weight has shape")]):
+        path = write_gguf(tmp_path / f"sizes{i}.gguf", moe, arch="qwen2moe", metadata={**base, key: value})
+        cases.append((path, config_from_gguf, msg))
     for path, fn, msg in cases:
         with pytest.raises(KtransError, match=msg) as e:
             fn(GGUFReader(str(path)))
