@@ -8,6 +8,7 @@ modeling classes are matched by their transformers-5 names (compat.KT_MATCH_ALIA
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from dataclasses import dataclass
@@ -85,12 +86,13 @@ class LayerRange:
     text: str
     spans: tuple[tuple[str | None, str | None], ...]
 
-    def indices(self, num_layers: int) -> set[int]:
+    @functools.lru_cache(maxsize=None)
+    def indices(self, num_layers: int) -> frozenset[int]:
         out: set[int] = set()
         for lo, hi in self.spans:
             start, stop = _bound(lo, num_layers, 0), _bound(hi, num_layers, num_layers)
             out.update(range(num_layers)[slice(start, stop)])
-        return out
+        return frozenset(out)
 
 
 def _bound(text: str | None, num_layers: int, default: int) -> int:
@@ -102,7 +104,9 @@ def _bound(text: str | None, num_layers: int, default: int) -> int:
     return int(text)
 
 
-_SPAN_RE = re.compile(r"^\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*(?::\s*(-?\d+%?|\d+(?:\.\d+)?%)?\s*)?$")
+_BOUND = r"-?\d+|\d+(?:\.\d+)?%"
+_SPAN_RE = re.compile(rf"^(?P<lo>{_BOUND})?:(?P<hi>{_BOUND})?$")
+_INDEX_RE = re.compile(r"^-?\d+$")
 
 
 def layer_range(value, where: str) -> LayerRange:
@@ -110,20 +114,15 @@ def layer_range(value, where: str) -> LayerRange:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise KtransError(f"{where}: match.layers must be a layer index or ranges like '0:4', '4:', "
                           f"':50%', '0:2,10:12', got {value!r}")
-    if isinstance(value, int):
-        return LayerRange(str(value), ((str(value), str(value + 1) if value != -1 else None),))
-    spans = []
-    for item in value.split(","):
-        m = _SPAN_RE.match(item)
-        if not m or not item.strip() or (m.group(1) is None and ":" not in item):
-            raise KtransError(f"{where}: match.layers item '{item.strip()}' is not a range; expected "
-                              f"START:STOP (either may be empty or a percentage, e.g. '0:4', '50%:') "
-                              f"or one index")
-        lo, hi = m.group(1), m.group(2)
-        if ":" not in item:
-            hi = None if lo == "-1" else (f"{int(lo) + 1}" if not lo.endswith("%") else None)
-            if lo.endswith("%"):
-                raise KtransError(f"{where}: match.layers item '{item.strip()}': a single percentage is "
-                                  f"not a layer; write a range like '50%:'")
-        spans.append((lo, hi))
-    return LayerRange(value, tuple(spans))
+    items = [str(value)] if isinstance(value, int) else value.split(",")
+    return LayerRange(str(value), tuple(_span(item.replace(" ", ""), where) for item in items))
+
+
+def _span(item: str, where: str) -> tuple[str | None, str | None]:
+    if _INDEX_RE.match(item):               # one index i is the slice i:i+1 (-1: the last layer)
+        return item, (None if item == "-1" else str(int(item) + 1))
+    m = _SPAN_RE.match(item)
+    if not m:
+        raise KtransError(f"{where}: match.layers item '{item}' is not a range; expected START:STOP (either "
+                          f"may be empty or a percentage, e.g. '0:4', '50%:') or one index")
+    return m["lo"], m["hi"]

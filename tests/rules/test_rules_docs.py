@@ -13,7 +13,7 @@ from ktrans.cli.main import main
 from ktrans.config.arch import build_meta_model
 from ktrans.operators.registry import get_operator, operator_names
 from ktrans.rules import compat
-from ktrans.rules.apply import apply_plan
+from ktrans.rules import prepare_model
 from ktrans.rules.explain import notes
 from ktrans.rules.plan import plan_model
 from ktrans.rules.schema import FILE_KEYS, MATCH_KEYS, REPLACE_KEYS, RULE_KEYS, load_rules
@@ -39,9 +39,8 @@ def test_walkthrough_example_explains_and_applies(tmp_path, capsys):
     assert re.search(r"model\.layers\.4\.mlp\.experts .*cpu_experts .*cpu .*#2 ", out)
     assert "overlap: rule 2 also matches 4 module(s) placed by rule 1" in out
     # end to end on this machine: every CUDA device mapped to the CPU, real weights loaded
-    model = build_meta_model(config)
-    plan = plan_model(model, load_rules(rules), config=config, device_map="cpu")
-    apply_plan(model, plan, _weights(config))
+    model, plan = prepare_model(config, _weights(config), rules_path=rules, device_map="cpu")
+    assert plan.counts_per_rule()[1] == 4
     assert [type(model.model.layers[i].mlp.experts).__name__ for i in range(5)] == ["TorchExperts"] * 4 + ["CPUExperts"]
     assert all(t.device == torch.device("cpu") for t in model.parameters())
 
