@@ -3,7 +3,7 @@
 // Layout (packed/packed.h): a panel line is one k pair of 16 columns, so one vdpbf16ps with the
 // broadcast pair (x[m, 2j], x[m, 2j+1]) adds both products to the 16 column sums of row m. Two
 // panels stream side by side (two independent memory streams, 2*MR accumulator chains) and up to
-// four rows of x share each weight load; more rows re-read the panel pair from L2.
+// eight rows of x share each weight load; more rows re-read the panel pair from L2.
 // Without AVX512_BF16 (e.g. Ice Lake) each line becomes two f32 FMAs on the even/odd halves.
 // Differs from the reference only in summation order (pairs, then lines in k order).
 #include <immintrin.h>
@@ -21,6 +21,7 @@ namespace {
 using namespace packed;
 
 constexpr int64_t kPrefetch = 1024;  // bytes ahead on each panel stream
+constexpr int64_t kMaxRows = 8;      // rows sharing one pass over a panel pair (16 accumulators)
 
 inline void store_cols(float* yrow, int64_t n0, __mmask16 mask, __m512 v, bool accumulate) {
   if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, yrow + n0));
@@ -39,12 +40,13 @@ __attribute__((target("avx512bf16"))) void lines_dp(const uint8_t* const* panels
                                                     int64_t ldx, __m512* acc) {
   for (int i = 0; i < MR * NT; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < K / 2; ++j) {
+    __m512i xb[MR];
+    for (int r = 0; r < MR; ++r) xb[r] = bcast_pair(x + r * ldx + 2 * j);
     for (int t = 0; t < NT; ++t) {
       const uint8_t* line = panels[t] + j * kLine;
       _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch), _MM_HINT_T0);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(line);
-      for (int r = 0; r < MR; ++r)
-        acc[r * NT + t] = _mm512_dpbf16_ps(acc[r * NT + t], (__m512bh)bcast_pair(x + r * ldx + 2 * j), w);
+      for (int r = 0; r < MR; ++r) acc[r * NT + t] = _mm512_dpbf16_ps(acc[r * NT + t], (__m512bh)xb[r], w);
     }
   }
 }
@@ -93,7 +95,11 @@ void rows(bool dp, int64_t mr, const uint8_t* const* panels, int64_t K, const ui
     case 1: return block<1, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
     case 2: return block<2, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
     case 3: return block<3, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
-    default: return block<4, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
+    case 4: return block<4, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
+    case 5: return block<5, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
+    case 6: return block<6, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
+    case 7: return block<7, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
+    default: return block<8, NT>(dp, panels, K, x, ldx, y, ldy, n0, n_begin, n_end, accumulate);
   }
 }
 
@@ -105,8 +111,8 @@ void gemm_bf16_avx512(const uint8_t* packed, int64_t, int64_t K, const uint16_t*
   for (int64_t p = n_begin / kPanelCols; p < p_end; p += 2) {
     const uint8_t* panels[2] = {packed + p * pb, packed + (p + 1) * pb};
     const int64_t n0 = p * kPanelCols;
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int64_t mr = std::min<int64_t>(kMaxRows, M - m);
       if (p + 1 < p_end)
         rows<2>(dp, mr, panels, K, x + m * ldx, ldx, y + m * ldy, ldy, n0, n_begin, n_end, accumulate);
       else

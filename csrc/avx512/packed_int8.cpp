@@ -67,19 +67,26 @@ inline void store_cols(float* yrow, int64_t n0, __mmask16 mask, __m512 v, bool a
   _mm512_mask_storeu_ps(yrow + n0, mask, v);
 }
 
-// Shared shape of both formats: panel pairs outer, rows in groups of up to 4 inner (the pair
-// stays in L2 while the groups re-read it); body<MR, NT>(panels, m, n0) does one group.
-template <template <int, int> class Body, class Ctx>
+// Shared shape of both formats: panel pairs outer, rows in groups of up to kMaxRows inner (the
+// pair stays in L2 while the groups re-read it); Body<MR, NT>::run does one group. int4 keeps
+// 4 rows (two accumulator sets per row would not fit the 32 registers at 8).
+template <template <int, int> class Body, int kMaxRows, class Ctx>
 void for_blocks(const Ctx& ctx, const uint8_t* packed, int64_t pb, int64_t M, int64_t n_begin, int64_t n_end) {
   const int64_t p_end = (n_end + kPanelCols - 1) / kPanelCols;
   for (int64_t p = n_begin / kPanelCols; p < p_end; p += 2) {
     const uint8_t* panels[2] = {packed + p * pb, packed + (p + 1) * pb};
     const bool two = p + 1 < p_end;
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int64_t mr = std::min<int64_t>(kMaxRows, M - m);
 #define KT_CASE(R) \
   case R: two ? Body<R, 2>::run(ctx, panels, m, p * kPanelCols) : Body<R, 1>::run(ctx, panels, m, p * kPanelCols); break;
-      switch (mr) { KT_CASE(1) KT_CASE(2) KT_CASE(3) KT_CASE(4) }
+      switch (mr) {
+        KT_CASE(1) KT_CASE(2) KT_CASE(3) KT_CASE(4)
+        default:
+          if constexpr (kMaxRows == 8) {
+            switch (mr) { KT_CASE(5) KT_CASE(6) KT_CASE(7) KT_CASE(8) }
+          }
+      }
 #undef KT_CASE
     }
   }
@@ -102,12 +109,13 @@ struct Int8Body {
     for (int i = 0; i < MR * NT; ++i) acc[i] = _mm512_setzero_si512();
     const int8_t* q = c.q + m * c.ldq;
     for (int64_t j = 0; j < c.ldq / 4; ++j) {
+      __m512i xb[MR];
+      for (int r = 0; r < MR; ++r) xb[r] = bcast4(q + r * c.ldq + 4 * j);
       for (int t = 0; t < NT; ++t) {
         const uint8_t* line = panels[t] + j * kLine;
         _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetch), _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(line);
-        for (int r = 0; r < MR; ++r)
-          acc[r * NT + t] = _mm512_dpbusd_epi32(acc[r * NT + t], bcast4(q + r * c.ldq + 4 * j), w);
+        for (int r = 0; r < MR; ++r) acc[r * NT + t] = _mm512_dpbusd_epi32(acc[r * NT + t], xb[r], w);
       }
     }
     for (int t = 0; t < NT; ++t) {
@@ -176,7 +184,7 @@ void gemm_int8_avx512(const uint8_t* packed, int64_t, int64_t K, const uint16_t*
   float* sx = reinterpret_cast<float*>(q + M * kp);
   quantize_rows_avx512(x, ldx, M, K, kp, q, sx, nullptr, 0x80);
   const Ctx ctx{K, kp, q, sx, nullptr, y, ldy, n_begin, n_end, accumulate};
-  for_blocks<Int8Body>(ctx, packed, static_cast<int64_t>(packed_panel_bytes(PackedFormat::int8, K)), M, n_begin,
+  for_blocks<Int8Body, 8>(ctx, packed, static_cast<int64_t>(packed_panel_bytes(PackedFormat::int8, K)), M, n_begin,
                        n_end);
 }
 
@@ -188,7 +196,7 @@ void gemm_int4_avx512(const uint8_t* packed, int64_t, int64_t K, const uint16_t*
   int32_t* gsum = reinterpret_cast<int32_t*>(sx + M);
   quantize_rows_avx512(x, ldx, M, K, K, q, sx, gsum, 0);
   const Ctx ctx{K, K, q, sx, gsum, y, ldy, n_begin, n_end, accumulate};
-  for_blocks<Int4Body>(ctx, packed, static_cast<int64_t>(packed_panel_bytes(PackedFormat::int4, K)), M, n_begin,
+  for_blocks<Int4Body, 4>(ctx, packed, static_cast<int64_t>(packed_panel_bytes(PackedFormat::int4, K)), M, n_begin,
                        n_end);
 }
 

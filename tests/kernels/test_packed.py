@@ -51,7 +51,7 @@ def test_gemm_matches_torch_and_reference(fmt, isa):
             ref = x.double() @ Wd.double().T  # [M, N]
             y = gemm(fmt, packed, N, K, x, isa)
             assert nmse(y, ref) < PACKED_GEMM_NMSE[fmt], (fmt, isa, N, K, M)
-            if isa != "generic" and not (fmt == "int4" and isa == "amx" and M >= 16):
+            if isa != "generic" and not (fmt == "int4" and isa == "amx" and M >= 24):  # AMX int4: bf16 x
                 y_ref = gemm(fmt, packed, N, K, x, "generic")
                 assert nmse(y, y_ref) < PACKED_ISA_NMSE, (fmt, isa, N, K, M)
 
