@@ -220,6 +220,18 @@ float dot_q6_k_avx2(int64_t n, const void* w, const void* a) {
   return hsum_ps(acc) - acc_off;
 }
 
+// The 16 signed 6-bit scales of a q3_K block as int8 (low 4 bits in bytes 0..7, nibble by
+// nibble; high 2 bits in bytes 8..11, 2 bits per group of four scales).
+inline __m128i q3k_scales(const uint8_t* s) {
+  uint32_t a[3], w[4];
+  std::memcpy(a, s, 12);
+  w[0] = (a[0] & 0x0F0F0F0F) | ((a[2] & 0x03030303) << 4);
+  w[1] = (a[1] & 0x0F0F0F0F) | (((a[2] >> 2) & 0x03030303) << 4);
+  w[2] = ((a[0] >> 4) & 0x0F0F0F0F) | (((a[2] >> 4) & 0x03030303) << 4);
+  w[3] = ((a[1] >> 4) & 0x0F0F0F0F) | (((a[2] >> 6) & 0x03030303) << 4);
+  return _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)), _mm_set1_epi8(32));
+}
+
 // q2_K (kQ3 = false): levels 0..3, 4-bit scale and min per 16. q3_K (kQ3 = true): levels
 // 0..7 = 2 low bits | hmask bit << 2, offset -4 applied through bsums, signed 6-bit scales.
 template <bool kQ3>
@@ -235,20 +247,17 @@ float dot_k23_avx2(int64_t n, const void* w, const void* a) {
     float d;
     if constexpr (kQ3) {
       const BlockQ3_K& b = static_cast<const BlockQ3_K*>(w)[i];
-      for (int g = 0; g < 16; ++g) {
-        const int lo = g < 8 ? (b.scales[g] & 0xF) : (b.scales[g - 8] >> 4);
-        sc[g] = static_cast<int16_t>((lo | ((b.scales[8 + g % 4] >> (2 * (g / 4))) & 3) << 4) - 32);
-      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepi8_epi16(q3k_scales(b.scales)));
       qs = b.qs;
       hm = load256(b.hmask);
       d = h2f(b.d) * y[i].d;
       acc_off += d * static_cast<float>(4 * scales_dot_bsums(sc, y[i].bsums));
     } else {
       const BlockQ2_K& b = static_cast<const BlockQ2_K*>(w)[i];
-      for (int g = 0; g < 16; ++g) {
-        sc[g] = b.scales[g] & 0xF;
-        m[g] = b.scales[g] >> 4;
-      }
+      const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
+      const __m128i nib = _mm_set1_epi8(0x0F);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepu8_epi16(_mm_and_si128(s8, nib)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(m), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s8, 4), nib)));
       qs = b.qs;
       d = h2f(b.d) * y[i].d;
       acc_off += h2f(b.dmin) * y[i].d * static_cast<float>(scales_dot_bsums(m, y[i].bsums));

@@ -226,6 +226,18 @@ float dot_q6_k_avx512(int64_t n, const void* w, const void* a) {
   return _mm512_reduce_add_ps(acc) - acc_off;
 }
 
+// The 16 signed 6-bit scales of a q3_K block as int8 (low 4 bits in bytes 0..7, nibble by
+// nibble; high 2 bits in bytes 8..11, 2 bits per group of four scales).
+inline __m128i q3k_scales(const uint8_t* s) {
+  uint32_t a[3], w[4];
+  std::memcpy(a, s, 12);
+  w[0] = (a[0] & 0x0F0F0F0F) | ((a[2] & 0x03030303) << 4);
+  w[1] = (a[1] & 0x0F0F0F0F) | (((a[2] >> 2) & 0x03030303) << 4);
+  w[2] = ((a[0] >> 4) & 0x0F0F0F0F) | (((a[2] >> 4) & 0x03030303) << 4);
+  w[3] = ((a[1] >> 4) & 0x0F0F0F0F) | (((a[2] >> 6) & 0x03030303) << 4);
+  return _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)), _mm_set1_epi8(32));
+}
+
 // q2_K (kQ3 = false) and q3_K (kQ3 = true); see the AVX2 file for the level layout.
 template <bool kQ3>
 float dot_k23_avx512(int64_t n, const void* w, const void* a) {
@@ -234,24 +246,21 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
   __m512 acc = _mm512_setzero_ps();
   float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
-    alignas(16) int8_t sc[16];
+    __m128i sc8;
     const uint8_t* qs;
     __m256i hm = _mm256_setzero_si256();
     float d;
     if constexpr (kQ3) {
       const BlockQ3_K& b = static_cast<const BlockQ3_K*>(w)[i];
-      for (int g = 0; g < 16; ++g) {
-        const int lo = g < 8 ? (b.scales[g] & 0xF) : (b.scales[g - 8] >> 4);
-        sc[g] = static_cast<int8_t>((lo | ((b.scales[8 + g % 4] >> (2 * (g / 4))) & 3) << 4) - 32);
-      }
+      sc8 = q3k_scales(b.scales);
       qs = b.qs;
       hm = load256(b.hmask);
       d = h2f(b.d) * y[i].d;
-      acc_off += d * static_cast<float>(4 * dot16_bsums(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)), y[i].bsums));
+      acc_off += d * static_cast<float>(4 * dot16_bsums(sc8, y[i].bsums));
     } else {
       const BlockQ2_K& b = static_cast<const BlockQ2_K*>(w)[i];
       const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
-      _mm_store_si128(reinterpret_cast<__m128i*>(sc), _mm_and_si128(s, _mm_set1_epi8(0x0F)));
+      sc8 = _mm_and_si128(s, _mm_set1_epi8(0x0F));
       const __m128i m = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F));
       qs = b.qs;
       d = h2f(b.d) * y[i].d;
@@ -269,7 +278,6 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
         sl[4 * h + s] = q;
       }
     }
-    const __m128i sc8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sc));
     acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(dot_slices16(sl, sc8, y[i].qs)), acc);
   }
   return _mm512_reduce_add_ps(acc) - acc_off;
