@@ -158,6 +158,8 @@ def generate_model(out_dir, *, arch: str, preset: str, quant: str, layers: int |
     preset_config(arch, preset, layers)          # validates preset and layers before touching disk
     if quant not in QUANT_CHOICES:
         raise KtransError(f"unknown quant type '{quant}'; expected one of: {', '.join(QUANT_CHOICES)}")
+    if nthreads < 0:
+        raise KtransError(f"--threads must be 0 (all cores) or more, got {nthreads}")
     out = Path(out_dir)
     _check_out(out, force)
     nthreads = nthreads or os.cpu_count() or 1
@@ -173,9 +175,11 @@ def generate_model(out_dir, *, arch: str, preset: str, quant: str, layers: int |
     try:
         _generate_into(tmp, arch, preset, quant, layers, seed, with_safetensors, nthreads, shard_bytes, on_bytes)
         _replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_dirs(created)
+        if isinstance(e, OSError):          # disk full, quota, permissions changed under us
+            raise KtransError(f"writing '{out}' failed: {e.strerror or e}") from e
         raise
     return out
 

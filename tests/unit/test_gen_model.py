@@ -218,6 +218,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
     (["--arch", "qwen2", "--preset", "deepseek-v3"], "unknown preset 'deepseek-v3' for --arch qwen2"),
     (["--arch", "qwen2", "--quant", "q4_k_s"], "unknown quant type 'q4_k_s'; expected one of: f32"),
     (["--arch", "qwen2", "--layers", "0"], "--layers must be at least 1"),
+    (["--arch", "qwen2", "--threads", "-2"], "--threads must be 0 (all cores) or more, got -2"),
 ])
 def test_bad_flags(tmp_path, capsys, argv, message):
     rc, err = _cli([str(tmp_path / "out"), *argv], capsys)
@@ -258,6 +259,13 @@ def test_failure_midway_leaves_nothing_and_keeps_old_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     with pytest.raises(KtransError, match="not empty"):
         generate_model(out, arch="qwen2", preset="tiny", quant="f32")
+
+    def disk_full(n):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(KtransError, match=r"writing '.*new' failed: No space left on device"):
+        generate_model(tmp_path / "new", arch="qwen2", preset="tiny", quant="f32", on_bytes=disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_python_m_ktrans_and_force(tmp_path):
