@@ -2,9 +2,9 @@
 
 Per row, in transformers' order: penalties (repetition over prompt + output, presence and
 frequency over output) -> greedy argmax if temperature is 0, else temperature -> top-k -> top-p ->
-min-p -> one draw from that request's own generator. The filters run batched on the logits'
-device; only the final draw happens on the CPU, so a seeded request gives the same tokens on a GPU
-as on a CPU.
+min-p -> one draw from that request's own generator. Everything runs batched on the logits'
+device; only one uniform number per row comes from the request's CPU generator, so a seeded
+request gives the same tokens on a GPU as on a CPU.
 """
 
 from __future__ import annotations
@@ -63,22 +63,63 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return x
 
 
+# Candidates kept by top-k / top-p before falling back to sorting the whole vocabulary.
+_CANDIDATES = 1024
+
+
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Top-k then top-p on logits [R, V]. NOTE: top-p keeps the most likely tokens up to top_p of
+    the mass, which lie among the best _CANDIDATES whenever those hold that much; only when some
+    row's candidates hold less (a flat distribution) is the whole vocabulary sorted."""
+    R, V = x.shape
+    dev = x.device
+    K = min(V, max(k if k > 0 else _CANDIDATES for k in top_k))
+    vals, order = x.topk(K, dim=-1)                                         # [R, K], descending
+    k = torch.tensor([kk if 0 < kk < K else K for kk in top_k], device=dev)
+    vals = vals.masked_fill(torch.arange(K, device=dev)[None, :] >= k[:, None], float("-inf"))
+    # Rows with top-k normalise over their k tokens (as transformers does), others over all V.
+    has_k = torch.tensor([kk > 0 for kk in top_k], device=dev)
+    log_z = torch.where(has_k, vals.logsumexp(-1), x.logsumexp(-1))[:, None]  # [R, 1]
+    probs = (vals - log_z).exp()                                            # [R, K]
+    p = torch.tensor(top_p, device=dev, dtype=x.dtype)[:, None]
+    if bool(((p < 1) & (probs.sum(-1, keepdim=True) < p + 1e-4)).any()):
+        return _top_k_top_p_sorted(x, top_k, top_p)
+    # NOTE: as transformers does: drop a token when it and everything less likely together hold at
+    # most 1 - top_p of the mass; the top token always stays.
+    tail_mass = 1 - (probs.cumsum(-1) - probs)                              # [R, K]
+    drop = tail_mass <= 1 - p
+    drop[:, 0] = False
+    vals = vals.masked_fill(drop, float("-inf"))
+    out = torch.full_like(x, float("-inf")).scatter_(-1, order, vals)
+    untouched = torch.tensor([kk <= 0 and q >= 1 for kk, q in zip(top_k, top_p)], device=dev)
+    return torch.where(untouched[:, None], x, out)
+
+
+def _top_k_top_p_sorted(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Top-k then top-p over the fully sorted vocabulary (any distribution)."""
     R, V = x.shape
     dev = x.device
     sorted_x, order = x.sort(dim=-1, descending=True)                      # [R, V]
-    ranks = torch.arange(V, device=dev)
     k = torch.tensor([kk if kk > 0 else V for kk in top_k], device=dev)
-    sorted_x = sorted_x.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
-    # NOTE: as transformers does: drop a token when it and everything less likely together hold at
-    # most 1 - top_p of the mass (cumulated from the least likely up); the top token always stays.
+    sorted_x = sorted_x.masked_fill(torch.arange(V, device=dev)[None, :] >= k[:, None], float("-inf"))
     asc = sorted_x.softmax(-1).flip(-1)                                     # [R, V] ascending
     tail_mass = asc.cumsum(-1).flip(-1)                                     # [R, V]
-    p = torch.tensor(top_p, device=dev, dtype=x.dtype)
-    drop = tail_mass <= (1 - p)[:, None]
+    drop = tail_mass <= (1 - torch.tensor(top_p, device=dev, dtype=x.dtype))[:, None]
     drop[:, 0] = False
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+
+def draw(probs: torch.Tensor, generators: list) -> list[int]:
+    """One token per row of probs [S, V] by inverse-CDF sampling.
+    NOTE: each row uses one uniform number from its request's own CPU generator, so a seed gives
+    the same draws on any device, and the probabilities never leave the device."""
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)                                         # [S, V]
+    total = cdf[:, -1:]
+    # Strictly below the total, so the pick is never past the last token with nonzero mass.
+    target = torch.minimum(u.to(cdf.device)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0].tolist()
 
 
 class Sampler:
@@ -91,8 +132,7 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             rows = torch.tensor(sampled, device=logits.device)
-            probs = filter_logits(logits[rows], [params[i] for i in sampled]).softmax(-1).cpu()
-            for j, i in enumerate(sampled):
-                gen = requests[i].generator
-                tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen).item())
+            probs = filter_logits(logits[rows], [params[i] for i in sampled]).softmax(-1)
+            for i, tok in zip(sampled, draw(probs, [requests[i].generator for i in sampled])):
+                tokens[i] = tok
         return tokens
