@@ -53,8 +53,9 @@ class Plan:
         return self._by_path()[path]
 
     def _by_path(self) -> dict[str, PlanEntry]:
-        if getattr(self, "_index", None) is None:
-            self._index = {e.path: e for e in self.entries}
+        # NOTE: rebuilt when `entries` is replaced (a runner may rewrite entries' kwargs).
+        if getattr(self, "_index_of", None) is not self.entries:
+            self._index, self._index_of = {e.path: e for e in self.entries}, self.entries
         return self._index
 
     def bytes_per_device(self) -> dict[str, int]:
