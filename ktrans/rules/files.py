@@ -20,9 +20,10 @@ VARIANTS = {
 }
 
 
-def rules_dir() -> Path:
-    """The directory of shipped rule files (installed package first, then the source tree)."""
-    pkg = Path(__file__).resolve().parent.parent
+def rules_dir(package_dir: Path | None = None) -> Path:
+    """The directory of shipped rule files: `<package>/optimize_rules` (installed wheel) first,
+    then `<package>/../optimize_rules` (source checkout). `package_dir` defaults to ktrans's."""
+    pkg = package_dir or Path(__file__).resolve().parent.parent
     for candidate in (pkg / "optimize_rules", pkg.parent / "optimize_rules"):
         if candidate.is_dir() and any(candidate.glob("*.yaml")):
             return candidate

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from ktrans.config.arch import ARCHS, build_meta_model
+from ktrans.errors import KtransError
 from ktrans.rules.apply import apply_plan
 from ktrans.rules.explain import explain_rows
 from ktrans.rules.files import VARIANTS, list_shipped, rules_dir, shipped_rules
@@ -124,3 +125,36 @@ def test_shipped_file_applies_on_cpu(arch, variant):
                        for t in list(model.get_submodule(p).parameters(recurse=False))
                        + list(model.get_submodule(p).buffers(recurse=False)))
             assert held == row.total_bytes, row.group
+
+
+def test_rules_dir_in_a_wheel_and_in_a_checkout(tmp_path):
+    checkout = tmp_path / "src"
+    (checkout / "ktrans").mkdir(parents=True)
+    (checkout / "optimize_rules").mkdir()
+    (checkout / "optimize_rules" / "qwen2.yaml").write_text("[]")
+    assert rules_dir(checkout / "ktrans") == checkout / "optimize_rules"
+    wheel = tmp_path / "site-packages" / "ktrans"
+    (wheel / "optimize_rules").mkdir(parents=True)
+    (wheel / "optimize_rules" / "qwen2.yaml").write_text("[]")
+    assert rules_dir(wheel) == wheel / "optimize_rules"
+    with pytest.raises(KtransError, match="no optimize_rules directory with rule files"):
+        rules_dir(tmp_path / "empty" / "ktrans")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_default_and_2gpu_files_apply_on_gpus(arch):
+    """On the accelerator machine: the default file on cuda:0, and the 2-GPU split where two GPUs exist."""
+    for variant in ("", "2gpu"):
+        if variant == "2gpu" and torch.cuda.device_count() < 2:
+            continue
+        config = CONFIGS[arch]()
+        model = build_meta_model(config)
+        plan = plan_model(model, load_rules(shipped_rules(arch, variant)), config=config, default_device="cuda:0")
+        apply_plan(model, plan, _weights(config))
+        for e in plan.entries:
+            mod = model.get_submodule(e.path) if e.op != "default" or e.nbytes else None
+            if mod is not None and e.op != "default":
+                assert mod.device == torch.device(e.device), e.path
+            elif mod is not None:
+                assert all(str(t.device) == e.device for t in mod.parameters(recurse=False)), e.path
