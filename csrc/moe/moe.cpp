@@ -51,6 +51,7 @@ MoeLayer::MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& s, MoeBacke
     for (int p = 0; p < 3; ++p) {
       QType t = s.types[p];
       dot_[p] = k_vec_dot[qi(t)].get(isa_);
+      multi_[p] = k_moe_dot_multi[qi(t)].get(isa_);
       act_type_[p] = vec_dot_type(t);
       act_quant_[p] = k_quantize_row[qi(act_type_[p])].get(isa_);
       if (!dot_[p] || (act_type_[p] != QType::f32 && !act_quant_[p]))

@@ -27,6 +27,7 @@
 #include "common/threadpool.h"
 #include "packed/packed.h"
 #include "moe/moe_buffers.h"
+#include "moe/moe_dot.h"
 #include "moe/moe_plan.h"
 #include "quant/quant.h"
 
@@ -109,6 +110,12 @@ class MoeLayer {
   std::vector<int64_t> row_begin_;  // [G+1] I-rows of group g's gate/up work (slice in split mode)
   std::vector<ProjStore> store_[3];  // [proj][group]
   VecDotFn dot_[3] = {};
+  MoeDotMultiFn multi_[3] = {};      // several tokens per weight row, where the format has one
+  // out[j] = dot(k, w, acts[j]) for j < nt, with the multi-token kernel when there is one.
+  void dot_tokens(int proj, int64_t k, const uint8_t* w, const void* const* acts, int nt, float* out) const {
+    if (multi_[proj]) return multi_[proj](k, w, acts, nt, out);
+    for (int j = 0; j < nt; ++j) out[j] = dot_[proj](k, w, acts[j]);
+  }
   QuantizeRowFn act_quant_[3] = {};  // f32 -> activation format of each projection
   QType act_type_[3] = {};
   int64_t act_bytes_[3] = {};        // bytes of one activation row of each projection

@@ -112,11 +112,18 @@ void MoeLayer::gate_up_item(int g, int64_t a, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wg = wg0 + (r - r0) * sg.row_bytes;
       const uint8_t* wu = wu0 + (r - r0) * su.row_bytes;
-      for (int64_t p = pb; p < pe; ++p) {
-        const int64_t t = plan_.tok[p];
-        float gv = dot_[0](H, wg, c_.xq[0] + t * act_bytes_[0]);
-        float uv = dot_[1](H, wu, c_.xq[1] + t * act_bytes_[1]);
-        c_.h[p * I + r] = silu(gv) * uv;  // [P, I]
+      for (int64_t p = pb; p < pe; p += kMoeDotTokens) {
+        const int nt = static_cast<int>(std::min<int64_t>(kMoeDotTokens, pe - p));
+        const void* xg[kMoeDotTokens];
+        const void* xu[kMoeDotTokens];
+        for (int j = 0; j < nt; ++j) {
+          xg[j] = c_.xq[0] + plan_.tok[p + j] * act_bytes_[0];
+          xu[j] = c_.xq[1] + plan_.tok[p + j] * act_bytes_[1];
+        }
+        float gv[kMoeDotTokens], uv[kMoeDotTokens];
+        dot_tokens(0, H, wg, xg, nt, gv);
+        dot_tokens(1, H, wu, xu, nt, uv);
+        for (int j = 0; j < nt; ++j) c_.h[(p + j) * I + r] = silu(gv[j]) * uv[j];  // [P, I]
       }
     }
   }
@@ -148,10 +155,15 @@ void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, in
       const int64_t pe = std::min(pb + kTokTile, pend);
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* w = base + r * sd.row_bytes;
-        for (int64_t p = pb; p < pe; ++p) {
-          const void* act = c_.hq ? static_cast<const void*>(c_.hq + (s * P + p) * act_bytes_[2])
-                                  : static_cast<const void*>(c_.h + p * I + c0);
-          acc[plan_.tok[p] * H + r] += plan_.wt[p] * dot_[2](sd.k, w, act);  // [tc, H]
+        for (int64_t p = pb; p < pe; p += kMoeDotTokens) {
+          const int nt = static_cast<int>(std::min<int64_t>(kMoeDotTokens, pe - p));
+          const void* act[kMoeDotTokens];
+          for (int j = 0; j < nt; ++j)
+            act[j] = c_.hq ? static_cast<const void*>(c_.hq + (s * P + p + j) * act_bytes_[2])
+                           : static_cast<const void*>(c_.h + (p + j) * I + c0);
+          float y[kMoeDotTokens];
+          dot_tokens(2, sd.k, w, act, nt, y);
+          for (int j = 0; j < nt; ++j) acc[plan_.tok[p + j] * H + r] += plan_.wt[p + j] * y[j];  // [tc, H]
         }
       }
     }
