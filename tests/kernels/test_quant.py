@@ -82,6 +82,9 @@ def _gaussian_with_edge_blocks(rows: int, cols: int, rng: np.random.Generator) -
     x[1, :256] = 0.75
     x[2, :32] = rng.integers(-3, 4, 32).astype(np.float32)  # exact small integers: rounding ties
     x[2, 5], x[2, 9] = -7.0, 7.0
+    # amax 127 -> q8_0 scale 1: halves are exact rounding ties (away from zero, not to even)
+    x[3, :32] = np.arange(-15.5, 16.5, dtype=np.float32)
+    x[3, 7] = 127.0
     return x
 
 
