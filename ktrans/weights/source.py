@@ -184,7 +184,13 @@ class WeightSource(abc.ABC):
             if cfg is not None:
                 from ktrans.config.arch import build_meta_model
 
-                model = build_meta_model(cfg)
+                try:
+                    model = build_meta_model(cfg)
+                except KtransError:
+                    raise
+                except Exception as e:  # e.g. a zero head count from a corrupt file
+                    raise KtransError(f"{self.path}: cannot build a {cfg.model_type} model from its config "
+                                      f"({type(e).__name__}: {e})") from None
                 for n, p in [*model.named_parameters(), *model.named_buffers()]:
                     shapes[n] = tuple(p.shape)
             self._expected = shapes

@@ -166,6 +166,15 @@ def _bpe_backend(r: GGUFReader, tokens: list[str]):
     return tok
 
 
+def _not_utf8(token: str) -> bool:
+    # The reader keeps undecodable bytes as lone surrogates (surrogateescape).
+    try:
+        token.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def tokenizer_from_gguf(r: GGUFReader):
     """transformers fast tokenizer equivalent to the one the GGUF was converted from."""
     from tokenizers import AddedToken
@@ -183,7 +192,15 @@ def tokenizer_from_gguf(r: GGUFReader):
     types = r.get("tokenizer.ggml.token_type")
     if types is not None and len(types) != len(tokens):
         raise KtransError(f"{r.path}: {len(types)} token types for {len(tokens)} tokens")
-    tok = _bpe_backend(r, tokens) if kind == "gpt2" else _spm_backend(r, tokens)
+    bad = next((i for i, t in enumerate(tokens) if not t.isprintable() and _not_utf8(t)), None)
+    if bad is not None:
+        raise KtransError(f"{r.path}: tokenizer.ggml.tokens[{bad}] is not valid UTF-8")
+    try:
+        tok = _bpe_backend(r, tokens) if kind == "gpt2" else _spm_backend(r, tokens)
+    except KtransError:
+        raise
+    except Exception as e:  # the tokenizers library reports inconsistent vocabularies as bare Exceptions
+        raise KtransError(f"{r.path}: tokenizer metadata is inconsistent ({str(e).splitlines()[0]})") from None
     special = (_CONTROL, _UNKNOWN) if kind == "llama" else (_CONTROL,)
     if types is not None:
         tok.add_tokens([AddedToken(tokens[i], special=int(t) in special, normalized=False)
