@@ -109,8 +109,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched, batch = self._schedule()
-        rows, errors = self._run(sched, batch)
-        return self._update(sched, rows, errors)
+        logits, errors = self._run(sched, batch)
+        return self._update(sched, logits, errors)
 
     def _schedule(self):
         """The step's plan and its ForwardBatch (None when nothing runs), built under the lock so
@@ -119,31 +119,30 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             return sched, (None if sched.empty else build_forward_batch(sched, self.pool))
 
-    def _run(self, sched: SchedulerOutput, batch) -> tuple[list, dict[Request, str]]:
-        """Logits rows [V] of the sampled requests in order (None where the forward failed) and
-        the error of each failed request."""
+    def _run(self, sched: SchedulerOutput, batch) -> tuple[torch.Tensor | None, dict[Request, str]]:
+        """Logits [R', V] of the sampled requests in order (rows of failed requests are
+        meaningless) and the error of each failed request."""
         if batch is None:
-            return [], {}
+            return None, {}
         t0 = time.perf_counter()
         try:
-            rows, errors = list(self.runner.execute(batch)), {}
+            logits, errors = self.runner.execute(batch), {}
         except Exception as e:      # a failed forward fails requests, never the engine
             log.exception("model forward failed for %d requests", batch.num_reqs)
-            rows, errors = self._run_singly(sched, e)
+            logits, errors = self._run_singly(sched, e)
         dt = time.perf_counter() - t0
         self.counters["steps"] += 1
         self.counters["step_seconds"] += dt
         self.counters["last_step_seconds"] = dt
-        return rows, errors
+        return logits, errors
 
-    def _run_singly(self, sched: SchedulerOutput, error: Exception) -> tuple[list, dict[Request, str]]:
+    def _run_singly(self, sched: SchedulerOutput, error: Exception) -> tuple[torch.Tensor | None, dict[Request, str]]:
         """After a batched forward failed: run each request alone, so one request's failure (an
         out-of-memory prefill chunk, say) does not fail those batched with it.
         NOTE: re-running rewrites the same KV entries with the same values, since a request's KV
         depends on its own tokens only."""
         if len(sched.scheduled) == 1:
-            s = sched.scheduled[0]
-            return ([None] if s.sample else []), {s.request: _describe(error)}
+            return None, {sched.scheduled[0].request: _describe(error)}
         rows, errors = [], {}
         for s in sched.scheduled:
             out = None
@@ -156,24 +155,27 @@ class LLMEngine:
                 errors[s.request] = _describe(e)
             if s.sample:
                 rows.append(None if out is None else out[0])
-        return rows, errors
+        ok = next((r for r in rows if r is not None), None)
+        if ok is None:
+            return None, errors
+        return torch.stack([ok.new_zeros(ok.shape) if r is None else r for r in rows]), errors
 
-    def _update(self, sched: SchedulerOutput, rows: list, errors: dict[Request, str]) -> list[RequestOutput]:
+    def _update(self, sched: SchedulerOutput, logits, errors: dict[Request, str]) -> list[RequestOutput]:
         with self._lock:
-            return self._update_locked(sched, rows, errors)
+            return self._update_locked(sched, logits, errors)
 
-    def _update_locked(self, sched: SchedulerOutput, rows: list, errors: dict[Request, str]) -> list[RequestOutput]:
+    def _update_locked(self, sched: SchedulerOutput, logits, errors: dict[Request, str]) -> list[RequestOutput]:
         self.counters["preemptions"] += len(sched.preempted)
         outputs = [self._finish(r, "error", msg) for r, msg in errors.items() if not r.finished]
         self.counters["prefill_tokens"] += sum(min(s.num_new, max(0, s.request.num_prompt_tokens - s.num_computed))
                                                for s in sched.scheduled if s.request not in errors)
         sampled = [s.request for s in sched.scheduled if s.sample]
-        # Skipped: failed, and aborted while the forward ran.
-        live = [i for i, r in enumerate(sampled) if not r.finished and rows[i] is not None]
+        live = [i for i, r in enumerate(sampled) if not r.finished]   # not failed, not aborted meanwhile
         if not live:
             return outputs
         try:
-            tokens = self.sampler(torch.stack([rows[i] for i in live]), [sampled[i] for i in live])
+            rows = logits if len(live) == len(sampled) else logits[live]
+            tokens = self.sampler(rows, [sampled[i] for i in live])
         except Exception as e:
             log.exception("sampling failed")
             return outputs + [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
