@@ -254,14 +254,21 @@ class GGUFFile:
 class GGUFReader:
     """All tensors and the metadata of a GGUF model given as a file, a split set or a directory.
 
-    `metadata` comes from the first file of the set (llama.cpp's splitter writes the model's
-    metadata there); `tensors` is the union of every file's tensor table.
+    `metadata` comes from the first part of a split set (llama.cpp's splitter writes the model's
+    metadata there) or, in a directory of unrelated files, from the one with the most tensors;
+    that file is `files[0]`. `tensors` is the union of every file's tensor table.
     """
 
     def __init__(self, path: str):
         self.path = str(path)
         self.files = [GGUFFile(p) for p in gguf_files(self.path)]
-        self.metadata: dict[str, Any] = dict(self.files[0].metadata)
+        # The model's metadata: the first part of a split set, else the file with the most tensors
+        # (a directory may also hold e.g. a small vision projector file).
+        head = next((f for f in self.files if f.metadata.get("split.no") == 0), None)
+        head = head or max(self.files, key=lambda f: len(f.tensors))
+        self.files.remove(head)
+        self.files.insert(0, head)
+        self.metadata: dict[str, Any] = dict(head.metadata)
         self.tensors: dict[str, GGUFTensor] = {}
         for f in self.files:
             for name, t in f.tensors.items():

@@ -96,6 +96,10 @@ def test_directory_of_files_and_duplicates(tmp_path):
     write_gguf(tmp_path / "a.gguf", {"x.weight": rng.standard_normal((2, 32))})
     write_gguf(tmp_path / "b.gguf", {"y.weight": rng.standard_normal((2, 32))})
     assert sorted(GGUFReader(str(tmp_path)).tensors) == ["x.weight", "y.weight"]
+    write_gguf(tmp_path / "a-mmproj.gguf", {"v.weight": rng.standard_normal((2, 32))}, arch="clip")
+    write_gguf(tmp_path / "model.gguf", {f"blk.{i}.w": rng.standard_normal((2, 32)) for i in range(3)})
+    r = GGUFReader(str(tmp_path))                           # metadata from the file with most tensors
+    assert r.arch == "qwen2" and r.files[0].path.endswith("model.gguf") and len(r.tensors) == 6
     write_gguf(tmp_path / "c.gguf", {"x.weight": rng.standard_normal((2, 32))})
     with pytest.raises(KtransError, match="'x.weight' is in both .*a.gguf and .*c.gguf"):
         GGUFReader(str(tmp_path))
