@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ktrans.errors import KtransError
+
 if TYPE_CHECKING:
     from ktrans.weights.source import WeightSource
 
@@ -56,8 +58,6 @@ class Operator(torch.nn.Module):
     def __init__(self, *, key: str, orig_module: torch.nn.Module, config: Any, device, **kwargs):
         super().__init__()
         if kwargs:
-            from ktrans.errors import KtransError
-
             raise KtransError(
                 f"operator '{self.name or type(self).__name__}' at '{key}': unknown kwargs "
                 f"{', '.join(sorted(kwargs))}; valid: {', '.join(self.accepted_kwargs()) or '(none)'}"

@@ -233,8 +233,11 @@ def _check_kwargs(op: str, op_class, kwargs: dict, where: str, kt: bool, notes: 
     if kt:
         notes.extend(f"{k} '{kwargs[k]}' ignored: {op} takes no such option" for k in unknown)
         return {k: v for k, v in kwargs.items() if k in valid}
-    raise RuleError(f"{where}: {op} takes no kwargs {', '.join(unknown)}; valid: "
-                    f"{', '.join(valid) if valid else '(none' + (': default only places the module)' if op == 'default' else ')')}")
+    if valid:
+        expected = ", ".join(valid)
+    else:
+        expected = "(none: default only places the module)" if op == "default" else "(none)"
+    raise RuleError(f"{where}: {op} takes no kwargs {', '.join(unknown)}; valid: {expected}")
 
 
 def _transfer_map(value, where: str) -> dict[int, str]:
