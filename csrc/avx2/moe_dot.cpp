@@ -1,7 +1,9 @@
-// AVX2 multi-token dot for q4_K weights x q8_K activations (see moe/moe_dot.h): the nibbles and
-// 6-bit scales of each weight block are unpacked once and multiplied with N activation rows
-// (N <= 8, one accumulator set per token). Per token the arithmetic is the reference's: the same
-// integer sums per 32-value sub-block, d * d_act * sum - dmin * d_act * (mins . bsums).
+// AVX2 multi-token dots (see moe/moe_dot.h): each weight block is unpacked once and multiplied
+// with N activation rows (N <= 8, one accumulator set per token). Per token the arithmetic is the
+// reference's: the same integer sums per sub-block, then the block scales.
+//   q4_K x q8_K: d * d_act * sum - dmin * d_act * (mins . bsums)
+//   q6_K x q8_K: levels 0..63 with the -32 offset applied through bsums
+//   q8_0 x q8_0: |w| * sign(a, w) products, d_w * d_a per block of 32
 // Also used on AVX-512 machines (no AVX-512 override): the work is unpack-bound, not width-bound.
 #include <immintrin.h>
 
@@ -81,20 +83,106 @@ void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
   for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]) - acc_min[j];
 }
 
-void dot_q4k_multi(int64_t n, const void* w, const void* const* acts, int nacts, float* out) {
+// Two 16-value group scales for one 32-byte maddubs result: a for bytes 0..15, b for 16..31.
+inline __m256i scale_pair(int a, int b) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<int16_t>(a))),
+                                 _mm_set1_epi16(static_cast<int16_t>(b)), 1);
+}
+
+// sum over the 16 groups of sc[g] * bsums[g].
+inline int scales_times_sums(const int16_t* sc, const int16_t* bsums) {
+  const __m256i p = _mm256_madd_epi16(loadu(sc), loadu(bsums));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int N>
+void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
+  const BlockQ6_K* x = static_cast<const BlockQ6_K*>(w);
+  const BlockQ8_K* y[N];
+  __m256 acc[N];
+  float acc_off[N];
+  for (int j = 0; j < N; ++j) {
+    y[j] = static_cast<const BlockQ8_K*>(acts[j]);
+    acc[j] = _mm256_setzero_ps();
+    acc_off[j] = 0.0f;
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
+  for (int64_t i = 0; i < n / kQK_K; ++i) {
+    alignas(32) int16_t sc[16];
+    for (int g = 0; g < 16; ++g) sc[g] = x[i].scales[g];
+    __m256i q[8], sp[8];  // levels 0..63 of values 32k..32k+31, and their two group scales
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = loadu(x[i].ql + 64 * h), l1 = loadu(x[i].ql + 64 * h + 32);
+      const __m256i qh = loadu(x[i].qh + 32 * h);
+      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
+                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
+      for (int s = 0; s < 4; ++s) {
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2);
+        q[4 * h + s] = _mm256_or_si256(lo[s], _mm256_slli_epi16(hi, 4));
+        sp[4 * h + s] = scale_pair(sc[8 * h + 2 * s], sc[8 * h + 2 * s + 1]);
+      }
+    }
+    const float d = _cvtsh_ss(x[i].d);
+    for (int j = 0; j < N; ++j) {
+      __m256i sumi = _mm256_setzero_si256();
+      for (int k = 0; k < 8; ++k)
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], loadu(y[j][i].qs + 32 * k)), sp[k]));
+      const float dj = d * y[j][i].d;
+      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dj), _mm256_cvtepi32_ps(sumi), acc[j]);
+      acc_off[j] += dj * static_cast<float>(32 * scales_times_sums(sc, y[j][i].bsums));
+    }
+  }
+  for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]) - acc_off[j];
+}
+
+template <int N>
+void dot_q80(int64_t n, const void* w, const void* const* acts, float* out) {
+  const BlockQ8_0* x = static_cast<const BlockQ8_0*>(w);
+  const BlockQ8_0* y[N];
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) {
+    y[j] = static_cast<const BlockQ8_0*>(acts[j]);
+    acc[j] = _mm256_setzero_ps();
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < n / kQK; ++i) {
+    const __m256i q = loadu(x[i].qs);
+    const __m256i aq = _mm256_sign_epi8(q, q);  // |w| (w is never -128 in q8_0)
+    const float d = _cvtsh_ss(x[i].d);
+    for (int j = 0; j < N; ++j) {
+      const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(loadu(y[j][i].qs), q));
+      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * _cvtsh_ss(y[j][i].d)),
+                               _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc[j]);
+    }
+  }
+  for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]);
+}
+
+template <template <int> class F>
+void dispatch(int64_t n, const void* w, const void* const* acts, int nacts, float* out) {
   switch (nacts) {
-    case 8: return dot_q4k<8>(n, w, acts, out);
-    case 7: return dot_q4k<7>(n, w, acts, out);
-    case 6: return dot_q4k<6>(n, w, acts, out);
-    case 5: return dot_q4k<5>(n, w, acts, out);
-    case 4: return dot_q4k<4>(n, w, acts, out);
-    case 3: return dot_q4k<3>(n, w, acts, out);
-    case 2: return dot_q4k<2>(n, w, acts, out);
-    default: return dot_q4k<1>(n, w, acts, out);
+    case 8: return F<8>::run(n, w, acts, out);
+    case 7: return F<7>::run(n, w, acts, out);
+    case 6: return F<6>::run(n, w, acts, out);
+    case 5: return F<5>::run(n, w, acts, out);
+    case 4: return F<4>::run(n, w, acts, out);
+    case 3: return F<3>::run(n, w, acts, out);
+    case 2: return F<2>::run(n, w, acts, out);
+    default: return F<1>::run(n, w, acts, out);
   }
 }
 
-RegisterKernel<MoeDotMultiFn> reg_q4_k(k_moe_dot_multi[qi(QType::q4_k)], Isa::avx2, dot_q4k_multi);
+template <int N> struct Q4K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q4k<N>(n, w, a, o); } };
+template <int N> struct Q6K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q6k<N>(n, w, a, o); } };
+template <int N> struct Q80 { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q80<N>(n, w, a, o); } };
+
+RegisterKernel<MoeDotMultiFn> reg_q4_k(k_moe_dot_multi[qi(QType::q4_k)], Isa::avx2, dispatch<Q4K>);
+RegisterKernel<MoeDotMultiFn> reg_q6_k(k_moe_dot_multi[qi(QType::q6_k)], Isa::avx2, dispatch<Q6K>);
+RegisterKernel<MoeDotMultiFn> reg_q8_0(k_moe_dot_multi[qi(QType::q8_0)], Isa::avx2, dispatch<Q80>);
 
 }  // namespace
 }  // namespace ktrans

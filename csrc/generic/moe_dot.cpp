@@ -20,6 +20,8 @@ void dot_multi_generic(int64_t n, const void* w, const void* const* acts, int na
 }
 
 RegisterKernel<MoeDotMultiFn> reg_q4_k(k_moe_dot_multi[qi(QType::q4_k)], Isa::generic, dot_multi_generic<QType::q4_k>);
+RegisterKernel<MoeDotMultiFn> reg_q6_k(k_moe_dot_multi[qi(QType::q6_k)], Isa::generic, dot_multi_generic<QType::q6_k>);
+RegisterKernel<MoeDotMultiFn> reg_q8_0(k_moe_dot_multi[qi(QType::q8_0)], Isa::generic, dot_multi_generic<QType::q8_0>);
 
 }  // namespace
 }  // namespace ktrans
