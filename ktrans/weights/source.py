@@ -156,7 +156,10 @@ class WeightSource(abc.ABC):
         (gate/up: [E, I, H]; down: [E, H, I]); zero-copy when the file stores them stacked."""
 
     def tensor(self, name: str, dtype=None, device="cpu") -> "torch.Tensor":
-        """Dequantized tensor in the HF shape, converted to `dtype` (default float32) on `device`."""
+        """Dequantized tensor in the HF shape, converted to `dtype` (default float32) on `device`.
+
+        This default reports the read once, by device; a subclass whose raw() reports reads itself
+        (note_raw) overrides tensor() so that a read is not counted twice."""
         import torch
 
         raw = self.raw(name)
