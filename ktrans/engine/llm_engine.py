@@ -15,6 +15,7 @@ the forward ends.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -30,12 +31,13 @@ from ktrans.kv_cache import PagePool
 log = logging.getLogger("ktrans.engine")
 
 
-def eos_token_ids(config, tokenizer) -> set[int]:
-    """Token ids that end a generation: the config's eos_token_id(s), the generation config's and
-    the tokenizer's (chat models often end turns with a token only the tokenizer names)."""
+def eos_token_ids(*sources) -> set[int]:
+    """Token ids that end a generation: every `eos_token_id` (an id or a list) among the model
+    config, its generation config and the tokenizer. Chat models often end a turn with a token
+    only the tokenizer or generation config names (Qwen's <|im_end|>)."""
     ids: set[int] = set()
-    for src in (config, getattr(config, "generation_config", None), tokenizer):
-        v = getattr(src, "eos_token_id", None) if src is not None else None
+    for src in sources:
+        v = getattr(src, "eos_token_id", None)
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, (list, tuple)):
@@ -45,7 +47,7 @@ def eos_token_ids(config, tokenizer) -> set[int]:
 
 class LLMEngine:
     def __init__(self, runner, *, max_batch_size: int = 4, chunk_size: int = 256,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, generation_config=None):
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.config = runner.config
@@ -53,7 +55,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, max_batch_size=max_batch_size, chunk_size=chunk_size,
                                    max_context=runner.max_context, max_queue=max_queue)
         self.sampler = Sampler()
-        self.eos_token_ids = eos_token_ids(self.config, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(self.config, generation_config, self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()
         self.counters = {"steps": 0, "prefill_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
@@ -66,7 +68,7 @@ class LLMEngine:
         from ktrans.engine.model_runner import ModelRunner
 
         return cls(ModelRunner(**runner_kwargs), max_batch_size=max_batch_size, chunk_size=chunk_size,
-                   max_queue=max_queue)
+                   max_queue=max_queue, generation_config=_generation_config(runner_kwargs.get("model_path")))
 
     @property
     def max_context(self) -> int:
@@ -228,6 +230,19 @@ class LLMEngine:
             return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
                     "kv_page_size": self.pool.page_size, **self.counters}
+
+
+def _generation_config(model_path: str | None):
+    """The HF directory's generation_config.json (its eos ids), or None."""
+    if not model_path or not os.path.isfile(os.path.join(model_path, "generation_config.json")):
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s/generation_config.json: %s", model_path, e)
+        return None
 
 
 def _describe(error: Exception) -> str:
