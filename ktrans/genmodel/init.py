@@ -1,7 +1,8 @@
 """Random weights for generated models: scaled so every layer of a real-size model stays finite.
 
 Scales (std of a zero-mean uniform distribution, chosen per parameter by its name):
-  embed_tokens                       1                (token identity dominates the residual)
+  embed_tokens                       1                (token identity dominates the residual);
+                                     1/sqrt(H) when tied to lm_head (logits std ~1, as untied)
   norms (RMSNorm weights)            1 +- 0.2         (~1, but not all-ones, so a mis-mapped norm shows)
   o_proj / down_proj (all MLPs)      1/sqrt(fan_in * 2L)   (GPT-2 style: the residual grows ~O(1)
                                                       over L layers instead of O(sqrt(L)))
@@ -28,10 +29,10 @@ BLOCK_ELEMS = 1 << 22   # elements per independently seeded block (16 MiB of flo
 _OUT_PROJ = ("o_proj.weight", "down_proj.weight", "experts.down_proj", "w2.weight")
 
 
-def init_std(hf_name: str, fan_in: int, num_layers: int) -> tuple[float, float]:
+def init_std(hf_name: str, fan_in: int, num_layers: int, tied: bool = False) -> tuple[float, float]:
     """(mean, std) of the parameter named `hf_name` (a transformers-5 parameter name)."""
     if hf_name == "model.embed_tokens.weight":
-        return 0.0, 1.0
+        return 0.0, (1.0 / math.sqrt(fan_in) if tied else 1.0)
     if "norm" in hf_name:
         return 1.0, 0.2 / math.sqrt(3.0)     # uniform in [0.8, 1.2]
     if hf_name.endswith("e_score_correction_bias"):

@@ -53,7 +53,7 @@ def _expert_names(hf: str, proj: str, n: int) -> list[str]:
 
 
 def _stream(key, hf_for_std, gname, shape, quant_name, config, st_names, L) -> Unit:
-    mean, std = init.init_std(hf_for_std, shape[-1], L)
+    mean, std = init.init_std(hf_for_std, shape[-1], L, bool(getattr(config, "tie_word_embeddings", False)))
     qt = tensor_qtype(gname, shape, quant_name, config)
     u = Unit("stream", key, shape, mean, std, gguf=[(gname, shape, qt)])
     st_shape = shape[1:] if len(st_names) > 1 else shape
