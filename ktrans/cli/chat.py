@@ -239,9 +239,13 @@ def add_chat_args(p) -> None:
     add_sampling_args(p)
 
 
+DESCRIPTION = ("Chat with a model in the terminal. With no model flags, a tiny random-weight "
+               "DeepSeek-V3-architecture model is generated once and used (its replies are noise).")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a model in the terminal",
-                       description="Chat with a model in the terminal (same as local_chat.py).")
+    p = sub.add_parser("chat", help="chat with a model in the terminal", description=DESCRIPTION,
+                       epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_args(p)
     p.set_defaults(func=run)
 
@@ -273,7 +277,8 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """local_chat.py's entry point (KTransformers-compatible flags)."""
-    parser = argparse.ArgumentParser(prog="local_chat.py", description="Chat with a model in the terminal.")
+    parser = argparse.ArgumentParser(prog="local_chat.py", description=DESCRIPTION, epilog=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_args(parser)
     args = parser.parse_args(argv)
     try:

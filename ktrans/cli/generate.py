@@ -23,18 +23,24 @@ from ktrans.errors import KtransError, UsageError
 
 def add_sampling_args(parser, *, temperature: float = 0.6, top_p: float = 0.95) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature,
+    g.add_argument("--temperature", type=float, default=temperature, metavar="T",
                    help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=top_p)
-    g.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0, help="0 = off")
-    g.add_argument("--min_p", "--min-p", dest="min_p", type=float, default=0.0)
+    g.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=top_p, metavar="P",
+                   help=f"keep the most likely tokens holding P of the mass (default {top_p})")
+    g.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0, metavar="K",
+                   help="keep the K most likely tokens (default 0 = off)")
+    g.add_argument("--min_p", "--min-p", dest="min_p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below P x the top probability (default 0 = off)")
     g.add_argument("--repetition_penalty", "--repetition-penalty", dest="repetition_penalty",
-                   type=float, default=1.0)
-    g.add_argument("--presence_penalty", "--presence-penalty", dest="presence_penalty", type=float, default=0.0)
-    g.add_argument("--frequency_penalty", "--frequency-penalty", dest="frequency_penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+                   type=float, default=1.0, metavar="X", help="penalise tokens already seen (default 1 = off)")
+    g.add_argument("--presence_penalty", "--presence-penalty", dest="presence_penalty", type=float,
+                   default=0.0, metavar="X", help="OpenAI-style, in [-2, 2] (default 0)")
+    g.add_argument("--frequency_penalty", "--frequency-penalty", dest="frequency_penalty", type=float,
+                   default=0.0, metavar="X", help="OpenAI-style, in [-2, 2] (default 0)")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="reproducible sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--ignore_eos", "--ignore-eos", dest="ignore_eos", action="store_true")
+    g.add_argument("--ignore_eos", "--ignore-eos", dest="ignore_eos", action="store_true",
+                   help="keep generating past the end-of-text token")
 
 
 def sampling_params(args) -> SamplingParams:
