@@ -1,5 +1,5 @@
-// AVX2 q4_K / q5_K / q6_K quantization: the per-sub-block scale (and min) search of the
-// reference, run for 8 sub-blocks (q6_K: 8 groups of 16) at once (lane j = sub-block j; values gathered so that
+// AVX2 q2_K / q4_K / q5_K / q6_K quantization: the per-sub-block scale (and min) search of the
+// reference, run for 8 sub-blocks (q2_K / q6_K: 8 groups of 16) at once (lane j = sub-block j; values gathered so that
 // vector l holds element l of every sub-block). The scale quantization, re-rounding and packing
 // are the shared scalar steps of quant/kquant_impl.h.
 // NOTE: bit-identical to the generic reference: each lane performs the reference's float
@@ -25,27 +25,33 @@ inline __m256i levels(__m256 x, __m256 lo, __m256 iscale, __m256i nmax) {
   return _mm256_min_epi32(_mm256_max_epi32(l, _mm256_setzero_si256()), nmax);
 }
 
-// Weighted squared error of x ~ scale*L + min per lane, summed over l in order.
+// Weighted error (squared, or absolute when kAbs) of x ~ scale*L + min per lane, summed over l
+// in order.
+template <int N, bool kAbs>
 inline __m256 fit_error(const __m256* X, const __m256* W, const __m256i* L, __m256 scale, __m256 min) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 err = _mm256_setzero_ps();
-  for (int l = 0; l < 32; ++l) {
+  for (int l = 0; l < N; ++l) {
     const __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(L[l])), min), X[l]);
-    err = _mm256_add_ps(err, _mm256_mul_ps(W[l], _mm256_mul_ps(diff, diff)));
+    const __m256 e = kAbs ? _mm256_and_ps(diff, abs_mask) : _mm256_mul_ps(diff, diff);
+    err = _mm256_add_ps(err, _mm256_mul_ps(W[l], e));
   }
   return err;
 }
 
+template <int N>
 struct LaneFit {
   __m256 scale, min;  // per sub-block
-  __m256i L[32];      // levels, vector l = element l of each sub-block
+  __m256i L[N];       // levels, vector l = element l of each sub-block
 };
 
-// The reference's fit_scale_min for 8 sub-blocks of 32 (squared error, min <= 0).
-void fit_lanes(const __m256* X, const __m256* W, int nmax, float rmin, int nstep, LaneFit* f) {
+// The reference's fit_scale_min for 8 sub-blocks of N (min <= 0).
+template <int N, bool kAbs>
+void fit_lanes(const __m256* X, const __m256* W, int nmax, float rmin, int nstep, LaneFit<N>* f) {
   const __m256 zero = _mm256_setzero_ps();
   const __m256i vnmax = _mm256_set1_epi32(nmax);
   __m256 lo = X[0], hi = X[0], sum_w = zero, sum_x = zero;
-  for (int l = 0; l < 32; ++l) {
+  for (int l = 0; l < N; ++l) {
     lo = _mm256_min_ps(X[l], lo);
     hi = _mm256_max_ps(X[l], hi);
     sum_w = _mm256_add_ps(sum_w, W[l]);
@@ -56,14 +62,14 @@ void fit_lanes(const __m256* X, const __m256* W, int nmax, float rmin, int nstep
   const __m256 flat = _mm256_cmp_ps(hi, lo, _CMP_EQ_OQ);
   __m256 iscale = _mm256_div_ps(_mm256_set1_ps(static_cast<float>(nmax)), range);
   __m256 scale = _mm256_div_ps(_mm256_set1_ps(1.0f), iscale), min = lo;
-  for (int l = 0; l < 32; ++l) f->L[l] = levels(X[l], lo, iscale, vnmax);
-  __m256 best = fit_error(X, W, f->L, scale, min);
-  __m256i cand[32];
+  for (int l = 0; l < N; ++l) f->L[l] = levels(X[l], lo, iscale, vnmax);
+  __m256 best = fit_error<N, kAbs>(X, W, f->L, scale, min);
+  __m256i cand[N];
   for (int k = 0; k <= nstep; ++k) {
     const float c = rmin + 0.1f * static_cast<float>(k) + static_cast<float>(nmax);
     iscale = _mm256_div_ps(_mm256_set1_ps(c), range);
     __m256 sl = zero, sl2 = zero, sxl = zero;
-    for (int l = 0; l < 32; ++l) {
+    for (int l = 0; l < N; ++l) {
       cand[l] = levels(X[l], lo, iscale, vnmax);
       const __m256 lf = _mm256_cvtepi32_ps(cand[l]);
       const __m256 wl = _mm256_mul_ps(W[l], lf);
@@ -78,10 +84,10 @@ void fit_lanes(const __m256* X, const __m256* W, int nmax, float rmin, int nstep
     const __m256 pos = _mm256_cmp_ps(m, zero, _CMP_GT_OQ);
     s = _mm256_blendv_ps(s, _mm256_div_ps(sxl, sl2), pos);
     m = _mm256_blendv_ps(m, zero, pos);
-    const __m256 err = fit_error(X, W, cand, s, m);
+    const __m256 err = fit_error<N, kAbs>(X, W, cand, s, m);
     const __m256 better = _mm256_and_ps(ok, _mm256_cmp_ps(err, best, _CMP_LT_OQ));
     const __m256i bi = _mm256_castps_si256(better);
-    for (int l = 0; l < 32; ++l) f->L[l] = _mm256_blendv_epi8(f->L[l], cand[l], bi);
+    for (int l = 0; l < N; ++l) f->L[l] = _mm256_blendv_epi8(f->L[l], cand[l], bi);
     best = _mm256_blendv_ps(best, err, better);
     scale = _mm256_blendv_ps(scale, s, better);
     min = _mm256_blendv_ps(min, m, better);
@@ -89,7 +95,7 @@ void fit_lanes(const __m256* X, const __m256* W, int nmax, float rmin, int nstep
   // Constant sub-blocks: scale 0, min = lo, levels 0 (as the reference's early return).
   f->scale = _mm256_blendv_ps(scale, zero, flat);
   f->min = _mm256_blendv_ps(min, lo, flat);
-  for (int l = 0; l < 32; ++l) f->L[l] = _mm256_andnot_si256(_mm256_castps_si256(flat), f->L[l]);
+  for (int l = 0; l < N; ++l) f->L[l] = _mm256_andnot_si256(_mm256_castps_si256(flat), f->L[l]);
 }
 
 // Gathers one super-block as lanes, builds the reference's weights and fits; outputs as the
@@ -105,8 +111,8 @@ void fit_k45_avx2(const float* x, int nmax, float rmin, int nstep, float* sc, fl
   const __m256 av = _mm256_sqrt_ps(_mm256_div_ps(sum2, _mm256_set1_ps(32.0f)));
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int l = 0; l < 32; ++l) W[l] = _mm256_add_ps(av, _mm256_and_ps(X[l], abs_mask));
-  LaneFit f;
-  fit_lanes(X, W, nmax, rmin, nstep, &f);
+  LaneFit<32> f;
+  fit_lanes<32, false>(X, W, nmax, rmin, nstep, &f);
   _mm256_storeu_ps(sc, f.scale);
   _mm256_storeu_ps(mn, _mm256_xor_ps(f.min, _mm256_set1_ps(-0.0f)));  // -min, as unary minus
   alignas(32) int32_t lv[8];
@@ -202,6 +208,35 @@ void q6_k_avx2(const float* x, void* dst, int64_t n) {
   }
 }
 
+// q2_K: the reference's fit for 16 groups of 16 (weights |x|, absolute error), 8 groups per pass.
+void q2_k_avx2(const float* x, void* dst, int64_t n) {
+  BlockQ2_K* y = static_cast<BlockQ2_K*>(dst);
+  const __m256i idx = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  alignas(32) uint8_t L[kQK_K];
+  alignas(32) int32_t lv[8];
+  float sc[16], mn[16];
+  __m256 X[16], W[16];
+  LaneFit<16> f;
+  for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
+    for (int half = 0; half < 2; ++half) {
+      for (int l = 0; l < 16; ++l) {
+        X[l] = _mm256_i32gather_ps(x + 128 * half + l, idx, 4);
+        W[l] = _mm256_and_ps(X[l], abs_mask);
+      }
+      fit_lanes<16, true>(X, W, 3, -0.5f, 15, &f);
+      _mm256_storeu_ps(sc + 8 * half, f.scale);
+      _mm256_storeu_ps(mn + 8 * half, _mm256_xor_ps(f.min, _mm256_set1_ps(-0.0f)));
+      for (int l = 0; l < 16; ++l) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lv), f.L[l]);
+        for (int j = 0; j < 8; ++j) L[16 * (8 * half + j) + l] = static_cast<uint8_t>(lv[j]);
+      }
+    }
+    kq_finish_q2_k(x, sc, mn, L, &y[i]);
+  }
+}
+
+RegisterKernel<QuantizeRowFn> reg_q2_k(k_quantize_row[qi(QType::q2_k)], Isa::avx2, q2_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q6_k(k_quantize_row[qi(QType::q6_k)], Isa::avx2, q6_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q4_k(k_quantize_row[qi(QType::q4_k)], Isa::avx2, q4_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q5_k(k_quantize_row[qi(QType::q5_k)], Isa::avx2, q5_k_avx2);

@@ -159,15 +159,6 @@ void q_q5_k(const float* x, void* dst, int64_t n) {
   }
 }
 
-// Packs 256 2-bit values: byte 32*half + l holds values 128*half + 32*s + l at bits 2s.
-void pack_2bit(const uint8_t* L, uint8_t* qs) {
-  for (int h = 0; h < 2; ++h)
-    for (int l = 0; l < 32; ++l) {
-      const uint8_t* v = L + 128 * h + l;
-      qs[32 * h + l] = (v[0] & 3) | (v[32] & 3) << 2 | (v[64] & 3) << 4 | (v[96] & 3) << 6;
-    }
-}
-
 void q_q6_k(const float* x, void* dst, int64_t n) {
   BlockQ6_K* y = static_cast<BlockQ6_K*>(dst);
   uint8_t L[kQK_K];
@@ -183,27 +174,11 @@ void q_q2_k(const float* x, void* dst, int64_t n) {
   uint8_t L[kQK_K];
   float sc[16], mn[16], w[16];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
-    float max_sc = 0.0f, max_mn = 0.0f;
     for (int g = 0; g < 16; ++g) {
       for (int l = 0; l < 16; ++l) w[l] = std::fabs(x[16 * g + l]);
       sc[g] = fit_scale_min(16, 3, x + 16 * g, w, L + 16 * g, &mn[g], -0.5f, 0.1f, 15, true);
-      max_sc = std::max(max_sc, sc[g]);
-      max_mn = std::max(max_mn, mn[g]);
     }
-    const float inv_sc = max_sc > 0.0f ? 15.0f / max_sc : 0.0f, inv_mn = max_mn > 0.0f ? 15.0f / max_mn : 0.0f;
-    for (int g = 0; g < 16; ++g)
-      y[i].scales[g] = static_cast<uint8_t>(std::min(15, nearest_int(inv_sc * sc[g])) |
-                                            std::min(15, nearest_int(inv_mn * mn[g])) << 4);
-    y[i].d = f32_to_fp16(max_sc / 15.0f);
-    y[i].dmin = f32_to_fp16(max_mn / 15.0f);
-    const float d = fp16_to_f32(y[i].d), dmin = fp16_to_f32(y[i].dmin);
-    for (int g = 0; g < 16; ++g) {
-      const float dl = d * (y[i].scales[g] & 0xF), ml = dmin * (y[i].scales[g] >> 4);
-      if (dl == 0.0f) continue;
-      for (int l = 16 * g; l < 16 * g + 16; ++l)
-        L[l] = static_cast<uint8_t>(clampi(nearest_int((x[l] + ml) / dl), 0, 3));
-    }
-    pack_2bit(L, y[i].qs);
+    kq_finish_q2_k(x, sc, mn, L, &y[i]);
   }
 }
 
@@ -297,7 +272,7 @@ void q_q3_k(const float* x, void* dst, int64_t n) {
         L[e] -= 4;
       }
     }
-    pack_2bit(L, y[i].qs);
+    kq_pack_2bit(L, y[i].qs);
   }
 }
 

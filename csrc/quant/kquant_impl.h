@@ -1,4 +1,4 @@
-// Shared scalar steps of q4_K / q5_K / q6_K quantization, used by the generic reference and the AVX2
+// Shared scalar steps of q2_K / q4_K / q5_K / q6_K quantization, used by the generic reference and the AVX2
 // quantizer (which vectorises only the per-sub-block scale/min search): quantizing the 8
 // sub-block scales and mins to 6 bits, re-rounding every value against its final scale, and
 // packing levels into the block layout. static inline: each file keeps a baseline-ISA copy.
@@ -100,6 +100,39 @@ static inline void kq_finish_q6_k(const float* x, const float* sc, uint8_t* L, B
       y->ql[64 * h + l + 32] = (v[32] & 0xF) | (v[96] & 0xF) << 4;
       y->qh[32 * h + l] = (v[0] >> 4) | (v[32] >> 4) << 2 | (v[64] >> 4) << 4 | (v[96] >> 4) << 6;
     }
+}
+
+// Packs 256 2-bit values: byte 32*half + l holds values 128*half + 32*s + l at bits 2s.
+static inline void kq_pack_2bit(const uint8_t* L, uint8_t* qs) {
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* v = L + 128 * h + l;
+      qs[32 * h + l] = (v[0] & 3) | (v[32] & 3) << 2 | (v[64] & 3) << 4 | (v[96] & 3) << 6;
+    }
+}
+
+// q2_K from the 16 fitted group scales sc[16], mins mn[16] (as -min) and the fit's levels L:
+// 4-bit scales and mins against fp16 d / dmin, re-rounded levels, packed.
+static inline void kq_finish_q2_k(const float* x, const float* sc, const float* mn, uint8_t* L, BlockQ2_K* y) {
+  float max_sc = 0.0f, max_mn = 0.0f;
+  for (int g = 0; g < 16; ++g) {
+    max_sc = std::max(max_sc, sc[g]);
+    max_mn = std::max(max_mn, mn[g]);
+  }
+  const float inv_sc = max_sc > 0.0f ? 15.0f / max_sc : 0.0f, inv_mn = max_mn > 0.0f ? 15.0f / max_mn : 0.0f;
+  for (int g = 0; g < 16; ++g)
+    y->scales[g] = static_cast<uint8_t>(std::min(15, kq_nearest_int(inv_sc * sc[g])) |
+                                        std::min(15, kq_nearest_int(inv_mn * mn[g])) << 4);
+  y->d = f32_to_fp16(max_sc / 15.0f);
+  y->dmin = f32_to_fp16(max_mn / 15.0f);
+  const float d = fp16_to_f32(y->d), dmin = fp16_to_f32(y->dmin);
+  for (int g = 0; g < 16; ++g) {
+    const float dl = d * (y->scales[g] & 0xF), ml = dmin * (y->scales[g] >> 4);
+    if (dl == 0.0f) continue;
+    for (int l = 16 * g; l < 16 * g + 16; ++l)
+      L[l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int((x[l] + ml) / dl), 0, 3));
+  }
+  kq_pack_2bit(L, y->qs);
 }
 
 }  // namespace ktrans
