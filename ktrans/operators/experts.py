@@ -32,9 +32,9 @@ NUMA_MODES = ("auto", "replicate", "split")
 PROJS = ("gate", "up", "down")
 # Formats the gguf backend computes from directly (the others are dequantized to bf16 at load).
 KERNEL_QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs")
-# Largest T that goes through the stream-ordered path with per-T pinned buffers (decode, small
-# batches, CUDA-graph sizes); larger CUDA batches copy synchronously.
-_STREAM_MAX_T = 512
+# Largest T that goes through the stream-ordered path (decode, small batches, CUDA-graph sizes);
+# each layer pins buffers for this many tokens. Larger CUDA batches copy synchronously.
+_STREAM_MAX_T = 128
 
 _pools: dict[tuple[int, int], Any] = {}
 
@@ -192,7 +192,8 @@ class CPUExperts(Operator):
         self._moe = None            # the C++ MoeLayer
         self._native = None         # (gate, up, down) f32 tensors: backend torch, forward_native
         self._source = None         # WeightSource kept for forward_native's lazy dequantization
-        self._stream: dict[tuple, tuple] = {}  # (T, k, dtype) -> pinned buffers + StreamTask
+        self._pinned: dict[tuple, tuple] = {}  # (k, dtype) -> pinned x, ids, w, out [_STREAM_MAX_T, ...]
+        self._stream: dict[tuple, tuple] = {}  # (T, k, dtype) -> views of those + their StreamTask
 
     # ---- loading ----
 
@@ -292,13 +293,18 @@ class CPUExperts(Operator):
         return handle.out.to(handle.device, handle.dtype)
 
     def _stream_buffers(self, t: int, k: int, dtype: torch.dtype) -> tuple:
+        """Views [:t] of this layer's pinned buffers (capacity _STREAM_MAX_T tokens, allocated once
+        per (k, dtype)) and the StreamTask bound to them (one per t: a CUDA graph keeps using it)."""
         key = (t, k, dtype)
         if key not in self._stream:
             cdt = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
-            x = torch.empty(t, self.hidden_size, dtype=cdt, pin_memory=True)
-            ids = torch.empty(t, k, dtype=torch.int64, pin_memory=True)
-            w = torch.empty(t, k, dtype=torch.float32, pin_memory=True)
-            out = torch.empty(t, self.hidden_size, dtype=cdt, pin_memory=True)
+            if (k, cdt) not in self._pinned:
+                n, h = _STREAM_MAX_T, self.hidden_size
+                self._pinned[(k, cdt)] = (torch.empty(n, h, dtype=cdt, pin_memory=True),
+                                          torch.empty(n, k, dtype=torch.int64, pin_memory=True),
+                                          torch.empty(n, k, dtype=torch.float32, pin_memory=True),
+                                          torch.empty(n, h, dtype=cdt, pin_memory=True))
+            x, ids, w, out = (b[:t] for b in self._pinned[(k, cdt)])
             task = self._moe.stream_task(_np(x), _np(ids), _np(w), _np(out), False)
             self._stream[key] = (x, ids, w, out, task)
         return self._stream[key]
