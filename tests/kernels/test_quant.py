@@ -271,3 +271,17 @@ def test_f16_every_half_value_and_random_float_bits():
         got = _C.quant_quantize("f16", x, isa=isa).view(np.uint16)
         assert np.array_equal(got[finite], want[finite]), isa
         assert np.array_equal(got, first.view(np.uint16)), isa
+
+
+def test_read_only_and_memmap_inputs(tmp_path):
+    """The loader hands zero-copy read-only memmaps; gen-model may pass read-only arrays."""
+    x = np.random.default_rng().standard_normal((4, 256)).astype(np.float32)
+    raw = quant.quantize(x, "q4_k")
+    path = tmp_path / "w.bin"
+    raw.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    ref = quant.dequantize(raw, "q4_k", x.shape)
+    assert np.array_equal(quant.dequantize(mm, "q4_k", x.shape), ref)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert np.array_equal(quant.quantize(frozen, "q4_k"), raw)
