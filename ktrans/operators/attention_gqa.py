@@ -70,8 +70,8 @@ class GQAAttention(Operator):
 
     def load_weights(self, weights) -> None:
         self.params = torch.nn.ParameterDict({
-            name.replace(".", "__"): load_param(weights, f"{self.key}.{name}", self.dtype, self.device)
-            for name in self._shapes()})
+            name.replace(".", "__"): load_param(weights, f"{self.key}.{name}", self.dtype, self.device, shape)
+            for name, shape in self._shapes().items()})
 
     def _p(self, name: str) -> torch.Tensor | None:
         """A loaded parameter by its name under this module (None for an absent bias)."""

@@ -86,8 +86,8 @@ class MLAAttention(Operator):
 
     def load_weights(self, weights) -> None:
         self.params = torch.nn.ParameterDict()
-        for name in self._shapes():
-            self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype, self.device)
+        for name, shape in self._shapes().items():
+            self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype, self.device, shape)
         # NOTE: kv_b_proj is kept only as its two per-head halves, each contiguous, so the
         # absorbed decode multiplies them without a per-step copy of a strided view.
         w = self.params.pop("kv_b_proj__weight").view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

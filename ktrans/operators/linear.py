@@ -32,9 +32,14 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_param(weights, name: str, dtype: torch.dtype, device) -> torch.nn.Parameter:
-    """One parameter by its transformers name, dequantized to `dtype` on `device`."""
-    return torch.nn.Parameter(weights.tensor(name, dtype=dtype, device=device), requires_grad=False)
+def load_param(weights, name: str, dtype: torch.dtype, device, shape: tuple[int, ...] | None = None) -> torch.nn.Parameter:
+    """One parameter by its transformers name, dequantized to `dtype` on `device`; KtransError
+    when it does not have the `shape` the config implies."""
+    t = weights.tensor(name, dtype=dtype, device=device)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise KtransError(f"{weights!r}: tensor '{name}' has shape {list(t.shape)}, the config implies "
+                          f"{list(shape)}; do the weights belong to this model?")
+    return torch.nn.Parameter(t, requires_grad=False)
 
 
 def optional_param(weights, name: str, dtype, device) -> torch.nn.Parameter | None:
@@ -92,9 +97,10 @@ class Linear(Operator):
         self.bias = None
 
     def load_weights(self, weights) -> None:
-        self.weight = load_param(weights, f"{self.key}.weight", self.dtype, self.device)  # [out, in]
+        self.weight = load_param(weights, f"{self.key}.weight", self.dtype, self.device,
+                                 (self.out_features, self.in_features))                  # [out, in]
         if self.has_bias:
-            self.bias = load_param(weights, f"{self.key}.bias", self.dtype, self.device)  # [out]
+            self.bias = load_param(weights, f"{self.key}.bias", self.dtype, self.device, (self.out_features,))
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:

@@ -101,10 +101,12 @@ class MoEBlock(Operator):
         self.num_experts = orig_module.gate.weight.shape[0]
 
     def load_weights(self, weights) -> None:
-        self.gate_weight = load_param(weights, f"{self.key}.gate.weight", torch.float32, self.device)  # [E, H]
+        e, h = self.num_experts, self.config.hidden_size
+        self.gate_weight = load_param(weights, f"{self.key}.gate.weight", torch.float32, self.device, (e, h))  # [E, H]
         self.gate_bias = None
         if self.model_type == "deepseek_v3":
-            self.gate_bias = load_param(weights, f"{self.key}.gate.e_score_correction_bias", torch.float32, self.device)
+            self.gate_bias = load_param(weights, f"{self.key}.gate.e_score_correction_bias", torch.float32,
+                                        self.device, (e,))
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:

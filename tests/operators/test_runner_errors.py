@@ -27,3 +27,16 @@ def test_bad_device_and_cache_size(tiny_model):
 def test_missing_weights_named(tmp_path):
     with pytest.raises(KtransError, match="does not exist"):
         ModelRunner(model_path=str(tmp_path / "nope"), device="cpu", progress=False)
+
+
+def test_operator_weight_of_wrong_shape_is_named():
+    from ktrans.operators.attention_gqa import GQAAttention
+    from tests.operators.hf_tiny import StateDictSource, tiny_hf_model
+
+    config, model = tiny_hf_model("qwen2")
+    state = dict(model.state_dict())
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, config.hidden_size)
+    op = GQAAttention(key="model.layers.0.self_attn", orig_module=model.model.layers[0].self_attn,
+                      config=config, device="cpu")
+    with pytest.raises(KtransError, match=r"k_proj.weight' has shape \[3, 64\]"):
+        op.load_weights(StateDictSource(state))
