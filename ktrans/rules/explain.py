@@ -7,6 +7,7 @@ are (`model.layers.7`) are left out: they place nothing.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ class ExplainRow:
     op: str                     # operator name or "default"
     device: str                 # device the rule placed them on
     nbytes: dict[str, int]      # planned bytes per device, summed over the group
-    rule: str                   # "#3 file.yaml:12", or "-" (unmatched: default device)
+    rule: str                   # "#3 file.yaml:12" (file name; the title has its path), or "-"
     paths: tuple[str, ...]      # the module paths in the group
 
     @property
@@ -53,7 +54,7 @@ def explain_rows(plan: Plan) -> list[ExplainRow]:
                 nbytes[dev] = nbytes.get(dev, 0) + n
         rule = entries[0].rule
         rows.append(ExplainRow(_collapse(pattern, entries), cls, op, device, nbytes,
-                               f"#{rule.index} {rule.where}" if rule else "-",
+                               f"#{rule.index} {os.path.basename(rule.where)}" if rule else "-",
                                tuple(e.path for e in entries)))
     return rows
 
