@@ -4,8 +4,9 @@ KV cache.
 Per step: project the packed tokens, apply Qwen3's per-head q/k RMSNorm where the config has
 it, rotate with the model's own rotary tables, write K/V of the new tokens into their slots,
 then let each request attend causally to its own cached + new tokens. `forward` batches all
-single-token (decode) requests into one padded gather; `forward_native` (the oracle) walks the
-requests one by one.
+single-token (decode) requests into one padded gather and runs multi-token chunks through
+torch's fused SDPA; `forward_native` (the oracle) walks the requests one by one with an explicit
+softmax.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
-from ktrans.operators.attention_mla import _strip_batch, masked_attention
+from ktrans.operators.attention_mla import _strip_batch, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
 from ktrans.operators.linear import load_param, param_bytes, resolve_dtype, rms_norm
 from ktrans.operators.registry import register_operator
@@ -114,7 +115,10 @@ class GQAAttention(Operator):
                 continue
             sl = slice(qs[r], qs[r + 1])
             kc, vc = ctx.kv.gather(self.layer_idx, ctx.page_table[r], ctx.seq_lens[r])   # [L, Hkv, d]
-            out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None])[0]
+            if batch_decode:
+                out[sl] = sdpa_prefill(q[sl], kc, vc, pos[sl], self.scale)
+            else:
+                out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None])[0]
         o = F.linear(out.reshape(x.shape[0], -1), self._p("o_proj.weight"), self._p("o_proj.bias"))
         return o.view(*shape[:-1], -1), None
 

@@ -6,7 +6,7 @@ and the rotated shared rope key k_pe (qk_rope_head_dim): 576 values for V3 inste
 
 - expanded (prefill, and the oracle `forward_native`): K/V of every cached token are rebuilt
   with kv_b_proj (kept as its per-head halves W_UK, W_UV), then ordinary attention with head dim
-  qk_nope + qk_rope;
+  qk_nope + qk_rope (torch's fused SDPA in `forward`, explicit softmax in `forward_native`);
 - absorbed (decode): kv_b_proj = [W_UK; W_UV] per head is folded into the query and the output,
   q_lat = q_nope · W_UK  [.., H, r];  score = q_lat · c + q_pe · k_pe;  o = (p · c) · W_UVᵀ,
   so attention reads the latent cache directly and nothing per-head is materialised per token.
@@ -38,6 +38,22 @@ def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn) -> to
     keep = torch.arange(L, device=scores.device)[None, None, :] <= q_pos[:, :, None]  # [B, n, L]
     scores = scores.float().masked_fill(~keep[:, None], float("-inf"))
     return values_fn(torch.softmax(scores, dim=-1))
+
+
+def sdpa_prefill(q, k, v, q_pos, scale: float) -> torch.Tensor:
+    """One request's multi-token chunk through torch's fused attention (flash / memory-efficient
+    kernels on CUDA, the fused CPU kernel otherwise): q [n, Hq, d], k [L, Hkv, d], v [L, Hkv, dv],
+    q_pos [n] -> [n, Hq, dv]. A chunk that starts its sequence (L == n) is plain causal; a later
+    chunk gets the explicit mask "key position <= query position"."""
+    n, length = q.shape[0], k.shape[0]
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))                          # [1, H, ., d]
+    gqa = q.shape[1] != k.shape[1]
+    if n == length:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        keep = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]          # [n, L]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)                                                           # [n, Hq, dv]
 
 
 @register_operator("mla_attention")
@@ -115,11 +131,14 @@ class MLAAttention(Operator):
         k_pe = apply_rope(k_pe[:, None, :], emb, self.style)[:, 0]                        # [T, dr]
         return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)
 
-    def _attend_expanded(self, q_nope, q_pe, cached, q_pos) -> torch.Tensor:
+    def _attend_expanded(self, q_nope, q_pe, cached, q_pos, fused: bool) -> torch.Tensor:
         """One request: q_* [n, H, .], cached [L, r + dr], q_pos [n] -> [n, H, dv]."""
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_nope = torch.einsum("lr,hdr->lhd", latent, self.w_uk)                           # [L, H, dn]
         v = torch.einsum("lr,hvr->lhv", latent, self.w_uv)                                # [L, H, dv]
+        if fused:
+            k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)  # [L, H, dqk]
+            return sdpa_prefill(torch.cat([q_nope, q_pe], dim=-1), k, v, q_pos, self.scale)
         scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
                   + torch.einsum("nhe,le->hnl", q_pe, k_pe)) * self.scale                # [H, n, L]
         out = masked_attention(scores[None], q_pos[None], lambda p: torch.einsum("hnl,lhv->nhv", p[0].to(v.dtype), v))
@@ -158,7 +177,7 @@ class MLAAttention(Operator):
             if absorb_decode and self.absorb_for_prefill:
                 out[sl] = self._attend_absorbed(q_nope[sl][None], q_pe[sl][None], cached[None], pos[sl][None])[0]
             else:
-                out[sl] = self._attend_expanded(q_nope[sl], q_pe[sl], cached, pos[sl])
+                out[sl] = self._attend_expanded(q_nope[sl], q_pe[sl], cached, pos[sl], fused=absorb_decode)
         o = self._linear(out.reshape(x.shape[0], -1), "o_proj")                           # [T, hidden]
         return o.view(*shape[:-1], -1), None
 
