@@ -19,15 +19,17 @@ from ktrans import _C, cpu
 FLOP_PER_TDP = {"bf16": 2 * 16 * 16 * 32, "int8": 2 * 16 * 16 * 64}
 
 
-def measure(dtype: str, threads: int, seconds: float = 0.3, accumulators: int = 4) -> dict:
-    """AMX throughput with `threads` busy cores: TFLOP/s (TOP/s for int8) and FLOP/cycle/core."""
-    iters = 120_000  # ~0.1 s at 16 cycles per TDP and 2 GHz
-    _C.amx_peak(dtype, 4096, threads, accumulators)  # warm-up: AMX power license, tile state
-    t = _C.amx_peak(dtype, iters, threads, accumulators)
-    iters = max(iters, int(iters * seconds / t) // 12 * 12)
-    t = _C.amx_peak(dtype, iters, threads, accumulators)
-    flops = FLOP_PER_TDP[dtype] * iters * threads / t
-    ghz = _C.core_clock_ghz(threads)
+def measure(dtype: str, threads: int, reps: int = 15, accumulators: int = 4) -> dict:
+    """AMX throughput with `threads` busy cores: TFLOP/s (TOP/s for int8) and FLOP/cycle/core.
+
+    NOTE: each figure is the best of `reps` short runs (~10 ms): on a shared or virtual machine a
+    long run also counts the time the vCPU was not scheduled, which would understate the peak.
+    """
+    iters = 96_000  # ~0.5 ms of tile ops at 16 cycles each and 3 GHz, per thread
+    _C.amx_peak(dtype, iters, threads, accumulators)  # warm-up: AMX power license, tile state
+    t = min(_C.amx_peak(dtype, iters * 20, threads, accumulators) for _ in range(reps))
+    flops = FLOP_PER_TDP[dtype] * iters * 20 * threads / t
+    ghz = max(_C.core_clock_ghz(threads) for _ in range(reps))
     return {
         "dtype": dtype,
         "threads": threads,
