@@ -5,7 +5,7 @@ load is a copy from cached pages into process memory, so its floor is the time o
 of the same bytes; this script prints both, plus the zero-copy paths (open, raw(),
 expert_stack()) whose cost must not grow with the bytes at all.
 
-    python bench/load.py                                   # generate deepseek_v3 'small' bf16, ~3.6 GB
+    python bench/load.py                                   # generate deepseek_v3 'small' bf16 (36 layers), 3.9 GB
     python bench/load.py --layers 40 --quant bf16          # bigger
     python bench/load.py --gguf /models/DeepSeek-V3-Q4_K_M/  # any GGUF file, split set or directory
 
