@@ -283,25 +283,39 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
   return _mm512_reduce_add_ps(acc) - acc_off;
 }
 
+// The 8 signed 6-bit sub-block scales of an iq4_xs block as int16: low nibbles from scales_l
+// (sub-block 2k: low nibble of byte k, 2k+1: high nibble), high 2 bits spread by pdep.
+inline __m128i iq4xs_scales(const BlockIQ4_XS& b) {
+  uint32_t l32;
+  std::memcpy(&l32, b.scales_l, 4);
+  const __m128i even = _mm_cvtsi32_si128(static_cast<int>(l32 & 0x0F0F0F0F));
+  const __m128i odd = _mm_cvtsi32_si128(static_cast<int>((l32 >> 4) & 0x0F0F0F0F));
+  const __m128i hi = _mm_cvtsi64_si128(static_cast<int64_t>(_pdep_u64(b.scales_h, 0x0303030303030303ULL) << 4));
+  const __m128i s8 = _mm_sub_epi8(_mm_or_si128(_mm_unpacklo_epi8(even, odd), hi), _mm_set1_epi8(32));
+  return _mm_cvtepi8_epi16(s8);
+}
+
 // iq4_xs: signed codebook via vpshufb; |q| x (a with q's sign) in maddubs, then vpdpwssd by scale.
+// 32 bytes of qs = sub-blocks 2c, 2c+1 (16 bytes each, low nibbles first): the 128-bit lanes
+// become [lo(sub 2c) | hi(sub 2c) | lo(sub 2c+1) | hi(sub 2c+1)] = values in order.
 float dot_iq4_xs_avx512(int64_t n, const void* w, const void* a) {
   const BlockIQ4_XS* x = static_cast<const BlockIQ4_XS*>(w);
   const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
+  const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    const __m512i sc16 = _mm512_castsi128_si512(iq4xs_scales(x[i]));
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
-      int ls[2];
-      for (int k = 0; k < 2; ++k) {
-        const int j = 2 * c + k;
-        ls[k] = (((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0xF) | ((x[i].scales_h >> (2 * j)) & 3) << 4) - 32;
-      }
-      const __m512i q = join(_mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c)),
-                             _mm256_shuffle_epi8(table, nibbles_16(x[i].qs + 32 * c + 16)));
+      const __m512i b = _mm512_broadcast_i64x4(load256(x[i].qs + 32 * c));
+      const __m512i b2 = _mm512_shuffle_i64x2(b, b, 0x50);  // lanes [0, 0, 1, 1]
+      const __m512i nib = _mm512_and_si512(_mm512_mask_srli_epi16(b2, 0xFF00FF00u, b2, 4), low4);
+      const __m512i q = _mm512_shuffle_epi8(table, nib);
       const __m512i ya = load512(y[i].qs + 64 * c);
       const __m512i ys = _mm512_mask_sub_epi8(ya, _mm512_movepi8_mask(q), _mm512_setzero_si512(), ya);
-      const __m512i sc = join(_mm256_set1_epi16(static_cast<int16_t>(ls[0])), _mm256_set1_epi16(static_cast<int16_t>(ls[1])));
+      const __m512i sc = _mm512_permutexvar_epi16(
+          join(_mm256_set1_epi16(static_cast<int16_t>(2 * c)), _mm256_set1_epi16(static_cast<int16_t>(2 * c + 1))), sc16);
       sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(_mm512_abs_epi8(q), ys), sc);
     }
     acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(x[i].d) * y[i].d), _mm512_cvtepi32_ps(sumi), acc);
