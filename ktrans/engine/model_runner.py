@@ -122,6 +122,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [len(batch.logits_indices), vocab] float32 for one engine step."""
+        ids = batch.input_ids
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise KtransError(f"token ids must lie in [0, {self.config.vocab_size}) for this model, "
+                              f"got {int(ids.min())}..{int(ids.max())}")
         with forward_context(batch, self.kv) as ctx:
             return forward_packed(self.model, self.rotary, ctx)
 

@@ -82,12 +82,19 @@ class GQAAttention(Operator):
         return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias")).view(x.shape[0], heads, self.head_dim)
 
     def _attend(self, q, k, v, q_pos) -> torch.Tensor:
-        """B requests: q [B, n, Hq, d], k/v [B, L, Hkv, d], q_pos [B, n] -> [B, n, Hq, d]."""
-        group = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(group, dim=2)                                             # [B, L, Hq, d]
-        v = v.repeat_interleave(group, dim=2)
-        scores = torch.einsum("bnhd,blhd->bhnl", q, k) * self.scale                       # [B, Hq, n, L]
-        return masked_attention(scores, q_pos, lambda p: torch.einsum("bhnl,blhd->bnhd", p.to(v.dtype), v))
+        """B requests: q [B, n, Hq, d], k/v [B, L, Hkv, d], q_pos [B, n] -> [B, n, Hq, d].
+        Query head h reads KV head h // group: q is viewed as [B, n, Hkv, group, d] so K/V are
+        never repeated per query head."""
+        b, n, hq, d = q.shape
+        hkv = k.shape[2]
+        qg = q.view(b, n, hkv, hq // hkv, d)
+        scores = torch.einsum("bnkgd,blkd->bkgnl", qg, k).reshape(b, hq, n, -1) * self.scale  # [B, Hq, n, L]
+
+        def values(p):
+            p = p.to(v.dtype).view(b, hkv, hq // hkv, n, -1)
+            return torch.einsum("bkgnl,blkd->bnkgd", p, v).reshape(b, n, hq, d)
+
+        return masked_attention(scores, q_pos, values)
 
     def _run(self, hidden_states, position_embeddings, batch_decode: bool):
         ctx = current_forward()

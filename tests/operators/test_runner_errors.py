@@ -40,3 +40,17 @@ def test_operator_weight_of_wrong_shape_is_named():
                       config=config, device="cpu")
     with pytest.raises(KtransError, match=r"k_proj.weight' has shape \[3, 64\]"):
         op.load_weights(StateDictSource(state))
+
+
+def test_token_id_outside_vocab_is_a_ktrans_error(tiny_model):
+    from ktrans.engine.batch import ForwardBatch
+
+    out = tiny_model("qwen2", "f32")
+    runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu",
+                         cache_lens=64, page_size=16, progress=False)
+    vocab = runner.config.vocab_size
+    batch = ForwardBatch(input_ids=torch.tensor([1, vocab]), positions=torch.arange(2), seq_ids=[0],
+                         num_computed=[0], num_new=[2], page_table=torch.tensor([[0]], dtype=torch.int32),
+                         logits_indices=torch.tensor([1]))
+    with pytest.raises(KtransError, match=f"token ids must lie in \\[0, {vocab}\\)"):
+        runner.execute(batch)
