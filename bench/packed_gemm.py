@@ -2,7 +2,8 @@
 in TFLOP/s next to the measured AMX peak and torch's bf16 matmul on the same shapes and threads.
 Also the packing rate (MB/s of source weights per core) from bf16 and from f32.
 
-    python bench/packed_gemm.py [--threads N] [--formats bf16 int8 int4] [--ws-mb 1024] [--json out.json]
+    python bench/packed_gemm.py [--threads N] [--formats bf16 int8 int4] [--ws-mb 1024] [--sweep]
+                                [--json out.json]
 
 Threads split the output columns (as the MoE layer does); each runs packed_gemm on its range
 with the GIL released. Times are the fastest of repeated calls. Decode cycles through enough copies of the weights (--ws-mb) that they
@@ -97,6 +98,29 @@ def bench_format(pool, fmt, threads, ws_mb, peaks) -> list[dict]:
     return rows
 
 
+def sweep_rows(fmt: str, ws_mb: float) -> list[dict]:
+    """One thread, N 2048 x K 7168 from DRAM: AVX-512 vs AMX kernel for M = 1..64 (where the
+    AMX thresholds in csrc/amx/packed_amx.cpp come from)."""
+    N, K = 2048, 7168
+    packed = _C.pack_f32(fmt, torch.randn(N, K).numpy())
+    packs = [packed] + [packed.copy() for _ in range(max(0, int(ws_mb * 2**20 // packed.nbytes) - 1))]
+    rows = []
+    for M in (1, 2, 4, 8, 16, 32, 64):
+        xb, y = bf16_bits(torch.randn(M, K)), np.zeros((M, N), np.float32)
+        r = {"format": fmt, "M": M}
+        for isa in ("avx512", "amx"):
+            state = {"i": 0}
+
+            def call(isa=isa):
+                _C.packed_gemm(fmt, packs[state["i"] % len(packs)], N, K, xb, y, isa=isa)
+                state["i"] += 1
+
+            r[isa + "_us"] = timed(call, 0.3, len(packs)) * 1e6
+        r["GB/s"] = packed.nbytes / min(r["avx512_us"], r["amx_us"]) / 1e3
+        rows.append(r)
+    return rows
+
+
 def pack_rates(fmt: str) -> dict:
     """Single-thread packing speed, MB/s of source weights (bf16 and f32 sources)."""
     W = torch.randn(2048, 7168)
@@ -112,6 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=cpu.physical_cores())
     ap.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4"])
     ap.add_argument("--ws-mb", type=float, default=1024, help="decode working set (MB of packed weights)")
+    ap.add_argument("--sweep", action="store_true", help="also AVX-512 vs AMX for M = 1..64 (one thread)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     out = {"threads": args.threads, "isa": cpu.selected_isa(), "read_GB/s": read_bandwidth(args.threads)}
@@ -140,6 +165,13 @@ def main(argv=None) -> None:
             out["packing"].append(p)
             print(f"{fmt:5} packing: {p['pack_bf16_MB/s/core']:.0f} MB/s/core from bf16, "
                   f"{p['pack_f32_MB/s/core']:.0f} MB/s/core from f32")
+    if args.sweep and "amx" in cpu.supported_isas():
+        out["sweep"] = []
+        for fmt in args.formats:
+            for r in sweep_rows(fmt, args.ws_mb):
+                out["sweep"].append(r)
+                print(f"{fmt:5} M={r['M']:3}: avx512 {r['avx512_us']:8.0f} us, amx {r['amx_us']:8.0f} us, "
+                      f"best {r['GB/s']:.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
