@@ -175,3 +175,33 @@ def test_every_isa_level_has_its_own_kernel(fmt):
     """The ISA tests above really exercise each level's kernel, not a fallback."""
     for isa in cpu.supported_isas():
         assert _C.packed_kernel_isa(fmt, isa) == isa
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiny_shapes(fmt, isa):
+    """Fewer columns than one panel and the smallest K (int8 pads it to a whole 64-deep tile)."""
+    for N, K in [(5, 32), (16, 32), (1, 64)]:
+        W, packed, Wd = packed_case(fmt, N, K)
+        for M in (1, 33):
+            x = torch.randn(M, K).to(torch.bfloat16)
+            assert nmse(gemm(fmt, packed, N, K, x, isa), x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_concurrent_threads_on_column_ranges(isa):
+    """Threads of one process share a packed matrix and y, each on its own columns (the MoE
+    layer's split), with thread-local scratch and tile state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    N, K, M = 200, 256, 40
+    W, packed, Wd = packed_case("int8", N, K)
+    xb = bf16_bits(torch.randn(M, K))
+    want = np.zeros((M, N), np.float32)
+    _C.packed_gemm("int8", packed, N, K, xb, want, isa=isa)
+    y = np.zeros((M, N), np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(_C.packed_gemm, "int8", packed, N, K, xb, y, b, min(b + 32, N), False, isa)
+                  for b in range(0, N, 32)]:
+            f.result()
+    assert np.array_equal(y, want)
