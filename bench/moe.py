@@ -33,7 +33,7 @@ from ktrans.weights import quant  # noqa: E402
 SHAPES = {"dsv3": dict(E=256, k=8, H=7168, I=2048, layers=1),
           "qwen3": dict(E=128, k=8, H=2048, I=768, layers=16)}
 # format -> (ktrans backend, stored type of the source bytes)
-FORMATS = {"q4_k": ("gguf", "q4_k"), "q8_0": ("gguf", "q8_0"), "bf16": ("gguf", "bf16"),
+FORMATS = {"q4_k": ("gguf", "q4_k"), "q6_k": ("gguf", "q6_k"), "q8_0": ("gguf", "q8_0"), "bf16": ("gguf", "bf16"),
            "amx_bf16": ("amx_bf16", "bf16"), "amx_int8": ("amx_int8", "bf16"), "amx_int4": ("amx_int4", "bf16")}
 TS = (1, 4, 32, 512, 2048, 8192)
 NPOOL = 4        # distinct random experts, tiled over E (same bytes, separate memory)

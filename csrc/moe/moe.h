@@ -112,8 +112,9 @@ class MoeLayer {
   VecDotFn dot_[3] = {};
   MoeDotMultiFn multi_[3] = {};      // several tokens per weight row, where the format has one
   // out[j] = dot(k, w, acts[j]) for j < nt, with the multi-token kernel when there is one.
+  // NOTE: one token goes to vec_dot, whose widest ISA version beats the AVX2 multi kernel there.
   void dot_tokens(int proj, int64_t k, const uint8_t* w, const void* const* acts, int nt, float* out) const {
-    if (multi_[proj]) return multi_[proj](k, w, acts, nt, out);
+    if (multi_[proj] && nt > 1) return multi_[proj](k, w, acts, nt, out);
     for (int j = 0; j < nt; ++j) out[j] = dot_[proj](k, w, acts[j]);
   }
   QuantizeRowFn act_quant_[3] = {};  // f32 -> activation format of each projection
