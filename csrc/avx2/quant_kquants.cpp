@@ -1,5 +1,5 @@
-// AVX2 q2_K / q4_K / q5_K / q6_K quantization: the per-sub-block scale (and min) search of the
-// reference, run for 8 sub-blocks (q2_K / q6_K: 8 groups of 16) at once (lane j = sub-block j; values gathered so that
+// AVX2 q2_K / q4_K / q5_K / q6_K / iq4_xs quantization: the per-sub-block scale (and min) search
+// of the reference, run for 8 sub-blocks (q2_K / q6_K: 8 groups of 16) at once (lane j = sub-block j; values gathered so that
 // vector l holds element l of every sub-block). The scale quantization, re-rounding and packing
 // are the shared scalar steps of quant/kquant_impl.h.
 // NOTE: bit-identical to the generic reference: each lane performs the reference's float
@@ -236,6 +236,65 @@ void q2_k_avx2(const float* x, void* dst, int64_t n) {
   }
 }
 
+// iq4_xs: sqx and sq2 of the codes picked with inverse scales `id` (lane = sub-block); returns
+// the explained energy sqx^2/sq2 (-1 where sq2 <= 0) and the least-squares scale, as the
+// reference's fit_codes.
+inline __m256 iq4_fit_codes(const __m256* X, const __m256* W, __m256 id, __m256* scale) {
+  const __m256 tab_lo = _mm256_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10);
+  const __m256 tab_hi = _mm256_setr_ps(1, 13, 25, 38, 53, 69, 89, 113);
+  __m256 sqx = _mm256_setzero_ps(), sq2 = _mm256_setzero_ps();
+  for (int l = 0; l < 32; ++l) {
+    const __m256 v = _mm256_mul_ps(id, X[l]);
+    __m256i idx = _mm256_setzero_si256();
+    for (int k = 0; k < 15; ++k)  // count of midpoints reached (compare gives -1 per hit)
+      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(kIQ4Mid[k]), _CMP_GE_OQ)));
+    const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+    const __m256 q = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, idx), _mm256_permutevar8x32_ps(tab_hi, idx), upper);
+    const __m256 wq = _mm256_mul_ps(W[l], q);
+    sqx = _mm256_add_ps(sqx, _mm256_mul_ps(wq, X[l]));
+    sq2 = _mm256_add_ps(sq2, _mm256_mul_ps(wq, q));
+  }
+  const __m256 pos = _mm256_cmp_ps(sq2, _mm256_setzero_ps(), _CMP_GT_OQ);
+  *scale = _mm256_and_ps(pos, _mm256_div_ps(sqx, sq2));
+  return _mm256_blendv_ps(_mm256_set1_ps(-1.0f), _mm256_div_ps(_mm256_mul_ps(sqx, sqx), sq2), pos);
+}
+
+// The reference's fit_iq4_sub_block for the 8 sub-blocks of a super-block; writes 8 scales.
+void fit_iq4_lanes(const float* x, float* sc) {
+  const __m256i gidx = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 X[32], W[32], amax = _mm256_setzero_ps(), max = _mm256_setzero_ps();
+  for (int l = 0; l < 32; ++l) {
+    X[l] = _mm256_i32gather_ps(x + l, gidx, 4);
+    W[l] = _mm256_mul_ps(X[l], X[l]);
+    const __m256 ax = _mm256_and_ps(X[l], abs_mask);
+    const __m256 gt = _mm256_cmp_ps(ax, amax, _CMP_GT_OQ);
+    amax = _mm256_blendv_ps(amax, ax, gt);
+    max = _mm256_blendv_ps(max, X[l], gt);
+  }
+  __m256 best_scale, s;
+  __m256 best = iq4_fit_codes(X, W, _mm256_div_ps(_mm256_set1_ps(static_cast<float>(kIQ4NL[0])), max), &best_scale);
+  for (int t = -7; t <= 7; ++t) {
+    const __m256 id = _mm256_div_ps(_mm256_set1_ps(static_cast<float>(t + kIQ4NL[0])), max);
+    const __m256 e = iq4_fit_codes(X, W, id, &s);
+    const __m256 better = _mm256_cmp_ps(e, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, e, better);
+    best_scale = _mm256_blendv_ps(best_scale, s, better);
+  }
+  const __m256 tiny = _mm256_cmp_ps(amax, _mm256_set1_ps(kKQuantGroupEps), _CMP_LT_OQ);
+  _mm256_storeu_ps(sc, _mm256_andnot_ps(tiny, best_scale));
+}
+
+void iq4_xs_avx2(const float* x, void* dst, int64_t n) {
+  BlockIQ4_XS* y = static_cast<BlockIQ4_XS*>(dst);
+  float sc[8];
+  for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
+    fit_iq4_lanes(x, sc);
+    kq_finish_iq4_xs(x, sc, &y[i]);
+  }
+}
+
+RegisterKernel<QuantizeRowFn> reg_iq4_xs(k_quantize_row[qi(QType::iq4_xs)], Isa::avx2, iq4_xs_avx2);
 RegisterKernel<QuantizeRowFn> reg_q2_k(k_quantize_row[qi(QType::q2_k)], Isa::avx2, q2_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q6_k(k_quantize_row[qi(QType::q6_k)], Isa::avx2, q6_k_avx2);
 RegisterKernel<QuantizeRowFn> reg_q4_k(k_quantize_row[qi(QType::q4_k)], Isa::avx2, q4_k_avx2);

@@ -1,4 +1,4 @@
-// Shared scalar steps of q2_K / q4_K / q5_K / q6_K quantization, used by the generic reference and the AVX2
+// Shared scalar steps of q2_K / q4_K / q5_K / q6_K / iq4_xs quantization, used by the generic reference and the AVX2
 // quantizer (which vectorises only the per-sub-block scale/min search): quantizing the 8
 // sub-block scales and mins to 6 bits, re-rounding every value against its final scale, and
 // packing levels into the block layout. static inline: each file keeps a baseline-ISA copy.
@@ -133,6 +133,49 @@ static inline void kq_finish_q2_k(const float* x, const float* sc, const float* 
       L[l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int((x[l] + ml) / dl), 0, 3));
   }
   kq_pack_2bit(L, y->qs);
+}
+
+// Midpoints between consecutive kIQ4NL entries: the nearest entry to v is the number of
+// midpoints v reaches (ties go to the larger entry). Branch-free, so loops vectorise.
+constexpr float kIQ4Mid[15] = {-115.5f, -93.5f, -74.0f, -57.0f, -42.0f, -28.5f, -16.0f, -4.5f,
+                               7.0f,    19.0f,  31.5f,  45.5f,  61.0f,  79.0f,  101.0f};
+constexpr bool kq_iq4_midpoints_ok() {
+  for (int k = 0; k < 15; ++k)
+    if (kIQ4NL[k] + kIQ4NL[k + 1] != 2.0f * kIQ4Mid[k]) return false;
+  return true;
+}
+static_assert(kq_iq4_midpoints_ok(), "kIQ4Mid must hold the midpoints of kIQ4NL");
+
+static inline int kq_iq4_nearest_code(float v) {
+  int idx = 0;
+  for (int k = 0; k < 15; ++k) idx += v >= kIQ4Mid[k];
+  return idx;
+}
+
+// iq4_xs from the 8 fitted sub-block scales: 6-bit scales against d = -max/32 (fp16), then every
+// value's nearest codebook entry under its final scale.
+static inline void kq_finish_iq4_xs(const float* x, const float* sc, BlockIQ4_XS* y) {
+  float amax = 0.0f, max_sc = 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    if (std::fabs(sc[j]) > amax) {
+      amax = std::fabs(sc[j]);
+      max_sc = sc[j];
+    }
+  }
+  std::memset(y, 0, sizeof(BlockIQ4_XS));
+  if (amax < kKQuantGroupEps) return;  // all-zero block: d = 0
+  const float d = -max_sc / 32.0f, id = 1.0f / d;
+  y->d = f32_to_fp16(d);
+  const float dq = fp16_to_f32(y->d);
+  uint8_t L[32];
+  for (int j = 0; j < 8; ++j) {
+    const int ls = kq_clamp(kq_nearest_int(id * sc[j]), -32, 31);
+    y->scales_l[j / 2] |= static_cast<uint8_t>(((ls + 32) & 0xF) << (4 * (j % 2)));
+    y->scales_h |= static_cast<uint16_t>(((ls + 32) >> 4) << (2 * j));
+    const float dl = dq * ls, idl = dl != 0.0f ? 1.0f / dl : 0.0f;
+    for (int l = 0; l < 32; ++l) L[l] = static_cast<uint8_t>(kq_iq4_nearest_code(idl * x[32 * j + l]));
+    for (int l = 0; l < 16; ++l) y->qs[16 * j + l] = L[l] | L[l + 16] << 4;
+  }
 }
 
 }  // namespace ktrans
