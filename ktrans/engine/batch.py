@@ -79,6 +79,20 @@ class ForwardContext:
     positions: torch.Tensor        # [T] int64 on `device`
     cache: dict = field(default_factory=dict)  # per-step values shared between layers
 
+    def on(self, device: torch.device) -> "ForwardContext":
+        """This step's metadata on `device` (a layer placed on another GPU than the first),
+        copied once per step and device."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = ("on", device)
+        if key not in self.cache:
+            self.cache[key] = ForwardContext(
+                batch=self.batch, kv=self.kv, device=device, slot_mapping=self.slot_mapping.to(device),
+                query_start=self.query_start, seq_lens=self.seq_lens, page_table=self.page_table.to(device),
+                positions=self.positions.to(device))
+        return self.cache[key]
+
     def decode_group(self) -> "DecodeGroup | None":
         """The requests with exactly one new token, batched for attention (built once per step,
         so layers add no host-to-device copies, which on CUDA would each wait for the stream)."""

@@ -19,7 +19,8 @@ from ktrans.errors import KtransError
 
 class KVStorage:
     def __init__(self, *, num_layers: int, num_pages: int, page_size: int, mla: bool,
-                 dims: tuple[int, ...], dtype: torch.dtype, device: torch.device | str):
+                 dims: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+                 layer_devices: list | None = None):
         if num_pages <= 0 or page_size <= 0:
             raise KtransError(f"KV cache needs a positive page count and page size, got {num_pages} x {page_size}")
         self.num_layers = num_layers
@@ -27,30 +28,32 @@ class KVStorage:
         self.page_size = page_size
         self.mla = mla
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = torch.device(device)   # where the per-step metadata lives (the first layer's)
+        # NOTE: each layer's pages sit on the device of that layer's attention (rules may split
+        # layers across GPUs); page ids are shared, so one page table serves every layer.
+        devs = [torch.device(d) for d in layer_devices] if layer_devices else [self.device] * num_layers
+        if len(devs) != num_layers:
+            raise KtransError(f"KV cache: {len(devs)} layer devices for {num_layers} layers")
         slots = num_pages * page_size
         if mla:
             (width,) = dims                   # kv_lora_rank + qk_rope_head_dim
-            self.layers = [(torch.zeros(slots, width, dtype=dtype, device=self.device),)
-                           for _ in range(num_layers)]
+            self.layers = [(torch.zeros(slots, width, dtype=dtype, device=d),) for d in devs]
         else:
             n_kv, head_dim, v_dim = dims
-            self.layers = [(torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=self.device),
-                            torch.zeros(slots, n_kv, v_dim, dtype=dtype, device=self.device))
-                           for _ in range(num_layers)]
+            self.layers = [(torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=d),
+                            torch.zeros(slots, n_kv, v_dim, dtype=dtype, device=d)) for d in devs]
 
     @classmethod
-    def for_config(cls, config, *, num_pages: int, page_size: int, dtype: torch.dtype, device) -> "KVStorage":
+    def for_config(cls, config, *, num_pages: int, page_size: int, dtype: torch.dtype, device,
+                   layer_devices: list | None = None) -> "KVStorage":
         """Shapes from a transformers config (MLA when it has kv_lora_rank)."""
-        layers = config.num_hidden_layers
+        common = dict(num_layers=config.num_hidden_layers, num_pages=num_pages, page_size=page_size,
+                      dtype=dtype, device=device, layer_devices=layer_devices)
         if getattr(config, "kv_lora_rank", None):
-            dims = (config.kv_lora_rank + config.qk_rope_head_dim,)
-            return cls(num_layers=layers, num_pages=num_pages, page_size=page_size, mla=True,
-                       dims=dims, dtype=dtype, device=device)
+            return cls(mla=True, dims=(config.kv_lora_rank + config.qk_rope_head_dim,), **common)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(num_layers=layers, num_pages=num_pages, page_size=page_size, mla=False,
-                   dims=(n_kv, head_dim, head_dim), dtype=dtype, device=device)
+        return cls(mla=False, dims=(n_kv, head_dim, head_dim), **common)
 
     @property
     def bytes_per_token(self) -> int:

@@ -97,7 +97,7 @@ class GQAAttention(Operator):
         return masked_attention(scores, q_pos, values)
 
     def _run(self, hidden_states, position_embeddings, batch_decode: bool):
-        ctx = current_forward()
+        ctx = current_forward().on(self.device)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, hidden]
         emb = _strip_batch(position_embeddings, self.device)

@@ -155,7 +155,7 @@ class MLAAttention(Operator):
         return torch.einsum("bnhr,hvr->bnhv", o_lat, w_uv)                                # [B, n, H, dv]
 
     def _run(self, hidden_states, position_embeddings, absorb_decode: bool) -> tuple[torch.Tensor, None]:
-        ctx = current_forward()
+        ctx = current_forward().on(self.device)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, hidden]
         emb = _strip_batch(position_embeddings, self.device)

@@ -130,16 +130,40 @@ def test_single_file_gguf_needs_no_model_path(tiny_model, tmp_path):
     _greedy_matches(runner, _reference(out), "qwen3_moe")
 
 
+# Layer 0 wholly on the CPU, the other layers on the GPU: hidden states, rotary tables, batch
+# metadata and KV pages must follow each layer's device.
+SPLIT_RULES = """default_device: cuda
+rules:
+  - match: {name: '^model\\.layers\\.\\d+\\.mlp\\.experts$'}
+    replace: {class: cpu_experts, device: cpu}
+    recursive: false
+  - match: {name: '^model\\.layers\\.0\\.self_attn$'}
+    replace: {class: ATTN, device: cpu}
+    recursive: false
+  - match: {name: '^model\\.layers\\.0\\.'}
+    replace: {class: default, device: cpu}
+  - match: {name: '^model\\.layers\\.\\d+\\.self_attn$'}
+    replace: {class: ATTN}
+    recursive: false
+"""
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "qwen2"])
-def test_cuda_shipped_rules_close_to_transformers(tiny_model, arch):
-    """--device cuda with the shipped rules: attention, KV cache, router and shared experts in
-    bf16 on the GPU, routed experts on the CPU (stream-ordered); logits of a prefill and four
-    decode steps stay as close to the f32 reference as transformers' own bf16 model on the GPU."""
+@pytest.mark.parametrize("arch,split", [("deepseek_v3", False), ("qwen3_moe", False), ("qwen2", False),
+                                        ("qwen3_moe", True), ("deepseek_v2", True)])
+def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
+    """--device cuda with the shipped rules (attention, KV cache, router and shared experts in
+    bf16 on the GPU, routed experts on the CPU, stream-ordered), or with layer 0 on the CPU: logits
+    of a prefill and four decode steps stay as close to the f32 reference as transformers' own
+    bf16 model on the GPU."""
     out = tiny_model(arch, "f32")
+    rules = None
+    if split:
+        rules = tmp_path / "split.yaml"
+        rules.write_text(SPLIT_RULES.replace("ATTN", "mla_attention" if arch.startswith("deepseek") else "gqa_attention"))
     runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cuda",
-                         cache_lens=256, page_size=16, progress=False)
-    assert runner.kv.layers[0][0].is_cuda
+                         optimize_config_path=rules and str(rules), cache_lens=256, page_size=16, progress=False)
+    assert runner.kv.layers[-1][0].is_cuda and runner.kv.layers[0][0].is_cuda != split
     model = _reference(out)
     hf_bf16 = _reference(out).to("cuda", torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (24,)).tolist()
