@@ -39,10 +39,11 @@ def forward_packed(causal_lm: torch.nn.Module, rotary: torch.nn.Module, ctx: For
     tables: dict[tuple, object] = {}
     for layer in inner.layers:
         dev, dtype = module_placement(_layer_input(layer))
+        positions = ctx.on(dev).positions                                                # [T] on dev
         if (dev, dtype) not in tables:
-            emb = rotary_embeddings(rotary, ctx.positions.to(dev), dtype)
+            emb = rotary_embeddings(rotary, positions, dtype)
             tables[(dev, dtype)] = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
-        out = layer(h.to(dev, dtype), attention_mask=None, position_ids=ctx.positions.to(dev)[None],
+        out = layer(h.to(dev, dtype), attention_mask=None, position_ids=positions[None],
                     position_embeddings=tables[(dev, dtype)])
         h = out[0] if isinstance(out, tuple) else out                                    # [1, T, H]
     norm_dev, norm_dtype = module_placement(inner.norm)
