@@ -236,43 +236,8 @@ void q_q3_k(const float* x, void* dst, int64_t n) {
   uint8_t L[kQK_K];
   float sc[16];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
-    float max_abs = 0.0f, max_sc = 0.0f;
-    for (int g = 0; g < 16; ++g) {
-      sc[g] = fit_symmetric_refined(16, 4, x + 16 * g, L + 16 * g);
-      if (std::fabs(sc[g]) > max_abs) {
-        max_abs = std::fabs(sc[g]);
-        max_sc = sc[g];
-      }
-    }
-    std::memset(y[i].scales, 0, sizeof(y[i].scales));
-    int ls[16] = {};
-    if (max_sc != 0.0f) {
-      const float iscale = -32.0f / max_sc;
-      for (int g = 0; g < 16; ++g) {
-        ls[g] = clampi(nearest_int(iscale * sc[g]), -32, 31);
-        const int u = ls[g] + 32;
-        y[i].scales[g % 8] |= static_cast<uint8_t>((u & 0xF) << (4 * (g / 8)));
-        y[i].scales[8 + g % 4] |= static_cast<uint8_t>((u >> 4) << (2 * (g / 4)));
-      }
-      y[i].d = f32_to_fp16(1.0f / iscale);
-    } else {
-      y[i].d = 0;
-    }
-    const float d = fp16_to_f32(y[i].d);
-    for (int g = 0; g < 16; ++g) {
-      const float dl = d * ls[g];
-      if (dl == 0.0f) continue;
-      for (int l = 16 * g; l < 16 * g + 16; ++l)
-        L[l] = static_cast<uint8_t>(clampi(nearest_int(x[l] / dl), -4, 3) + 4);
-    }
-    std::memset(y[i].hmask, 0, sizeof(y[i].hmask));
-    for (int e = 0; e < kQK_K; ++e) {
-      if (L[e] > 3) {
-        y[i].hmask[e % 32] |= static_cast<uint8_t>(1 << (e / 32));
-        L[e] -= 4;
-      }
-    }
-    kq_pack_2bit(L, y[i].qs);
+    for (int g = 0; g < 16; ++g) sc[g] = fit_symmetric_refined(16, 4, x + 16 * g, L + 16 * g);
+    kq_finish_q3_k(x, sc, L, &y[i]);
   }
 }
 

@@ -1,4 +1,4 @@
-// Shared scalar steps of q2_K / q4_K / q5_K / q6_K / iq4_xs quantization, used by the generic reference and the AVX2
+// Shared scalar steps of the K-quant and iq4_xs quantizers, used by the generic reference and the AVX2
 // quantizer (which vectorises only the per-sub-block scale/min search): quantizing the 8
 // sub-block scales and mins to 6 bits, re-rounding every value against its final scale, and
 // packing levels into the block layout. static inline: each file keeps a baseline-ISA copy.
@@ -131,6 +131,46 @@ static inline void kq_finish_q2_k(const float* x, const float* sc, const float* 
     if (dl == 0.0f) continue;
     for (int l = 16 * g; l < 16 * g + 16; ++l)
       L[l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int((x[l] + ml) / dl), 0, 3));
+  }
+  kq_pack_2bit(L, y->qs);
+}
+
+// q3_K from the 16 fitted group scales sc[16] and the fit's levels L (l + 4): signed 6-bit
+// scales against d = -max/32 (fp16), re-rounded levels, hmask bit 2 and packed low 2 bits.
+static inline void kq_finish_q3_k(const float* x, const float* sc, uint8_t* L, BlockQ3_K* y) {
+  float max_abs = 0.0f, max_sc = 0.0f;
+  for (int g = 0; g < 16; ++g) {
+    if (std::fabs(sc[g]) > max_abs) {
+      max_abs = std::fabs(sc[g]);
+      max_sc = sc[g];
+    }
+  }
+  std::memset(y->scales, 0, sizeof(y->scales));
+  int ls[16] = {};
+  y->d = 0;
+  if (max_sc != 0.0f) {
+    const float iscale = -32.0f / max_sc;
+    for (int g = 0; g < 16; ++g) {
+      ls[g] = kq_clamp(kq_nearest_int(iscale * sc[g]), -32, 31);
+      const int u = ls[g] + 32;
+      y->scales[g % 8] |= static_cast<uint8_t>((u & 0xF) << (4 * (g / 8)));
+      y->scales[8 + g % 4] |= static_cast<uint8_t>((u >> 4) << (2 * (g / 4)));
+    }
+    y->d = f32_to_fp16(1.0f / iscale);
+  }
+  const float d = fp16_to_f32(y->d);
+  for (int g = 0; g < 16; ++g) {
+    const float dl = d * ls[g];
+    if (dl == 0.0f) continue;
+    for (int l = 16 * g; l < 16 * g + 16; ++l)
+      L[l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int(x[l] / dl), -4, 3) + 4);
+  }
+  std::memset(y->hmask, 0, sizeof(y->hmask));
+  for (int e = 0; e < kQK_K; ++e) {
+    if (L[e] > 3) {
+      y->hmask[e % 32] |= static_cast<uint8_t>(1 << (e / 32));
+      L[e] -= 4;
+    }
   }
   kq_pack_2bit(L, y->qs);
 }
