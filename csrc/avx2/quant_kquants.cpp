@@ -1,7 +1,7 @@
-// AVX2 q2_K / q4_K / q5_K / q6_K / iq4_xs quantization: the per-sub-block scale (and min) search
-// of the reference, run for 8 sub-blocks (q2_K / q6_K: 8 groups of 16) at once (lane j = sub-block j; values gathered so that
-// vector l holds element l of every sub-block). The scale quantization, re-rounding and packing
-// are the shared scalar steps of quant/kquant_impl.h.
+// AVX2 quantization of q2_K / q4_K / q5_K / q6_K / iq4_xs: the per-sub-block scale (and min)
+// search of the reference, run for 8 sub-blocks (q2_K / q6_K: 8 groups of 16) at once (lane j =
+// sub-block j; values gathered so that vector l holds element l of every sub-block). The scale
+// quantization, re-rounding and packing are the shared scalar steps of quant/kquant_impl.h.
 // NOTE: bit-identical to the generic reference: each lane performs the reference's float
 // operations in the same order (sequential sums over l, IEEE div/sqrt, round-to-nearest-even
 // conversion), and fused multiply-add contraction is turned off for this file.
