@@ -208,6 +208,9 @@ void ThreadPool::queue_loop() {
     {
       std::lock_guard<std::mutex> lk(q_mu_);
       if (err && !task_error_) task_error_ = err;
+      // NOTE: a closure may hold the last reference to this pool (through a layer); destroying
+      // it here would run the pool's destructor on its own queue thread. Callers free it.
+      finished_.push_back(std::move(task));
       completed_.fetch_add(1, std::memory_order_release);
     }
     done_cv_.notify_all();
@@ -220,10 +223,12 @@ void ThreadPool::queue_loop() {
 
 uint64_t ThreadPool::submit(std::function<void()> task) {
   uint64_t ticket;
+  std::vector<std::function<void()>> finished;
   {
     std::lock_guard<std::mutex> lk(q_mu_);
     queue_.push_back(std::move(task));
     ticket = ++submitted_;
+    finished.swap(finished_);
   }
   q_cv_.notify_one();
   return ticket;
@@ -233,13 +238,16 @@ void ThreadPool::sync(uint64_t ticket) {
   // Short spin first: a decode-sized MoE layer finishes in well under a millisecond.
   auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
   while (completed_.load(std::memory_order_acquire) < ticket && Clock::now() < deadline) cpu_relax();
-  std::unique_lock<std::mutex> lk(q_mu_);
-  done_cv_.wait(lk, [&] { return completed_.load() >= ticket; });
-  if (task_error_) {
-    std::exception_ptr err = task_error_;
+  std::vector<std::function<void()>> finished;  // destroyed here, on the caller's thread
+  std::exception_ptr err;
+  {
+    std::unique_lock<std::mutex> lk(q_mu_);
+    done_cv_.wait(lk, [&] { return completed_.load() >= ticket; });
+    finished.swap(finished_);
+    err = task_error_;
     task_error_ = nullptr;
-    std::rethrow_exception(err);
   }
+  if (err) std::rethrow_exception(err);
 }
 
 void ThreadPool::sync_all() {

@@ -93,6 +93,7 @@ class ThreadPool {
   std::mutex q_mu_;
   std::condition_variable q_cv_, done_cv_;
   std::deque<std::function<void()>> queue_;
+  std::vector<std::function<void()>> finished_;  // run tasks, freed by the next submit/sync
   uint64_t submitted_ = 0;
   std::atomic<uint64_t> completed_{0};
   std::exception_ptr task_error_;
