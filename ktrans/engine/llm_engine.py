@@ -47,13 +47,14 @@ def eos_token_ids(*sources) -> set[int]:
 
 class LLMEngine:
     def __init__(self, runner, *, max_batch_size: int = 4, chunk_size: int = 256,
-                 max_queue: int | None = None, generation_config=None):
+                 max_queue: int | None = None, generation_config=None, prefix_cache: bool = True):
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.config = runner.config
         self.pool = PagePool(runner.num_pages, runner.page_size)
         self.scheduler = Scheduler(self.pool, max_batch_size=max_batch_size, chunk_size=chunk_size,
-                                   max_context=runner.max_context, max_queue=max_queue)
+                                   max_context=runner.max_context, max_queue=max_queue,
+                                   prefix_cache=prefix_cache)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids(self.config, generation_config, self.tokenizer)
         self.requests: dict[str, Request] = {}
@@ -171,6 +172,8 @@ class LLMEngine:
         outputs = [self._finish(r, "error", msg) for r, msg in errors.items() if not r.finished]
         self.counters["prefill_tokens"] += sum(min(s.num_new, max(0, s.request.num_prompt_tokens - s.num_computed))
                                                for s in sched.scheduled if s.request not in errors)
+        if self.scheduler.prefix_cache:
+            self._cache_full_pages(sched)
         sampled = [s.request for s in sched.scheduled if s.sample]
         live = [i for i, r in enumerate(sampled) if not r.finished]   # not failed, not aborted meanwhile
         if not live:
@@ -182,6 +185,13 @@ class LLMEngine:
             log.exception("sampling failed")
             return outputs + [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
         return outputs + [self._append(sampled[i], tok) for i, tok in zip(live, tokens)]
+
+    def _cache_full_pages(self, sched: SchedulerOutput) -> None:
+        """Offer the pages this step filled to the prefix cache."""
+        size = self.pool.page_size
+        for s in sched.scheduled:
+            if not s.request.finished and (s.num_computed + s.num_new) // size > s.num_computed // size:
+                self.pool.cache_pages(s.request, s.num_computed + s.num_new, s.request.token_ids)
 
     def _append(self, req: Request, token: int) -> RequestOutput:
         """Record one sampled token, detokenize it and decide whether the request is done."""
@@ -229,7 +239,8 @@ class LLMEngine:
         with self._lock:
             return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
-                    "kv_page_size": self.pool.page_size, **self.counters}
+                    "kv_page_size": self.pool.page_size, "kv_pages_cached": self.pool.num_cached,
+                    "prefix_cached_tokens": self.scheduler.num_cached_tokens, **self.counters}
 
 
 def _generation_config(model_path: str | None):

@@ -85,9 +85,11 @@ def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
     if bool(((p < 1) & (probs.sum(-1, keepdim=True) < p + 1e-4)).any()):
         return _top_k_top_p_sorted(x, top_k, top_p)
     # NOTE: as transformers does: drop a token when it and everything less likely together hold at
-    # most 1 - top_p of the mass; the top token always stays.
-    tail_mass = 1 - (probs.cumsum(-1) - probs)                              # [R, K]
-    drop = tail_mass <= 1 - p
+    # most 1 - top_p of the mass (summed from the least likely up, so tiny tails stay exact); the
+    # top token always stays; rows with top_p = 1 drop nothing.
+    outside = (1 - probs.sum(-1, keepdim=True)).clamp(min=0)                # [R, 1] mass below the K
+    tail_mass = outside + probs.flip(-1).cumsum(-1).flip(-1)                # [R, K]
+    drop = (tail_mass <= 1 - p) & (p < 1)
     drop[:, 0] = False
     vals = vals.masked_fill(drop, float("-inf"))
     out = torch.full_like(x, float("-inf")).scatter_(-1, order, vals)
@@ -104,7 +106,8 @@ def _top_k_top_p_sorted(x: torch.Tensor, top_k: list[int], top_p: list[float]) -
     sorted_x = sorted_x.masked_fill(torch.arange(V, device=dev)[None, :] >= k[:, None], float("-inf"))
     asc = sorted_x.softmax(-1).flip(-1)                                     # [R, V] ascending
     tail_mass = asc.cumsum(-1).flip(-1)                                     # [R, V]
-    drop = tail_mass <= (1 - torch.tensor(top_p, device=dev, dtype=x.dtype))[:, None]
+    p = torch.tensor(top_p, device=dev, dtype=x.dtype)[:, None]
+    drop = (tail_mass <= 1 - p) & (p < 1)
     drop[:, 0] = False
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)

@@ -6,7 +6,9 @@ what is left of the budget; then waiting requests are admitted first-come-first-
 slot is free and the KV pool can hold their whole pending prompt. Chunked prefill is nothing more
 than a request getting fewer tokens than it has pending: it simply stays in prefill next step.
 
-KV pages are allocated lazily, step by step. When a running request needs a page and the pool is
+Waiting requests first take the prefix cache's pages that match the start of their tokens (see
+kv_cache.page_pool), so a shared prefix is not prefilled again. KV pages are allocated lazily,
+step by step. When a running request needs a page and the pool is
 empty, the most recently admitted request not yet scheduled in this step is preempted: its pages
 are freed and it goes back to the front of the queue to recompute its KV later (its generated
 tokens are kept, so the output is unaffected).
@@ -53,7 +55,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, max_batch_size: int, chunk_size: int, max_context: int,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, prefix_cache: bool = True):
         if max_batch_size < 1:
             raise KtransError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < max_batch_size:
@@ -67,6 +69,8 @@ class Scheduler:
         # A request never grows beyond this (the engine finishes it with "length" there).
         self.max_context = min(max_context, pool.capacity_tokens)
         self.max_queue = max_queue
+        self.prefix_cache = prefix_cache
+        self.num_cached_tokens = 0             # prompt tokens whose prefill the prefix cache saved
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []       # in admission order
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
@@ -134,9 +138,14 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int) -> int:
         """Tokens the queue head can run now (0 = it must wait): its whole pending prompt must fit
-        the free pages, so admission never forces a preemption."""
+        the free pages, so admission never forces a preemption. Cached prefix pages are attached
+        first; their tokens count as computed."""
+        cached = self.pool.attach_prefix(req, req.token_ids(0, req.num_tokens)) if self.prefix_cache else 0
         if not self.pool.can_grow(req, req.num_tokens):
+            self.pool.free(req)
             return 0
+        req.num_computed_tokens = cached
+        self.num_cached_tokens += cached
         n = min(req.num_pending_tokens, budget)
         self.pool.grow(req, req.num_computed_tokens + n)
         req.status = Status.RUNNING

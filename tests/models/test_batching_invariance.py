@@ -1,7 +1,8 @@
 """Batching invariance of the engine: a prompt's greedy tokens are the same whether it runs
 alone, in one batch with three other prompts of different lengths, with chunked prefill forced
-small (chunk 16), or squeezed by a KV pool so small that requests get preempted and recomputed.
-Run on tiny random models (MLA and GQA attention) through the real ModelRunner."""
+small (chunk 16), squeezed by a KV pool so small that requests get preempted and recomputed, or
+starting from prefix-cache pages another request computed. Run on tiny random models (MLA and
+GQA attention) through the real ModelRunner."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def _runner(out, cache_lens=1024, page_size=16, device="cpu"):
                        cache_lens=cache_lens, page_size=page_size, progress=False)
 
 
-def _generate(runner, prompts, *, batch: int, chunk: int) -> tuple[list[list[int]], dict]:
-    engine = LLMEngine(runner, max_batch_size=batch, chunk_size=chunk)
+def _generate(runner, prompts, *, batch: int, chunk: int, engine=None) -> tuple[list[list[int]], dict]:
+    engine = engine or LLMEngine(runner, max_batch_size=batch, chunk_size=chunk)
     params = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -81,3 +82,22 @@ def test_preemption_and_recompute_give_the_same_greedy_tokens(saved):
     squeezed, stats = _generate(_runner(out, cache_lens=96), prompts, batch=3, chunk=128)
     assert stats["preemptions"] > 0
     assert squeezed == alone
+
+
+def test_prefix_cache_hits_give_the_same_greedy_tokens(saved):
+    config, out = saved
+    runner = _runner(out)                                              # pages of 16 tokens
+    base = torch.randint(0, config.vocab_size, (50,)).tolist()
+    first = _generate(runner, [base], batch=1, chunk=256)[0][0]
+    tail = torch.randint(0, config.vocab_size, (10,)).tolist()
+    # The same prompt; one sharing 40 tokens; a next "turn" holding base + 10 generated tokens.
+    prompts = [base, base[:40] + tail, base + first[:10] + tail[:5]]
+    fresh = [_generate(runner, [p], batch=1, chunk=256)[0][0] for p in prompts]
+    engine = LLMEngine(runner, max_batch_size=1, chunk_size=256)
+    assert _generate(runner, [base], batch=1, chunk=256, engine=engine)[0][0] == first
+    cached = []
+    for p, expect_cached in zip(prompts, (48, 32, 48)):
+        before = engine.stats()["prefix_cached_tokens"]
+        cached.append(_generate(runner, [p], batch=1, chunk=256, engine=engine)[0][0])
+        assert engine.stats()["prefix_cached_tokens"] - before == expect_cached
+    assert cached == fresh

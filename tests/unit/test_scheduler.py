@@ -30,6 +30,7 @@ def _step(sched: Scheduler, history: list | None = None):
         r = s.request
         assert r.status is Status.RUNNING and r.num_computed_tokens == s.num_computed + s.num_new
         assert len(sched.pool.pages(r)) * sched.pool.page_size >= r.num_computed_tokens
+        sched.pool.cache_pages(r, r.num_computed_tokens, r.token_ids)    # as the engine does
         if s.sample:
             r.output_token_ids.append(1000 + len(r.output_token_ids))
             if r.num_output_tokens >= r.params.max_new_tokens or r.num_tokens >= sched.max_context:
@@ -84,7 +85,8 @@ def test_fcfs_admission_respects_batch_slots():
 
 def test_waits_for_pages_then_preempts_and_recomputes():
     # 6 pages of 4 tokens: two requests whose prompts fit but whose outputs cannot both fit.
-    sched = Scheduler(PagePool(6, 4), max_batch_size=4, chunk_size=32, max_context=24)
+    # (no prefix cache: every prompt here starts 1, 2, 3, ... and would share pages)
+    sched = Scheduler(PagePool(6, 4), max_batch_size=4, chunk_size=32, max_context=24, prefix_cache=False)
     a, b, c = _req("a", 8, n_out=10), _req("b", 8, n_out=10), _req("c", 20, n_out=2)
     for r in (a, b, c):
         sched.add(r)
@@ -97,6 +99,28 @@ def test_waits_for_pages_then_preempts_and_recomputes():
     assert len(recompute) == 2 and recompute[1].num_new > 8  # prompt + its kept outputs
     assert [r.num_output_tokens for r in (a, b, c)] == [10, 10, 2]
     assert sched.pool.num_used == 0
+
+
+def test_prefix_cache_skips_the_shared_prefill():
+    sched = Scheduler(PagePool(32, 8), max_batch_size=2, chunk_size=64, max_context=256)
+    a = _req("a", 30, n_out=5)
+    sched.add(a)
+    _run(sched)
+    b = Request("b", a.prompt_token_ids + a.output_token_ids[:3] + [7, 8], SamplingParams(max_new_tokens=2))
+    c = Request("c", [5] + a.prompt_token_ids[1:], SamplingParams(max_new_tokens=2))   # differs at once
+    sched.add(b)
+    sched.add(c)
+    first = _step(sched)
+    got = {s.request.request_id: s.num_computed for s in first.scheduled}
+    assert got == {"b": 32, "c": 0}            # b: 4 full pages of a's prompt + outputs; c: none
+    assert sched.num_cached_tokens == 32
+    _run(sched)
+    assert sched.pool.num_used == 0
+    no_cache = Scheduler(PagePool(32, 8), max_batch_size=2, chunk_size=64, max_context=256, prefix_cache=False)
+    no_cache.pool = sched.pool
+    d = _req("d", 30)
+    no_cache.add(d)
+    assert _step(no_cache).scheduled[0].num_computed == 0
 
 
 def test_limits_are_reported_with_numbers():
