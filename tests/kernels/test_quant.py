@@ -218,7 +218,7 @@ def test_vec_dot_every_isa_vs_float64(qtype, blocks):
     x = rng.standard_normal((2, n)).astype(np.float32)
     w = gq.dequantize(w_raw, _ggml(qtype)).reshape(rows, n).astype(np.float64)
     ref = x.astype(np.float64) @ w.T  # [2, rows]
-    bound = tol.VEC_DOT_FLOAT_NMSE if qtype in ("f32", "f16", "bf16") else tol.VEC_DOT_Q8_NMSE
+    bound = tol.VEC_DOT_NMSE[qtype]
     generic = _C.quant_vec_dot(qtype, w_raw, x, isa="generic")
     assert generic.shape == (2, rows)
     assert _nmse(generic, ref) <= bound, (qtype, _nmse(generic, ref))
