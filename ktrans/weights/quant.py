@@ -3,7 +3,8 @@
 Names are ktrans's lower-case type names (``"q4_k"``); each maps to a
 ``gguf.GGMLQuantizationType``. Bytes are llama.cpp's block layouts, so gguf-py and llama.cpp read
 what :func:`quantize` writes, and :func:`dequantize` is bit-exact against gguf-py's numpy code.
-Both run multi-threaded in C++ with the GIL released (``nthreads=0`` = every hardware thread).
+Both run multi-threaded in C++ with the GIL released (``nthreads=0`` = every CPU this process
+may use).
 """
 
 from __future__ import annotations
