@@ -78,13 +78,16 @@ class Generation:
     completion: str = ""
     finish_reason: str | None = None
     error: str | None = None
+    num_cached_tokens: int = 0   # prompt tokens the prefix cache served (not prefilled)
     ttft_s: float = 0.0          # request added -> first token (the prefill)
     decode_s: float = 0.0        # first token -> last token
     total_s: float = 0.0
 
     @property
     def prefill_tok_s(self) -> float:
-        return len(self.prompt_token_ids) / self.ttft_s if self.ttft_s > 0 else 0.0
+        """Prompt tokens actually prefilled per second until the first token."""
+        n = len(self.prompt_token_ids) - self.num_cached_tokens
+        return n / self.ttft_s if self.ttft_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -92,7 +95,8 @@ class Generation:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
     def stats_line(self) -> str:
-        return (f"prompt {len(self.prompt_token_ids)} tok | prefill {self.prefill_tok_s:.1f} tok/s | "
+        cached = f" ({self.num_cached_tokens} cached)" if self.num_cached_tokens else ""
+        return (f"prompt {len(self.prompt_token_ids)} tok{cached} | prefill {self.prefill_tok_s:.1f} tok/s | "
                 f"decode {self.decode_tok_s:.1f} tok/s ({len(self.completion_token_ids)} tok) | "
                 f"TTFT {self.ttft_s:.2f} s")
 
@@ -117,6 +121,7 @@ def run_request(engine, prompt_ids: list[int], params: SamplingParams, on_text=N
                 t_first = time.perf_counter()
             gen.completion_token_ids += out.new_token_ids
             gen.completion += out.new_text
+            gen.num_cached_tokens = out.num_cached_tokens
             if out.new_text and on_text is not None:
                 on_text(out.new_text)
             if out.finished:

@@ -233,7 +233,8 @@ class LLMEngine:
         return RequestOutput(request_id=req.request_id, new_token_ids=new_token_ids, new_text=new_text,
                              finished=req.finished, finish_reason=req.finish_reason,
                              num_prompt_tokens=req.num_prompt_tokens,
-                             num_output_tokens=req.num_output_tokens, error=req.error)
+                             num_output_tokens=req.num_output_tokens, error=req.error,
+                             num_cached_tokens=req.num_cached_tokens)
 
     def stats(self) -> dict:
         with self._lock:

@@ -80,6 +80,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache (not prefilled)
 
 
 class Status(enum.Enum):
@@ -99,6 +100,7 @@ class Request:
         self.params = params
         self.status = Status.WAITING
         self.num_computed_tokens = 0        # tokens whose KV is in the cache
+        self.num_cached_tokens = 0          # of the prompt, found in the prefix cache on admission
         self.slot: int | None = None        # batch slot while RUNNING (ForwardBatch.seq_ids)
         self.finish_reason: str | None = None
         self.error: str | None = None

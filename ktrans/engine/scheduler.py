@@ -145,6 +145,7 @@ class Scheduler:
             self.pool.free(req)
             return 0
         req.num_computed_tokens = cached
+        req.num_cached_tokens = max(req.num_cached_tokens, min(cached, req.num_prompt_tokens))
         self.num_cached_tokens += cached
         n = min(req.num_pending_tokens, budget)
         self.pool.grow(req, req.num_computed_tokens + n)

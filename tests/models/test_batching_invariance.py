@@ -101,3 +101,6 @@ def test_prefix_cache_hits_give_the_same_greedy_tokens(saved):
         cached.append(_generate(runner, [p], batch=1, chunk=256, engine=engine)[0][0])
         assert engine.stats()["prefix_cached_tokens"] - before == expect_cached
     assert cached == fresh
+    engine.add_request("again", base, SamplingParams(temperature=0, max_new_tokens=2))
+    outs = [o for _ in range(3) for o in engine.step()]
+    assert outs[-1].finished and outs[-1].num_cached_tokens == 48     # reported with the output
