@@ -7,8 +7,8 @@
 // panel + kb * 1024 and B tiles load with a 64-byte stride; A loads straight from x (bf16) or the
 // quantized activations (int8), 64 bytes of k per row.
 // Blocking: N is walked in super-blocks of panels small enough to stay in L2; inside one, every
-// 32-row block of x runs against each panel pair with the whole K in tile registers, so B is read
-// from memory once per call and A once per super-block.
+// 32-row block of x runs against each panel pair, K in chunks (see drive), so B is read from
+// memory once per call and A once per super-block.
 // int4: each super-block is first expanded to a bf16 panel in a thread-local buffer (q * scale,
 // rounded to bf16) and then runs as bf16, so the group scales cost nothing inside the tile loop
 // and x stays bf16 (more exact than the int8-activation reference; tests bound the difference).
@@ -36,7 +36,6 @@ constexpr int64_t kAmxMinRows = 16;
 constexpr int64_t kAmxMinRowsInt4 = 24;
 constexpr int64_t kL2Budget = 1 << 20;     // bytes of B panels per super-block
 constexpr int64_t kTileBytes = 1024;       // one B tile: 16 rows x 64 bytes
-constexpr int64_t kPrefetchKb = 2;         // B prefetch distance in k-blocks
 constexpr int64_t kKChunk = 8;             // k-blocks per chunk (A chunk = 16 KB, stays in L1)
 
 struct alignas(64) TileConfig {
@@ -80,19 +79,14 @@ void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t 
     if constexpr (MT == 2) _tile_zero(2);
     if constexpr (MT == 2 && NT == 2) _tile_zero(3);
   }
+  // NOTE: B tiles load with the streaming hint (tileloaddt1): each is used once per 32-row block,
+  // so keeping it out of L1 leaves L1 to the A chunk that every panel pair re-reads.
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    // NOTE: tile loads that miss L1 run far below the TMUL rate, so the B tiles kPrefetchKb
-    // k-blocks ahead are pulled into L1 while this one computes.
-    for (int i = 0; i < 16; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + (kb + kPrefetchKb) * kTileBytes + i * 64), _MM_HINT_T0);
-      if constexpr (NT == 2)
-        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kb + kPrefetchKb) * kTileBytes + i * 64), _MM_HINT_T0);
-    }
-    _tile_loadd(6, b0 + kb * kTileBytes, 64);
+    _tile_stream_loadd(6, b0 + kb * kTileBytes, 64);
     _tile_loadd(4, a + kb * 2 * kTileBytes, 64);
     KT_TDP(0, 4, 6);
     if constexpr (NT == 2) {
-      _tile_loadd(7, b1 + kb * kTileBytes, 64);
+      _tile_stream_loadd(7, b1 + kb * kTileBytes, 64);
       KT_TDP(1, 4, 7);
     }
     if constexpr (MT == 2) {
@@ -161,7 +155,8 @@ struct Epilogue {
 // base of its first panel (panels then lie b_stride apart). a: the blocked A (block_a).
 // NOTE: K is walked in chunks of kKChunk k-blocks, each chunk against every panel pair of the
 // super-block, so the A chunk (32 rows, 16 KB) is read from L1 by all pairs and only B streams
-// from L2; the C blocks of the pairs wait in a small buffer between chunks.
+// from L2; the C blocks of the pairs wait in a small buffer between chunks. (Measured here:
+// chunks of 4 or 32 k-blocks, a 1.5 MB super-block and software prefetch of B were no faster.)
 template <bool kInt8, class BPrep>
 void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t b_stride, BPrep&& b_prep,
            const uint8_t* a, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {

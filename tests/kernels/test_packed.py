@@ -181,11 +181,18 @@ def test_every_isa_level_has_its_own_kernel(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_tiny_shapes(fmt, isa):
     """Fewer columns than one panel and the smallest K (int8 pads it to a whole 64-deep tile)."""
+    # NMSE over a handful of outputs is dominated by chance cancellations, so these use the
+    # worst-case bound instead: activation rounding moves each x[m, k] by at most amax_m / 254,
+    # and f32 accumulation / the AMX int4 bf16 weight rounding by a small multiple of |x| |W|.
     for N, K in [(5, 32), (16, 32), (1, 64)]:
         W, packed, Wd = packed_case(fmt, N, K)
         for M in (1, 33):
-            x = torch.randn(M, K).to(torch.bfloat16)
-            assert nmse(gemm(fmt, packed, N, K, x, isa), x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt]
+            x = torch.randn(M, K).to(torch.bfloat16).double()
+            y = torch.from_numpy(gemm(fmt, packed, N, K, x, isa)).double()
+            err = (y - x @ Wd.double().T).abs()
+            mag = x.abs() @ Wd.double().abs().T  # [M, N]
+            act = 0 if fmt == "bf16" else x.abs().amax(1, keepdim=True) / 254 * Wd.double().abs().sum(1)
+            assert (err <= 1.001 * act + 4e-3 * mag + 1e-6).all(), (N, K, M)
 
 
 @pytest.mark.parametrize("isa", isa_params())
