@@ -17,7 +17,7 @@ from ktrans.operators.attention_mla import MLAAttention
 from ktrans.operators.model import forward_packed
 from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
-from tests.tolerances import BF16_LOGITS_NMSE, BF16_VS_HF_BF16
+from tests.tolerances import BF16_LOGITS_NMSE, BF16_ROUTING_FLIP_NMSE, BF16_VS_HF_BF16, BF16_WITHIN_FRACTION
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -42,9 +42,9 @@ def _nmse(got, ref):
     return float(((got - ref) ** 2).sum() / (ref ** 2).sum())
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_packed_forward_close_to_hf_f32(arch, device):
+def _token_errors(arch, device):
+    """(ours, transformers-bf16) NMSE vs transformers-f32 for every token of two requests, run
+    as a packed chunked prefill then single-token decodes."""
     config, model = tiny_hf_model(arch)
     ours = _placed(model, config, device)
     kv = KVStorage.for_config(config, num_pages=8, page_size=8, dtype=torch.bfloat16, device=device)
@@ -54,18 +54,30 @@ def test_bf16_packed_forward_close_to_hf_f32(arch, device):
         ref = [model(input_ids=i[None]).logits[0] for i in ids]
         floor = [hf_bf16(input_ids=i[None].to(device)).logits[0].float().cpu() for i in ids]
     pages = torch.tensor([[3, 5], [0, 7]], dtype=torch.int32)
+    errors = []
     # step 1: both prompts but the last token; step 2: both last tokens as single-token decodes
-    steps = [([11, 4], [0, 0]), ([1, 1], [11, 4])]
-    for new, done in steps:
+    for new, done in [([11, 4], [0, 0]), ([1, 1], [11, 4])]:
         batch = ForwardBatch(input_ids=torch.cat([ids[r][done[r]:done[r] + new[r]] for r in range(2)]),
                              positions=torch.cat([torch.arange(done[r], done[r] + new[r]) for r in range(2)]),
                              seq_ids=[0, 1], num_computed=done, num_new=new, page_table=pages,
-                             logits_indices=torch.tensor(new).cumsum(0) - 1)
+                             logits_indices=torch.arange(sum(new)))
         with forward_context(batch, kv) as ctx, torch.no_grad():
             logits = forward_packed(ours, ours.model.rotary_emb, ctx)
         assert logits.dtype == torch.float32 and logits.device.type == device
+        rows = iter(logits.cpu())
         for r in range(2):
-            pos = done[r] + new[r] - 1
-            bound = max(BF16_LOGITS_NMSE, BF16_VS_HF_BF16 * _nmse(floor[r][pos], ref[r][pos]))
-            assert _nmse(logits[r].cpu(), ref[r][pos]) < bound
+            for pos in range(done[r], done[r] + new[r]):
+                errors.append((_nmse(next(rows), ref[r][pos]), _nmse(floor[r][pos], ref[r][pos])))
     assert kv.layers[0][0].device.type == device and kv.layers[0][0].dtype == torch.bfloat16
+    return errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_packed_forward_close_to_hf_f32(arch, device):
+    errors = _token_errors(arch, device)
+    within = [ours < max(BF16_LOGITS_NMSE, BF16_VS_HF_BF16 * hf) for ours, hf in errors]
+    # NOTE: a near-tie in MoE routing can flip one expert choice under bf16 rounding, in ours or
+    # in transformers' bf16 run but not both: such a token is off by up to BF16_ROUTING_FLIP_NMSE.
+    assert sum(within) >= BF16_WITHIN_FRACTION * len(errors), errors
+    assert max(ours for ours, _ in errors) < BF16_ROUTING_FLIP_NMSE, errors
