@@ -121,7 +121,7 @@ def _tokenizer_meta(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     for i in tok.special_ids:
         types[i] = gguf.TokenType.CONTROL
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")       # the GPT-2 split regex, which our ByteLevel pre-tokenizer uses
+    w.add_tokenizer_pre(tok.pre)       # names the split the BPE was trained with (tokenizer.py)
     w.add_token_list(tokens)
     w.add_token_types([int(t) for t in types])
     w.add_token_merges(tok.merges)

@@ -1,8 +1,12 @@
 """Byte-level BPE tokenizer for generated models, with each family's special tokens and chat template.
 
 The BPE is trained with the `tokenizers` library on a small embedded multilingual text. Being
-byte-level (GPT-2 style), it encodes any Unicode text and decodes it back exactly, so tests can
-round-trip ASCII, CJK and emoji. Training is deterministic: the same text gives the same vocab.
+byte-level, it encodes any Unicode text and decodes it back exactly, so tests can round-trip
+ASCII, CJK and emoji. Training is deterministic: the same text gives the same vocab.
+
+Each architecture splits text as its real tokenizer does (Qwen2's regex + NFC, DeepSeek-V3's and
+DeepSeek LLM's split sequences, GPT-2's regex for Mixtral's stand-in BPE): the pre-tokenizer is
+the one single-file mode rebuilds from the GGUF `tokenizer.ggml.pre` name written beside it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ktrans.weights.tokenizer_gguf import hf_pre_tokenizer
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A mixture of experts routes every token to a few
@@ -73,6 +79,16 @@ _FAMILIES = {
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
                 "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral"}
 
+# Arch -> llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), as convert_hf_to_gguf writes for the
+# real models. NOTE: real Mixtral files hold a sentencepiece ("llama") vocab; ours is a byte-level
+# BPE stand-in, so it names the split it really uses (GPT-2's).
+_ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
+             "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2"}
+
+# tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
+# pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).
+_CLASS = {"chatml": "Qwen2Tokenizer"}
+
 VOCAB_TARGET = 1024
 
 
@@ -80,6 +96,7 @@ VOCAB_TARGET = 1024
 class TokenizerInfo:
     """What config.json and the GGUF tokenizer metadata need from the tokenizer."""
     tokens: list[str]           # id -> token string (byte-level alphabet), len == trained size
+    pre: str                    # llama.cpp pre-tokenizer name (tokenizer.ggml.pre)
     merges: list[str]           # "a b" BPE merges, in rank order
     special_ids: list[int]      # ids of control tokens
     bos_id: int | None
@@ -90,11 +107,13 @@ class TokenizerInfo:
     chat_template: str
 
 
-def _train(specials: list[str]):
+def _train(specials: list[str], pre: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    normalizer, tok.pre_tokenizer = hf_pre_tokenizer(pre)
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_TARGET, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -104,7 +123,7 @@ def _train(specials: list[str]):
 
 def trained_vocab_size(arch: str) -> int:
     """Size of the tokenizer build_tokenizer writes for `arch` (the tiny/small presets' vocab)."""
-    return _train(_FAMILIES[_ARCH_FAMILY[arch]]["specials"]).get_vocab_size()
+    return _train(_FAMILIES[_ARCH_FAMILY[arch]]["specials"], _ARCH_PRE[arch]).get_vocab_size()
 
 
 def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
@@ -112,7 +131,7 @@ def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
     from tokenizers import processors
 
     fam = _FAMILIES[_ARCH_FAMILY[arch]]
-    tok = _train(fam["specials"])
+    tok = _train(fam["specials"], _ARCH_PRE[arch])
     ids = {t: tok.token_to_id(t) for t in fam["specials"]}
     if fam["add_bos"]:
         bos = fam["bos"]
@@ -120,7 +139,7 @@ def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])])
     tok.save(str(out_dir / "tokenizer.json"))
     tcfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": _CLASS.get(_ARCH_FAMILY[arch], "PreTrainedTokenizerFast"),
         "bos_token": fam["bos"], "eos_token": fam["eos"], "pad_token": fam["pad"],
         "unk_token": fam.get("unk"), "add_bos_token": fam["add_bos"], "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 131072,
@@ -135,6 +154,6 @@ def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
         tokens[i] = t
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return TokenizerInfo(
-        tokens=tokens, merges=merges, special_ids=sorted(ids.values()),
+        tokens=tokens, pre=_ARCH_PRE[arch], merges=merges, special_ids=sorted(ids.values()),
         bos_id=ids.get(fam["bos"]), eos_id=ids[fam["eos"]], pad_id=ids.get(fam["pad"]),
         unk_id=ids.get(fam.get("unk")), add_bos=fam["add_bos"], chat_template=fam["template"])

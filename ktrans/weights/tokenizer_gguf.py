@@ -29,6 +29,32 @@ _DEEPSEEK_V3 = [
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 ]
 
+# DeepSeek LLM / V2 (llama.cpp's "deepseek-llm"): newlines alone, then letter runs of these cased-letter
+# ranges, ASCII/fullwidth punctuation runs, trailing whitespace, CJK/Hangul runs, digit runs.
+# NOTE: written with escapes on purpose: several of these code points (U+1F7D, U+1FBE, U+2126,
+# U+212A, ...) have canonical equivalents that an editor's NFC would silently substitute.
+_DS_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1"
+    "\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd"
+    "\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d"
+    "\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4"
+    "\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec"
+    "\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b"
+    "\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787"
+    "\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a"
+    "\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+    "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_LLM = [
+    "[\r\n]",
+    r"\s?[" + _DS_LETTERS + "]+",
+    r"\s?[" + "!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002" + "]+",
+    r"\s+$",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    r"\p{N}+",
+]
+
 
 @dataclass(frozen=True)
 class PreTokenizer:
@@ -45,24 +71,35 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "llama-bpe": PreTokenizer((_LLAMA3,), ignore_merges=True),
     "llama3": PreTokenizer((_LLAMA3,), ignore_merges=True),
     "deepseek-v3": PreTokenizer(tuple(_DEEPSEEK_V3)),
+    "deepseek-llm": PreTokenizer(tuple(_DEEPSEEK_LLM)),
 }
 
 
-def _pre_tokenizer(r: GGUFReader):
+def hf_pre_tokenizer(name: str):
+    """(normalizer or None, pre-tokenizer) of the HF byte-level BPE tokenizer that GGUF's
+    `tokenizer.ggml.pre = name` stands for; None when ktrans does not know the name."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
-    name = r.get("tokenizer.ggml.pre", "default")
     spec = PRE_TOKENIZERS.get(name)
     if spec is None:
-        raise KtransError(f"{r.path}: tokenizer pre-tokenizer '{name}' is not known to ktrans (known: "
-                          f"{', '.join(PRE_TOKENIZERS)}); pass --model_path with the HF tokenizer files")
+        return None
     if spec.splits is None:
         pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
         pre = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(rx), behavior="isolated", invert=False) for rx in spec.splits]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return spec, pre, (normalizers.NFC() if spec.nfc else None)
+    return (normalizers.NFC() if spec.nfc else None), pre
+
+
+def _pre_tokenizer(r: GGUFReader):
+    name = r.get("tokenizer.ggml.pre", "default")
+    parts = hf_pre_tokenizer(name)
+    if parts is None:
+        raise KtransError(f"{r.path}: tokenizer pre-tokenizer '{name}' is not known to ktrans (known: "
+                          f"{', '.join(PRE_TOKENIZERS)}); pass --model_path with the HF tokenizer files")
+    norm, pre = parts
+    return PRE_TOKENIZERS[name], pre, norm
 
 
 def _bpe_model(r: GGUFReader, tokens: list[str], spec: PreTokenizer):

@@ -1,0 +1,103 @@
+"""The three tokenizers a generated model can be served with agree, for every architecture.
+
+`AutoTokenizer.from_pretrained(dir)` (whatever class transformers picks for the model_type, e.g.
+Qwen2Tokenizer, which re-applies Qwen2's own split regex + NFC), the raw tokenizer.json, and the
+single-file rebuild from GGUF metadata must encode, decode and render chat prompts identically;
+and the split each one uses must be the real model family's (digits, CJK), not GPT-2's for all.
+"""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+
+import pytest
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
+from ktrans.config.arch import ARCHS
+from ktrans.weights.gguf_reader import GGUFReader
+from ktrans.weights.single_file import tokenizer_from_gguf
+
+# What convert_hf_to_gguf writes for the real models (Mixtral's stand-in BPE uses GPT-2's split),
+# and how each split cuts a digit run: Qwen2 one digit per piece, DeepSeek-V3 groups of 1-3,
+# DeepSeek LLM whole runs, GPT-2 whole runs with the leading space.
+PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
+       "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2"}
+DIGIT_PIECES = {"qwen2": ["x", "=", "1", "2", "3", "4", "5", "6", "7"],
+                "deepseek-v3": ["x", "=", "123", "456", "7"],
+                "deepseek-llm": ["x", "=", "1234567"],
+                "gpt-2": ["x", "=", "1234567"]}
+NFC_CLASS = {"qwen2": True, "deepseek-v3": False, "deepseek-llm": False, "gpt-2": False}
+
+PIECES = ["Hello, world!", " 12345", " 3.14", "  ", "\n\n", "\t", "人工智能正在改变世界。", "こんにちは",
+          "안녕하세요", "😀🚀", "👨‍👩‍👧", " café", " e\u0301", "ﬁ", "don't", "   trailing  ", "Ω K ώ ι",
+          "x=1234567", "\r\n", "Привет", "(a, b) [c; d]"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2 = ? 你好 😀"},
+        {"role": "assistant", "content": "4."}, {"role": "user", "content": "  and 3.14 * 12345?"}]
+
+
+def _texts(specials: list[str], rng: random.Random) -> list[str]:
+    """Fixed edge cases plus fresh random mixes of the pieces and the special tokens."""
+    fixed = ["".join(PIECES), " ".join(PIECES), specials[0] + "hi" + specials[-1], "", " ", "12345 3.14"]
+    mixes = ["".join(rng.choice(PIECES + specials) for _ in range(rng.randint(1, 12))) for _ in range(20)]
+    return fixed + mixes
+
+
+def _three(d):
+    r = GGUFReader(str(d / "model.gguf"))
+    return AutoTokenizer.from_pretrained(d), Tokenizer.from_file(str(d / "tokenizer.json")), tokenizer_from_gguf(r), r
+
+
+def _specials(r: GGUFReader) -> list[str]:
+    tokens, types = r.get("tokenizer.ggml.tokens"), r.get("tokenizer.ggml.token_type")
+    return [tokens[i] for i, t in enumerate(types) if int(t) == 3]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_encode_decode_agree(tiny_model, arch):
+    auto, raw, gguf, r = _three(tiny_model(arch))
+    assert r.get("tokenizer.ggml.pre") == PRE[arch]
+    specials = _specials(r)
+    assert len(specials) >= 3
+    rng = random.Random()
+    for text in _texts(specials, rng):
+        for add in (True, False):
+            ids = auto(text, add_special_tokens=add)["input_ids"]
+            assert raw.encode(text, add_special_tokens=add).ids == ids, (arch, text)
+            assert gguf(text, add_special_tokens=add)["input_ids"] == ids, (arch, text)
+        for skip in (False, True):
+            want = auto.decode(ids, skip_special_tokens=skip)
+            assert gguf.decode(ids, skip_special_tokens=skip) == want, (arch, text)
+            assert raw.decode(ids, skip_special_tokens=skip) == want, (arch, text)
+        # byte-level BPE is lossless up to the family's normalization
+        norm = unicodedata.normalize("NFC", text) if NFC_CLASS[PRE[arch]] else text
+        assert auto.decode(ids) == norm, (arch, text)
+    for s in specials:                      # each control token is one id, never split
+        assert auto(s, add_special_tokens=False)["input_ids"] == [auto.convert_tokens_to_ids(s)]
+        assert gguf(s, add_special_tokens=False)["input_ids"] == [auto.convert_tokens_to_ids(s)]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_split_is_the_real_familys(tiny_model, arch):
+    auto, raw, gguf, _ = _three(tiny_model(arch))
+    pre = PRE[arch]
+    for backend in (auto.backend_tokenizer, raw, gguf.backend_tokenizer):
+        pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("x=1234567")]
+        assert pieces == DIGIT_PIECES[pre], (arch, backend)
+        assert (backend.normalizer is not None) == NFC_CLASS[pre]
+    if pre == "qwen2":
+        assert type(auto).__name__ == "Qwen2Tokenizer"   # as for the real Qwen checkpoints
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_chat_template_agrees(tiny_model, arch):
+    auto, _, gguf, _ = _three(tiny_model(arch))
+    chat = CHAT if arch != "mixtral" else CHAT[1:]
+    for gen in (False, True):
+        text = auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+        assert gguf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == text
+        assert "12345" in text and "你好" in text
+        ids = auto.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen, return_dict=False)
+        assert gguf.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen, return_dict=False) == ids
+        assert auto(text, add_special_tokens=False)["input_ids"] == gguf(text, add_special_tokens=False)["input_ids"]
