@@ -63,12 +63,13 @@ FIDELITY_F32_ATOL = 1e-4
 # BF16_LOGITS_NMSE and BF16_VS_HF_BF16 x transformers' own bf16 error on the same tokens.
 BF16_LOGITS_NMSE = 2e-3
 BF16_VS_HF_BF16 = 3.0
-# A near-tie in MoE routing flips one expert choice under bf16 rounding on a few tokens (in ours
-# or in transformers' bf16 run, independently): at least this fraction of tokens must meet the
-# bound above, and no token may be further off than a flipped expert makes it (transformers' own
-# bf16 run measures up to 0.3 on such tokens of the tiny DeepSeek-V3).
-BF16_WITHIN_FRACTION = 0.85
-BF16_ROUTING_FLIP_NMSE = 0.5
+# A near-tie in MoE routing flips one expert choice under bf16 rounding or activation
+# quantization on a few tokens (in ours or in transformers' bf16 run, independently): at least
+# this fraction of tokens must meet the bound for their case, and no token may be further off
+# than a flipped expert makes it (transformers' own bf16 run measures up to 0.3 on such tokens of
+# the tiny DeepSeek-V3).
+NEAR_TIE_WITHIN_FRACTION = 0.85
+ROUTING_FLIP_NMSE = 0.5
 # Whole-model logits with quantized/bf16 GGUF experts in the CPU kernels (activations quantized
 # to q8_K/q8_0 or rounded to bf16 for the dot products) vs transformers on the dequantized
 # weights; tiny models measure 5e-6..2e-4.
