@@ -161,7 +161,7 @@ def resolve_backend(backend: str, types: list[str]) -> str:
         return backend
     from ktrans import cpu
 
-    return "amx_bf16" if all(t == "bf16" for t in types) and cpu.best_isa() == "amx" else "gguf"
+    return "amx_bf16" if all(t == "bf16" for t in types) and cpu.selected_isa() == "amx" else "gguf"
 
 
 @register_operator("cpu_experts")
