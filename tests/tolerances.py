@@ -85,8 +85,8 @@ PACKED_GEMM_NMSE = {"bf16": 1e-10, "int8": 3e-4, "int4": 3e-4}
 # activation quantization), so it is held to the torch bound above rather than to this one.
 PACKED_ISA_NMSE = 1e-10
 # Weight quantization of the packers, NMSE of unpack(pack(W)) vs W on W ~ N(0, 1): measured
-# bf16 2.8e-6, int8 (per channel, K = 256) 4.9e-5, int4 (group 32, bf16 scales) 9.4e-3.
-PACKED_WEIGHT_NMSE = {"bf16": 4e-6, "int8": 1e-4, "int4": 1.3e-2}
+# bf16 2.8e-6, int8 (per channel, K = 256) 4.9e-5, int4 (group 32, bf16 scales) 7.0e-3.
+PACKED_WEIGHT_NMSE = {"bf16": 4e-6, "int8": 1e-4, "int4": 9e-3}
 
 # --- CPU MoE experts (M) ---
 # C++ MoE layer vs a dense torch reference on the dequantized weights (E=8, H=I=256, k=3).
