@@ -53,7 +53,8 @@ class ForwardBatch:
         if self.positions.shape != (t,):
             raise KtransError(f"ForwardBatch: positions shape {tuple(self.positions.shape)}, expected ({t},)")
         if self.page_table.dim() != 2 or self.page_table.shape[0] != r:
-            raise KtransError(f"ForwardBatch: page_table shape {tuple(self.page_table.shape)}, expected ({r}, max_pages)")
+            raise KtransError(f"ForwardBatch: page_table shape {tuple(self.page_table.shape)}, "
+                              f"expected ({r}, max_pages)")
         for i, (c, n) in enumerate(zip(self.num_computed, self.num_new)):
             need = -(-(c + n) // page_size)
             have = int((self.page_table[i] >= 0).sum())

@@ -72,7 +72,8 @@ def _check_device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise KtransError(f"--device '{device}': expected cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KtransError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu to run everything on the CPU")
+        raise KtransError(f"--device {device}: no CUDA GPU is visible to torch; "
+                          f"use --device cpu to run everything on the CPU")
     return device
 
 

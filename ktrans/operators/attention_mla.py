@@ -103,7 +103,8 @@ class MLAAttention(Operator):
     def load_weights(self, weights) -> None:
         self.params = torch.nn.ParameterDict()
         for name, shape in self._shapes().items():
-            self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype, self.device, shape)
+            self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype,
+                                                              self.device, shape)
         # NOTE: kv_b_proj is kept only as its two per-head halves, each contiguous, so the
         # absorbed decode multiplies them without a per-step copy of a strided view.
         w = self.params.pop("kv_b_proj__weight").view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -120,7 +121,8 @@ class MLAAttention(Operator):
     def _project(self, x: torch.Tensor, emb):
         """x [T, hidden] -> q_nope [T, H, dn], q_pe [T, H, dr] (rotated), cache entries [T, r + dr]."""
         if self.q_lora_rank:
-            q = self._linear(rms_norm(self._linear(x, "q_a_proj"), self._p("q_a_layernorm.weight"), self.eps), "q_b_proj")
+            q_a = rms_norm(self._linear(x, "q_a_proj"), self._p("q_a_layernorm.weight"), self.eps)  # [T, q_lora]
+            q = self._linear(q_a, "q_b_proj")
         else:
             q = self._linear(x, "q_proj")
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)            # [T, H, dqk]

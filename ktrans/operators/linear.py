@@ -32,7 +32,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_param(weights, name: str, dtype: torch.dtype, device, shape: tuple[int, ...] | None = None) -> torch.nn.Parameter:
+def load_param(weights, name: str, dtype: torch.dtype, device,
+               shape: tuple[int, ...] | None = None) -> torch.nn.Parameter:
     """One parameter by its transformers name, dequantized to `dtype` on `device`; KtransError
     when it does not have the `shape` the config implies."""
     t = weights.tensor(name, dtype=dtype, device=device)
@@ -105,7 +106,9 @@ class Linear(Operator):
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
         dtype = resolve_dtype(kwargs.get("dtype", "auto"), torch.device(device))
-        shapes = [tuple(orig_module.weight.shape)] + ([tuple(orig_module.bias.shape)] if orig_module.bias is not None else [])
+        shapes = [tuple(orig_module.weight.shape)]
+        if orig_module.bias is not None:
+            shapes.append(tuple(orig_module.bias.shape))
         return {str(torch.device(device)): param_bytes(shapes, dtype)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,8 @@ class MoEBlock(Operator):
         if config.model_type not in _ROUTED_TYPES:
             raise KtransError(f"{key}: moe_block supports {', '.join(_ROUTED_TYPES)}, not '{config.model_type}'")
         if not hasattr(orig_module, "experts"):
-            raise KtransError(f"{key}: moe_block replaces a sparse MoE block (with .experts), got {type(orig_module).__name__}")
+            raise KtransError(f"{key}: moe_block replaces a sparse MoE block (with .experts), "
+                              f"got {type(orig_module).__name__}")
         # Children kept under their HF names: the rule engine swaps/loads them by dotted path.
         self.experts = orig_module.experts
         for child in ("shared_experts", "shared_expert", "shared_expert_gate"):
