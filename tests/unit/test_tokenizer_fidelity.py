@@ -82,9 +82,9 @@ def test_encode_decode_agree(tiny_model, arch):
 def test_split_is_the_real_familys(tiny_model, arch):
     auto, raw, gguf, _ = _three(tiny_model(arch))
     pre = PRE[arch]
-    for backend in (auto.backend_tokenizer, raw, gguf.backend_tokenizer):
+    for which, backend in (("auto", auto.backend_tokenizer), ("json", raw), ("gguf", gguf.backend_tokenizer)):
         pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("x=1234567")]
-        assert pieces == DIGIT_PIECES[pre], (arch, backend)
+        assert pieces == DIGIT_PIECES[pre], (arch, which)
         assert (backend.normalizer is not None) == NFC_CLASS[pre]
     if pre == "qwen2":
         assert type(auto).__name__ == "Qwen2Tokenizer"   # as for the real Qwen checkpoints
