@@ -122,13 +122,35 @@ void fit_k45_avx2(const float* x, int nmax, float rmin, int nstep, float* sc, fl
   }
 }
 
+// kq_finish_k45 with the re-rounding 8 values at a time (same float operations: (x + ml) / dl,
+// round to nearest even, clamp).
+void finish_k45_avx2(const float* x, const float* sc, const float* mn, int nmax, uint8_t* scales, uint16_t* d16,
+                     uint16_t* dmin16, uint8_t* L) {
+  float dl[8], ml[8];
+  kq_k45_scales(sc, mn, scales, d16, dmin16, dl, ml);
+  const __m256i vmax = _mm256_set1_epi32(nmax);
+  for (int j = 0; j < 8; ++j) {
+    if (dl[j] == 0.0f) continue;
+    const __m256 vd = _mm256_set1_ps(dl[j]), vm = _mm256_set1_ps(ml[j]);
+    __m256i v[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 q = _mm256_div_ps(_mm256_add_ps(_mm256_loadu_ps(x + 32 * j + 8 * k), vm), vd);
+      v[k] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(q), _mm256_setzero_si256()), vmax);
+    }
+    // 4 x 8 int32 in 0..31 -> 32 bytes in element order
+    const __m256i p = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(L + 32 * j),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+}
+
 void q4_k_avx2(const float* x, void* dst, int64_t n) {
   BlockQ4_K* y = static_cast<BlockQ4_K*>(dst);
   alignas(32) uint8_t L[kQK_K];
   float sc[8], mn[8];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
     fit_k45_avx2(x, 15, -1.0f, 20, sc, mn, L);
-    kq_finish_k45(x, sc, mn, 15, y[i].scales, &y[i].d, &y[i].dmin, L);
+    finish_k45_avx2(x, sc, mn, 15, y[i].scales, &y[i].d, &y[i].dmin, L);
     kq_pack_q4_k(L, &y[i]);
   }
 }
@@ -139,7 +161,7 @@ void q5_k_avx2(const float* x, void* dst, int64_t n) {
   float sc[8], mn[8];
   for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
     fit_k45_avx2(x, 31, -0.5f, 15, sc, mn, L);
-    kq_finish_k45(x, sc, mn, 31, y[i].scales, &y[i].d, &y[i].dmin, L);
+    finish_k45_avx2(x, sc, mn, 31, y[i].scales, &y[i].d, &y[i].dmin, L);
     kq_pack_q5_k(L, &y[i]);
   }
 }

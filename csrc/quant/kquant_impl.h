@@ -27,10 +27,10 @@ static inline void kq_pack_scale_min(const uint8_t* ls, const uint8_t* lm, uint8
   }
 }
 
-// From the fitted sub-block scales sc[8] and mins mn[8] (as -min) and the fit's levels L[256]:
-// writes the 6-bit scales, d and dmin, and re-rounds L against the scales the block will have.
-static inline void kq_finish_k45(const float* x, const float* sc, const float* mn, int nmax, uint8_t* scales,
-                                 uint16_t* d16, uint16_t* dmin16, uint8_t* L) {
+// From the fitted sub-block scales sc[8] and mins mn[8] (as -min): writes the 6-bit scales, d and
+// dmin, and returns in dl[8] / ml[8] the scale and min each sub-block really decodes with.
+static inline void kq_k45_scales(const float* sc, const float* mn, uint8_t* scales, uint16_t* d16, uint16_t* dmin16,
+                                 float* dl, float* ml) {
   float max_sc = 0.0f, max_mn = 0.0f;
   for (int j = 0; j < 8; ++j) {
     max_sc = std::max(max_sc, sc[j]);
@@ -47,10 +47,21 @@ static inline void kq_finish_k45(const float* x, const float* sc, const float* m
   *dmin16 = f32_to_fp16(max_mn / 63.0f);
   const float d = fp16_to_f32(*d16), dmin = fp16_to_f32(*dmin16);
   for (int j = 0; j < 8; ++j) {
-    const float dl = d * ls[j], ml = dmin * lm[j];
-    if (dl == 0.0f) continue;  // every level decodes to -ml: keep the fit's levels
+    dl[j] = d * ls[j];
+    ml[j] = dmin * lm[j];
+  }
+}
+
+// Re-rounds every value against the scale and min it will decode with; a sub-block with scale 0
+// keeps the fit's levels (every level decodes to -ml there).
+static inline void kq_finish_k45(const float* x, const float* sc, const float* mn, int nmax, uint8_t* scales,
+                                 uint16_t* d16, uint16_t* dmin16, uint8_t* L) {
+  float dl[8], ml[8];
+  kq_k45_scales(sc, mn, scales, d16, dmin16, dl, ml);
+  for (int j = 0; j < 8; ++j) {
+    if (dl[j] == 0.0f) continue;
     for (int l = 0; l < 32; ++l)
-      L[32 * j + l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int((x[32 * j + l] + ml) / dl), 0, nmax));
+      L[32 * j + l] = static_cast<uint8_t>(kq_clamp(kq_nearest_int((x[32 * j + l] + ml[j]) / dl[j]), 0, nmax));
   }
 }
 
