@@ -1,11 +1,11 @@
-// AMX packed_gemm for bf16, int8 and int4 panels, the large-M (prefill) path; M below
-// kAmxMinRows goes to the AVX-512 kernels (bandwidth-bound, where tiles gain nothing).
+// AMX packed_gemm for bf16, int8 and int4 panels, the large-M (prefill) path; M below the
+// per-format thresholds (kAmxMinRows*) goes to the AVX-512 kernels.
 //
 // Tiles (one config for all formats, every tile 16 rows x 64 bytes): tmm0-3 = a 2x2 block of C
 // (32 rows x 32 columns, f32 or int32), tmm4-5 = two A tiles (16 rows of x each), tmm6-7 = two B
 // tiles. A packed panel line IS a B tile row, so panel p's k-block kb is the 1 KB at
-// panel + kb * 1024 and B tiles load with a 64-byte stride; A loads straight from x (bf16) or the
-// quantized activations (int8), 64 bytes of k per row.
+// panel + kb * 1024 and B tiles load with a 64-byte stride. A (x, or for int8 its per-row
+// quantization) is copied once per call into the same kind of 1 KB tiles (block_a).
 // Blocking: N is walked in super-blocks of panels small enough to stay in L2; inside one, every
 // 32-row block of x runs against each panel pair, K in chunks (see drive), so B is read from
 // memory once per call and A once per super-block.
