@@ -152,6 +152,14 @@ void pack_row(PackedFormat f, const float* row, int64_t K, uint8_t* panel, int64
   }
 }
 
+namespace {
+void pack_panel_bf16_ref(const float* rows, int64_t K, uint8_t* panel) {
+  for (int64_t c = 0; c < kPanelCols; ++c) pack_row_bf16(rows + c * K, K, panel, c);
+}
+}  // namespace
+
+Kernel<PackPanelFn> k_pack_panel_bf16{"pack_panel_bf16", {pack_panel_bf16_ref, nullptr, nullptr, nullptr}};
+
 }  // namespace packed
 
 void pack_rows_f32(PackedFormat f, const float* W, int64_t N, int64_t K, int64_t n_begin, int64_t n_end,
