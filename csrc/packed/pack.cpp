@@ -156,9 +156,13 @@ namespace {
 void pack_panel_bf16_ref(const float* rows, int64_t K, uint8_t* panel) {
   for (int64_t c = 0; c < kPanelCols; ++c) pack_row_bf16(rows + c * K, K, panel, c);
 }
+void pack_panel_int8_ref(const float* rows, int64_t K, uint8_t* panel) {
+  for (int64_t c = 0; c < kPanelCols; ++c) pack_row_int8(rows + c * K, K, panel, c);
+}
 }  // namespace
 
 Kernel<PackPanelFn> k_pack_panel_bf16{"pack_panel_bf16", {pack_panel_bf16_ref, nullptr, nullptr, nullptr}};
+Kernel<PackPanelFn> k_pack_panel_int8{"pack_panel_int8", {pack_panel_int8_ref, nullptr, nullptr, nullptr}};
 
 }  // namespace packed
 

@@ -18,20 +18,24 @@ void check_pack_range(PackedFormat f, int64_t N, int64_t K, int64_t n_begin, int
 // row; the AVX-512 one converts and transposes 16 x 16 pair-words at a time. Byte-identical.
 using PackPanelFn = void (*)(const float* rows, int64_t K, uint8_t* panel);
 extern Kernel<PackPanelFn> k_pack_panel_bf16;
+extern Kernel<PackPanelFn> k_pack_panel_int8;  // same for int8 (quantize per row, transpose quads)
 
-// load(n, float* row) fills row n of W as K floats. Whole bf16 panels inside the range go
-// through k_pack_panel_bf16 (16 rows at once), everything else row by row.
+// load(n, float* row) fills row n of W as K floats. Whole bf16 / int8 panels inside the range go
+// through the panel kernels (16 rows at once), everything else row by row.
 template <class Load>
 void pack_rows_with(PackedFormat f, Load&& load, int64_t N, int64_t K, int64_t n_begin, int64_t n_end,
                     uint8_t* dst) {
   check_pack_range(f, N, K, n_begin, n_end);
   const int64_t panel_bytes = static_cast<int64_t>(packed_panel_bytes(f, K));
-  const bool panels = f == PackedFormat::bf16;
+  Kernel<PackPanelFn>* panel_kernel = f == PackedFormat::bf16   ? &k_pack_panel_bf16
+                                      : f == PackedFormat::int8 ? &k_pack_panel_int8
+                                                                : nullptr;
+  const bool panels = panel_kernel != nullptr;
   float* row = reinterpret_cast<float*>(scratch(kScratchRow, (panels ? kPanelCols : 1) * K * sizeof(float)));
   for (int64_t n = n_begin; n < n_end;) {
     if (panels && n % kPanelCols == 0 && n + kPanelCols <= n_end) {
       for (int64_t c = 0; c < kPanelCols; ++c) load(n + c, row + c * K);
-      k_pack_panel_bf16.get()(row, K, dst + n / kPanelCols * panel_bytes);
+      panel_kernel->get()(row, K, dst + n / kPanelCols * panel_bytes);
       n += kPanelCols;
       continue;
     }

@@ -225,3 +225,14 @@ def test_bf16_panel_packer_matches_row_packer_on_special_values():
     for n in range(N):  # one row per call: never a whole panel
         _C.pack_f32("bf16", W.numpy(), n_begin=n, n_end=n + 1, out=rows)
     assert np.array_equal(whole, rows)
+
+
+def test_int8_panel_packer_matches_row_packer():
+    N, K = 48, 96  # K pads to 128 in the int8 panels
+    W = torch.randn(N, K) * torch.rand(N, 1) * 4
+    W[7] = 0.0  # all-zero row: scale 0
+    whole = _C.pack_f32("int8", W.numpy())
+    rows = np.zeros_like(whole)
+    for n in range(N):
+        _C.pack_f32("int8", W.numpy(), n_begin=n, n_end=n + 1, out=rows)
+    assert np.array_equal(whole, rows)
