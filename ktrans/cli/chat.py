@@ -109,9 +109,10 @@ class ChatSession:
                     continue
             path = self.args.prompt_file if not line.strip() else os.path.expanduser(line.strip())
             if path and os.path.isfile(path):
-                self.console.print(f"(sending the contents of {path})", style=TAG_STYLE, markup=False)
-                return _read_file(path)
-            if line.strip():
+                text = self._read_file(path)
+                if text is not None:
+                    return text
+            elif line.strip():
                 return line
 
     @staticmethod
@@ -125,6 +126,18 @@ class ChatSession:
                 lines.append(line.rstrip()[:-3])
                 return "\n".join(lines).strip("\n")
             lines.append(line)
+
+    def _read_file(self, path: str) -> str | None:
+        """A file's text to send, or None (and a message) if it cannot be read as UTF-8 text."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            self.console.print(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", style="red", markup=False)
+            return None
+        self.console.print(f"(sending the contents of {path}, {len(text)} characters)", style=TAG_STYLE,
+                           markup=False)
+        return text
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -221,14 +234,6 @@ class ChatSession:
                     return 0
                 continue
             self.reply(text)
-
-
-def _read_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise KtransError(f"cannot read {path}: {e.strerror}") from None
 
 
 def add_chat_args(p) -> None:

@@ -99,7 +99,7 @@ def test_readme_first_command_reaches_a_reply(env):
     assert term.wait() == 0
 
 
-def test_multi_turn_commands_and_multiline(env):
+def test_multi_turn_commands_and_multiline(env, tmp_path):
     term = Terminal([sys.executable, "-m", "ktrans", "chat", "--max_new_tokens", "4", "--temperature", "0"], env)
     first, _ = _reply(term, "hello")
     second, _ = _reply(term, "hello")
@@ -125,6 +125,15 @@ def test_multi_turn_commands_and_multiline(env):
     term.line('third line"""')
     multi, _ = [int(g) for g in term.expect(STATS.pattern).groups()]
     assert multi > with_system                               # all three lines went into one message
+    (tmp_path / "question.txt").write_text("a question\nfrom a file\n")
+    term.expect(r">>> ")
+    term.line(str(tmp_path / "question.txt"))                # a line naming a file sends the file
+    term.expect(r"sending the contents of .*question\.txt, 23 characters")
+    term.expect(STATS.pattern)
+    (tmp_path / "binary.bin").write_bytes(b"\xff\xfe\x00")
+    term.expect(r">>> ")
+    term.line(str(tmp_path / "binary.bin"))
+    term.expect(r"cannot read .*binary\.bin")
     term.expect(r">>> ")
     term.send("\x04")                                         # Ctrl+D leaves
     assert term.wait() == 0
