@@ -111,19 +111,20 @@ void run_block(int mt, int nt, const uint8_t* a, const uint8_t* b0, const uint8_
   tile_block<kInt8, 1, 1>(a, b0, b1, nkb, c, load_c);
 }
 
-// Row-major A (M rows of row_bytes, lda bytes apart) -> 32-row blocks of 64-byte k-slices,
+// Row-major A (M rows of row_bytes, lda bytes apart) -> dst (blocked_bytes) as 32-row blocks of
+// 64-byte k-slices,
 // [m_block][kb][32 rows][64 bytes], rows past M zero. Tile loads then read 1 KB contiguously
 // instead of 16 rows a power-of-two stride apart (which thrashes a few L1/L2 sets).
-const uint8_t* block_a(const uint8_t* src, int64_t lda, int64_t M, int64_t row_bytes) {
+int64_t blocked_bytes(int64_t M, int64_t row_bytes) { return (M + 31) / 32 * (row_bytes / 64) * 2 * kTileBytes; }
+
+void block_a(const uint8_t* src, int64_t lda, int64_t M, int64_t row_bytes, uint8_t* dst) {
   const int64_t nkb = row_bytes / 64, mb = (M + 31) / 32;
-  uint8_t* dst = scratch(kScratchA, mb * nkb * 2 * kTileBytes);
   for (int64_t m = 0; m < mb * 32; ++m) {
     uint8_t* d = dst + (m / 32) * nkb * 2 * kTileBytes + (m % 32) * 64;
     for (int64_t kb = 0; kb < nkb; ++kb)
       _mm512_storeu_si512(d + kb * 2 * kTileBytes,
                           m < M ? _mm512_loadu_si512(src + m * lda + kb * 64) : _mm512_setzero_si512());
   }
-  return dst;
 }
 
 // One 32 x 32 C block into y: rows [m0, m0 + mv), panel columns masked to [n_begin, n_end);
@@ -187,12 +188,9 @@ void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t b_str
   }
 }
 
-void gemm_bf16_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
-                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
-  if (M < kAmxMinRowsBf16)
-    return k_packed_gemm_bf16.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+void run_bf16(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, float* y, int64_t ldy, int64_t n_begin,
+              int64_t n_end, bool accumulate) {
   const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
-  const uint8_t* a = block_a(reinterpret_cast<const uint8_t*>(x), ldx * 2, M, K * 2);
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
   drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
@@ -200,16 +198,11 @@ void gemm_bf16_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* 
   _tile_release();
 }
 
-void gemm_int8_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
-                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
-  if (M < kAmxMinRows)
-    return k_packed_gemm_int8.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
-  const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int8, K));
-  const int64_t kp = int8_kpad(K);
-  int8_t* q = reinterpret_cast<int8_t*>(scratch(kScratchB, M * kp + M * 4));
-  float* sx = reinterpret_cast<float*>(q + M * kp);
-  quantize_rows_avx512(x, ldx, M, K, kp, q, sx, nullptr, 0);
-  const uint8_t* a = block_a(reinterpret_cast<const uint8_t*>(q), kp, M, kp);
+// a: blocked int8 activations followed by their M f32 row scales (prepare_acts).
+void run_int8(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, float* y, int64_t ldy, int64_t n_begin,
+              int64_t n_end, bool accumulate) {
+  const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int8, K)), kp = int8_kpad(K);
+  const float* sx = reinterpret_cast<const float*>(a + blocked_bytes(M, kp));
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, sx};
   drive<true>(M, kp / 64, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
@@ -248,15 +241,12 @@ void int4_panel_to_bf16(const uint8_t* src, int64_t K, uint8_t* dst) {
   }
 }
 
-void gemm_int4_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M,
-                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
-  if (M < kAmxMinRowsInt4)
-    return k_packed_gemm_int4.get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+void run_int4(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, float* y, int64_t ldy, int64_t n_begin,
+              int64_t n_end, bool accumulate) {
   const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int4, K));
   const int64_t pb16 = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
   const int64_t sb = std::max<int64_t>(2, kL2Budget / pb16 / 2 * 2);
   uint8_t* wbuf = scratch(kScratchB, sb * pb16);
-  const uint8_t* a = block_a(reinterpret_cast<const uint8_t*>(x), ldx * 2, M, K * 2);
   auto prep = [&](int64_t ps, int64_t pe) {
     for (int64_t p = ps; p < pe; ++p) int4_panel_to_bf16(packed + p * pb, K, wbuf + (p - ps) * pb16);
     return static_cast<const uint8_t*>(wbuf);
@@ -268,10 +258,52 @@ void gemm_int4_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* 
   _tile_release();
 }
 
-RegisterKernel<PackedGemmFn> reg_bf16(k_packed_gemm_bf16, Isa::amx, gemm_bf16_amx);
-RegisterKernel<PackedGemmFn> reg_int8(k_packed_gemm_int8, Isa::amx, gemm_int8_amx);
-RegisterKernel<PackedGemmFn> reg_int4(k_packed_gemm_int4, Isa::amx, gemm_int4_amx);
+int64_t min_rows(PackedFormat f) {
+  return f == PackedFormat::bf16 ? kAmxMinRowsBf16 : f == PackedFormat::int8 ? kAmxMinRows : kAmxMinRowsInt4;
+}
+
+// The plain entry points: below the threshold AVX-512, else prepare into scratch and run.
+template <PackedFormat F>
+void gemm_amx(const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x, int64_t ldx, int64_t M, float* y,
+              int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
+  if (M < min_rows(F))
+    return packed_gemm_kernel(F).get(Isa::avx512)(packed, N, K, x, ldx, M, y, ldy, n_begin, n_end, accumulate);
+  uint8_t* a = scratch(kScratchA, amx_acts_bytes(F, M, K));
+  amx_prepare_acts(F, x, ldx, M, K, a);
+  amx_gemm_prepared(F, a, M, K, packed, N, y, ldy, n_begin, n_end, accumulate);
+}
+
+RegisterKernel<PackedGemmFn> reg_bf16(k_packed_gemm_bf16, Isa::amx, gemm_amx<PackedFormat::bf16>);
+RegisterKernel<PackedGemmFn> reg_int8(k_packed_gemm_int8, Isa::amx, gemm_amx<PackedFormat::int8>);
+RegisterKernel<PackedGemmFn> reg_int4(k_packed_gemm_int4, Isa::amx, gemm_amx<PackedFormat::int4>);
 
 }  // namespace
+
+namespace packed {
+
+int64_t amx_acts_bytes(PackedFormat f, int64_t M, int64_t K) {
+  if (M < min_rows(f)) return 0;
+  if (f != PackedFormat::int8) return blocked_bytes(M, K * 2);
+  return blocked_bytes(M, int8_kpad(K)) + (M * 4 + 63) / 64 * 64;
+}
+
+void amx_prepare_acts(PackedFormat f, const uint16_t* x, int64_t ldx, int64_t M, int64_t K, uint8_t* buf) {
+  if (f != PackedFormat::int8) return block_a(reinterpret_cast<const uint8_t*>(x), ldx * 2, M, K * 2, buf);
+  const int64_t kp = int8_kpad(K);
+  int8_t* q = reinterpret_cast<int8_t*>(scratch(kScratchB, M * kp));
+  quantize_rows_avx512(x, ldx, M, K, kp, q, reinterpret_cast<float*>(buf + blocked_bytes(M, kp)), nullptr, 0);
+  block_a(reinterpret_cast<const uint8_t*>(q), kp, M, kp, buf);
+}
+
+void amx_gemm_prepared(PackedFormat f, const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, int64_t,
+                       float* y, int64_t ldy, int64_t n_begin, int64_t n_end, bool accumulate) {
+  switch (f) {
+    case PackedFormat::bf16: return run_bf16(a, M, K, packed, y, ldy, n_begin, n_end, accumulate);
+    case PackedFormat::int8: return run_int8(a, M, K, packed, y, ldy, n_begin, n_end, accumulate);
+    case PackedFormat::int4: return run_int4(a, M, K, packed, y, ldy, n_begin, n_end, accumulate);
+  }
+}
+
+}  // namespace packed
 }  // namespace ktrans
 KTRANS_TARGET_END

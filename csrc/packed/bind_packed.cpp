@@ -157,9 +157,36 @@ void gemm_py(const std::string& fmt, U8 packed, int64_t N, int64_t K, py::array_
   packed_gemm_isa(level, f, packed.data(), N, K, xp, ldx, M, yp, ldy, n_begin, n_end, accumulate);
 }
 
+// Prepares x once, then runs every (n_begin, n_end) of `ranges` on each packed matrix in turn.
+void gemm_prepared_py(const std::string& fmt, std::vector<U8> mats, int64_t N, int64_t K, py::array_t<uint16_t> x,
+                      std::vector<py::array_t<float>> ys, std::vector<std::pair<int64_t, int64_t>> ranges,
+                      const std::string& isa) {
+  const PackedFormat f = parse_packed_format(fmt);
+  require(mats.size() == ys.size(), "gemm_prepared: one y per packed matrix");
+  require(x.ndim() == 2 && x.strides(1) == 2 && x.shape(1) == K, "gemm_prepared: x must be uint16 [M, K]");
+  const int64_t M = x.shape(0), ldx = M > 1 ? x.strides(0) / 2 : K;
+  const Isa level = isa.empty() ? selected_isa() : parse_isa(isa);
+  U8 buf = aligned_u8(std::max<size_t>(1, packed_acts_bytes(level, f, M, K)));
+  const PackedActs acts = packed_prepare_acts(level, f, x.data(), ldx, M, K, buf.mutable_data());
+  for (size_t i = 0; i < mats.size(); ++i) {
+    require(static_cast<size_t>(mats[i].size()) == packed_bytes(f, N, K), "gemm_prepared: packed has the wrong size");
+    require(ys[i].ndim() == 2 && ys[i].shape(0) == M && ys[i].shape(1) == N && ys[i].strides(1) == 4,
+            "gemm_prepared: y must be float32 [M, N] with contiguous rows");
+    for (const auto& [b, e] : ranges)
+      packed_gemm_prepared(acts, mats[i].data(), N, ys[i].mutable_data(), M > 1 ? ys[i].strides(0) / 4 : N, b, e,
+                           false);
+  }
+}
+
 }  // namespace
 
 void bind_packed(py::module_& m) {
+  m.def("packed_acts_bytes", [](const std::string& fmt, int64_t M, int64_t K, const std::string& isa) {
+    return packed_acts_bytes(isa.empty() ? selected_isa() : parse_isa(isa), parse_packed_format(fmt), M, K);
+  }, py::arg("format"), py::arg("M"), py::arg("K"), py::arg("isa") = "");
+  m.def("packed_gemm_prepared", &gemm_prepared_py, py::arg("format"), py::arg("packed"), py::arg("N"), py::arg("K"),
+        py::arg("x"), py::arg("y"), py::arg("ranges"), py::arg("isa") = "",
+        "x prepared once, then y_i[:, b:e] = x @ W_i.T for every packed matrix i and every (b, e)");
   m.def("packed_bytes", [](const std::string& fmt, int64_t N, int64_t K) {
     return packed_bytes(parse_packed_format(fmt), N, K);
   }, py::arg("format"), py::arg("N"), py::arg("K"));

@@ -75,6 +75,24 @@ void packed_gemm(PackedFormat f, const uint8_t* packed, int64_t N, int64_t K, co
 void packed_gemm_isa(Isa isa, PackedFormat f, const uint8_t* packed, int64_t N, int64_t K, const uint16_t* x,
                      int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n_begin, int64_t n_end,
                      bool accumulate);
+// Activations prepared once for many products with the same x: gate and up of one expert and
+// all their column blocks, on any threads. On the AMX level with M at or above the format's tile
+// threshold this is the blocked (int8: quantized) copy of x that packed_gemm otherwise rebuilds
+// on every call, held in the caller's buffer of packed_acts_bytes (64-byte aligned); otherwise
+// bytes is 0 and the products read x itself, which must then stay valid and unchanged.
+struct PackedActs {
+  Isa isa;
+  PackedFormat format;
+  const uint16_t* x;
+  int64_t ldx, M, K;
+  const uint8_t* buf;  // null when bytes == 0
+};
+size_t packed_acts_bytes(Isa isa, PackedFormat f, int64_t M, int64_t K);
+PackedActs packed_prepare_acts(Isa isa, PackedFormat f, const uint16_t* x, int64_t ldx, int64_t M, int64_t K,
+                               uint8_t* buf);
+// Same result as packed_gemm(acts.format, packed, N, acts.K, acts.x, ...), bit for bit.
+void packed_gemm_prepared(const PackedActs& acts, const uint8_t* packed, int64_t N, float* y, int64_t ldy,
+                          int64_t n_begin, int64_t n_end, bool accumulate);
 void check_packed_gemm_args(PackedFormat f, int64_t N, int64_t K, int64_t ldx, int64_t M, int64_t ldy,
                             int64_t n_begin, int64_t n_end);
 

@@ -236,3 +236,23 @@ def test_int8_panel_packer_matches_row_packer():
     for n in range(N):
         _C.pack_f32("int8", W.numpy(), n_begin=n, n_end=n + 1, out=rows)
     assert np.array_equal(whole, rows)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prepared_activations_match_plain_calls(fmt, isa):
+    """One preparation of x shared by two matrices (gate/up) and several column blocks gives
+    packed_gemm's result bit for bit."""
+    N, K = 70, 128
+    packs = [packed_case(fmt, N, K)[1] for _ in range(2)]
+    for M in (3, 17, 40, 300):
+        xb = bf16_bits(torch.randn(M, K))
+        want = [np.zeros((M, N), np.float32) for _ in packs]
+        for p, w in zip(packs, want):
+            _C.packed_gemm(fmt, p, N, K, xb, w, isa=isa)
+        got = [np.zeros((M, N), np.float32) for _ in packs]
+        _C.packed_gemm_prepared(fmt, packs, N, K, xb, got, [(0, 32), (32, 45), (45, N)], isa=isa)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w), (M, isa)
+        if isa == "amx":
+            assert (_C.packed_acts_bytes(fmt, M, K, isa) > 0) == (M >= {"bf16": 8, "int8": 16, "int4": 24}[fmt])
