@@ -78,3 +78,14 @@ def test_ktransformers_table_covers_the_translation():
         assert (cls if cls != "*" else key.split(".")[0] + ".*") in section, key
     for kt, ours in compat.KT_BACKENDS.items():
         assert f"`{kt}` → `{ours}`" in section
+
+
+def test_python_example_runs(tiny_model, capsys):
+    code = re.search(r"## In Python\n\n```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    gguf = tiny_model("deepseek_v3") / "model.gguf"
+    scope: dict = {}
+    exec(code.replace('"model.gguf"', repr(str(gguf))), scope)
+    model, plan = scope["model"], scope["plan"]
+    assert "placement plan" in capsys.readouterr().out
+    assert type(model.model.layers[1].mlp.experts).__name__ == "CPUExperts"
+    assert set(plan.bytes_per_device()) == {"cpu"}
