@@ -22,12 +22,23 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop or [])
-        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._ids = self._clean_context(prompt_token_ids)
         self._prefix_offset = 0                  # window start in _ids
         self._read_offset = len(self._ids)       # first id whose text is not yet in self.text
         self.text = ""                           # decoded output text so far (stop string cut off)
         self._released = 0                       # chars of self.text handed to the caller
         self.stopped = False                     # a stop string was found
+
+    def _clean_context(self, prompt_token_ids: list[int]) -> list[int]:
+        """The longest tail of at most _CONTEXT_TOKENS prompt tokens that decodes cleanly.
+        NOTE: a tail starting inside a multi-byte character would decode to U+FFFD, and with
+        byte-fallback tokenizers (Llama's <0xNN> tokens) one bad byte turns its whole run of byte
+        tokens into U+FFFD, output bytes included."""
+        for n in range(min(_CONTEXT_TOKENS, len(prompt_token_ids)), 0, -1):
+            tail = list(prompt_token_ids[-n:])
+            if "\ufffd" not in self._decode(tail):
+                return tail
+        return []
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -67,7 +67,7 @@ def _stream(tokenizer, prompt_ids, out_ids, stop=None):
 
 def test_stream_equals_decode_on_mixed_text(tokenizer):
     rng = random.Random()
-    for _ in range(30):
+    for _ in range(300):     # prompts often end in a multi-byte character split over byte tokens
         prompt = tokenizer.encode(_random_text(rng, rng.randint(1, 8)), add_special_tokens=False)
         out = tokenizer.encode(_random_text(rng, rng.randint(1, 30)), add_special_tokens=False)
         pieces, _ = _stream(tokenizer, prompt, out)
