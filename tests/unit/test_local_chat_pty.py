@@ -20,8 +20,8 @@ from ktrans.cli.chat import THINK_STYLE, ThinkSplitter
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
-STATS = re.compile(r"\[ prompt (\d+) tok(?: \(\d+ cached\))? \| prefill [\d.]+ tok/s \| decode [\d.]+ tok/s \((\d+) tok\) \| "
-                   r"TTFT [\d.]+ s \]")
+STATS = re.compile(r"\[ prompt (\d+) tok(?: \(\d+ cached\))? \| prefill [\d.]+ tok/s \| "
+                   r"decode [\d.]+ tok/s \((\d+) tok\) \| TTFT [\d.]+ s \]")
 
 
 class Terminal:
