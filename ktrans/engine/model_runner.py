@@ -113,13 +113,13 @@ class ModelRunner:
                                int(getattr(self.config, "max_position_embeddings", 1 << 30)))
 
     def _make_kv(self) -> KVStorage:
-        """KV pool in the dtype of the first layer's attention; each layer's pages on the device
-        of that layer's attention."""
+        """KV pool: each layer's pages on the device and in the dtype of that layer's attention."""
         attns = [layer.self_attn for layer in self.model.model.layers]
         devices = [module_placement(a)[0] for a in attns]
-        dtype = getattr(attns[0], "dtype", module_placement(attns[0])[1])
+        dtypes = [getattr(a, "dtype", module_placement(a)[1]) for a in attns]
         return KVStorage.for_config(self.config, num_pages=self.num_pages, page_size=self.page_size,
-                                    dtype=dtype, device=devices[0], layer_devices=devices)
+                                    dtype=dtypes[0], device=devices[0], layer_devices=devices,
+                                    layer_dtypes=dtypes)
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ktrans.errors import KtransError
 class KVStorage:
     def __init__(self, *, num_layers: int, num_pages: int, page_size: int, mla: bool,
                  dims: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
-                 layer_devices: list | None = None):
+                 layer_devices: list | None = None, layer_dtypes: list | None = None):
         if num_pages <= 0 or page_size <= 0:
             raise KtransError(f"KV cache needs a positive page count and page size, got {num_pages} x {page_size}")
         self.num_layers = num_layers
@@ -34,21 +34,26 @@ class KVStorage:
         devs = [torch.device(d) for d in layer_devices] if layer_devices else [self.device] * num_layers
         if len(devs) != num_layers:
             raise KtransError(f"KV cache: {len(devs)} layer devices for {num_layers} layers")
+        # NOTE: and in the dtype of that layer's attention: a layer kept on the CPU computes in f32
+        # while the GPU layers compute in bf16.
+        dts = list(layer_dtypes) if layer_dtypes else [dtype] * num_layers
+        if len(dts) != num_layers:
+            raise KtransError(f"KV cache: {len(dts)} layer dtypes for {num_layers} layers")
         slots = num_pages * page_size
         if mla:
             (width,) = dims                   # kv_lora_rank + qk_rope_head_dim
-            self.layers = [(torch.zeros(slots, width, dtype=dtype, device=d),) for d in devs]
+            self.layers = [(torch.zeros(slots, width, dtype=t, device=d),) for d, t in zip(devs, dts)]
         else:
             n_kv, head_dim, v_dim = dims
-            self.layers = [(torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=d),
-                            torch.zeros(slots, n_kv, v_dim, dtype=dtype, device=d)) for d in devs]
+            self.layers = [(torch.zeros(slots, n_kv, head_dim, dtype=t, device=d),
+                            torch.zeros(slots, n_kv, v_dim, dtype=t, device=d)) for d, t in zip(devs, dts)]
 
     @classmethod
     def for_config(cls, config, *, num_pages: int, page_size: int, dtype: torch.dtype, device,
-                   layer_devices: list | None = None) -> "KVStorage":
+                   layer_devices: list | None = None, layer_dtypes: list | None = None) -> "KVStorage":
         """Shapes from a transformers config (MLA when it has kv_lora_rank)."""
         common = dict(num_layers=config.num_hidden_layers, num_pages=num_pages, page_size=page_size,
-                      dtype=dtype, device=device, layer_devices=layer_devices)
+                      dtype=dtype, device=device, layer_devices=layer_devices, layer_dtypes=layer_dtypes)
         if getattr(config, "kv_lora_rank", None):
             return cls(mla=True, dims=(config.kv_lora_rank + config.qk_rope_head_dim,), **common)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -58,7 +63,7 @@ class KVStorage:
     @property
     def bytes_per_token(self) -> int:
         """KV bytes one token occupies over all layers."""
-        return self.num_layers * sum(t[0].numel() * t.element_size() for t in self.layers[0])
+        return sum(t[0].numel() * t.element_size() for lay in self.layers for t in lay)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lay in self.layers for t in lay)
