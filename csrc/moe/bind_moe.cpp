@@ -84,12 +84,15 @@ MoeShape shape_arg(int64_t E, int64_t H, int64_t I, const std::vector<std::strin
 
 std::shared_ptr<MoeLayer> make_layer(std::shared_ptr<ThreadPool> pool, int64_t E, int64_t H, int64_t I,
                                      const std::vector<std::string>& types, const std::string& backend,
-                                     const std::string& numa, const std::string& isa, int64_t max_chunk) {
+                                     const std::string& numa, const std::string& isa, int64_t max_chunk,
+                                     int64_t gemm_min_tokens) {
   Isa level = isa.empty() ? selected_isa() : parse_isa(isa);
   if (static_cast<int>(level) > static_cast<int>(best_isa()))
     bad(std::string("ISA '") + isa_name(level) + "' is not supported by this CPU");
-  return std::make_shared<MoeLayer>(pool, shape_arg(E, H, I, types), backend_arg(backend), numa_arg(numa), level,
-                                    max_chunk);
+  auto layer = std::make_shared<MoeLayer>(pool, shape_arg(E, H, I, types), backend_arg(backend), numa_arg(numa),
+                                          level, max_chunk);
+  if (gemm_min_tokens >= 0) layer->set_gemm_min_tokens(gemm_min_tokens);
+  return layer;
 }
 
 void load_py(MoeLayer& layer, int proj, int64_t e_begin, py::array_t<uint8_t, py::array::c_style> src) {
@@ -136,10 +139,11 @@ void bind_moe(py::module_& m) {
   py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")
       .def(py::init(&make_layer), py::arg("pool"), py::arg("E"), py::arg("H"), py::arg("I"), py::arg("types"),
            py::arg("backend") = "gguf", py::arg("numa") = "replicate", py::arg("isa") = "",
-           py::arg("max_chunk") = 4096)
+           py::arg("max_chunk") = 4096, py::arg("gemm_min_tokens") = -1)
       .def("load", &load_py, py::arg("proj"), py::arg("e_begin"), py::arg("src"))
       .def_property_readonly("weight_bytes", &MoeLayer::weight_bytes)
       .def_property_readonly("buffer_bytes", &MoeLayer::buffer_bytes)
+      .def_property_readonly("gemm_min_tokens", &MoeLayer::gemm_min_tokens)
       .def("forward", [](MoeLayer& l, Array x, Array ids, Array w, Array out, bool acc) {
         MoeArgs a = make_args(l, x, ids, w, out, acc);
         py::gil_scoped_release release;

@@ -77,6 +77,10 @@ class MoeLayer {
   // One forward; call from inside a pool task.
   void forward(const MoeArgs& a);
 
+  // Experts with at least this many positions in a chunk take the GEMM path of the gguf backend
+  // (block formats only; 0 = never): see moe_gguf_gemm.cpp.
+  void set_gemm_min_tokens(int64_t n) { gemm_min_tokens_ = n; }
+  int64_t gemm_min_tokens() const { return gemm_min_tokens_; }
   int64_t weight_bytes() const;
   int64_t buffer_bytes() const { return buf_.bytes(); }
   const MoeShape& shape() const { return shape_; }
@@ -91,8 +95,14 @@ class MoeLayer {
   void phase_down_act();
   void phase_down(const MoeArgs& a, int64_t t0, int64_t tc);
   void phase_reduce(const MoeArgs& a, int64_t t0, int64_t tc);
-  void gate_up_item(int g, int64_t a, int64_t r0, int64_t r1);
-  void down_rows(int slice, int copy, int64_t r0, int64_t r1, float* acc, int64_t tc);
+  void gate_up_item(int g, int64_t a, int64_t r0, int64_t r1, int ith);
+  void down_rows(int slice, int copy, int64_t r0, int64_t r1, float* acc, int ith);
+  // gguf GEMM path for experts with many positions (moe_gguf_gemm.cpp)
+  bool plan_gemm();
+  void phase_gemm_acts(const MoeArgs& a, int64_t t0);
+  void phase_down_act_gemm();
+  void gate_up_gemm(int g, int64_t a, int64_t r0, int64_t r1, int ith);
+  void down_gemm(int slice, int copy, int64_t a, int64_t r0, int64_t r1, float* acc, int ith);
   void load_group(int proj, int g, int64_t e0, int64_t e1, const uint8_t* src, int ith, int nth);
   // amx_* backends (moe_packed.cpp)
   void load_group_packed(int proj, int g, int64_t e0, int64_t e1, const uint8_t* src, int ith, int nth);
@@ -136,6 +146,18 @@ class MoeLayer {
   int64_t scr_floats_ = 0;
   int64_t col_block_ = 64;  // gate/up columns per work item of this chunk (amx_*)
   std::vector<std::atomic<int64_t>> counters_;  // one work counter per group
+  // gguf GEMM path state of the chunk in flight (plan_gemm)
+  int64_t gemm_min_tokens_ = 32;
+  bool gemm_ok_ = false;             // block formats, H and I multiples of kPackKAlign
+  std::vector<uint8_t> big_;         // [A] 1: this active expert takes the GEMM path
+  std::vector<PackedActs> xacts_;    // [A] prepared bf16 x rows of each big expert
+  std::vector<PackedActs> hacts_;    // [S * A] prepared bf16 h (down-slice columns) of each big expert
+  std::vector<int64_t> acts_off_;    // [2 * S * A] byte offsets of those into the acts buffer
+  uint8_t* acts_buf_ = nullptr;
+  uint8_t* wpk_ = nullptr;           // [nthreads][wpk_bytes_] weights repacked to bf16 panels
+  int64_t wpk_bytes_ = 0;
+  float* gy_ = nullptr;              // [nthreads][gy_floats_] GEMM outputs
+  int64_t gy_floats_ = 0;
 };
 
 PackedFormat packed_format(MoeBackend b);

@@ -47,10 +47,15 @@ void MoeLayer::forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc) {
   c_.hq = act_type_[2] == QType::f32 ? nullptr : buf_.get(kHq, S * std::max<int64_t>(P, 1) * act_bytes_[2]);
   c_.acc = reinterpret_cast<float*>(buf_.get(kAcc, S * tc * H * 4));
   c_.scratch = reinterpret_cast<float*>(buf_.get(kScratch, n * std::max(H, I) * 4));
+  const bool gemm = plan_gemm();
   if (!direct) phase_act(a, t0, tc);
+  if (gemm) phase_gemm_acts(a, t0);
   if (P > 0) {
     phase_gate_up();
-    if (c_.hq) phase_down_act();
+    if (gemm)
+      phase_down_act_gemm();
+    else if (c_.hq)
+      phase_down_act();
   }
   phase_down(a, t0, tc);
   if (S > 1) phase_reduce(a, t0, tc);
@@ -94,12 +99,13 @@ void MoeLayer::phase_gate_up() {
       int64_t it = counters_[g].fetch_add(1, std::memory_order_relaxed);
       if (it >= A * nrb) break;
       int64_t r0 = row_begin_[g] + it % nrb * kRowBlock;
-      gate_up_item(g, it / nrb, r0, std::min(r0 + kRowBlock, row_begin_[g + 1]));
+      gate_up_item(g, it / nrb, r0, std::min(r0 + kRowBlock, row_begin_[g + 1]), ith);
     }
   });
 }
 
-void MoeLayer::gate_up_item(int g, int64_t a, int64_t r0, int64_t r1) {
+void MoeLayer::gate_up_item(int g, int64_t a, int64_t r0, int64_t r1, int ith) {
+  if (!big_.empty() && big_[a]) return gate_up_gemm(g, a, r0, r1, ith);
   const int64_t H = shape_.H, I = shape_.I, e = plan_.active[a];
   const ProjStore& sg = store_[0][g];
   const ProjStore& su = store_[1][g];
@@ -143,12 +149,16 @@ void MoeLayer::phase_down_act() {
   });
 }
 
-void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, int64_t) {
+void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, int ith) {
   const ProjStore& sd = store_[2][copy];
   if (sd.k == 0) return;
   const int64_t H = shape_.H, I = shape_.I, P = plan_.num_positions();
   const int64_t c0 = nslices() > 1 ? row_begin_[s] : 0;
   for (int64_t a = 0; a < plan_.num_active(); ++a) {
+    if (!big_.empty() && big_[a]) {
+      down_gemm(s, copy, a, r0, r1, acc, ith);
+      continue;
+    }
     const uint8_t* base = sd.expert(plan_.active[a]);
     const int64_t pend = plan_.offset[a + 1];
     for (int64_t pb = plan_.offset[a]; pb < pend; pb += kTokTile) {
@@ -195,7 +205,7 @@ void MoeLayer::phase_down(const MoeArgs& a, int64_t t0, int64_t tc) {
         std::memset(dst, 0, (r1 - r0) * 4);
     }
     if (backend_ == MoeBackend::gguf)
-      down_rows(s, copy, r0, r1, acc, tc);
+      down_rows(s, copy, r0, r1, acc, ith);
     else
       down_rows_packed(s, copy, r0, r1, acc, ith);
     if (S > 1) return;

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ktrans import _C, cpu
 from ktrans.weights import quant
-from tests.tolerances import MOE_LAYOUT_NMSE, MOE_NMSE, MOE_PACKED_NMSE
+from tests.tolerances import MOE_GEMM_LAYOUT_NMSE, MOE_LAYOUT_NMSE, MOE_NMSE, MOE_PACKED_NMSE
 
 E, H, I, K = 8, 256, 256, 3
 FORMATS = list(MOE_NMSE)
@@ -41,10 +41,11 @@ class Experts:
         self.raw = [quant.quantize(t.numpy(), qtype) for t in src]
         self.deq = [torch.from_numpy(quant.dequantize(r, qtype, tuple(t.shape))) for r, t in zip(self.raw, src)]
 
-    def layer(self, pool, isa: str = "", numa: str = "replicate", max_chunk: int = 4096, backend: str = "gguf"):
+    def layer(self, pool, isa: str = "", numa: str = "replicate", max_chunk: int = 4096, backend: str = "gguf",
+              gemm_min_tokens: int = -1):
         e, h, i = self.shape
         moe = _C.MoeLayer(pool, e, h, i, [self.qtype] * 3, numa=numa, isa=isa, max_chunk=max_chunk,
-                          backend=backend)
+                          backend=backend, gemm_min_tokens=gemm_min_tokens)
         for p in range(3):
             moe.load(p, 0, self.raw[p])
         return moe
@@ -143,19 +144,42 @@ def test_accumulate_and_skipped_tokens(pool, experts, dtype):
     assert torch.all(run(moe, x, ids, w)[5] == 0)
 
 
-@pytest.mark.parametrize("qtype", ["bf16", "q4_k"])
-def test_threads_numa_layouts_and_chunks_agree(experts, qtype):
+@pytest.mark.parametrize("qtype, gemm", [("bf16", 0), ("q4_k", 0), ("q4_k", 1), ("q8_0", 1)])
+def test_threads_numa_layouts_and_chunks_agree(experts, qtype, gemm):
+    # gemm 0: every expert on the vec_dot path; 1: every expert on the GEMM path (any chunk size).
     ex = experts(qtype)
     ids, w = routing(300)
     x = torch.randn(300, H)
     ref = dense_reference(x, ids, w, *ex.deq)
-    base = run(ex.layer(_C.ThreadPool(1)), x, ids, w)
+    base = run(ex.layer(_C.ThreadPool(1), gemm_min_tokens=gemm), x, ids, w)
     assert nmse(base, ref) < MOE_NMSE[qtype]
     two_nodes = _C.ThreadPool(2, 2)                                                       # forced layout
     assert two_nodes.num_groups == 2 and two_nodes.group_of(0) != two_nodes.group_of(1)
-    for moe in (ex.layer(_C.ThreadPool(2)), ex.layer(two_nodes, numa="replicate"),
-                ex.layer(two_nodes, numa="split"), ex.layer(_C.ThreadPool(2), max_chunk=7)):
-        assert nmse(run(moe, x, ids, w), base) < MOE_LAYOUT_NMSE
+    for moe in (ex.layer(_C.ThreadPool(2), gemm_min_tokens=gemm),
+                ex.layer(two_nodes, numa="replicate", gemm_min_tokens=gemm),
+                ex.layer(two_nodes, numa="split", gemm_min_tokens=gemm),
+                ex.layer(_C.ThreadPool(2), max_chunk=7, gemm_min_tokens=gemm)):
+        assert nmse(run(moe, x, ids, w), base) < (MOE_GEMM_LAYOUT_NMSE if gemm else MOE_LAYOUT_NMSE)
+
+
+@pytest.mark.parametrize("isa", cpu.supported_isas())
+@pytest.mark.parametrize("qtype", [q for q in FORMATS if quant.QTYPES[q].block_size >= 32])
+def test_gemm_path_against_torch(pool, experts, qtype, isa):
+    # Skewed routing: some experts get more positions than the layer's GEMM threshold (dequantized
+    # to bf16 panels + packed_gemm), others fewer (vec_dot), in the same call.
+    ex = experts(qtype)
+    moe = ex.layer(pool, isa=isa)
+    threshold = moe.gemm_min_tokens
+    t = 100
+    ids = torch.multinomial(torch.tensor([16.0, 8, 4, 2, 1, 1, 0.5, 0.5]).expand(t, E), K)  # [T, k]
+    w = torch.rand(t, K)
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    assert counts.max() >= threshold > counts[counts > 0].min()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(t, H).to(dtype)
+        ref = dense_reference(x.float(), ids, w, *ex.deq)
+        err = nmse(run(moe, x, ids, w).float(), ref)
+        assert err < MOE_NMSE[qtype], f"{qtype} {isa} GEMM path {dtype}: NMSE {err:.2e}"
 
 
 def test_split_layout_with_uneven_blocks():
