@@ -6,9 +6,9 @@
 // tiles. A packed panel line IS a B tile row, so panel p's k-block kb is the 1 KB at
 // panel + kb * 1024 and B tiles load with a 64-byte stride. A (x, or for int8 its per-row
 // quantization) is copied once per call into the same kind of 1 KB tiles (block_a).
-// Blocking: N is walked in super-blocks of panels small enough to stay in L2; inside one, every
-// 32-row block of x runs against each panel pair, K in chunks (see drive), so B is read from
-// memory once per call and A once per super-block.
+// Blocking (see drive): super-blocks of 256 columns x chunks of 256 rows x K slices, so the B
+// and A blocks in use stay in L2; B is read from memory once per row chunk, A once per
+// super-block.
 // int4: each super-block is first expanded to a bf16 panel in a thread-local buffer (q * scale,
 // rounded to bf16) and then runs as bf16, so the group scales cost nothing inside the tile loop
 // and x stays bf16 (more exact than the int8-activation reference; tests bound the difference).
@@ -34,9 +34,11 @@ using namespace packed;
 constexpr int64_t kAmxMinRowsBf16 = 8;
 constexpr int64_t kAmxMinRows = 16;
 constexpr int64_t kAmxMinRowsInt4 = 24;
-constexpr int64_t kL2Budget = 1 << 20;     // bytes of B panels per super-block
 constexpr int64_t kTileBytes = 1024;       // one B tile: 16 rows x 64 bytes
-constexpr int64_t kKChunk = 8;             // k-blocks per chunk (A chunk = 16 KB, stays in L1)
+constexpr int64_t kSuperPanels = 16;       // panels per super-block (256 columns)
+constexpr int64_t kChunkRows = 256;        // rows per M chunk
+constexpr int64_t kSliceKb = 32;           // k-blocks per K slice (B block = 16 panels x 32 KB)
+constexpr int64_t kKChunk = 8;             // k-blocks per piece (A piece = 16 KB, stays in L1)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -152,38 +154,49 @@ struct Epilogue {
   }
 };
 
-// Walks super-blocks of panels [p_begin, p_end); b_prep(ps, pe) prepares one and returns the
-// base of its first panel (panels then lie b_stride apart). a: the blocked A (block_a).
-// NOTE: K is walked in chunks of kKChunk k-blocks, each chunk against every panel pair of the
-// super-block, so the A chunk (32 rows, 16 KB) is read from L1 by all pairs and only B streams
-// from L2; the C blocks of the pairs wait in a small buffer between chunks. (Measured here:
-// chunks of 4 or 32 k-blocks, a 1.5 MB super-block and software prefetch of B were no faster.)
+// Three-level blocking: super-blocks of sb <= kSuperPanels panels (b_prep(ps, pe) prepares one
+// and returns the base of its first panel; panels lie b_stride apart), chunks of kChunkRows rows,
+// and K slices of kSliceKb k-blocks, so one slice's B block (<= 512 KB), the chunk's A block
+// (<= 512 KB) and its C blocks (256 KB, in cbuf between slices) stay in L2 together. Inside,
+// every 32-row block walks its slice in kKChunk pieces against each panel pair: the A piece
+// (16 KB) is read from L1 by all pairs. Without the K slices A or B would be re-read from L3
+// for every super-block / row block once M * K or N * K outgrows L2 (measured: bf16 at M 2048,
+// K 7168 fell to half the M 512 rate).
 template <bool kInt8, class BPrep>
-void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t b_stride, BPrep&& b_prep,
+void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t sb, int64_t b_stride, BPrep&& b_prep,
            const uint8_t* a, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {
-  const int64_t sb = std::max<int64_t>(2, kL2Budget / b_stride / 2 * 2);
-  uint8_t* cbuf = scratch(kScratchC, sb / 2 * 32 * 128);
+  constexpr int64_t kPairBytes = 32 * 128;  // one 32 x 32 C block
+  uint8_t* cbuf = scratch(kScratchC, kChunkRows / 32 * kSuperPanels / 2 * kPairBytes);
   for (int64_t ps = p_begin; ps < p_end; ps += sb) {
-    const int64_t pe = std::min(ps + sb, p_end);
+    const int64_t pe = std::min(ps + sb, p_end), npairs = (pe - ps + 1) / 2;
     const uint8_t* b = b_prep(ps, pe);
-    for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const int mt = M - m0 > 16 ? 2 : 1;
-      const uint8_t* am = a + (m0 / 32) * nkb * 2 * kTileBytes;
-      for (int64_t k0 = 0; k0 < nkb; k0 += kKChunk) {
-        const int64_t nk = std::min(kKChunk, nkb - k0);
-        for (int64_t p = ps; p < pe; p += 2) {
-          const uint8_t* b0 = b + (p - ps) * b_stride + k0 * kTileBytes;
-          run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes, b0, b0 + b_stride, nk,
-                           cbuf + (p - ps) / 2 * 32 * 128, k0 > 0);
+    for (int64_t mc0 = 0; mc0 < M; mc0 += kChunkRows) {
+      const int64_t mc1 = std::min(mc0 + kChunkRows, M);
+      for (int64_t ks = 0; ks < nkb; ks += kSliceKb) {
+        const int64_t ke = std::min(ks + kSliceKb, nkb);
+        for (int64_t m0 = mc0; m0 < mc1; m0 += 32) {
+          const int mt = M - m0 > 16 ? 2 : 1;
+          const uint8_t* am = a + (m0 / 32) * nkb * 2 * kTileBytes;
+          uint8_t* cm = cbuf + (m0 - mc0) / 32 * npairs * kPairBytes;
+          for (int64_t k0 = ks; k0 < ke; k0 += kKChunk) {
+            const int64_t nk = std::min(kKChunk, ke - k0);
+            for (int64_t p = ps; p < pe; p += 2) {
+              const uint8_t* b0 = b + (p - ps) * b_stride + k0 * kTileBytes;
+              run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes, b0, b0 + b_stride, nk,
+                               cm + (p - ps) / 2 * kPairBytes, k0 > 0);
+            }
+          }
         }
       }
-      for (int64_t p = ps; p < pe; p += 2) {
-        const int nt = p + 1 < pe ? 2 : 1;
-        const float* sw[2] = {nullptr, nullptr};
-        if (meta_base)
-          for (int t = 0; t < nt; ++t) sw[t] = reinterpret_cast<const float*>(meta_base + (p + t) * meta_stride);
-        epi(cbuf + (p - ps) / 2 * 32 * 128, m0, std::min<int64_t>(32, M - m0), p * kPanelCols, nt, sw);
-      }
+      for (int64_t m0 = mc0; m0 < mc1; m0 += 32)
+        for (int64_t p = ps; p < pe; p += 2) {
+          const int nt = p + 1 < pe ? 2 : 1;
+          const float* sw[2] = {nullptr, nullptr};
+          if (meta_base)
+            for (int t = 0; t < nt; ++t) sw[t] = reinterpret_cast<const float*>(meta_base + (p + t) * meta_stride);
+          epi(cbuf + ((m0 - mc0) / 32 * npairs + (p - ps) / 2) * kPairBytes, m0, std::min<int64_t>(32, M - m0),
+              p * kPanelCols, nt, sw);
+        }
     }
   }
 }
@@ -193,7 +206,7 @@ void run_bf16(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, flo
   const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
-  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
+  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, kSuperPanels, pb,
                [&](int64_t ps, int64_t) { return packed + ps * pb; }, a, epi, nullptr, 0);
   _tile_release();
 }
@@ -205,7 +218,7 @@ void run_int8(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, flo
   const float* sx = reinterpret_cast<const float*>(a + blocked_bytes(M, kp));
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, sx};
-  drive<true>(M, kp / 64, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb,
+  drive<true>(M, kp / 64, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, kSuperPanels, pb,
               [&](int64_t ps, int64_t) { return packed + ps * pb; }, a, epi, packed + int8_data_bytes(K), pb);
   _tile_release();
 }
@@ -245,7 +258,9 @@ void run_int4(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, flo
               int64_t n_end, bool accumulate) {
   const int64_t pb = static_cast<int64_t>(packed_panel_bytes(PackedFormat::int4, K));
   const int64_t pb16 = static_cast<int64_t>(packed_panel_bytes(PackedFormat::bf16, K));
-  const int64_t sb = std::max<int64_t>(2, kL2Budget / pb16 / 2 * 2);
+  // NOTE: int4 super-blocks are expanded to bf16 whole, so they are sized to stay in L2 (~1 MB)
+  // rather than kSuperPanels wide; the expansion is then paid once per call, not per row chunk.
+  const int64_t sb = std::min<int64_t>(kSuperPanels, std::max<int64_t>(2, (1 << 20) / pb16 / 2 * 2));
   uint8_t* wbuf = scratch(kScratchB, sb * pb16);
   auto prep = [&](int64_t ps, int64_t pe) {
     for (int64_t p = ps; p < pe; ++p) int4_panel_to_bf16(packed + p * pb, K, wbuf + (p - ps) * pb16);
@@ -253,7 +268,7 @@ void run_int4(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, flo
   };
   load_tile_config();
   Epilogue epi{y, ldy, n_begin, n_end, accumulate, nullptr};
-  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, pb16, prep, a, epi,
+  drive<false>(M, K / 32, n_begin / kPanelCols, (n_end + kPanelCols - 1) / kPanelCols, sb, pb16, prep, a, epi,
                nullptr, 0);
   _tile_release();
 }
