@@ -41,10 +41,11 @@ MoeLayer::MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& s, MoeBacke
     throw std::invalid_argument("the " + std::string(packed_format_name(packed_format(backend_))) +
                                 " packed MoE backend needs H and I multiples of " + std::to_string(kPackKAlign) +
                                 ", got H=" + std::to_string(s.H) + ", I=" + std::to_string(s.I));
-  // NOTE: block sizes are 1, 32 or 256, so the larger one is a multiple of the other.
+  // NOTE: block sizes are 1, 32 or 256, so the larger one is a multiple of the other. Packed
+  // formats cut at kPackKAlign in both modes, so every group's columns start on a whole panel.
   const int64_t align = numa_ == NumaMode::split
                             ? std::max<int64_t>(qtype_traits(s.types[2]).block_size, packed ? kPackKAlign : 1)
-                            : 1;
+                            : (packed ? kPackKAlign : 1);
   const int64_t nb = s.I / align;
   for (int g = 0; g <= G; ++g) row_begin_.push_back(nb * g / G * align + (g == G ? s.I - nb * align : 0));
   if (!packed) {

@@ -99,6 +99,10 @@ class MoeLayer {
   void down_rows(int slice, int copy, int64_t r0, int64_t r1, float* acc, int ith);
   // gguf GEMM path for experts with many positions (moe_gguf_gemm.cpp)
   bool plan_gemm();
+  // Buffers of the prepared activations (x, and h per slice) of the experts with big_[a] set
+  // (moe_packed.cpp); also sizes xg_ and hb_.
+  void plan_acts(PackedFormat f);
+  void prepare_h_acts(PackedFormat f, int64_t a);
   void phase_gemm_acts(const MoeArgs& a, int64_t t0);
   void phase_down_act_gemm();
   void gate_up_gemm(int g, int64_t a, int64_t r0, int64_t r1, int ith);
@@ -109,6 +113,16 @@ class MoeLayer {
   void forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc);
   void phase_gather(const MoeArgs& a, int64_t t0);
   void phase_gate_up_packed();
+  void phase_prepare_h();
+  // fn(a) for every active expert a, spread over the pool (a shared work counter).
+  template <class Fn>
+  void run_per_expert(Fn&& fn) {
+    const int64_t A = plan_.num_active();
+    counters_[0].store(0, std::memory_order_relaxed);
+    pool_->parallel([&](int, int) {
+      for (int64_t a; (a = counters_[0].fetch_add(1, std::memory_order_relaxed)) < A;) fn(a);
+    });
+  }
   void down_rows_packed(int slice, int copy, int64_t r0, int64_t r1, float* acc, int ith);
 
   std::shared_ptr<ThreadPool> pool_;
@@ -146,12 +160,12 @@ class MoeLayer {
   int64_t scr_floats_ = 0;
   int64_t col_block_ = 64;  // gate/up columns per work item of this chunk (amx_*)
   std::vector<std::atomic<int64_t>> counters_;  // one work counter per group
-  // gguf GEMM path state of the chunk in flight (plan_gemm)
+  // Prepared activations of the chunk in flight (plan_acts; gguf GEMM path: plan_gemm)
   int64_t gemm_min_tokens_ = 32;
   bool gemm_ok_ = false;             // block formats, H and I multiples of kPackKAlign
-  std::vector<uint8_t> big_;         // [A] 1: this active expert takes the GEMM path
-  std::vector<PackedActs> xacts_;    // [A] prepared bf16 x rows of each big expert
-  std::vector<PackedActs> hacts_;    // [S * A] prepared bf16 h (down-slice columns) of each big expert
+  std::vector<uint8_t> big_;         // [A] 1: this active expert takes the GEMM path (amx_*: all)
+  std::vector<PackedActs> xacts_;    // [A] prepared x rows of each big expert
+  std::vector<PackedActs> hacts_;    // [S * A] prepared h (down-slice columns) of each big expert
   std::vector<int64_t> acts_off_;    // [2 * S * A] byte offsets of those into the acts buffer
   uint8_t* acts_buf_ = nullptr;
   uint8_t* wpk_ = nullptr;           // [nthreads][wpk_bytes_] weights repacked to bf16 panels

@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t kGateUpRows = 32;  // I-rows per gate/up work item (moe_forward.cpp's kRowBlock)
 constexpr int64_t kDownRows = 64;    // H-rows of down packed per product
-enum Slot { kActs = 20, kWpk, kGy, kHb2, kXg2 };
+enum Slot { kWpk = 20, kGy };
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
@@ -41,39 +41,23 @@ bool MoeLayer::plan_gemm() {
   if (gemm_min_tokens_ <= 0 || A == 0 || H % kPackKAlign || I % kPackKAlign) return false;
   for (int p = 0; p < 3; ++p)
     if (qtype_traits(shape_.types[p]).block_size < kPackKAlign) return false;
-  const int S = nslices();
-  int64_t max_m = 0, nbig = 0;
+  int64_t max_m = 0;
   big_.assign(A, 0);
-  acts_off_.assign(static_cast<size_t>((1 + S) * A + 1), 0);
-  int64_t off = 0;
   for (int64_t a = 0; a < A; ++a) {
     const int64_t m = plan_.offset[a + 1] - plan_.offset[a];
-    if (m < gemm_min_tokens_) continue;
-    big_[a] = 1, ++nbig, max_m = std::max(max_m, m);
-    acts_off_[a] = off;
-    off += align64(static_cast<int64_t>(packed_acts_bytes(isa_, PackedFormat::bf16, m, H)));
-    for (int s = 0; s < S; ++s) {
-      const int64_t len = S > 1 ? row_begin_[s + 1] - row_begin_[s] : I;
-      acts_off_[A + s * A + a] = off;
-      if (len > 0) off += align64(static_cast<int64_t>(packed_acts_bytes(isa_, PackedFormat::bf16, m, len)));
-    }
+    if (m >= gemm_min_tokens_) big_[a] = 1, max_m = std::max(max_m, m);
   }
-  if (nbig == 0) {
+  if (max_m == 0) {
     big_.clear();
     return false;
   }
+  plan_acts(PackedFormat::bf16);
   const int n = pool_->size();
-  const int64_t P = plan_.num_positions();
-  acts_buf_ = buf_.get(kActs, std::max<int64_t>(off, 64));
-  xg_ = reinterpret_cast<uint16_t*>(buf_.get(kXg2, P * H * 2));
-  hb_ = reinterpret_cast<uint16_t*>(buf_.get(kHb2, P * I * 2));
   wpk_bytes_ = align64(static_cast<int64_t>(std::max(packed_bytes(PackedFormat::bf16, 2 * kGateUpRows, H),
                                                      packed_bytes(PackedFormat::bf16, kDownRows, I))));
   wpk_ = buf_.get(kWpk, n * wpk_bytes_);
   gy_floats_ = align64(max_m * std::max<int64_t>(2 * kGateUpRows, kDownRows));
   gy_ = reinterpret_cast<float*>(buf_.get(kGy, n * gy_floats_ * 4));
-  xacts_.resize(A);
-  hacts_.resize(static_cast<size_t>(S * A));
   return true;
 }
 
@@ -139,12 +123,7 @@ void MoeLayer::phase_down_act_gemm() {
         continue;
       }
       to_bf16(c_.h + p0 * I, hb_ + p0 * I, (p1 - p0) * I);  // [m, I]
-      for (int s = 0; s < S; ++s) {
-        const int64_t c0 = S > 1 ? row_begin_[s] : 0, len = S > 1 ? row_begin_[s + 1] - c0 : I;
-        if (len > 0)
-          hacts_[s * A + a] = packed_prepare_acts(isa_, PackedFormat::bf16, hb_ + p0 * I + c0, I, p1 - p0, len,
-                                                  acts_buf_ + acts_off_[A + s * A + a]);
-      }
+      prepare_h_acts(PackedFormat::bf16, a);
     }
   });
 }

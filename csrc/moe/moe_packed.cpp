@@ -23,9 +23,10 @@ namespace {
 constexpr int64_t kMaxColBlock = 256;  // I-columns of gate/up per work item, at most (16 panels)
 constexpr int64_t kPackRows = 64;   // source rows dequantized per pack call
 
-enum Slot { kXg = 10, kHb, kScr, kAccP };  // after moe_forward.cpp's slots
+enum Slot { kXg = 10, kHb, kScr, kAccP, kActs };  // after moe_forward.cpp's slots
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 }  // namespace
 
@@ -58,6 +59,40 @@ void MoeLayer::load_group_packed(int proj, int g, int64_t e0, int64_t e1, const 
   }
 }
 
+void MoeLayer::plan_acts(PackedFormat f) {
+  const int64_t A = plan_.num_active(), H = shape_.H, I = shape_.I, P = plan_.num_positions();
+  const int S = nslices();
+  acts_off_.assign(static_cast<size_t>((1 + S) * A), 0);
+  int64_t off = 0;
+  for (int64_t a = 0; a < A; ++a) {
+    if (!big_[a]) continue;
+    const int64_t m = plan_.offset[a + 1] - plan_.offset[a];
+    acts_off_[a] = off;
+    off += align64(static_cast<int64_t>(packed_acts_bytes(isa_, f, m, H)));
+    for (int s = 0; s < S; ++s) {
+      const int64_t len = S > 1 ? row_begin_[s + 1] - row_begin_[s] : I;
+      acts_off_[A + s * A + a] = off;
+      if (len > 0) off += align64(static_cast<int64_t>(packed_acts_bytes(isa_, f, m, len)));
+    }
+  }
+  acts_buf_ = buf_.get(kActs, std::max<int64_t>(off, 64));
+  xg_ = reinterpret_cast<uint16_t*>(buf_.get(kXg, std::max<int64_t>(P, 1) * H * 2));
+  hb_ = reinterpret_cast<uint16_t*>(buf_.get(kHb, std::max<int64_t>(P, 1) * I * 2));
+  xacts_.resize(A);
+  hacts_.resize(static_cast<size_t>(S * A));
+}
+
+// h rows of active expert a (bf16 in hb_) prepared once per down slice, for every thread's columns.
+void MoeLayer::prepare_h_acts(PackedFormat f, int64_t a) {
+  const int64_t A = plan_.num_active(), I = shape_.I, p0 = plan_.offset[a], m = plan_.offset[a + 1] - p0;
+  const int S = nslices();
+  for (int s = 0; s < S; ++s) {
+    const int64_t c0 = S > 1 ? row_begin_[s] : 0, len = S > 1 ? row_begin_[s + 1] - c0 : I;
+    if (len > 0)
+      hacts_[s * A + a] = packed_prepare_acts(isa_, f, hb_ + p0 * I + c0, I, m, len, acts_buf_ + acts_off_[A + s * A + a]);
+  }
+}
+
 void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
   const int64_t H = shape_.H, I = shape_.I;
   const int S = nslices(), n = pool_->size();
@@ -72,13 +107,14 @@ void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
   const int64_t per_thread = plan_.num_active() * I / (64 * 8 * n);
   col_block_ = 64 * std::min<int64_t>(kMaxColBlock / 64, std::max<int64_t>(1, per_thread));
   scr_floats_ = max_m * std::max<int64_t>(2 * col_block_, (S > 1 ? H / min_group : H / n) + 32);
-  xg_ = reinterpret_cast<uint16_t*>(buf_.get(kXg, std::max<int64_t>(P, 1) * H * 2));
-  hb_ = reinterpret_cast<uint16_t*>(buf_.get(kHb, std::max<int64_t>(P, 1) * I * 2));
+  big_.assign(plan_.num_active(), 1);
+  plan_acts(packed_format(backend_));
   scr_ = reinterpret_cast<float*>(buf_.get(kScr, n * scr_floats_ * 4));
   c_.acc = reinterpret_cast<float*>(buf_.get(kAccP, S * tc * H * 4));
   if (P > 0) {
     phase_gather(a, t0);
     phase_gate_up_packed();
+    phase_prepare_h();
   }
   phase_down(a, t0, tc);
   if (S > 1) phase_reduce(a, t0, tc);
@@ -96,12 +132,20 @@ void MoeLayer::phase_gather(const MoeArgs& a, int64_t t0) {
         to_bf16(static_cast<const float*>(a.x) + t * H, xg_ + p * H, H);
     }
   });
+  run_per_expert([&](int64_t ai) {
+    const int64_t p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
+    xacts_[ai] = packed_prepare_acts(isa_, packed_format(backend_), xg_ + p0 * H, H, m, H, acts_buf_ + acts_off_[ai]);
+  });
+}
+
+void MoeLayer::phase_prepare_h() {
+  run_per_expert([&](int64_t ai) { prepare_h_acts(packed_format(backend_), ai); });
 }
 
 void MoeLayer::phase_gate_up_packed() {
   const int G = ngroups();
   const int64_t A = plan_.num_active(), H = shape_.H, I = shape_.I;
-  const PackedGemmFn gemm = packed_gemm_kernel(packed_format(backend_)).get(isa_);
+  const PackedFormat pf = packed_format(backend_);
   for (int g = 0; g < G; ++g) counters_[g].store(0, std::memory_order_relaxed);
   pool_->parallel([&](int ith, int) {
     const int g = pool_->group_of(ith);
@@ -117,9 +161,11 @@ void MoeLayer::phase_gate_up_packed() {
       const ProjStore& sg = store_[0][g];
       const ProjStore& su = store_[1][g];
       float* us = gs + m * cb;
-      // NOTE: y is indexed by absolute column n, hence the pointers shifted back by n0.
-      gemm(sg.expert(e), sg.rows, H, xg_ + p0 * H, H, m, gs - n0, cb, n0, n1, false);
-      gemm(su.expert(e), su.rows, H, xg_ + p0 * H, H, m, us - n0, cb, n0, n1, false);
+      // NOTE: n0 is a multiple of 16 (row_begin_ and cb are), so columns [n0, n1) are whole panels:
+      // the sub-matrix starting at panel n0 / 16.
+      const int64_t skip = n0 / kPanelCols * static_cast<int64_t>(packed_panel_bytes(pf, H));
+      packed_gemm_prepared(xacts_[ai], sg.expert(e) + skip, n1 - n0, gs, cb, 0, n1 - n0, false);
+      packed_gemm_prepared(xacts_[ai], su.expert(e) + skip, n1 - n0, us, cb, 0, n1 - n0, false);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t c = n0; c < n1; ++c) {
           const float h = silu(gs[i * cb + c - n0]) * us[i * cb + c - n0];
@@ -132,12 +178,13 @@ void MoeLayer::phase_gate_up_packed() {
 void MoeLayer::down_rows_packed(int s, int copy, int64_t r0, int64_t r1, float* acc, int ith) {
   const ProjStore& sd = store_[2][copy];
   if (sd.k == 0) return;
-  const int64_t H = shape_.H, I = shape_.I, c0 = nslices() > 1 ? row_begin_[s] : 0, w = r1 - r0;
-  const PackedGemmFn gemm = packed_gemm_kernel(packed_format(backend_)).get(isa_);
+  const int64_t H = shape_.H, A = plan_.num_active(), w = r1 - r0;
   float* y = scr_ + ith * scr_floats_;  // [m, w]
   for (int64_t a = 0; a < plan_.num_active(); ++a) {
     const int64_t p0 = plan_.offset[a], m = plan_.offset[a + 1] - p0;
-    gemm(sd.expert(plan_.active[a]), H, sd.k, hb_ + p0 * I + c0, I, m, y - r0, w, r0, r1, false);
+    // NOTE: r0 is a multiple of 16: rows [r0, r1) of down are the sub-matrix from panel r0 / 16.
+    const uint8_t* sub = sd.expert(plan_.active[a]) + r0 / kPanelCols * packed_panel_bytes(packed_format(backend_), sd.k);
+    packed_gemm_prepared(hacts_[s * A + a], sub, w, y, w, 0, w, false);
     for (int64_t i = 0; i < m; ++i) {
       float* dst = acc + plan_.tok[p0 + i] * H + r0;  // [tc, H]
       const float wt = plan_.wt[p0 + i];
