@@ -19,4 +19,9 @@ using MoeDotMultiFn = void (*)(int64_t n, const void* w_row, const void* const* 
 
 extern Kernel<MoeDotMultiFn> k_moe_dot_multi[kNumQTypes];
 
+// The gating of the MoE MLP: out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, i < n; out may
+// alias g or u. Generic: std::exp; AVX2: a polynomial exp within a few f32 ulps.
+using MoeSiluMulFn = void (*)(const float* g, const float* u, float* out, int64_t n);
+extern Kernel<MoeSiluMulFn> k_moe_silu_mul;
+
 }  // namespace ktrans

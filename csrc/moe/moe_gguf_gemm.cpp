@@ -16,11 +16,9 @@
 // dequantized values, where the vec_dot path quantizes x and h to 8 bits per block: the error is
 // of the same order or smaller (tests/tolerances.py MOE_NMSE holds for both paths).
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 
 #include "common/convert.h"
-#include "common/numeric.h"
 #include "moe/moe.h"
 
 namespace ktrans {
@@ -30,7 +28,6 @@ constexpr int64_t kGateUpRows = 32;  // I-rows per gate/up work item (moe_forwar
 constexpr int64_t kDownRows = 64;    // H-rows of down packed per product
 enum Slot { kWpk = 20, kGy };
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 }  // namespace
@@ -97,11 +94,8 @@ void MoeLayer::gate_up_gemm(int g, int64_t a, int64_t r0, int64_t r1, int ith) {
   float* y = gy_ + ith * gy_floats_;  // [m, 2 nr]: gate columns, then up columns
   packed_gemm_prepared(xacts_[a], w, 2 * nr, y, 2 * nr, 0, 2 * nr, false);
   const int64_t p0 = plan_.offset[a], m = plan_.offset[a + 1] - p0;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* yi = y + i * 2 * nr;
-    float* h = c_.h + (p0 + i) * I + r0;  // [P, I]
-    for (int64_t r = 0; r < nr; ++r) h[r] = silu(yi[r]) * yi[nr + r];
-  }
+  const MoeSiluMulFn silu_mul = k_moe_silu_mul.get(isa_);
+  for (int64_t i = 0; i < m; ++i) silu_mul(y + i * 2 * nr, y + i * 2 * nr + nr, c_.h + (p0 + i) * I + r0, nr);  // [P, I]
 }
 
 void MoeLayer::phase_down_act_gemm() {

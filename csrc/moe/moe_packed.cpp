@@ -9,12 +9,10 @@
 // accumulator. Loading dequantizes each source row (any GGUF format, bf16, f32) and packs rows in
 // chunks, experts split across the group's threads, so peak extra memory is one chunk per thread.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "common/convert.h"
-#include "common/numeric.h"
 #include "moe/moe.h"
 
 namespace ktrans {
@@ -25,7 +23,6 @@ constexpr int64_t kPackRows = 64;   // source rows dequantized per pack call
 
 enum Slot { kXg = 10, kHb, kScr, kAccP, kActs };  // after moe_forward.cpp's slots
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 }  // namespace
@@ -146,6 +143,8 @@ void MoeLayer::phase_gate_up_packed() {
   const int G = ngroups();
   const int64_t A = plan_.num_active(), H = shape_.H, I = shape_.I;
   const PackedFormat pf = packed_format(backend_);
+  const MoeSiluMulFn silu_mul = k_moe_silu_mul.get(isa_);
+  const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
   for (int g = 0; g < G; ++g) counters_[g].store(0, std::memory_order_relaxed);
   pool_->parallel([&](int ith, int) {
     const int g = pool_->group_of(ith);
@@ -166,11 +165,10 @@ void MoeLayer::phase_gate_up_packed() {
       const int64_t skip = n0 / kPanelCols * static_cast<int64_t>(packed_panel_bytes(pf, H));
       packed_gemm_prepared(xacts_[ai], sg.expert(e) + skip, n1 - n0, gs, cb, 0, n1 - n0, false);
       packed_gemm_prepared(xacts_[ai], su.expert(e) + skip, n1 - n0, us, cb, 0, n1 - n0, false);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t c = n0; c < n1; ++c) {
-          const float h = silu(gs[i * cb + c - n0]) * us[i * cb + c - n0];
-          hb_[(p0 + i) * I + c + lo] = f32_to_bf16(h);  // [P, I]
-        }
+      for (int64_t i = 0; i < m; ++i) {
+        silu_mul(gs + i * cb, us + i * cb, gs + i * cb, n1 - n0);
+        to_bf16(gs + i * cb, hb_ + (p0 + i) * I + n0 + lo, n1 - n0);  // [P, I]
+      }
     }
   });
 }
