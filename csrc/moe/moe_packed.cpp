@@ -3,10 +3,13 @@
 // M >= 16 tokens of one expert, AVX-512 below, the generic reference elsewhere).
 //
 // Phases (see moe.h for the common structure): 1. gather each position's x row as bf16, grouped
-// per expert ([P, H]); 2. per (expert, block of 64..256 I-columns): gate and up GEMMs into per-thread
-// f32 scratch, h = silu(g) * u stored as bf16 [P, I]; 3. down: each thread owns a 16-aligned range
-// of H output columns, runs the GEMM of every active expert on it and adds w * y into the f32
-// accumulator. Loading dequantizes each source row (any GGUF format, bf16, f32) and packs rows in
+// per expert ([P, H]), and prepare it once per expert (packed_prepare_acts: the AMX blocked copy,
+// int8: quantized) for every column block and thread; 2. per (expert, block of 64..256 I-columns):
+// gate and up GEMMs into per-thread f32 scratch, h = silu(g) * u stored as bf16 [P, I], then h
+// prepared once per expert and NUMA slice; 3. down: each thread owns a 16-aligned range of H output
+// columns, runs the GEMM of every active expert on it and adds w * y into the f32 accumulator.
+// NOTE: preparing once matters most for down, where every thread multiplies every expert's h:
+// per thread the preparation would cost about as much as its narrow product. Loading dequantizes each source row (any GGUF format, bf16, f32) and packs rows in
 // chunks, experts split across the group's threads, so peak extra memory is one chunk per thread.
 #include <algorithm>
 #include <cstring>
