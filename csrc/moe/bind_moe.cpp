@@ -128,6 +128,8 @@ void bind_moe(py::module_& m) {
       .def_property_readonly("size", &ThreadPool::size)
       .def_property_readonly("num_groups", &ThreadPool::num_groups)
       .def("group_of", &ThreadPool::group_of)
+      .def_property_readonly("scratch_bytes", [](const ThreadPool& p) { return moe_scratch_bytes(&p); },
+                             "bytes of the MoE scratch shared by every MoeLayer on this pool")
       .def("sync", &ThreadPool::sync, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
       .def("sync_all", &ThreadPool::sync_all, py::call_guard<py::gil_scoped_release>());
 

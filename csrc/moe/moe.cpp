@@ -23,7 +23,8 @@ std::string type_name(QType t) { return qtype_traits(t).name; }
 MoeLayer::MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& s, MoeBackend backend, NumaMode numa,
                    Isa isa, int64_t max_chunk)
     : pool_(std::move(pool)), shape_(s), backend_(backend), numa_(numa), isa_(isa),
-      max_chunk_(std::max<int64_t>(1, max_chunk)), counters_(pool_->num_groups()) {
+      max_chunk_(std::max<int64_t>(1, max_chunk)), buf_(moe_scratch_for(pool_.get())),
+      counters_(pool_->num_groups()) {
   if (s.E <= 0 || s.H <= 0 || s.I <= 0) throw std::invalid_argument("MoE shape E, H, I must be positive");
   const int G = ngroups();
   const int64_t proj_k[3] = {s.H, s.H, s.I};

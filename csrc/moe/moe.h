@@ -10,7 +10,9 @@
 //   4. down: each thread owns a range of the H output rows for every active expert, so it adds
 //      w * down(h) into its own columns of the f32 accumulator: no reduction pass, no atomics.
 // T is processed in chunks of at most `max_chunk` tokens; scratch buffers grow to the largest
-// chunk seen and are reused (no allocation per call once warm).
+// chunk seen and are reused (no allocation per call once warm). The scratch belongs to the pool,
+// not the layer: every layer on one pool shares it (moe_scratch_for, see the NOTE there), so a
+// model's scratch is that of its largest chunk once, not once per MoE layer.
 //
 // NUMA layouts (thread groups of the pool, see threadpool.h):
 //   replicate: every group holds a full copy of the experts; gate/up rows and down output rows
@@ -82,7 +84,8 @@ class MoeLayer {
   void set_gemm_min_tokens(int64_t n) { gemm_min_tokens_ = n; }
   int64_t gemm_min_tokens() const { return gemm_min_tokens_; }
   int64_t weight_bytes() const;
-  int64_t buffer_bytes() const { return buf_.bytes(); }
+  // Bytes of the scratch shared by every layer on this layer's pool.
+  int64_t buffer_bytes() const { return buf_->bytes(); }
   const MoeShape& shape() const { return shape_; }
   std::shared_ptr<ThreadPool> pool() const { return pool_; }
 
@@ -145,7 +148,7 @@ class MoeLayer {
   QType act_type_[3] = {};
   int64_t act_bytes_[3] = {};        // bytes of one activation row of each projection
   MoePlan plan_;
-  MoeBuffers buf_;
+  std::shared_ptr<MoeBuffers> buf_;  // the pool's shared scratch; pointers below are valid per chunk
   // Buffers of the chunk in flight (set by forward_chunk).
   struct Chunk {
     const uint8_t* xq[2] = {};  // [tc, act_bytes] activations of gate (0) and up (1)

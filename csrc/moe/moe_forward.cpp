@@ -41,12 +41,12 @@ void MoeLayer::forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc) {
   const int64_t P = plan_.num_positions();
   // NOTE: f32 input with f32-activation formats is read in place: no copy of x.
   const bool direct = !a.x_bf16 && act_type_[0] == QType::f32 && act_type_[1] == QType::f32;
-  c_.xq[0] = direct ? static_cast<const uint8_t*>(a.x) + t0 * H * 4 : buf_.get(kXq0, tc * act_bytes_[0]);
-  c_.xq[1] = act_type_[1] == act_type_[0] ? c_.xq[0] : buf_.get(kXq1, tc * act_bytes_[1]);
-  c_.h = reinterpret_cast<float*>(buf_.get(kH, std::max<int64_t>(P, 1) * I * 4));
-  c_.hq = act_type_[2] == QType::f32 ? nullptr : buf_.get(kHq, S * std::max<int64_t>(P, 1) * act_bytes_[2]);
-  c_.acc = reinterpret_cast<float*>(buf_.get(kAcc, S * tc * H * 4));
-  c_.scratch = reinterpret_cast<float*>(buf_.get(kScratch, n * std::max(H, I) * 4));
+  c_.xq[0] = direct ? static_cast<const uint8_t*>(a.x) + t0 * H * 4 : buf_->get(kXq0, tc * act_bytes_[0]);
+  c_.xq[1] = act_type_[1] == act_type_[0] ? c_.xq[0] : buf_->get(kXq1, tc * act_bytes_[1]);
+  c_.h = reinterpret_cast<float*>(buf_->get(kH, std::max<int64_t>(P, 1) * I * 4));
+  c_.hq = act_type_[2] == QType::f32 ? nullptr : buf_->get(kHq, S * std::max<int64_t>(P, 1) * act_bytes_[2]);
+  c_.acc = reinterpret_cast<float*>(buf_->get(kAcc, S * tc * H * 4));
+  c_.scratch = reinterpret_cast<float*>(buf_->get(kScratch, n * std::max(H, I) * 4));
   const bool gemm = plan_gemm();
   if (!direct) phase_act(a, t0, tc);
   if (gemm) phase_gemm_acts(a, t0);

@@ -52,9 +52,9 @@ bool MoeLayer::plan_gemm() {
   const int n = pool_->size();
   wpk_bytes_ = align64(static_cast<int64_t>(std::max(packed_bytes(PackedFormat::bf16, 2 * kGateUpRows, H),
                                                      packed_bytes(PackedFormat::bf16, kDownRows, I))));
-  wpk_ = buf_.get(kWpk, n * wpk_bytes_);
+  wpk_ = buf_->get(kWpk, n * wpk_bytes_);
   gy_floats_ = align64(max_m * std::max<int64_t>(2 * kGateUpRows, kDownRows));
-  gy_ = reinterpret_cast<float*>(buf_.get(kGy, n * gy_floats_ * 4));
+  gy_ = reinterpret_cast<float*>(buf_->get(kGy, n * gy_floats_ * 4));
   return true;
 }
 

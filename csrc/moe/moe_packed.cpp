@@ -75,9 +75,9 @@ void MoeLayer::plan_acts(PackedFormat f) {
       if (len > 0) off += align64(static_cast<int64_t>(packed_acts_bytes(isa_, f, m, len)));
     }
   }
-  acts_buf_ = buf_.get(kActs, std::max<int64_t>(off, 64));
-  xg_ = reinterpret_cast<uint16_t*>(buf_.get(kXg, std::max<int64_t>(P, 1) * H * 2));
-  hb_ = reinterpret_cast<uint16_t*>(buf_.get(kHb, std::max<int64_t>(P, 1) * I * 2));
+  acts_buf_ = buf_->get(kActs, std::max<int64_t>(off, 64));
+  xg_ = reinterpret_cast<uint16_t*>(buf_->get(kXg, std::max<int64_t>(P, 1) * H * 2));
+  hb_ = reinterpret_cast<uint16_t*>(buf_->get(kHb, std::max<int64_t>(P, 1) * I * 2));
   xacts_.resize(A);
   hacts_.resize(static_cast<size_t>(S * A));
 }
@@ -109,8 +109,8 @@ void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
   scr_floats_ = max_m * std::max<int64_t>(2 * col_block_, (S > 1 ? H / min_group : H / n) + 32);
   big_.assign(plan_.num_active(), 1);
   plan_acts(packed_format(backend_));
-  scr_ = reinterpret_cast<float*>(buf_.get(kScr, n * scr_floats_ * 4));
-  c_.acc = reinterpret_cast<float*>(buf_.get(kAccP, S * tc * H * 4));
+  scr_ = reinterpret_cast<float*>(buf_->get(kScr, n * scr_floats_ * 4));
+  c_.acc = reinterpret_cast<float*>(buf_->get(kAccP, S * tc * H * 4));
   if (P > 0) {
     phase_gather(a, t0);
     phase_gate_up_packed();

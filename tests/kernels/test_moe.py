@@ -206,6 +206,29 @@ def test_async_submit_in_order(pool, experts):
         assert nmse(o, ref) < MOE_NMSE["bf16"]
 
 
+@pytest.mark.parametrize("backend,gemm", [("gguf", 4), ("amx_bf16", -1)])
+def test_layers_share_the_pool_scratch(backend, gemm):
+    # Three layers on one pool, called alternately with large and small T, against the same
+    # layers each alone on its own pool (its own scratch): same outputs, and the shared scratch is
+    # that of one layer, not three.
+    exs = [Experts("bf16") for _ in range(3)]
+    shared = _C.ThreadPool(2)
+    layers = [ex.layer(shared, backend=backend, gemm_min_tokens=gemm) for ex in exs]
+    solo_pools = [_C.ThreadPool(2) for _ in exs]
+    solos = [ex.layer(p, backend=backend, gemm_min_tokens=gemm) for ex, p in zip(exs, solo_pools)]
+    for t in (200, 5, 120, 1):
+        ids, w = routing(t)
+        x = torch.randn(t, H).bfloat16()
+        for moe, solo in zip(layers, solos):
+            assert torch.equal(run(moe, x, ids, w), run(solo, x, ids, w)), f"{backend} T={t}"
+    assert shared.scratch_bytes > 0
+    assert all(m.buffer_bytes == shared.scratch_bytes for m in layers)
+    # NOTE: every layer saw the same T and routing, so each solo scratch grew exactly like the shared one.
+    assert [p.scratch_bytes for p in solo_pools] == [shared.scratch_bytes] * 3
+    del layers, moe
+    assert shared.scratch_bytes == 0                                                      # freed with the last layer
+
+
 def test_bad_input(pool, experts):
     moe = experts("bf16").layer(pool)
     x, out = torch.randn(2, H), torch.zeros(2, H)
