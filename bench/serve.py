@@ -3,7 +3,9 @@
 For each concurrency N (default 1, 2, 4, 8, 16) every client sends the same-length prompt and
 asks for a fixed number of output tokens (ignore_eos), N requests at a time, R rounds. Reports
 aggregate output tok/s, TTFT p50/p99, TPOT p50 (time per output token after the first) and the
-scaling of aggregate throughput over N=1 (the continuous-batching claim).
+scaling of aggregate throughput over N=1 (the continuous-batching claim). Special tokens are
+kept in the text (skip_special_tokens false) so that every generated token shows up in the stream:
+random-weight models often emit them, and a skipped one would hide its arrival time.
 
     # start a server itself (same model flags as `ktrans serve`), then measure:
     python bench/serve.py --launch -- --gguf_path model.gguf --model_path DIR --max_batch_size 16
@@ -35,7 +37,8 @@ def _pct(xs: list[float], p: float) -> float:
 
 async def one_request(client: httpx.AsyncClient, prompt: str, out_tokens: int) -> dict:
     body = {"model": "bench", "prompt": prompt, "max_tokens": out_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "skip_special_tokens": False, "stream": True,
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
     usage = None

@@ -102,8 +102,8 @@ MOE_NMSE = {
 MOE_LAYOUT_NMSE = 1e-10
 # Same, on the gguf GEMM path: h is rounded to bf16 after the f32 sums, so a different summation
 # order (AMX tiles vs AVX-512 for small chunks, split NUMA slices) flips some h values by one
-# bf16 ulp (measured 5e-10..1.1e-9).
-MOE_GEMM_LAYOUT_NMSE = 1e-8
+# bf16 ulp (measured 5e-10..1.1e-9 on AVX2, up to 2.5e-8 on AMX where small chunks take AVX-512).
+MOE_GEMM_LAYOUT_NMSE = 2e-7
 # Packed amx_* backends vs the reference on the source weights: x and h rounded to bf16
 # (measured ~6e-6, 1.5e-5 from q4_k sources), int8 per-channel weights (~6e-4), int4 with
 # group-32 scales (~3e-2, per-weight 4-bit rounding on Gaussian weights).

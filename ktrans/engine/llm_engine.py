@@ -86,7 +86,8 @@ class LLMEngine:
         req = Request(request_id, prompt_token_ids, params)
         req.generator = make_generator(params)
         if self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
+                                                     skip_special_tokens=params.skip_special_tokens)
         elif params.stop:
             raise KtransError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         with self._lock:

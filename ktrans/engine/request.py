@@ -30,6 +30,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)           # stop strings (not included in text)
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # False: special tokens (<think>, EOS, ...) appear in the text
 
     def validate(self) -> "SamplingParams":
         """Raise KtransError naming the first bad parameter; returns self for chaining."""

@@ -55,6 +55,15 @@ def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = Fals
     return int(v) if integer else float(v)
 
 
+def _flag(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"'{name}' must be a boolean (true or false), got {json.dumps(v)}.", param=name)
+    return v
+
+
 def _stop(v: Any, name: str = "stop") -> list[str]:
     if v is None:
         return []
@@ -128,7 +137,8 @@ def _sampling(body: dict, max_tokens: int | None, stop: list[str], default_max: 
         max_new_tokens=max_tokens if max_tokens is not None else default_max,
         stop=stop,
         stop_token_ids=_token_ids(body.get("stop_token_ids")),
-        ignore_eos=bool(body.get("ignore_eos", False)),
+        ignore_eos=_flag(body, "ignore_eos", False),
+        skip_special_tokens=_flag(body, "skip_special_tokens", True),
     )
     if params.top_k < 0:
         params.top_k = 0

@@ -58,6 +58,13 @@ def test_text_stop_strings_and_stop_tokens(engine_factory):
     by_id = _run(engine, {"t": (prompt, params)})["t"]
     first = base["tokens"].index(stop_id)
     assert by_id["reason"] == "stop" and by_id["tokens"] == base["tokens"][:first + 1]
+    # Special tokens kept in the text on request: the stop token id is EOS here.
+    eos = tok.eos_token_id
+    params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[], skip_special_tokens=False)
+    kept = _run(engine, {"k": (prompt, params)})["k"]
+    assert kept["text"] == tok.decode(kept["tokens"], skip_special_tokens=False)
+    if kept["tokens"][-1] == eos:
+        assert kept["text"].endswith(tok.eos_token)
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(engine_factory):

@@ -58,6 +58,8 @@ def test_max_tokens_alias_and_default():
     ("stop", 5, "'stop' must be a string or a list of strings"),
     ("n", 2, "Only n=1"),
     ("stream", "yes", "'stream' must be a boolean"),
+    ("ignore_eos", "yes", "'ignore_eos' must be a boolean"),
+    ("skip_special_tokens", 0, "'skip_special_tokens' must be a boolean"),
 ])
 def test_invalid_values_name_the_parameter(field, value, needle):
     e = _err(parse_chat, {"messages": [{"role": "user", "content": "x"}], field: value}, 10)
@@ -73,6 +75,14 @@ def test_invalid_values_name_the_parameter(field, value, needle):
 ])
 def test_bad_messages(messages, needle):
     assert needle in _err(parse_chat, {"messages": messages}, 10).message
+
+
+def test_special_token_flags():
+    msgs = [{"role": "user", "content": "x"}]
+    default = parse_chat({"messages": msgs}, 100).params
+    assert default.skip_special_tokens and not default.ignore_eos
+    p = parse_chat({"messages": msgs, "skip_special_tokens": False, "ignore_eos": True}, 100).params
+    assert not p.skip_special_tokens and p.ignore_eos
 
 
 def test_completion_prompt_forms():

@@ -58,8 +58,8 @@ def _random_text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(PIECES) for _ in range(n))
 
 
-def _stream(tokenizer, prompt_ids, out_ids, stop=None):
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop=stop)
+def _stream(tokenizer, prompt_ids, out_ids, stop=None, skip_special_tokens=True):
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop=stop, skip_special_tokens=skip_special_tokens)
     pieces = [detok.add(t) for t in out_ids]
     pieces.append(detok.flush())
     return pieces, detok
@@ -88,6 +88,8 @@ def test_special_tokens_are_skipped(tokenizer):
     ids = tokenizer.encode("Hello world", add_special_tokens=False) + [tokenizer.eos_token_id]
     pieces, _ = _stream(tokenizer, [], ids)
     assert "".join(pieces) == "Hello world"
+    kept, _ = _stream(tokenizer, [], ids, skip_special_tokens=False)
+    assert "".join(kept) == "Hello world" + tokenizer.eos_token
 
 
 def test_stop_string_spanning_tokens_is_cut_and_held_back(tokenizer):
