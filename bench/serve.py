@@ -3,9 +3,9 @@
 For each concurrency N (default 1, 2, 4, 8, 16) every client sends the same-length prompt and
 asks for a fixed number of output tokens (ignore_eos), N requests at a time, R rounds. Reports
 aggregate output tok/s, TTFT p50/p99, TPOT p50 (time per output token after the first) and the
-scaling of aggregate throughput over N=1 (the continuous-batching claim). Special tokens are
-kept in the text (skip_special_tokens false) so that every generated token shows up in the stream:
-random-weight models often emit them, and a skipped one would hide its arrival time.
+scaling of aggregate throughput over N=1 (the continuous-batching claim). Token arrival is timed
+from the streamed `token_ids` (return_token_ids), not from visible text: random-weight models emit
+byte sequences that are not valid UTF-8, whose text the server rightly holds back.
 
     # start a server itself (same model flags as `ktrans serve`), then measure:
     python bench/serve.py --launch -- --gguf_path model.gguf --model_path DIR --max_batch_size 16
@@ -37,7 +37,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 async def one_request(client: httpx.AsyncClient, prompt: str, out_tokens: int) -> dict:
     body = {"model": "bench", "prompt": prompt, "max_tokens": out_tokens, "temperature": 0,
-            "ignore_eos": True, "skip_special_tokens": False, "stream": True,
+            "ignore_eos": True, "return_token_ids": True, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
@@ -50,7 +50,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, out_tokens: int) -
             d = json.loads(line[6:])
             if d.get("usage"):
                 usage = d["usage"]
-            elif d["choices"] and d["choices"][0]["text"] and first is None:
+            elif d["choices"] and d["choices"][0].get("token_ids") and first is None:
                 first = time.perf_counter()
     end = time.perf_counter()
     n = usage["completion_tokens"] if usage else out_tokens

@@ -87,7 +87,8 @@ async def _serve(service: Service, request: Request, spec: GenerationSpec, *, ch
     if result is None:  # client went away; nothing to answer
         service.log_request(endpoint, prep, stats, 499)
         return JSONResponse({}, status_code=499)
-    reasoning, content, finish = result
+    reasoning, content, finish, token_ids = result
+    ids = {"prompt_token_ids": prep.prompt_ids, "token_ids": token_ids} if spec.return_token_ids else {}
     service.log_request(endpoint, prep, stats, 200)
     base = {"id": prep.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model}
@@ -95,19 +96,20 @@ async def _serve(service: Service, request: Request, spec: GenerationSpec, *, ch
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if reasoning:
             msg["reasoning_content"] = msg["reasoning"] = reasoning
-        return {**base, "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+        return {**base, "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish, **ids}],
                 "usage": _usage(stats)}
     text = (prep.prompt_text + content) if spec.echo else content
-    return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **ids}],
             "usage": _usage(stats)}
 
 
 async def _collect(service: Service, prep: Prepared, spec: GenerationSpec, stats: RequestStats):
     split = ThinkSplitter(prep.in_thinking) if spec.messages is not None else None
-    reasoning, content, finish = [], [], None
+    reasoning, content, finish, token_ids = [], [], None, []
     async for out in service.generate(prep, spec, stats):
         if out.error:
             raise APIError(500, f"Generation failed: {out.error}", type="server_error")
+        token_ids += out.new_token_ids
         if split:
             r, c = split.feed(out.new_text)
             reasoning.append(r)
@@ -120,7 +122,7 @@ async def _collect(service: Service, prep: Prepared, spec: GenerationSpec, stats
         r, c = split.flush()
         reasoning.append(r)
         content.append(c)
-    return "".join(reasoning), "".join(content), finish
+    return "".join(reasoning), "".join(content), finish, token_ids
 
 
 def _finish(reason: str | None) -> str:
@@ -131,20 +133,22 @@ async def _stream_chat(service: Service, outputs: OutputStream, spec, model: str
     prep, stats = outputs.prep, outputs.stats
     base = {"id": prep.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                     "usage": None})
+    def chunk(delta: dict, finish: str | None = None, **ids) -> str:
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish,
+                                          **ids}], "usage": None})
 
-    def parts(r: str, c: str) -> list[str]:
-        out = []
-        if r:
-            out.append(chunk({"reasoning_content": r, "reasoning": r}))
-        if c:
-            out.append(chunk({"content": c}))
-        return out
+    def parts(r: str, c: str, token_ids: list[int] | None = None) -> list[str]:
+        # With return_token_ids every generated token is reported (on the last part, or on an
+        # empty delta when its text is still held back).
+        deltas = ([{"reasoning_content": r, "reasoning": r}] if r else []) + ([{"content": c}] if c else [])
+        if token_ids and not deltas:
+            deltas = [{"content": ""}]
+        ids = {"token_ids": token_ids} if token_ids else {}
+        return [chunk(d, **(ids if i == len(deltas) - 1 else {})) for i, d in enumerate(deltas)]
 
     split = ThinkSplitter(prep.in_thinking)
-    yield chunk({"role": "assistant", "content": ""})
+    yield chunk({"role": "assistant", "content": ""},
+                **({"prompt_token_ids": prep.prompt_ids} if spec.return_token_ids else {}))
     async for out in outputs.ticks(service.settings.ping_interval):
         if out is None:
             yield ": ping\n\n"
@@ -153,7 +157,7 @@ async def _stream_chat(service: Service, outputs: OutputStream, spec, model: str
             yield _sse({"error": {"message": f"Generation failed: {out.error}", "type": "server_error",
                                   "param": None, "code": None}})
             return
-        for s in parts(*split.feed(out.new_text)):
+        for s in parts(*split.feed(out.new_text), out.new_token_ids if spec.return_token_ids else None):
             yield s
         if out.finished:
             for s in parts(*split.flush()):
@@ -168,12 +172,13 @@ async def _stream_text(service: Service, outputs: OutputStream, spec, model: str
     prep, stats = outputs.prep, outputs.stats
     base = {"id": prep.request_id, "object": "text_completion", "created": int(time.time()), "model": model}
 
-    def chunk(text: str, finish: str | None = None) -> str:
-        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                     "usage": None})
+    def chunk(text: str, finish: str | None = None, **ids) -> str:
+        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                                          **ids}], "usage": None})
 
-    if spec.echo:
-        yield chunk(prep.prompt_text)
+    prompt_ids = {"prompt_token_ids": prep.prompt_ids} if spec.return_token_ids else {}
+    if spec.echo or prompt_ids:
+        yield chunk(prep.prompt_text if spec.echo else "", **prompt_ids)
     async for out in outputs.ticks(service.settings.ping_interval):
         if out is None:
             yield ": ping\n\n"
@@ -182,7 +187,9 @@ async def _stream_text(service: Service, outputs: OutputStream, spec, model: str
             yield _sse({"error": {"message": f"Generation failed: {out.error}", "type": "server_error",
                                   "param": None, "code": None}})
             return
-        if out.new_text:
+        if spec.return_token_ids and out.new_token_ids:
+            yield chunk(out.new_text, token_ids=out.new_token_ids)    # a token whose text is held back too
+        elif out.new_text:
             yield chunk(out.new_text)
         if out.finished:
             yield chunk("", _finish(out.finish_reason))

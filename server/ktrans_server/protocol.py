@@ -28,6 +28,7 @@ class GenerationSpec:
     include_usage: bool = False
     think: bool | None = None               # None: the model's default
     echo: bool = False
+    return_token_ids: bool = False          # vLLM's extension: token ids beside the text
     extra_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,6 +198,7 @@ def parse_chat(body: dict, default_max: int) -> GenerationSpec:
                           params=_sampling(body, max_tokens, _stop(body.get("stop")), default_max),
                           max_tokens_given=max_tokens is not None, stream=stream,
                           include_usage=include_usage, think=_think_flag(body),
+                          return_token_ids=_flag(body, "return_token_ids", False),
                           extra_template_kwargs={k: v for k, v in kwargs.items() if k != "enable_thinking"})
 
 
@@ -211,8 +213,8 @@ def parse_completion(body: dict, default_max: int) -> GenerationSpec:
     max_tokens = _max_tokens(body)
     if max_tokens is None:
         max_tokens = 16  # the OpenAI completions API's documented default
-    echo = body.get("echo", False)
     return GenerationSpec(messages=None, prompt=prompt,
                           params=_sampling(body, max_tokens, _stop(body.get("stop")), default_max),
                           max_tokens_given=True, stream=stream, include_usage=include_usage,
-                          echo=bool(echo))
+                          echo=_flag(body, "echo", False),
+                          return_token_ids=_flag(body, "return_token_ids", False))

@@ -91,6 +91,36 @@ def test_completions_stream_and_echo(client):
     assert e.choices[0].text == "The quick brown" + r.choices[0].text
 
 
+def _events(live, path, body):
+    with httpx.stream("POST", live.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=120) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    return [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_return_token_ids(live, path):
+    # Every generated token is reported when streaming (even one whose text is held back), and the
+    # ids are the ones the non-streamed answer reports; decoding them gives the text.
+    body = {"model": "tiny", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "Count with me"}]
+    else:
+        body["prompt"] = "Count with me"
+    full = httpx.post(live.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120).json()
+    choice = full["choices"][0]
+    assert len(choice["token_ids"]) == full["usage"]["completion_tokens"] == 12
+    assert len(choice["prompt_token_ids"]) == full["usage"]["prompt_tokens"]
+    events = _events(live, path, {**body, "stream": True})
+    assert events[0]["choices"][0]["prompt_token_ids"] == choice["prompt_token_ids"]
+    streamed = [t for e in events for c in e["choices"] for t in c.get("token_ids", [])]
+    assert streamed == choice["token_ids"]
+    plain = httpx.post(live.url + path, json={**body, "return_token_ids": False},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=120).json()
+    assert "token_ids" not in plain["choices"][0]
+
+
 def test_concurrent_equals_alone(client):
     prompts = [f"Request number {i}: " + "word " * (i % 5) for i in range(16)]
     alone = {p: _chat(client, p, max_tokens=6).choices[0].message.content for p in prompts[:4]}
