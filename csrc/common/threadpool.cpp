@@ -191,6 +191,13 @@ void ThreadPool::parallel(const Job& job) {
 void ThreadPool::queue_loop() {
   pin_thread(0);
   for (;;) {
+    // Spin a while for the next task: a decode step submits one per layer, a few hundred
+    // microseconds apart, and a futex wake-up would add to every one of them.
+    auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
+    for (int i = 0; queued_.load(std::memory_order_acquire) == 0; ++i) {
+      cpu_relax();
+      if ((i & 255) == 255 && Clock::now() > deadline) break;
+    }
     std::function<void()> task;
     {
       std::unique_lock<std::mutex> lk(q_mu_);
@@ -198,6 +205,7 @@ void ThreadPool::queue_loop() {
       if (queue_.empty()) break;  // stop_ and drained
       task = std::move(queue_.front());
       queue_.pop_front();
+      queued_.fetch_sub(1, std::memory_order_relaxed);
     }
     std::exception_ptr err;
     try {
@@ -227,6 +235,7 @@ uint64_t ThreadPool::submit(std::function<void()> task) {
   {
     std::lock_guard<std::mutex> lk(q_mu_);
     queue_.push_back(std::move(task));
+    queued_.fetch_add(1, std::memory_order_release);
     ticket = ++submitted_;
     finished.swap(finished_);
   }

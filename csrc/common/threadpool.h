@@ -9,9 +9,10 @@
 // Threads are grouped (NUMA nodes, or a forced layout for tests): group g holds threads
 // [group_begin(g), group_begin(g+1)). Callers use group_of(ith) to read node-local data.
 //
-// Idle threads spin for `spin_us` before sleeping on a condition variable: short enough not to
-// steal cores from torch between MoE layers, long enough to skip the futex wake-up within one
-// layer's phases.
+// Idle threads (the workers, and the queue thread waiting for a task) spin for `spin_us` before
+// sleeping on a condition variable: short enough not to steal cores from torch for long, long
+// enough to skip the futex wake-ups within one layer's phases and, with a larger value, between
+// the layers of a decode step.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -95,6 +96,7 @@ class ThreadPool {
   std::deque<std::function<void()>> queue_;
   std::vector<std::function<void()>> finished_;  // run tasks, freed by the next submit/sync
   uint64_t submitted_ = 0;
+  std::atomic<int64_t> queued_{0};  // tasks in queue_: the queue thread spins on it before sleeping
   std::atomic<uint64_t> completed_{0};
   std::exception_ptr task_error_;
   bool stop_ = false;

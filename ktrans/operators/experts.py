@@ -39,13 +39,32 @@ _STREAM_MAX_T = 128
 _pools: dict[tuple[int, int], Any] = {}
 
 
+DEFAULT_SPIN_US = 200
+
+
+def pool_spin_us() -> int:
+    """How long idle expert threads spin before sleeping (KTRANS_SPIN_US, microseconds)."""
+    import os
+
+    text = os.environ.get("KTRANS_SPIN_US", "").strip()
+    if not text:
+        return DEFAULT_SPIN_US
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 10_000_000:
+        raise KtransError(f"KTRANS_SPIN_US must be a whole number of microseconds in [0, 10000000], got {text!r}")
+    return value
+
+
 def shared_pool(threads: int, groups: int):
     """The process's thread pool for (threads, thread groups): one owned pool shared by layers."""
     from ktrans import _C
 
     key = (threads, groups)
     if key not in _pools:
-        _pools[key] = _C.ThreadPool(threads, groups)
+        _pools[key] = _C.ThreadPool(threads, groups, True, pool_spin_us())
     return _pools[key]
 
 

@@ -162,6 +162,19 @@ def test_threads_numa_layouts_and_chunks_agree(experts, qtype, gemm):
         assert nmse(run(moe, x, ids, w), base) < (MOE_GEMM_LAYOUT_NMSE if gemm else MOE_LAYOUT_NMSE)
 
 
+def test_spin_settings_agree(experts):
+    # Threads that never spin (every wait sleeps on a futex) and threads that spin long give the
+    # same result over many back-to-back submits.
+    ex = experts("q8_0")
+    calls = [routing(t) + (torch.randn(t, H),) for t in (1, 1, 5, 1, 40, 1)]
+    outs = {}
+    for spin in (0, 20000):
+        moe = ex.layer(_C.ThreadPool(2, 0, True, spin))
+        outs[spin] = [run(moe, x, ids, w) for ids, w, x in calls]
+    for a, b in zip(outs[0], outs[20000]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("isa", cpu.supported_isas())
 @pytest.mark.parametrize("qtype", [q for q in FORMATS if quant.QTYPES[q].block_size >= 32])
 def test_gemm_path_against_torch(pool, experts, qtype, isa):

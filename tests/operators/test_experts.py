@@ -156,3 +156,16 @@ def test_gguf_file_mixed_formats(tiny_model):
     planned = type(op).planned_bytes(key=KEY, orig_module=hf, config=config, device="cpu",
                                      kwargs={"numa": "replicate", "numa_nodes": 1}, weights=src)
     assert planned == {"cpu": stored} and op._moe.weight_bytes == stored
+
+
+def test_spin_setting(monkeypatch):
+    from ktrans.operators.experts import DEFAULT_SPIN_US, pool_spin_us
+
+    monkeypatch.delenv("KTRANS_SPIN_US", raising=False)
+    assert pool_spin_us() == DEFAULT_SPIN_US
+    monkeypatch.setenv("KTRANS_SPIN_US", "5000")
+    assert pool_spin_us() == 5000
+    for bad in ("-1", "fast", "1.5"):
+        monkeypatch.setenv("KTRANS_SPIN_US", bad)
+        with pytest.raises(KtransError, match="KTRANS_SPIN_US"):
+            pool_spin_us()
