@@ -26,6 +26,7 @@ MoeLayer::MoeLayer(std::shared_ptr<ThreadPool> pool, const MoeShape& s, MoeBacke
       max_chunk_(std::max<int64_t>(1, max_chunk)), buf_(moe_scratch_for(pool_.get())),
       counters_(pool_->num_groups()) {
   if (s.E <= 0 || s.H <= 0 || s.I <= 0) throw std::invalid_argument("MoE shape E, H, I must be positive");
+  if (isa_ != Isa::amx) gemm_min_tokens_ = 0;
   const int G = ngroups();
   const int64_t proj_k[3] = {s.H, s.H, s.I};
   for (int p = 0; p < 3; ++p) {

@@ -164,7 +164,10 @@ class MoeLayer {
   int64_t col_block_ = 64;  // gate/up columns per work item of this chunk (amx_*)
   std::vector<std::atomic<int64_t>> counters_;  // one work counter per group
   // Prepared activations of the chunk in flight (plan_acts; gguf GEMM path: plan_gemm)
-  int64_t gemm_min_tokens_ = 24;  // measured break-even ~16 (q4_k, Qwen3 shape, AMX core)
+  // Measured break-even ~16 (q4_k, Qwen3 shape, AMX core). Without AMX the bf16 panel GEMM is
+  // slower than vec_dot at any size (q4_k, T 512: 2.9x on AVX2, 1.1x on AVX-512), so it is off
+  // (0) there unless set explicitly.
+  int64_t gemm_min_tokens_ = 24;
   bool gemm_ok_ = false;             // block formats, H and I multiples of kPackKAlign
   std::vector<uint8_t> big_;         // [A] 1: this active expert takes the GEMM path (amx_*: all)
   std::vector<PackedActs> xacts_;    // [A] prepared x rows of each big expert

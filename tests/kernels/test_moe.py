@@ -181,8 +181,9 @@ def test_gemm_path_against_torch(pool, experts, qtype, isa):
     # Skewed routing: some experts get more positions than the layer's GEMM threshold (dequantized
     # to bf16 panels + packed_gemm), others fewer (vec_dot), in the same call.
     ex = experts(qtype)
-    moe = ex.layer(pool, isa=isa)
+    moe = ex.layer(pool, isa=isa, gemm_min_tokens=24)      # forced on: the default is off without AMX
     threshold = moe.gemm_min_tokens
+    assert ex.layer(pool, isa=isa).gemm_min_tokens == (24 if isa == "amx" else 0)
     t = 100
     ids = torch.multinomial(torch.tensor([16.0, 8, 4, 2, 1, 1, 0.5, 0.5]).expand(t, E), K)  # [T, k]
     w = torch.rand(t, K)
