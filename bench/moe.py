@@ -243,7 +243,7 @@ def main() -> None:
     bw = measure_bandwidth(args.threads)
     peaks = measure_amx_peak(args.threads)
     peer_variant = moe_peer.available()
-    print(f"threads={args.threads} isa={cpu.best_isa()} read bandwidth {bw:.1f} GB/s  AMX peak bf16 "
+    print(f"threads={args.threads} isa={cpu.selected_isa()} read bandwidth {bw:.1f} GB/s  AMX peak bf16 "
           f"{peaks['bf16'] / 1e12:.2f} TFLOP/s int8 {peaks['int8'] / 1e12:.2f} TOP/s  kt-kernel: {peer_variant}",
           flush=True)
     rows = []
@@ -255,7 +255,7 @@ def main() -> None:
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, cpu=cpu_model(),
-                    threads=args.threads, isa=cpu.best_isa(), bandwidth_gbs=bw, amx_peak=peaks,
+                    threads=args.threads, isa=cpu.selected_isa(), bandwidth_gbs=bw, amx_peak=peaks,
                     kt_kernel=peer_variant, command=" ".join(sys.argv))
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -35,52 +35,50 @@ inline void k4_scales(const uint8_t* q, uint8_t* out) {
   std::memcpy(out, r, 16);
 }
 
-// sum over the 8 sub-blocks of min[g] * (sum of the 32 activations of sub-block g).
-inline int mins_times_sums(const uint8_t* mins, const int16_t* bsums) {
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums));
-  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums + 8));
-  const __m128i sums = _mm_hadd_epi16(lo, hi);  // 8 sums of 32
-  const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins)));
-  __m128i p = _mm_madd_epi16(sums, m);
-  p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4E));
-  p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1));
-  return _mm_cvtsi128_si32(p);
-}
-
+// q4_K x q8_K: d * d_a * sum_g sc[g] (q . a)_g  -  dmin * d_a * sum_g m[g] * (sum of a over g).
+// The unpacked block (8 level vectors, 8 scale splats) stays in L1 while the tokens take turns:
+// with 16 ymm registers, one token's accumulators live in registers at a time.
 template <int N>
 void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
   const BlockQ4_K* x = static_cast<const BlockQ4_K*>(w);
   const BlockQ8_K* y[N];
   __m256 acc[N];
-  float acc_min[N];
   for (int j = 0; j < N; ++j) {
     y[j] = static_cast<const BlockQ8_K*>(acts[j]);
     acc[j] = _mm256_setzero_ps();
-    acc_min[j] = 0.0f;
   }
   const __m256i low4 = _mm256_set1_epi8(0x0F);
+  // mins m[g] as int16, each twice: the 16 bsums are pairs of 16-value sums of sub-block g
+  const __m128i dup = _mm_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
     alignas(16) uint8_t sm[16];
     k4_scales(x[i].scales, sm);
-    const float d = _cvtsh_ss(x[i].d), dmin = _cvtsh_ss(x[i].dmin);
-    __m256i sumi[N];
-    for (int j = 0; j < N; ++j) sumi[j] = _mm256_setzero_si256();
-    for (int c = 0; c < 4; ++c) {  // 64 values: 32 low nibbles (sub-block 2c), 32 high (2c + 1)
-      const __m256i q = loadu(x[i].qs + 32 * c);
-      const __m256i q0 = _mm256_and_si256(q, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-      const __m256i s0 = _mm256_set1_epi16(sm[2 * c]), s1 = _mm256_set1_epi16(sm[2 * c + 1]);
-      for (int j = 0; j < N; ++j) {
-        const __m256i p0 = _mm256_maddubs_epi16(q0, loadu(y[j][i].qs + 64 * c));
-        const __m256i p1 = _mm256_maddubs_epi16(q1, loadu(y[j][i].qs + 64 * c + 32));
-        sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1)));
-      }
+    const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
+    const __m256i mins = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_shuffle_epi8(m8, dup)),
+                                                 _mm_shuffle_epi8(_mm_srli_si128(m8, 4), dup), 1);
+    alignas(32) __m256i q[8], s[8];  // 32 low nibbles (sub-block 2c), 32 high (2c + 1)
+    for (int c = 0; c < 4; ++c) {
+      const __m256i b = loadu(x[i].qs + 32 * c);
+      q[2 * c] = _mm256_and_si256(b, low4);
+      q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      s[2 * c] = _mm256_set1_epi16(sm[2 * c]);
+      s[2 * c + 1] = _mm256_set1_epi16(sm[2 * c + 1]);
     }
+    const float d = _cvtsh_ss(x[i].d), dmin = _cvtsh_ss(x[i].dmin);
     for (int j = 0; j < N; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * y[j][i].d), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
-      acc_min[j] += dmin * y[j][i].d * static_cast<float>(mins_times_sums(sm + 8, y[j][i].bsums));
+      const BlockQ8_K& a = y[j][i];
+      __m256i sum0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q[0], loadu(a.qs)), s[0]);
+      __m256i sum1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q[1], loadu(a.qs + 32)), s[1]);
+      for (int k = 2; k < 8; k += 2) {
+        sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], loadu(a.qs + 32 * k)), s[k]));
+        sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k + 1], loadu(a.qs + 32 * k + 32)), s[k + 1]));
+      }
+      const __m256i msum = _mm256_madd_epi16(mins, loadu(a.bsums));
+      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc[j]);
+      acc[j] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * a.d), _mm256_cvtepi32_ps(msum), acc[j]);
     }
   }
-  for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]) - acc_min[j];
+  for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]);
 }
 
 // Two 16-value group scales for one 32-byte maddubs result: a for bytes 0..15, b for 16..31.
