@@ -58,13 +58,15 @@ def test_text_stop_strings_and_stop_tokens(engine_factory):
     by_id = _run(engine, {"t": (prompt, params)})["t"]
     first = base["tokens"].index(stop_id)
     assert by_id["reason"] == "stop" and by_id["tokens"] == base["tokens"][:first + 1]
-    # Special tokens kept in the text on request: the stop token id is EOS here.
-    eos = tok.eos_token_id
+    # Special tokens kept in the text on request. The token that ends a generation (EOS here, or
+    # one of stop_token_ids) is the last of the token ids but not part of the text, as in vLLM.
     params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[], skip_special_tokens=False)
     kept = _run(engine, {"k": (prompt, params)})["k"]
-    assert kept["text"] == tok.decode(kept["tokens"], skip_special_tokens=False)
-    if kept["tokens"][-1] == eos:
-        assert kept["text"].endswith(tok.eos_token)
+    ended_by_token = kept["reason"] == "stop"
+    assert not ended_by_token or kept["tokens"][-1] in engine.eos_token_ids
+    shown = kept["tokens"][:-1] if ended_by_token else kept["tokens"]
+    assert kept["text"] == tok.decode(shown, skip_special_tokens=False)
+    assert by_id["text"] == tok.decode(by_id["tokens"][:-1], skip_special_tokens=True)
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(engine_factory):
