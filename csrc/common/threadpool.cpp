@@ -54,6 +54,14 @@ inline void cpu_relax() {
 
 using Clock = std::chrono::steady_clock;
 
+// Logical CPUs this process may run on.
+int allowed_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
 }  // namespace
 
 std::vector<CoreInfo> physical_cores() {
@@ -79,7 +87,7 @@ std::vector<CoreInfo> physical_cores() {
 }
 
 ThreadPool::ThreadPool(int nthreads, int ngroups, bool pin, int spin_us)
-    : n_(nthreads), spin_us_(spin_us), pin_(pin) {
+    : n_(nthreads), spin_us_(spin_us), pin_(pin), shares_cores_(nthreads >= allowed_cpus()) {
   if (nthreads < 1) throw std::invalid_argument("thread pool needs at least 1 thread, got " + std::to_string(nthreads));
   if (ngroups < 0 || ngroups > nthreads)
     throw std::invalid_argument("thread groups must be in [0, " + std::to_string(nthreads) + "], got " +
@@ -125,12 +133,20 @@ void ThreadPool::pin_thread(int ith) {
   pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
+// One step of an idle spin. When the pool's threads hold every CPU of the process, every 64th
+// step yields: a thread that has become runnable on this core (the Python thread woken by a
+// finished task, torch's launch thread) runs at once instead of after the spin.
+void ThreadPool::idle_pause(int i) const {
+  cpu_relax();
+  if (shares_cores_ && (i & 63) == 63) sched_yield();
+}
+
 // Spin on the generation counter for spin_us, then sleep until it moves.
 void ThreadPool::wait_for_generation(uint64_t seen) {
   auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
   for (int i = 0;; ++i) {
     if (generation_.load(std::memory_order_acquire) != seen) return;
-    cpu_relax();
+    idle_pause(i);
     if ((i & 255) == 255 && Clock::now() > deadline) break;
   }
   sleepers_.fetch_add(1);
@@ -195,7 +211,7 @@ void ThreadPool::queue_loop() {
     // microseconds apart, and a futex wake-up would add to every one of them.
     auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
     for (int i = 0; queued_.load(std::memory_order_acquire) == 0; ++i) {
-      cpu_relax();
+      idle_pause(i);
       if ((i & 255) == 255 && Clock::now() > deadline) break;
     }
     std::function<void()> task;
@@ -244,9 +260,13 @@ uint64_t ThreadPool::submit(std::function<void()> task) {
 }
 
 void ThreadPool::sync(uint64_t ticket) {
-  // Short spin first: a decode-sized MoE layer finishes in well under a millisecond.
-  auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
-  while (completed_.load(std::memory_order_acquire) < ticket && Clock::now() < deadline) cpu_relax();
+  // Short spin first: a decode-sized MoE layer finishes in well under a millisecond. Not when
+  // the pool holds every CPU: the caller would then spin on a core one of the pool's threads
+  // needs, and slow the whole fan-out down to that thread's share of it.
+  if (!shares_cores_) {
+    auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
+    while (completed_.load(std::memory_order_acquire) < ticket && Clock::now() < deadline) cpu_relax();
+  }
   std::vector<std::function<void()>> finished;  // destroyed here, on the caller's thread
   std::exception_ptr err;
   {

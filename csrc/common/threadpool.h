@@ -71,11 +71,13 @@ class ThreadPool {
   void worker_loop(int ith);
   void queue_loop();
   void wait_for_generation(uint64_t seen);
+  void idle_pause(int i) const;
   void pin_thread(int ith);
 
   int n_;
   int spin_us_;
   bool pin_;
+  bool shares_cores_;  // n_ >= the CPUs this process may use: no core is left for the caller
   std::vector<int> cpus_;
   std::vector<int> thread_group_, group_begin_, group_node_;
   std::vector<std::thread> threads_;

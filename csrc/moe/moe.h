@@ -141,7 +141,10 @@ class MoeLayer {
   // out[j] = dot(k, w, acts[j]) for j < nt, with the multi-token kernel when there is one.
   // NOTE: one token goes to vec_dot, whose widest ISA version beats the AVX2 multi kernel there.
   void dot_tokens(int proj, int64_t k, const uint8_t* w, const void* const* acts, int nt, float* out) const {
-    if (multi_[proj] && nt > 1) return multi_[proj](k, w, acts, nt, out);
+    // NOTE: the multi-token kernel also for one token: its per-token arithmetic does not depend
+    // on how many tokens share the call, so a position's result is the same whatever tile,
+    // chunk or thread layout it lands in (the single-row k_vec_dot rounds differently).
+    if (multi_[proj]) return multi_[proj](k, w, acts, nt, out);
     for (int j = 0; j < nt; ++j) out[j] = dot_[proj](k, w, acts[j]);
   }
   QuantizeRowFn act_quant_[3] = {};  // f32 -> activation format of each projection
