@@ -30,6 +30,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", True, False),
         ArchSpec("mixtral", "mixtral", "MixtralForCausalLM", "llama", True, False),
         ArchSpec("qwen2", "qwen2", "Qwen2ForCausalLM", "qwen2", False, False),
+        ArchSpec("llama", "llama", "LlamaForCausalLM", "llama", False, False),
     ]
 }
 

@@ -80,6 +80,13 @@ _QWEN2 = {
     "sliding_window": None,
 }
 
+_LLAMA = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+}
+
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
 PRESETS: dict[str, dict[str, dict]] = {
     "deepseek_v3": {
@@ -160,6 +167,14 @@ PRESETS: dict[str, dict[str, dict]] = {
         "qwen2-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                            num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                            tie_word_embeddings=True),
+    },
+    "llama": {
+        "tiny": dict(_LLAMA, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=None, max_position_embeddings=1024),
+        "small": dict(_LLAMA, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=None),
+        "llama-3-8b": _LLAMA,
+        "mistral-7b": dict(_LLAMA, vocab_size=32768, max_position_embeddings=32768, rope_theta=1000000.0),
     },
 }
 

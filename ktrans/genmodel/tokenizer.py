@@ -63,6 +63,17 @@ _FAMILIES = {
             "{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
     },
+    "llama3": {
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                     "<|eot_id|>"],
+        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "add_bos": True,
+        "template": (
+            "{{ bos_token }}"
+            "{% for m in messages %}"
+            "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    },
     "mistral": {
         "specials": ["<unk>", "<s>", "</s>"],
         "bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>", "add_bos": True,
@@ -77,13 +88,13 @@ _FAMILIES = {
 }
 
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
-                "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral"}
+                "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3"}
 
 # Arch -> llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), as convert_hf_to_gguf writes for the
 # real models. NOTE: real Mixtral files hold a sentencepiece ("llama") vocab; ours is a byte-level
 # BPE stand-in, so it names the split it really uses (GPT-2's).
 _ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
-             "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2"}
+             "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe"}
 
 # tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
 # pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).
@@ -110,7 +121,11 @@ class TokenizerInfo:
 def _train(specials: list[str], pre: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
+    from ktrans.weights.tokenizer_gguf import PRE_TOKENIZERS
+
+    # NOTE: Llama 3's BPE takes a pre-token found whole in the vocab as is (ignore_merges), as
+    # the tokenizer single-file mode rebuilds from `tokenizer.ggml.pre = llama-bpe` does.
+    tok = Tokenizer(models.BPE(ignore_merges=PRE_TOKENIZERS[pre].ignore_merges))
     normalizer, tok.pre_tokenizer = hf_pre_tokenizer(pre)
     if normalizer is not None:
         tok.normalizer = normalizer

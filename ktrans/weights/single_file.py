@@ -39,11 +39,12 @@ def _model_type(r: GGUFReader) -> str:
         v3 = r.get(f"{arch}.expert_gating_func") == _GATING_SIGMOID or any(
             n.endswith("exp_probs_b.bias") for n in r.tensors)
         return "deepseek_v3" if v3 else "deepseek_v2"
-    if arch == "llama":
-        if not r.get("llama.expert_count"):
-            raise KtransError(f"{r.path}: dense llama models are not supported (ktrans runs the 'llama' "
-                              f"architecture only as Mixtral, with llama.expert_count > 0)")
-        return "mixtral"
+    if arch == "llama":  # llama.cpp's 'llama' holds dense Llama/Mistral models and Mixtral
+        if "rope_freqs.weight" in r.tensors:
+            raise KtransError(f"{r.path}: per-frequency rope factors (rope_freqs.weight, Llama 3.1-style "
+                              f"rope scaling) are not rebuilt in single-file mode; pass --model_path with "
+                              f"the HF config.json")
+        return "mixtral" if r.get("llama.expert_count") else "llama"
     by_gguf = {a.gguf_arch: a.model_type for a in ARCHS.values() if a.gguf_arch not in ("deepseek2", "llama")}
     if arch not in by_gguf:
         supported = sorted({a.gguf_arch for a in ARCHS.values()})
@@ -157,6 +158,8 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
         cfg.update(use_sliding_window=False, sliding_window=None)
     if model_type == "mixtral":
         cfg["sliding_window"] = None
+    if model_type == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
     return cfg
 
 

@@ -24,7 +24,7 @@ from tests.operators.hf_tiny import tiny_hf_model
 from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_ATOL, FIDELITY_F32_RTOL,
                               NEAR_TIE_WITHIN_FRACTION, QUANT_LOGITS_NMSE, ROUTING_FLIP_NMSE)
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
              "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock"}
 NEW_TOKENS = 32

@@ -36,6 +36,7 @@ CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(
         **_COMMON, num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, num_key_value_heads=2, intermediate_size=96),
+    "llama": lambda: transformers.LlamaConfig(**_COMMON, num_key_value_heads=2, intermediate_size=96),
 }
 
 

@@ -15,7 +15,7 @@ from ktrans.operators.rope import materialize_rotary, rotary_embeddings
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
 PAGE = 4
 # Each request's tokens, split into the chunks scheduled at each of three steps (0 = idle).
 SCHEDULE = {0: [5, 1, 1], 1: [3, 4, 1], 2: [0, 6, 2]}

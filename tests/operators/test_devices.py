@@ -19,7 +19,7 @@ from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import BF16_LOGITS_NMSE, BF16_VS_HF_BF16, NEAR_TIE_WITHIN_FRACTION, ROUTING_FLIP_NMSE
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 

@@ -40,6 +40,8 @@ CONFIGS = {
                                                   num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, intermediate_size=96, num_hidden_layers=5,
                                               num_key_value_heads=2),
+    "llama": lambda: transformers.LlamaConfig(**_COMMON, intermediate_size=96, num_hidden_layers=5,
+                                              num_key_value_heads=2),
 }
 SHIPPED = [(p.stem.split("-", 1)[0], p.stem.split("-", 1)[1] if "-" in p.stem else "") for p in list_shipped()]
 

@@ -29,6 +29,7 @@ ARCHS = {  # ktrans arch -> (gguf arch, config)
                                                                   shared_expert_intermediate_size=64)),
     "mixtral": ("llama", lambda: transformers.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4)),
     "qwen2": ("qwen2", lambda: transformers.Qwen2Config(**SMALL, intermediate_size=96)),
+    "llama": ("llama", lambda: transformers.LlamaConfig(**SMALL, intermediate_size=96)),
 }
 
 

@@ -29,6 +29,7 @@ SPECIALS = {  # a few special tokens of each generated family, mixed into the te
     "qwen2_moe": "<|im_start|>user\nhi<|im_end|><|endoftext|>",
     "qwen2": "<|im_start|>user\nhi<|im_end|>",
     "mixtral": "<s>[INST] hi [/INST]</s><unk>",
+    "llama": "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|end_of_text|>",
 }
 MIXED = ("Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  "
          "你好，世界！人工智能。こんにちは、世界。한국어 Привет 🚀🔥😀 👨‍👩‍👧 🇫🇷 ∑∫√ ")
@@ -140,8 +141,9 @@ def test_single_file_errors(tmp_path, tiny_model):
     cases = [
         (write_gguf(tmp_path / "q3.gguf", embd, arch="qwen3", metadata={"qwen3.block_count": 1}),
          config_from_gguf, "architecture 'qwen3' is not supported in single-file mode"),
-        (write_gguf(tmp_path / "ll.gguf", embd, arch="llama", metadata={"llama.block_count": 1}),
-         config_from_gguf, "dense llama models are not supported"),
+        (write_gguf(tmp_path / "ll.gguf", {**embd, "rope_freqs.weight": np.ones(4)}, arch="llama",
+                    metadata={"llama.block_count": 1}),
+         config_from_gguf, "rope_freqs.weight, Llama 3.1-style rope scaling"),
         (write_gguf(tmp_path / "nokey.gguf", embd, arch="qwen2", metadata={"qwen2.block_count": 1}),
          config_from_gguf, "lacks the hidden_size key of 'qwen2'"),
         (write_gguf(tmp_path / "notok.gguf", embd, arch="qwen2"), tokenizer_from_gguf, "no tokenizer metadata"),
