@@ -24,17 +24,6 @@ inline float hsum(__m256 v) {
 
 inline __m256i loadu(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// 12 packed bytes -> 8 scales (out[0..7]) and 8 mins (out[8..15]), 6 bits each.
-inline void k4_scales(const uint8_t* q, uint8_t* out) {
-  uint32_t a[3], r[4];
-  std::memcpy(a, q, 12);
-  r[0] = a[0] & 0x3f3f3f3f;                                         // scales 0..3
-  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);          // scales 4..7
-  r[2] = a[1] & 0x3f3f3f3f;                                         // mins 0..3
-  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);   // mins 4..7
-  std::memcpy(out, r, 16);
-}
-
 // q4_K x q8_K: d * d_a * sum_g sc[g] (q . a)_g  -  dmin * d_a * sum_g m[g] * (sum of a over g).
 // The unpacked block (8 level vectors, 8 scale splats) stays in L1 while the tokens take turns:
 // with 16 ymm registers, one token's accumulators live in registers at a time.
@@ -52,7 +41,7 @@ void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
   const __m128i dup = _mm_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
     alignas(16) uint8_t sm[16];
-    k4_scales(x[i].scales, sm);
+    unpack_scales_mins_k4(x[i].scales, sm);
     const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
     const __m256i mins = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_shuffle_epi8(m8, dup)),
                                                  _mm_shuffle_epi8(_mm_srli_si128(m8, 4), dup), 1);

@@ -108,17 +108,6 @@ float dot_q32_avx2(int64_t n, const void* w, const void* a) {
   return hsum_ps(acc);
 }
 
-// The 8 6-bit scales and mins of a q4_K / q5_K block as bytes (sc in out[0..7], m in out[8..15]).
-inline void unpack_k4_scales(const uint8_t* q, uint8_t* out) {
-  uint32_t a[3], r[4];
-  std::memcpy(a, q, 12);
-  r[0] = a[0] & 0x3f3f3f3f;
-  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);
-  r[2] = a[1] & 0x3f3f3f3f;
-  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);
-  std::memcpy(out, r, 16);
-}
-
 // sum_g m[g] * (sum of activation group g), groups of 32 = pairs of bsums; m: 8 bytes.
 inline int mins_dot_bsums(const uint8_t* m, const int16_t* bsums) {
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums));
@@ -151,7 +140,7 @@ float dot_k45_avx2(int64_t n, const void* w, const void* a) {
       qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
     }
     alignas(16) uint8_t sm[16];
-    unpack_k4_scales(scales, sm);
+    unpack_scales_mins_k4(scales, sm);
     acc_m += h2f(dmin16) * y[i].d * static_cast<float>(mins_dot_bsums(sm + 8, y[i].bsums));
     __m256i qh = kQ5 ? load256(qhp) : _mm256_setzero_si256();
     __m256i sumi = _mm256_setzero_si256();

@@ -22,17 +22,6 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<co
 inline __m512 u8_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
 inline __m512 i8_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
 
-// 12 packed bytes -> 8 scales (out[0..7]) and 8 mins (out[8..15]), 6 bits each.
-inline void k4_scales(const uint8_t* q, uint8_t* out) {
-  uint32_t a[3], r[4];
-  std::memcpy(a, q, 12);
-  r[0] = a[0] & 0x3f3f3f3f;
-  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);
-  r[2] = a[1] & 0x3f3f3f3f;
-  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);
-  std::memcpy(out, r, 16);
-}
-
 // q4_K: sub-block j (32 values) = (d * sc[j]) * q - (dmin * m[j]); q = low nibbles of
 // qs[32 (j/2) ..] for even j, high nibbles for odd j.
 void dq_q4_k(const void* src, float* dst, int64_t n) {
@@ -40,7 +29,7 @@ void dq_q4_k(const void* src, float* dst, int64_t n) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t i = 0; i < n / kQK_K; ++i, dst += kQK_K) {
     alignas(16) uint8_t sm[16];
-    k4_scales(b[i].scales, sm);
+    unpack_scales_mins_k4(b[i].scales, sm);
     const float d = _cvtsh_ss(b[i].d), dmin = _cvtsh_ss(b[i].dmin);
     for (int c = 0; c < 4; ++c) {
       const __m256i q = load256(b[i].qs + 32 * c);

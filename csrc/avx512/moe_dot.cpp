@@ -20,17 +20,6 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<co
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 
-// 12 packed bytes -> 8 scales (out[0..7]) and 8 mins (out[8..15]), 6 bits each.
-inline void k4_scales(const uint8_t* q, uint8_t* out) {
-  uint32_t a[3], r[4];
-  std::memcpy(a, q, 12);
-  r[0] = a[0] & 0x3f3f3f3f;
-  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);
-  r[2] = a[1] & 0x3f3f3f3f;
-  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);
-  std::memcpy(out, r, 16);
-}
-
 // q4_K x q8_K: d * d_a * sum_g sc[g] (q . a)_g  -  dmin * d_a * sum_g m[g] * (sum of a over g).
 template <int N>
 void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
@@ -46,7 +35,7 @@ void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
   const __m128i dup = _mm_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
     alignas(16) uint8_t sm[16];
-    k4_scales(x[i].scales, sm);
+    unpack_scales_mins_k4(x[i].scales, sm);
     const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
     const __m256i mins = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_shuffle_epi8(m8, dup)),
                                                  _mm_shuffle_epi8(_mm_srli_si128(m8, 4), dup), 1);

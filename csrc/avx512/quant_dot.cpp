@@ -111,17 +111,6 @@ float dot_q32_avx512(int64_t n, const void* w, const void* a) {
   return _mm_cvtss_f32(r);
 }
 
-// q4_K / q5_K scales and mins as bytes (sc in out[0..7], m in out[8..15]).
-inline void unpack_k4_scales(const uint8_t* q, uint8_t* out) {
-  uint32_t a[3], r[4];
-  std::memcpy(a, q, 12);
-  r[0] = a[0] & 0x3f3f3f3f;
-  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);
-  r[2] = a[1] & 0x3f3f3f3f;
-  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);
-  std::memcpy(out, r, 16);
-}
-
 // sum_j v[j] * (sum of activation values 32j..32j+31), v: 8 int16.
 inline int dot_pairs_bsums(__m128i v, const int16_t* bsums) {
   const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bsums)),
@@ -156,7 +145,7 @@ float dot_k45_avx512(int64_t n, const void* w, const void* a) {
       qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
     }
     alignas(16) uint8_t sm[16];
-    unpack_k4_scales(scales, sm);
+    unpack_scales_mins_k4(scales, sm);
     const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
     acc_m += h2f(dmin16) * y[i].d * static_cast<float>(dot_pairs_bsums(mins, y[i].bsums));
     // 8 scales as int16, replicated so that vpermw can pick [sc 2c x16 | sc 2c+1 x16]

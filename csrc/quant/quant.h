@@ -20,6 +20,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "common/isa.h"
 
@@ -125,6 +126,18 @@ static inline void unpack_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uin
     *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
     *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
   }
+}
+
+// All 8 scales and mins of a q4_K / q5_K block at once, as bytes: sc in out[0..7], m in
+// out[8..15] (the same values as unpack_scale_min_k4, four per 32-bit word).
+static inline void unpack_scales_mins_k4(const uint8_t* q, uint8_t* out) {
+  uint32_t a[3], r[4];
+  std::memcpy(a, q, 12);
+  r[0] = a[0] & 0x3f3f3f3f;                                         // scales 0..3
+  r[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 2) & 0x30303030);          // scales 4..7
+  r[2] = a[1] & 0x3f3f3f3f;                                         // mins 0..3
+  r[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 2) & 0x30303030);   // mins 4..7
+  std::memcpy(out, r, 16);
 }
 
 }  // namespace ktrans
