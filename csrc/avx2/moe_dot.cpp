@@ -12,6 +12,7 @@
 #include "moe/moe_dot.h"
 
 KTRANS_TARGET_AVX2_BEGIN
+#include "quant/q6k_levels.h"
 namespace ktrans {
 namespace {
 
@@ -96,23 +97,12 @@ void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
     acc[j] = _mm256_setzero_ps();
     acc_off[j] = 0.0f;
   }
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
     alignas(32) int16_t sc[16];
     for (int g = 0; g < 16; ++g) sc[g] = x[i].scales[g];
     __m256i q[8], sp[8];  // levels 0..63 of values 32k..32k+31, and their two group scales
-    for (int h = 0; h < 2; ++h) {
-      const __m256i l0 = loadu(x[i].ql + 64 * h), l1 = loadu(x[i].ql + 64 * h + 32);
-      const __m256i qh = loadu(x[i].qh + 32 * h);
-      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
-      for (int s = 0; s < 4; ++s) {
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2);
-        q[4 * h + s] = _mm256_or_si256(lo[s], _mm256_slli_epi16(hi, 4));
-        sp[4 * h + s] = scale_pair(sc[8 * h + 2 * s], sc[8 * h + 2 * s + 1]);
-      }
-    }
+    q6k_levels(x[i], q);
+    for (int k = 0; k < 8; ++k) sp[k] = scale_pair(sc[2 * k], sc[2 * k + 1]);
     const float d = _cvtsh_ss(x[i].d);
     for (int j = 0; j < N; ++j) {
       __m256i sumi = _mm256_setzero_si256();

@@ -15,6 +15,7 @@
 #include "quant/quant.h"
 
 KTRANS_TARGET_AVX2_BEGIN
+#include "quant/q6k_levels.h"
 namespace ktrans {
 namespace {
 
@@ -182,7 +183,6 @@ inline int scales_dot_bsums(const int16_t* sc, const int16_t* bsums) {
 float dot_q6_k_avx2(int64_t n, const void* w, const void* a) {
   const BlockQ6_K* x = static_cast<const BlockQ6_K*>(w);
   const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
   __m256 acc = _mm256_setzero_ps();
   float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
@@ -190,19 +190,12 @@ float dot_q6_k_avx2(int64_t n, const void* w, const void* a) {
     for (int g = 0; g < 16; ++g) sc[g] = x[i].scales[g];
     const float d = h2f(x[i].d) * y[i].d;
     acc_off += d * static_cast<float>(32 * scales_dot_bsums(sc, y[i].bsums));
+    __m256i lv[8];
+    q6k_levels(x[i], lv);
     __m256i sumi = _mm256_setzero_si256();
-    for (int h = 0; h < 2; ++h) {
-      const __m256i l0 = load256(x[i].ql + 64 * h), l1 = load256(x[i].ql + 64 * h + 32);
-      const __m256i qh = load256(x[i].qh + 32 * h);
-      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
-      for (int s = 0; s < 4; ++s) {
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2);
-        const __m256i q = _mm256_or_si256(lo[s], _mm256_slli_epi16(hi, 4));
-        const __m256i p = _mm256_maddubs_epi16(q, load256(y[i].qs + 128 * h + 32 * s));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(sc[8 * h + 2 * s], sc[8 * h + 2 * s + 1])));
-      }
+    for (int k = 0; k < 8; ++k) {
+      const __m256i p = _mm256_maddubs_epi16(lv[k], load256(y[i].qs + 32 * k));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(sc[2 * k], sc[2 * k + 1])));
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
   }

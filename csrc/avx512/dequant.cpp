@@ -11,6 +11,7 @@
 #include "quant/quant.h"
 
 KTRANS_TARGET_AVX512_BEGIN
+#include "quant/q6k_levels.h"
 namespace ktrans {
 namespace {
 
@@ -48,25 +49,17 @@ void dq_q4_k(const void* src, float* dst, int64_t n) {
 // q6_K: group g (16 values) = (d * scale[g]) * (q - 32), q = 4 low bits | 2 high bits << 4.
 void dq_q6_k(const void* src, float* dst, int64_t n) {
   const BlockQ6_K* b = static_cast<const BlockQ6_K*>(src);
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+  const __m256i off = _mm256_set1_epi8(32);
   for (int64_t i = 0; i < n / kQK_K; ++i, dst += kQK_K) {
     const float d = _cvtsh_ss(b[i].d);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i l0 = load256(b[i].ql + 64 * h), l1 = load256(b[i].ql + 64 * h + 32);
-      const __m256i qh = load256(b[i].qh + 32 * h);
-      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
-      for (int s = 0; s < 4; ++s) {  // values 128 h + 32 s .. + 31, as signed q - 32
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2);
-        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo[s], _mm256_slli_epi16(hi, 4)), off);
-        float* out = dst + 128 * h + 32 * s;
-        const int g = 8 * h + 2 * s;
-        _mm512_storeu_ps(out, mul(_mm512_set1_ps(d * static_cast<float>(b[i].scales[g])),
-                                  i8_ps(_mm256_castsi256_si128(q))));
-        _mm512_storeu_ps(out + 16, mul(_mm512_set1_ps(d * static_cast<float>(b[i].scales[g + 1])),
-                                       i8_ps(_mm256_extracti128_si256(q, 1))));
-      }
+    __m256i lv[8];
+    q6k_levels(b[i], lv);
+    for (int k = 0; k < 8; ++k) {  // values 32 k .. + 31, as signed q - 32; groups 2k, 2k + 1
+      const __m256i q = _mm256_sub_epi8(lv[k], off);
+      _mm512_storeu_ps(dst + 32 * k, mul(_mm512_set1_ps(d * static_cast<float>(b[i].scales[2 * k])),
+                                         i8_ps(_mm256_castsi256_si128(q))));
+      _mm512_storeu_ps(dst + 32 * k + 16, mul(_mm512_set1_ps(d * static_cast<float>(b[i].scales[2 * k + 1])),
+                                              i8_ps(_mm256_extracti128_si256(q, 1))));
     }
   }
 }

@@ -13,6 +13,7 @@
 #include "moe/moe_dot.h"
 
 KTRANS_TARGET_AVX512_BEGIN
+#include "quant/q6k_levels.h"
 namespace ktrans {
 namespace {
 
@@ -72,7 +73,6 @@ void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
     y[j] = static_cast<const BlockQ8_K*>(acts[j]);
     acc[j] = _mm512_setzero_ps();
   }
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
   const __m256i gidx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
@@ -80,15 +80,7 @@ void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
     const __m256i sc16x32 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5);  // 32 * sc[g], for the offset
     const __m256i sc8x2 = _mm256_broadcastsi128_si256(sc8);
     __m256i sl[8];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i l0 = load256(x[i].ql + 64 * h), l1 = load256(x[i].ql + 64 * h + 32);
-      const __m256i qh = load256(x[i].qh + 32 * h);
-      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
-      for (int s = 0; s < 4; ++s)
-        sl[4 * h + s] = _mm256_or_si256(lo[s], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2), 4));
-    }
+    q6k_levels(x[i], sl);
     __m512i q[4], sc[4];
     for (int k = 0; k < 4; ++k) {  // values 64k..64k+63 = groups 4k..4k+3, 8 int16 scales each
       q[k] = join(sl[2 * k], sl[2 * k + 1]);

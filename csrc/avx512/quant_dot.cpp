@@ -15,6 +15,7 @@
 #include "quant/quant.h"
 
 KTRANS_TARGET_AVX512_BEGIN
+#include "quant/q6k_levels.h"
 namespace ktrans {
 namespace {
 
@@ -193,7 +194,6 @@ inline __m512i dot_slices16(const __m256i* slices, __m128i sc8, const int8_t* aq
 float dot_q6_k_avx512(int64_t n, const void* w, const void* a) {
   const BlockQ6_K* x = static_cast<const BlockQ6_K*>(w);
   const BlockQ8_K* y = static_cast<const BlockQ8_K*>(a);
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
   __m512 acc = _mm512_setzero_ps();
   float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
@@ -201,15 +201,7 @@ float dot_q6_k_avx512(int64_t n, const void* w, const void* a) {
     const float d = h2f(x[i].d) * y[i].d;
     acc_off += d * static_cast<float>(32 * dot16_bsums(sc8, y[i].bsums));
     __m256i sl[8];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i l0 = load256(x[i].ql + 64 * h), l1 = load256(x[i].ql + 64 * h + 32);
-      const __m256i qh = load256(x[i].qh + 32 * h);
-      const __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
-      for (int s = 0; s < 4; ++s)
-        sl[4 * h + s] = _mm256_or_si256(lo[s], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2), 4));
-    }
+    q6k_levels(x[i], sl);
     acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(dot_slices16(sl, sc8, y[i].qs)), acc);
   }
   return _mm512_reduce_add_ps(acc) - acc_off;
