@@ -131,7 +131,11 @@ void bind_moe(py::module_& m) {
       .def_property_readonly("scratch_bytes", [](const ThreadPool& p) { return moe_scratch_bytes(&p); },
                              "bytes of the MoE scratch shared by every MoeLayer on this pool")
       .def("sync", &ThreadPool::sync, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
-      .def("sync_all", &ThreadPool::sync_all, py::call_guard<py::gil_scoped_release>());
+      .def("sync_all", &ThreadPool::sync_all, py::call_guard<py::gil_scoped_release>())
+      .def("round_trip", [](ThreadPool& p) { p.run([&p] { p.parallel([](int, int) {}); }); },
+           py::call_guard<py::gil_scoped_release>(),
+           "submit a task that fans out to every thread with no work, and wait for it: the fixed "
+           "cost of one call (bench/moe_call.py)");
 
   py::class_<StreamTask, std::shared_ptr<StreamTask>>(m, "StreamTask")
       .def("launch_start", &StreamTask::launch_start, py::arg("stream"))
