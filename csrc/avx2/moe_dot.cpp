@@ -2,9 +2,9 @@
 // with N activation rows (N <= 8, one accumulator set per token). Per token the arithmetic is the
 // reference's: the same integer sums per sub-block, then the block scales.
 //   q4_K x q8_K: d * d_act * sum - dmin * d_act * (mins . bsums)
-//   q6_K x q8_K: levels 0..63 with the -32 offset applied through bsums
+//   q6_K x q8_K: levels 0..63, the -32 offset subtracted through bsums in the same i32 lanes
 //   q8_0 x q8_0: |w| * sign(a, w) products, d_w * d_a per block of 32
-// Also used on AVX-512 machines (no AVX-512 override): the work is unpack-bound, not width-bound.
+// AVX-512 machines run csrc/avx512/moe_dot.cpp for q4_K and q6_K, and this q8_0.
 #include <immintrin.h>
 
 #include <cstring>
@@ -77,43 +77,33 @@ inline __m256i scale_pair(int a, int b) {
                                  _mm_set1_epi16(static_cast<int16_t>(b)), 1);
 }
 
-// sum over the 16 groups of sc[g] * bsums[g].
-inline int scales_times_sums(const int16_t* sc, const int16_t* bsums) {
-  const __m256i p = _mm256_madd_epi16(loadu(sc), loadu(bsums));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
 template <int N>
 void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
   const BlockQ6_K* x = static_cast<const BlockQ6_K*>(w);
   const BlockQ8_K* y[N];
   __m256 acc[N];
-  float acc_off[N];
   for (int j = 0; j < N; ++j) {
     y[j] = static_cast<const BlockQ8_K*>(acts[j]);
     acc[j] = _mm256_setzero_ps();
-    acc_off[j] = 0.0f;
   }
   for (int64_t i = 0; i < n / kQK_K; ++i) {
     alignas(32) int16_t sc[16];
     for (int g = 0; g < 16; ++g) sc[g] = x[i].scales[g];
+    // 32 * sc[g] for the -32 offset: sum_g 32 sc[g] * bsums[g] in the same i32 lanes as the dots
+    const __m256i off = _mm256_slli_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(sc)), 5);
     __m256i q[8], sp[8];  // levels 0..63 of values 32k..32k+31, and their two group scales
     q6k_levels(x[i], q);
     for (int k = 0; k < 8; ++k) sp[k] = scale_pair(sc[2 * k], sc[2 * k + 1]);
     const float d = _cvtsh_ss(x[i].d);
     for (int j = 0; j < N; ++j) {
-      __m256i sumi = _mm256_setzero_si256();
+      const BlockQ8_K& a = y[j][i];
+      __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(off, loadu(a.bsums)));
       for (int k = 0; k < 8; ++k)
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], loadu(y[j][i].qs + 32 * k)), sp[k]));
-      const float dj = d * y[j][i].d;
-      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dj), _mm256_cvtepi32_ps(sumi), acc[j]);
-      acc_off[j] += dj * static_cast<float>(32 * scales_times_sums(sc, y[j][i].bsums));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], loadu(a.qs + 32 * k)), sp[k]));
+      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[j]);
     }
   }
-  for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]) - acc_off[j];
+  for (int j = 0; j < N; ++j) out[j] = hsum(acc[j]);
 }
 
 template <int N>
