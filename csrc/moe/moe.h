@@ -139,7 +139,6 @@ class MoeLayer {
   VecDotFn dot_[3] = {};
   MoeDotMultiFn multi_[3] = {};      // several tokens per weight row, where the format has one
   // out[j] = dot(k, w, acts[j]) for j < nt, with the multi-token kernel when there is one.
-  // NOTE: one token goes to vec_dot, whose widest ISA version beats the AVX2 multi kernel there.
   void dot_tokens(int proj, int64_t k, const uint8_t* w, const void* const* acts, int nt, float* out) const {
     // NOTE: the multi-token kernel also for one token: its per-token arithmetic does not depend
     // on how many tokens share the call, so a position's result is the same whatever tile,
