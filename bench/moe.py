@@ -35,6 +35,9 @@ SHAPES = {"dsv3": dict(E=256, k=8, H=7168, I=2048, layers=1),
 # format -> (ktrans backend, stored type of the source bytes)
 FORMATS = {"q4_k": ("gguf", "q4_k"), "q6_k": ("gguf", "q6_k"), "q8_0": ("gguf", "q8_0"), "bf16": ("gguf", "bf16"),
            "amx_bf16": ("amx_bf16", "bf16"), "amx_int8": ("amx_int8", "bf16"), "amx_int4": ("amx_int4", "bf16")}
+DEFAULT_FORMATS = list(FORMATS)
+# Further GGUF block formats, on request (--formats q5_k,...).
+FORMATS.update({q: ("gguf", q) for q in ("q5_k", "q4_0", "q5_0", "q2_k", "q3_k", "iq4_xs")})
 TS = (1, 4, 32, 512, 2048, 8192)
 NPOOL = 4        # distinct random experts, tiled over E (same bytes, separate memory)
 ROUTINGS = 61    # prime: a layer never sees the same routing twice in a row
@@ -222,7 +225,7 @@ def fmt_row(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="dsv3,qwen3")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma list of: {', '.join(FORMATS)}")
     ap.add_argument("--T", default=",".join(map(str, TS)))
     ap.add_argument("--threads", type=int, default=0, help="ktrans threads (default: physical cores)")
     ap.add_argument("--peer-threads", type=int, default=0, help="kt-kernel threads (default: --threads)")
@@ -242,6 +245,12 @@ def main() -> None:
         args.T = args.T if args.T != ",".join(map(str, TS)) else "1,32,512"
     args.T = [int(t) for t in args.T.split(",")]
     args.formats = args.formats.split(",")
+    unknown = [f for f in args.formats if f not in FORMATS]
+    if unknown:
+        ap.error(f"unknown format(s) {', '.join(unknown)}; expected some of: {', '.join(FORMATS)}")
+    bad_shapes = [n for n in args.shapes.split(",") if n not in SHAPES]
+    if bad_shapes:
+        ap.error(f"unknown shape(s) {', '.join(bad_shapes)}; expected some of: {', '.join(SHAPES)}")
     args.threads = args.threads or len(_C.physical_cores())
     pool = _C.ThreadPool(args.threads)
     bw = measure_bandwidth(args.threads)

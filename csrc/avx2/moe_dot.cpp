@@ -1,13 +1,14 @@
 // AVX2 multi-token dots (see moe/moe_dot.h): each weight block is unpacked once and multiplied
 // with N activation rows (N <= 8, one accumulator set per token). Per token the arithmetic is the
 // reference's: the same integer sums per sub-block, then the block scales.
-//   q4_K x q8_K: d * d_act * sum - dmin * d_act * (mins . bsums)
+//   q4_K / q5_K x q8_K: d * d_act * sum - dmin * d_act * (mins . bsums); q5_K adds bit 4 from qh
 //   q6_K x q8_K: levels 0..63, the -32 offset subtracted through bsums in the same i32 lanes
 //   q8_0 x q8_0: |w| * sign(a, w) products, d_w * d_a per block of 32
-// AVX-512 machines run csrc/avx512/moe_dot.cpp for q4_K and q6_K, and this q8_0.
+// AVX-512 machines run csrc/avx512/moe_dot.cpp for the K-quants, and this q8_0.
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "moe/moe_dot.h"
 
@@ -28,16 +29,17 @@ inline __m256i loadu(const void* p) { return _mm256_loadu_si256(static_cast<cons
 // q4_K x q8_K: d * d_a * sum_g sc[g] (q . a)_g  -  dmin * d_a * sum_g m[g] * (sum of a over g).
 // The unpacked block (8 level vectors, 8 scale splats) stays in L1 while the tokens take turns:
 // with 16 ymm registers, one token's accumulators live in registers at a time.
-template <int N>
-void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
-  const BlockQ4_K* x = static_cast<const BlockQ4_K*>(w);
+template <bool kQ5, int N>
+void dot_k45(int64_t n, const void* w, const void* const* acts, float* out) {
+  using Block = std::conditional_t<kQ5, BlockQ5_K, BlockQ4_K>;
+  const Block* x = static_cast<const Block*>(w);
   const BlockQ8_K* y[N];
   __m256 acc[N];
   for (int j = 0; j < N; ++j) {
     y[j] = static_cast<const BlockQ8_K*>(acts[j]);
     acc[j] = _mm256_setzero_ps();
   }
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
   // mins m[g] as int16, each twice: the 16 bsums are pairs of 16-value sums of sub-block g
   const __m128i dup = _mm_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
@@ -47,10 +49,17 @@ void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
     const __m256i mins = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_shuffle_epi8(m8, dup)),
                                                  _mm_shuffle_epi8(_mm_srli_si128(m8, 4), dup), 1);
     alignas(32) __m256i q[8], s[8];  // 32 low nibbles (sub-block 2c), 32 high (2c + 1)
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (kQ5) qh = loadu(x[i].qh);  // bit j of qh[l]: 5th bit of value l of sub-block j
     for (int c = 0; c < 4; ++c) {
       const __m256i b = loadu(x[i].qs + 32 * c);
       q[2 * c] = _mm256_and_si256(b, low4);
       q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      if constexpr (kQ5) {
+        q[2 * c] = _mm256_or_si256(q[2 * c], _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+        q[2 * c + 1] = _mm256_or_si256(q[2 * c + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+        qh = _mm256_srli_epi16(qh, 2);
+      }
       s[2 * c] = _mm256_set1_epi16(sm[2 * c]);
       s[2 * c + 1] = _mm256_set1_epi16(sm[2 * c + 1]);
     }
@@ -143,11 +152,13 @@ void dispatch(int64_t n, const void* w, const void* const* acts, int nacts, floa
   }
 }
 
-template <int N> struct Q4K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q4k<N>(n, w, a, o); } };
+template <int N> struct Q4K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_k45<false, N>(n, w, a, o); } };
+template <int N> struct Q5K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_k45<true, N>(n, w, a, o); } };
 template <int N> struct Q6K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q6k<N>(n, w, a, o); } };
 template <int N> struct Q80 { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q80<N>(n, w, a, o); } };
 
 RegisterKernel<MoeDotMultiFn> reg_q4_k(k_moe_dot_multi[qi(QType::q4_k)], Isa::avx2, dispatch<Q4K>);
+RegisterKernel<MoeDotMultiFn> reg_q5_k(k_moe_dot_multi[qi(QType::q5_k)], Isa::avx2, dispatch<Q5K>);
 RegisterKernel<MoeDotMultiFn> reg_q6_k(k_moe_dot_multi[qi(QType::q6_k)], Isa::avx2, dispatch<Q6K>);
 RegisterKernel<MoeDotMultiFn> reg_q8_0(k_moe_dot_multi[qi(QType::q8_0)], Isa::avx2, dispatch<Q80>);
 

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "moe/moe_dot.h"
 
@@ -21,10 +22,12 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<co
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 
-// q4_K x q8_K: d * d_a * sum_g sc[g] (q . a)_g  -  dmin * d_a * sum_g m[g] * (sum of a over g).
-template <int N>
-void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
-  const BlockQ4_K* x = static_cast<const BlockQ4_K*>(w);
+// q4_K / q5_K x q8_K: d * d_a * sum_g sc[g] (q . a)_g  -  dmin * d_a * sum_g m[g] * (sum of a over g);
+// q5_K adds the 5th bit of value l of sub-block j from bit j of qh[l].
+template <bool kQ5, int N>
+void dot_k45(int64_t n, const void* w, const void* const* acts, float* out) {
+  using Block = std::conditional_t<kQ5, BlockQ5_K, BlockQ4_K>;
+  const Block* x = static_cast<const Block*>(w);
   const BlockQ8_K* y[N];
   __m512 acc[N];
   for (int j = 0; j < N; ++j) {
@@ -42,9 +45,16 @@ void dot_q4k(int64_t n, const void* w, const void* const* acts, float* out) {
                                                  _mm_shuffle_epi8(_mm_srli_si128(m8, 4), dup), 1);
     const __m512i sc16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm))));
     __m512i q[4], sc[4];
+    __m512i hbits = _mm512_setzero_si512();
+    if constexpr (kQ5) hbits = _mm512_broadcast_i64x4(load256(x[i].qh));
     for (int c = 0; c < 4; ++c) {  // [low nibbles | high nibbles] of 32 bytes = [sub-block 2c | 2c+1]
       const __m512i q32 = _mm512_broadcast_i64x4(load256(x[i].qs + 32 * c));
       q[c] = _mm512_and_si512(_mm512_mask_srli_epi16(q32, 0xFFFF0000u, q32, 4), low4);
+      if constexpr (kQ5) {  // bit 2c (low half) / 2c+1 (high half) of each qh byte -> 0x10
+        const __m512i bit = join(_mm256_set1_epi8(static_cast<char>(1 << (2 * c))),
+                                 _mm256_set1_epi8(static_cast<char>(2 << (2 * c))));
+        q[c] = _mm512_mask_blend_epi8(_mm512_test_epi8_mask(hbits, bit), q[c], _mm512_or_si512(q[c], _mm512_set1_epi8(0x10)));
+      }
       sc[c] = _mm512_permutexvar_epi16(
           join(_mm256_set1_epi16(static_cast<int16_t>(2 * c)), _mm256_set1_epi16(static_cast<int16_t>(2 * c + 1))), sc16);
     }
@@ -114,10 +124,12 @@ void dispatch(int64_t n, const void* w, const void* const* acts, int nacts, floa
   }
 }
 
-template <int N> struct Q4K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q4k<N>(n, w, a, o); } };
+template <int N> struct Q4K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_k45<false, N>(n, w, a, o); } };
+template <int N> struct Q5K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_k45<true, N>(n, w, a, o); } };
 template <int N> struct Q6K { static void run(int64_t n, const void* w, const void* const* a, float* o) { dot_q6k<N>(n, w, a, o); } };
 
 RegisterKernel<MoeDotMultiFn> reg_q4_k(k_moe_dot_multi[qi(QType::q4_k)], Isa::avx512, dispatch<Q4K>);
+RegisterKernel<MoeDotMultiFn> reg_q5_k(k_moe_dot_multi[qi(QType::q5_k)], Isa::avx512, dispatch<Q5K>);
 RegisterKernel<MoeDotMultiFn> reg_q6_k(k_moe_dot_multi[qi(QType::q6_k)], Isa::avx512, dispatch<Q6K>);
 
 }  // namespace
