@@ -44,7 +44,13 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=400)
     args = ap.parse_args()
     cores = cpu.physical_cores()
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    try:
+        threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+        spins = [int(s) for s in args.spin.split(",")]
+    except ValueError:
+        ap.error("--threads and --spin take comma lists of integers")
+    if min(threads) < 1 or min(spins) < 0 or args.calls < 1:
+        ap.error("--threads must be >= 1, --spin >= 0 and --calls >= 1")
     rng = np.random.default_rng()
     src = [rng.standard_normal((E * I, H)).astype(np.float32) * 0.05,
            rng.standard_normal((E * I, H)).astype(np.float32) * 0.05,
@@ -71,7 +77,7 @@ def main() -> None:
     print(f"isa={cpu.selected_isa()} physical cores={cores}; tiny q4_k layer E={E} H={H} I={I} k={K}, T=1")
     print(f"{'threads':>7} {'spin us':>8} {'ktrans us':>10} {'torch us':>9} {'floor us':>9}")
     for n in threads:
-        for spin in (int(s) for s in args.spin.split(",")):
+        for spin in spins:
             pool = _C.ThreadPool(n, 0, True, spin)
             layer = _C.MoeLayer(pool, E, H, I, ["q4_k"] * 3)
             for p in range(3):
