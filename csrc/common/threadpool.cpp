@@ -89,6 +89,7 @@ std::vector<CoreInfo> physical_cores() {
 ThreadPool::ThreadPool(int nthreads, int ngroups, bool pin, int spin_us)
     : n_(nthreads), spin_us_(spin_us), pin_(pin), shares_cores_(nthreads >= allowed_cpus()) {
   if (nthreads < 1) throw std::invalid_argument("thread pool needs at least 1 thread, got " + std::to_string(nthreads));
+  if (spin_us < 0) throw std::invalid_argument("thread pool spin must be >= 0 microseconds, got " + std::to_string(spin_us));
   if (ngroups < 0 || ngroups > nthreads)
     throw std::invalid_argument("thread groups must be in [0, " + std::to_string(nthreads) + "], got " +
                                 std::to_string(ngroups));

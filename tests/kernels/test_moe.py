@@ -278,6 +278,10 @@ def test_bad_input(pool, experts):
         moe.load(0, 0, np.zeros(7, np.uint8))
     with pytest.raises(ValueError, match="need rows of a multiple of 256"):
         _C.MoeLayer(pool, 2, 100, 256, ["q4_k"] * 3)
+    with pytest.raises(ValueError, match="at least 1 thread, got 0"):
+        _C.ThreadPool(0)
+    with pytest.raises(ValueError, match="spin must be >= 0 microseconds, got -5"):
+        _C.ThreadPool(1, 0, True, -5)
     ok = torch.tensor([[0, 1]]).repeat(2, 1)                                              # the pool survives
     moe.forward(x.numpy(), ok.numpy(), w.numpy(), out.numpy())
 
