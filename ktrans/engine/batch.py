@@ -95,16 +95,24 @@ class ForwardContext:
         return self.cache[key]
 
     def decode_group(self) -> "DecodeGroup | None":
-        """The requests with exactly one new token, batched for attention (built once per step,
-        so layers add no host-to-device copies, which on CUDA would each wait for the stream)."""
+        """The requests with exactly one new token, batched for attention. Built once per step
+        with everything that is the same in every layer (KV slots to read, causal mask), so a
+        layer adds no host-to-device copies (on CUDA each would wait for the stream) and no
+        kernels that only recompute these."""
         if "decode" not in self.cache:
             reqs = [r for r, n in enumerate(self.batch.num_new) if n == 1]
             group = None
             if reqs:
-                rows = torch.tensor([self.query_start[r] for r in reqs], device=self.device)
+                whole = len(reqs) == self.batch.num_tokens      # every token of the step decodes
+                rows = (torch.arange(len(reqs), device=self.device) if whole else
+                        torch.tensor([self.query_start[r] for r in reqs], device=self.device))
                 tables = self.page_table.index_select(0, torch.tensor(reqs, device=self.device))
-                group = DecodeGroup(reqs=frozenset(reqs), rows=rows, page_table=tables,
-                                    max_len=max(self.seq_lens[r] for r in reqs))
+                max_len = max(self.seq_lens[r] for r in reqs)
+                q_pos = self.positions.index_select(0, rows)[:, None]                     # [B, 1]
+                keys = torch.arange(max_len, device=self.device)
+                group = DecodeGroup(reqs=frozenset(reqs), rows=rows, page_table=tables, max_len=max_len,
+                                    whole=whole, q_pos=q_pos, slots=self.kv.padded_slots(tables, max_len),
+                                    hidden=(keys[None, None, :] > q_pos[:, :, None])[:, None])
             self.cache["decode"] = group
         return self.cache["decode"]
 
@@ -115,6 +123,10 @@ class DecodeGroup:
     rows: torch.Tensor             # [B] int64 on the device, their token rows in the packed batch
     page_table: torch.Tensor       # [B, max_pages] int64 on the device
     max_len: int                   # longest of their seq_lens (padding bound of the gather)
+    whole: bool                    # rows are 0..T-1: the step is decode only (no row indexing needed)
+    q_pos: torch.Tensor            # [B, 1] int64, position of each decode token
+    slots: torch.Tensor            # [B, max_len] KV slots to gather (KVStorage.padded_slots)
+    hidden: torch.Tensor           # [B, 1, 1, max_len] bool, True where a key is masked out
 
 
 def build_context(batch: ForwardBatch, kv, device: torch.device) -> ForwardContext:

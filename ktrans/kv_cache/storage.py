@@ -80,11 +80,18 @@ class KVStorage:
                  + torch.arange(self.page_size, device=pages.device)).reshape(-1)[:seq_len]  # [L]
         return tuple(buf.index_select(0, slots) for buf in self.layers[layer])
 
-    def gather_padded(self, layer: int, page_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, ...]:
-        """Entries of every request padded to `max_len`: each [R, max_len, ...]. Slots past a
+    def padded_slots(self, page_table: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Slots [R, max_len] of the first `max_len` entries of every request; slots past a
         request's pages read page 0 (garbage) — callers mask by sequence length."""
         n_pages = -(-max_len // self.page_size)
         pages = page_table[:, :n_pages].clamp(min=0)                                   # [R, P]
-        slots = (pages[:, :, None] * self.page_size
-                 + torch.arange(self.page_size, device=pages.device)).reshape(pages.shape[0], -1)[:, :max_len]
+        return (pages[:, :, None] * self.page_size
+                + torch.arange(self.page_size, device=pages.device)).reshape(pages.shape[0], -1)[:, :max_len]
+
+    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Entries at `slots` (any shape S): each [*S, ...]."""
         return tuple(buf[slots] for buf in self.layers[layer])
+
+    def gather_padded(self, layer: int, page_table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, ...]:
+        """Entries of every request padded to `max_len`: each [R, max_len, ...] (see padded_slots)."""
+        return self.gather_slots(layer, self.padded_slots(page_table, max_len))

@@ -81,7 +81,7 @@ class GQAAttention(Operator):
     def _proj(self, x: torch.Tensor, proj: str, heads: int) -> torch.Tensor:
         return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias")).view(x.shape[0], heads, self.head_dim)
 
-    def _attend(self, q, k, v, q_pos) -> torch.Tensor:
+    def _attend(self, q, k, v, q_pos, hidden=None) -> torch.Tensor:
         """B requests: q [B, n, Hq, d], k/v [B, L, Hkv, d], q_pos [B, n] -> [B, n, Hq, d].
         Query head h reads KV head h // group: q is viewed as [B, n, Hkv, group, d] so K/V are
         never repeated per query head."""
@@ -94,7 +94,7 @@ class GQAAttention(Operator):
             p = p.to(v.dtype).view(b, hkv, hq // hkv, n, -1)
             return torch.einsum("bkgnl,blkd->bnkgd", p, v).reshape(b, n, hq, d)
 
-        return masked_attention(scores, q_pos, values)
+        return masked_attention(scores, q_pos, values, hidden)
 
     def _run(self, hidden_states, position_embeddings, batch_decode: bool):
         ctx = current_forward().on(self.device)
@@ -114,9 +114,12 @@ class GQAAttention(Operator):
         group = ctx.decode_group() if batch_decode else None
         single = group.reqs if group is not None else frozenset()
         if group is not None:
-            rows = group.rows                                                             # [B]
-            kc, vc = ctx.kv.gather_padded(self.layer_idx, group.page_table, group.max_len)  # [B, L, Hkv, d]
-            out[rows] = self._attend(q[rows, None], kc, vc, pos[rows, None])[:, 0]
+            kc, vc = ctx.kv.gather_slots(self.layer_idx, group.slots)                     # [B, L, Hkv, d]
+            if group.whole:  # decode-only step: every row, in order
+                out = self._attend(q[:, None], kc, vc, group.q_pos, group.hidden)[:, 0]
+            else:
+                rows = group.rows                                                         # [B]
+                out[rows] = self._attend(q[rows, None], kc, vc, group.q_pos, group.hidden)[:, 0]
         for r in range(ctx.batch.num_reqs):
             if r in single:
                 continue

@@ -29,14 +29,16 @@ from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_style
 
 
-def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn) -> torch.Tensor:
+def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn, hidden=None) -> torch.Tensor:
     """softmax over keys with causal masking by position: key j is visible to a query at
     position p iff j <= p (keys are the request's tokens in position order; padded keys past
     the request's length lie beyond every query position, so they are masked too).
-    scores [B, H, n, L] (already scaled), q_pos [B, n]; returns values_fn(probs)."""
-    L = scores.shape[-1]
-    keep = torch.arange(L, device=scores.device)[None, None, :] <= q_pos[:, :, None]  # [B, n, L]
-    scores = scores.float().masked_fill(~keep[:, None], float("-inf"))
+    scores [B, H, n, L] (already scaled), q_pos [B, n]; returns values_fn(probs). `hidden`
+    [B, 1, n, L] is that mask negated, when the caller has it already (DecodeGroup.hidden)."""
+    if hidden is None:
+        L = scores.shape[-1]
+        hidden = (torch.arange(L, device=scores.device)[None, None, :] > q_pos[:, :, None])[:, None]  # [B, 1, n, L]
+    scores = scores.float().masked_fill(hidden, float("-inf"))
     return values_fn(torch.softmax(scores, dim=-1))
 
 
@@ -146,14 +148,15 @@ class MLAAttention(Operator):
         out = masked_attention(scores[None], q_pos[None], lambda p: torch.einsum("hnl,lhv->nhv", p[0].to(v.dtype), v))
         return out
 
-    def _attend_absorbed(self, q_nope, q_pe, cached, q_pos) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, cached, q_pos, hidden=None) -> torch.Tensor:
         """B requests at once: q_* [B, n, H, .], cached [B, L, r + dr], q_pos [B, n] -> [B, n, H, dv]."""
         w_uk, w_uv = self.w_uk, self.w_uv
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_lat = torch.einsum("bnhd,hdr->bnhr", q_nope, w_uk)                              # [B, n, H, r]
         scores = (torch.einsum("bnhr,blr->bhnl", q_lat, latent)
                   + torch.einsum("bnhe,ble->bhnl", q_pe, k_pe)) * self.scale              # [B, H, n, L]
-        o_lat = masked_attention(scores, q_pos, lambda p: torch.einsum("bhnl,blr->bnhr", p.to(latent.dtype), latent))
+        o_lat = masked_attention(scores, q_pos, lambda p: torch.einsum("bhnl,blr->bnhr", p.to(latent.dtype), latent),
+                                 hidden)
         return torch.einsum("bnhr,hvr->bnhv", o_lat, w_uv)                                # [B, n, H, dv]
 
     def _run(self, hidden_states, position_embeddings, absorb_decode: bool) -> tuple[torch.Tensor, None]:
@@ -168,9 +171,13 @@ class MLAAttention(Operator):
         group = ctx.decode_group() if absorb_decode else None
         single = group.reqs if group is not None else frozenset()
         if group is not None:
-            rows = group.rows                                                             # [B]
-            cached = ctx.kv.gather_padded(self.layer_idx, group.page_table, group.max_len)[0]  # [B, L, r + dr]
-            out[rows] = self._attend_absorbed(q_nope[rows, None], q_pe[rows, None], cached, pos[rows, None])[:, 0]
+            cached = ctx.kv.gather_slots(self.layer_idx, group.slots)[0]                  # [B, L, r + dr]
+            if group.whole:  # decode-only step: every row, in order
+                out = self._attend_absorbed(q_nope[:, None], q_pe[:, None], cached, group.q_pos, group.hidden)[:, 0]
+            else:
+                rows = group.rows                                                         # [B]
+                out[rows] = self._attend_absorbed(q_nope[rows, None], q_pe[rows, None], cached, group.q_pos,
+                                                  group.hidden)[:, 0]
         for r in range(ctx.batch.num_reqs):
             if r in single:
                 continue
