@@ -61,32 +61,38 @@ def ensure_model(root: Path, arch: str, preset: str, quant: str, layers: int | N
     return out
 
 
-def _step(runner, ids: list[int], done: int, pages: torch.Tensor) -> int:
-    """Run one step of the single request; returns the greedy next token (waits for logits)."""
-    n = len(ids)
-    batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(done, done + n), seq_ids=[0],
-                         num_computed=[done], num_new=[n], page_table=pages[None],
-                         logits_indices=torch.tensor([n - 1]))
-    return int(runner.execute(batch)[0].argmax().item())
+def _step(runner, ids: list[list[int]], done: list[int], tables: torch.Tensor) -> list[int]:
+    """One step of len(ids) requests (request r adds ids[r] after done[r] cached tokens);
+    returns each request's greedy next token (waits for the logits)."""
+    new = [len(x) for x in ids]
+    batch = ForwardBatch(input_ids=torch.tensor([t for x in ids for t in x]),
+                         positions=torch.cat([torch.arange(d, d + n) for d, n in zip(done, new)]),
+                         seq_ids=list(range(len(ids))), num_computed=list(done), num_new=new,
+                         page_table=tables, logits_indices=torch.cumsum(torch.tensor(new), 0) - 1)
+    return runner.execute(batch).argmax(-1).tolist()
 
 
-def measure(runner, prompt_len: int, decode_tokens: int, chunk: int) -> dict:
-    """Prefill `prompt_len` random tokens in chunks, then decode `decode_tokens` greedily."""
+def measure(runner, prompt_len: int, decode_tokens: int, chunk: int, batch: int = 1) -> dict:
+    """Prefill `batch` prompts of `prompt_len` random tokens (one after another, in chunks),
+    then decode `decode_tokens` greedy steps of all of them together."""
     vocab = runner.config.vocab_size
-    pages = torch.arange(runner.num_pages, dtype=torch.int32)
-    prompt = torch.randint(0, vocab, (prompt_len,)).tolist()
-    t0 = time.perf_counter()
-    for start in range(0, prompt_len, chunk):
-        token = _step(runner, prompt[start:start + chunk], start, pages)
+    per_req = runner.num_pages // batch
+    tables = torch.arange(per_req * batch, dtype=torch.int32).view(batch, per_req)
+    tokens, t0 = [], time.perf_counter()
+    for r in range(batch):
+        prompt = torch.randint(0, vocab, (prompt_len,)).tolist()
+        for start in range(0, prompt_len, chunk):
+            last = _step(runner, [prompt[start:start + chunk]], [start], tables[r:r + 1])[0]
+        tokens.append(last)
     t1 = time.perf_counter()
-    done = prompt_len
+    done = [prompt_len] * batch
     for _ in range(decode_tokens):
-        token = _step(runner, [token], done, pages)
-        done += 1
+        tokens = _step(runner, [[t] for t in tokens], done, tables)
+        done = [d + 1 for d in done]
     t2 = time.perf_counter()
-    return {"prompt_len": prompt_len, "prefill_s": t1 - t0, "prefill_tok_s": prompt_len / (t1 - t0),
-            "decode_tokens": decode_tokens, "decode_s": t2 - t1,
-            "decode_tok_s": decode_tokens / (t2 - t1) if decode_tokens else None}
+    return {"prompt_len": prompt_len, "batch": batch, "prefill_s": t1 - t0,
+            "prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_tokens": decode_tokens, "decode_s": t2 - t1,
+            "decode_tok_s": batch * decode_tokens / (t2 - t1) if decode_tokens else None}
 
 
 def host_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -115,24 +121,34 @@ def active_expert_bytes(runner) -> int:
     return total
 
 
-def run_one(args, model_dir: Path, label: str, device: str, bandwidth: float) -> list[dict]:
-    cache = max(args.prompt_lens) + args.decode_tokens + 64
+def run_one(args, model_dir: Path, label: str, device: str, bandwidth: float, graphs: bool = True) -> list[dict]:
+    batches = args.batch_sizes
+    cache = (max(args.prompt_lens) + args.decode_tokens + 64) * max(batches)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     runner = ModelRunner(model_path=str(model_dir), gguf_path=str(model_dir / "model.gguf"),
                          optimize_config_path=args.rules, device=device, cpu_infer=args.cpu_infer,
-                         cache_lens=cache, page_size=64, progress=True)
+                         cache_lens=cache, page_size=64, progress=True, cuda_graphs=graphs)
     load_s = time.perf_counter() - t0
-    measure(runner, min(32, min(args.prompt_lens)), 2, args.chunk)  # warm-up: kernels, allocator, caches
+    for b in sorted(set(batches)):      # warm-up: kernels, allocator, caches, each batch's graph
+        measure(runner, min(32, min(args.prompt_lens)), 3, args.chunk, b)
     floor = bandwidth * 1e9 / max(1, active_expert_bytes(runner))
+    mode = "" if not cuda else ("+graph" if runner.graphs is not None and runner.graphs.enabled else "+eager")
     rows = []
-    for n in args.prompt_lens:
-        r = measure(runner, n, args.decode_tokens, args.chunk)
-        r.update(model=label, device=device, rules=runner.rule_file, load_s=load_s,
-                 decode_floor_tok_s=floor, host_bandwidth_gbs=bandwidth,
-                 gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
-        rows.append(r)
-        dec = f"{r['decode_tok_s']:8.2f}" if r["decode_tok_s"] else "       -"
-        print(f"{label:32s} {device:5s} {n:6d} {r['prefill_tok_s']:10.1f} {dec} {floor:10.1f}", flush=True)
+    for b in batches:
+        for n in args.prompt_lens if b == 1 else args.prompt_lens[:1]:
+            r = measure(runner, n, args.decode_tokens, args.chunk, b)
+            r.update(model=label, device=device + mode, rules=runner.rule_file, load_s=load_s,
+                     decode_floor_tok_s=floor, host_bandwidth_gbs=bandwidth,
+                     peak_vram_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+                     gpu=torch.cuda.get_device_name() if cuda else None)
+            rows.append(r)
+            dec = f"{r['decode_tok_s']:8.2f}" if r["decode_tok_s"] else "       -"
+            vram = f"{r['peak_vram_gb']:6.2f}" if cuda else "     -"
+            print(f"{label:32s} {device + mode:11s} {b:3d} {n:6d} {r['prefill_tok_s']:10.1f} {dec} {floor:10.1f} "
+                  f"{vram}", flush=True)
     runner.close()
     del runner
     if torch.cuda.is_available():
@@ -148,6 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--devices", default="cuda,cpu", help="comma list: cuda (rules as shipped), cpu (all-CPU baseline)")
     p.add_argument("--prompt-lens", default="128,1024,4096", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--batch-sizes", default="1", type=lambda s: [int(x) for x in s.split(",")],
+                   help="decode batch sizes (B prompts prefilled, then decoded together; default 1)")
+    p.add_argument("--cuda-graphs", default="on", choices=("on", "off", "both"),
+                   help="decode with CUDA graphs, eagerly, or both one after the other (default on)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk size in tokens")
     p.add_argument("--cpu-infer", type=int, default=None, help="CPU expert threads (default: the operator's)")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -164,15 +184,19 @@ def main(argv=None) -> int:
     bandwidth = host_bandwidth_gbs()
     print(f"host memory bandwidth (copy): {bandwidth:.1f} GB/s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} intra-op threads", flush=True)
-    print(f"{'model':32s} {'dev':5s} {'prompt':>6s} {'prefill/s':>10s} {'decode/s':>8s} {'floor/s':>10s}")
+    print(f"{'model':32s} {'dev':11s} {'B':>3s} {'prompt':>6s} {'prefill/s':>10s} {'decode/s':>8s} {'floor/s':>10s} "
+          f"{'VRAM GB':>7s}")
     for text in args.preset:
         arch, preset = resolve_preset(text)
         model_dir = ensure_model(root, arch, preset, args.quant, args.layers)
         if args.generate_only:
             continue
         label = f"{arch}:{preset}-{args.quant}{f'-{args.layers}l' if args.layers else ''}"
-        for device in args.devices.split(","):
-            rows = run_one(args, model_dir, label, device.strip(), bandwidth)
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs]
+        for device, graphs in [(d.strip(), g) for d in args.devices.split(",") for g in modes]:
+            if device == "cpu" and not graphs:
+                continue
+            rows = run_one(args, model_dir, label, device, bandwidth, graphs)
             if args.out:
                 with open(args.out, "a") as f:
                     for r in rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from models_fixture import pytest_report_header, tiny_model  # noqa: F401  (shared generated models)
 
@@ -13,6 +15,17 @@ def _has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def _use_triton_interpreter() -> None:
+    """Without a GPU, Triton kernels run under Triton's interpreter (numpy on CPU tensors), so
+    their logic is tested on every machine; the variable must be set before any kernel module
+    is imported."""
+    if not _has_cuda():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_use_triton_interpreter()
 
 
 def _isa_supported(level: str) -> bool:

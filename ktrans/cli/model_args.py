@@ -47,6 +47,8 @@ def add_model_args(parser, *, cache_lens: int = 4096, chunk_size: int = 2048, ma
     _flag(g, "max_new_tokens", type=int, default=max_new_tokens, metavar="N",
           help=f"most tokens generated per reply (default {max_new_tokens})")
     _flag(g, "page_size", type=int, metavar="TOKENS", help="KV page size (default: the runner's)")
+    _flag(g, "disable_cuda_graphs", action="store_true",
+          help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and comparison)")
     _flag(g, "force_think", action="store_true", help="start every reply inside <think> (R1-style models)")
     _flag(g, "trust_rules", action="store_true", help="allow rule files to import Python code they name")
     return g
@@ -81,7 +83,7 @@ def runner_kwargs(args, *, progress: bool = True) -> dict:
     kw = dict(model_path=_expand(args.model_path), gguf_path=_expand(args.gguf_path),
               optimize_config_path=_expand(args.optimize_config_path), device=resolve_device(args.device),
               cpu_infer=args.cpu_infer, cache_lens=args.cache_lens, trust_rules=args.trust_rules,
-              progress=progress)
+              progress=progress, cuda_graphs=not getattr(args, "disable_cuda_graphs", False))
     if args.page_size is not None:
         kw["page_size"] = args.page_size
     return kw

@@ -96,9 +96,9 @@ class ForwardContext:
 
     def decode_group(self) -> "DecodeGroup | None":
         """The requests with exactly one new token, batched for attention. Built once per step
-        with everything that is the same in every layer (KV slots to read, causal mask), so a
-        layer adds no host-to-device copies (on CUDA each would wait for the stream) and no
-        kernels that only recompute these."""
+        with everything that is the same in every layer (rows, page tables, lengths on the
+        device), so a layer adds no host-to-device copies (on CUDA each would wait for the
+        stream) and no kernels that only recompute these."""
         if "decode" not in self.cache:
             reqs = [r for r, n in enumerate(self.batch.num_new) if n == 1]
             group = None
@@ -106,27 +106,43 @@ class ForwardContext:
                 whole = len(reqs) == self.batch.num_tokens      # every token of the step decodes
                 rows = (torch.arange(len(reqs), device=self.device) if whole else
                         torch.tensor([self.query_start[r] for r in reqs], device=self.device))
-                tables = self.page_table.index_select(0, torch.tensor(reqs, device=self.device))
-                max_len = max(self.seq_lens[r] for r in reqs)
-                q_pos = self.positions.index_select(0, rows)[:, None]                     # [B, 1]
-                keys = torch.arange(max_len, device=self.device)
-                group = DecodeGroup(reqs=frozenset(reqs), rows=rows, page_table=tables, max_len=max_len,
-                                    whole=whole, q_pos=q_pos, slots=self.kv.padded_slots(tables, max_len),
-                                    hidden=(keys[None, None, :] > q_pos[:, :, None])[:, None])
+                tables = self.page_table if whole else self.page_table.index_select(
+                    0, torch.tensor(reqs, device=self.device))
+                lens = [self.seq_lens[r] for r in reqs]
+                group = DecodeGroup(reqs=frozenset(reqs), rows=rows, page_table=tables, whole=whole,
+                                    q_pos=self.positions.index_select(0, rows)[:, None],
+                                    seq_lens=torch.tensor(lens, dtype=torch.int32).to(self.device, non_blocking=True),
+                                    max_len=max(lens))
             self.cache["decode"] = group
         return self.cache["decode"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class DecodeGroup:
+    """The decode requests of a step as attention reads them. Paged kernels read page_table and
+    seq_lens on the device; the padded torch path also needs a host bound on the lengths
+    (max_len), which a CUDA-graph step does not have (its lengths change between replays)."""
+
     reqs: frozenset[int]           # request indices (into the batch) with num_new == 1
     rows: torch.Tensor             # [B] int64 on the device, their token rows in the packed batch
-    page_table: torch.Tensor       # [B, max_pages] int64 on the device
-    max_len: int                   # longest of their seq_lens (padding bound of the gather)
+    page_table: torch.Tensor       # [B, max_pages] int64/int32 on the device
     whole: bool                    # rows are 0..T-1: the step is decode only (no row indexing needed)
     q_pos: torch.Tensor            # [B, 1] int64, position of each decode token
-    slots: torch.Tensor            # [B, max_len] KV slots to gather (KVStorage.padded_slots)
-    hidden: torch.Tensor           # [B, 1, 1, max_len] bool, True where a key is masked out
+    seq_lens: torch.Tensor         # [B] int32 on the device, tokens each request attends over
+    max_len: int | None            # longest of the lengths; None inside a CUDA graph
+    _padded: tuple | None = field(default=None, repr=False)
+
+    def padded(self, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [B, max_len] to gather (KVStorage.padded_slots), hidden [B, 1, 1, max_len] bool,
+        True where a key is masked out), built once per step for the torch decode path."""
+        if self.max_len is None:
+            raise KtransError("this decode step runs inside a CUDA graph, where the padded torch "
+                              "attention cannot run; the attention operator must use its paged kernel")
+        if self._padded is None:
+            keys = torch.arange(self.max_len, device=self.q_pos.device)
+            self._padded = (kv.padded_slots(self.page_table, self.max_len),
+                            (keys[None, None, :] > self.q_pos[:, :, None])[:, None])
+        return self._padded
 
 
 def build_context(batch: ForwardBatch, kv, device: torch.device) -> ForwardContext:
@@ -156,7 +172,14 @@ _CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar
 def forward_context(batch: ForwardBatch, kv, device: torch.device | str | None = None) -> Iterator[ForwardContext]:
     """Make `batch` (and the KV storage `kv`) visible to operators for the duration of a forward."""
     dev = torch.device(device) if device is not None else kv.device
-    ctx = build_context(batch, kv, dev)
+    with scoped_context(build_context(batch, kv, dev)) as ctx:
+        yield ctx
+
+
+@contextmanager
+def scoped_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make an already built context visible to operators (a CUDA-graph step builds its own from
+    static buffers)."""
     token = _CURRENT.set(ctx)
     try:
         yield ctx

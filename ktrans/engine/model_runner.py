@@ -6,12 +6,14 @@ Build (meta → swap → load):
   → apply: operators swapped in, every tensor loaded where the plan put it
   → paged KV storage on the attention device, sized by cache_lens.
 Run: `execute(batch)` sets the forward context (batch + KV) and runs the packed model forward;
-it returns float32 logits for the rows the scheduler asked for.
+it returns float32 logits for the rows the scheduler asked for. On CUDA, decode-only steps
+replay CUDA graphs (ktrans.engine.cuda_graphs) where the placement allows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from ktrans.kv_cache.storage import KVStorage
 from ktrans.operators.model import forward_packed, module_placement
 
 DEFAULT_PAGE_SIZE = 64
+log = logging.getLogger("ktrans.engine")
 
 
 def rules_dir() -> Path:
@@ -82,7 +85,7 @@ class ModelRunner:
 
     def __init__(self, *, model_path=None, gguf_path=None, optimize_config_path=None, device="cuda",
                  cpu_infer=None, cache_lens=4096, page_size=DEFAULT_PAGE_SIZE, trust_rules=False,
-                 progress=True, dtype=None):
+                 progress=True, dtype=None, cuda_graphs=True):
         from ktrans.rules.apply import apply_plan
         from ktrans.rules.plan import plan_model
         from ktrans.rules.schema import load_rules
@@ -109,6 +112,7 @@ class ModelRunner:
         self.page_size = int(page_size)
         self.num_pages = -(-int(cache_lens) // self.page_size)
         self.kv = self._make_kv()
+        self.graphs = self._make_graphs() if cuda_graphs and self.device.startswith("cuda") else None
         self.max_context = min(self.num_pages * self.page_size,
                                int(getattr(self.config, "max_position_embeddings", 1 << 30)))
         # All on the CPU: the CPU experts' pool keeps a thread on every core, and torch's OpenMP
@@ -121,13 +125,22 @@ class ModelRunner:
                                 and "OMP_NUM_THREADS" not in os.environ)
 
     def _make_kv(self) -> KVStorage:
-        """KV pool: each layer's pages on the device and in the dtype of that layer's attention."""
+        """KV pool: each layer's pages on the device and in the dtype of that layer's attention,
+        plus one scratch page that the page pool never hands out (CUDA-graph padding rows)."""
         attns = [layer.self_attn for layer in self.model.model.layers]
         devices = [module_placement(a)[0] for a in attns]
         dtypes = [getattr(a, "dtype", module_placement(a)[1]) for a in attns]
-        return KVStorage.for_config(self.config, num_pages=self.num_pages, page_size=self.page_size,
+        return KVStorage.for_config(self.config, num_pages=self.num_pages + 1, page_size=self.page_size,
                                     dtype=dtypes[0], device=devices[0], layer_devices=devices,
                                     layer_dtypes=dtypes)
+
+    def _make_graphs(self):
+        from ktrans.engine.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.rotary, self.kv, num_pages=self.num_pages, page_size=self.page_size)
+        if not graphs.enabled:
+            log.info("decode steps run eagerly (no CUDA graphs): %s", graphs.reason)
+        return graphs
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
@@ -140,6 +153,11 @@ class ModelRunner:
             want = 1 if batch.num_tokens == batch.num_reqs else self._torch_threads  # decode only: 1
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            batch.validate(self.page_size)
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
         with forward_context(batch, self.kv) as ctx:
             return forward_packed(self.model, self.rotary, ctx)
 

@@ -88,6 +88,10 @@ class KVStorage:
         return (pages[:, :, None] * self.page_size
                 + torch.arange(self.page_size, device=pages.device)).reshape(pages.shape[0], -1)[:, :max_len]
 
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """The layer's whole cache tensors (paged kernels index them by slot themselves)."""
+        return self.layers[layer]
+
     def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Entries at `slots` (any shape S): each [*S, ...]."""
         return tuple(buf[slots] for buf in self.layers[layer])

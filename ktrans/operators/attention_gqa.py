@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
-from ktrans.operators.attention_mla import _strip_batch, masked_attention, sdpa_prefill
+from ktrans.operators.attention_mla import _strip_batch, decode_backend, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
 from ktrans.operators.linear import load_param, param_bytes, resolve_dtype, rms_norm
 from ktrans.operators.registry import register_operator
@@ -30,7 +30,7 @@ class GQAAttention(Operator):
     name: ClassVar[str] = "gqa_attention"
     owned_children: ClassVar[tuple[str, ...]] = ("*",)      # every projection and norm is loaded here
 
-    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", **kwargs):
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", attn_backend="auto", **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
         if getattr(config, "kv_lora_rank", None):
             raise KtransError(f"{key}: gqa_attention does not run DeepSeek MLA; use mla_attention")
@@ -45,6 +45,7 @@ class GQAAttention(Operator):
         self.has_qkv_bias = orig_module.q_proj.bias is not None        # Qwen2: biased q/k/v
         self.has_o_bias = orig_module.o_proj.bias is not None
         self.dtype = resolve_dtype(dtype, torch.device(device))
+        self.decode_kernel = decode_backend(key, attn_backend, self.device) == "triton"
         # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
         # only for layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (
@@ -96,6 +97,19 @@ class GQAAttention(Operator):
 
         return masked_attention(scores, q_pos, values, hidden)
 
+    def _decode_padded(self, q, group, kv) -> torch.Tensor:
+        """Decode rows through a padded gather of the cache and torch: q [B, Hq, d] -> [B, Hq, d]."""
+        slots, hidden = group.padded(kv)
+        kc, vc = kv.gather_slots(self.layer_idx, slots)                                  # [B, L, Hkv, d]
+        return self._attend(q[:, None], kc, vc, group.q_pos, hidden)[:, 0]
+
+    def _decode_paged(self, q, group, kv) -> torch.Tensor:
+        """Decode rows through the paged kernel: q [B, Hq, d] -> [B, Hq, d]."""
+        from ktrans.kernels.paged_decode import paged_decode_attention
+
+        kc, vc = kv.layer_tensors(self.layer_idx)                                        # [slots, Hkv, d]
+        return paged_decode_attention(q, kc, vc, group.page_table, group.seq_lens, kv.page_size, self.scale)
+
     def _run(self, hidden_states, position_embeddings, batch_decode: bool):
         ctx = current_forward().on(self.device)
         shape = hidden_states.shape
@@ -114,12 +128,11 @@ class GQAAttention(Operator):
         group = ctx.decode_group() if batch_decode else None
         single = group.reqs if group is not None else frozenset()
         if group is not None:
-            kc, vc = ctx.kv.gather_slots(self.layer_idx, group.slots)                     # [B, L, Hkv, d]
+            attend = self._decode_paged if self.decode_kernel else self._decode_padded
             if group.whole:  # decode-only step: every row, in order
-                out = self._attend(q[:, None], kc, vc, group.q_pos, group.hidden)[:, 0]
+                out = attend(q, group, ctx.kv)
             else:
-                rows = group.rows                                                         # [B]
-                out[rows] = self._attend(q[rows, None], kc, vc, group.q_pos, group.hidden)[:, 0]
+                out[group.rows] = attend(q[group.rows], group, ctx.kv)
         for r in range(ctx.batch.num_reqs):
             if r in single:
                 continue

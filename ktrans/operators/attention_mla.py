@@ -10,6 +10,9 @@ and the rotated shared rope key k_pe (qk_rope_head_dim): 576 values for V3 inste
 - absorbed (decode): kv_b_proj = [W_UK; W_UV] per head is folded into the query and the output,
   q_lat = q_nope · W_UK  [.., H, r];  score = q_lat · c + q_pe · k_pe;  o = (p · c) · W_UVᵀ,
   so attention reads the latent cache directly and nothing per-head is materialised per token.
+  On CUDA the decode tokens go through the paged Triton kernel (ktrans.kernels.paged_decode:
+  reads pages and lengths on the device, so a decode step can be a CUDA graph); elsewhere, and
+  as its oracle, through a padded gather and torch.
 
 Requests in one step are packed; each attends causally to its own cached + new tokens only.
 """
@@ -34,7 +37,7 @@ def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn, hidde
     position p iff j <= p (keys are the request's tokens in position order; padded keys past
     the request's length lie beyond every query position, so they are masked too).
     scores [B, H, n, L] (already scaled), q_pos [B, n]; returns values_fn(probs). `hidden`
-    [B, 1, n, L] is that mask negated, when the caller has it already (DecodeGroup.hidden)."""
+    [B, 1, n, L] is that mask negated, when the caller has it already (DecodeGroup.padded)."""
     if hidden is None:
         L = scores.shape[-1]
         hidden = (torch.arange(L, device=scores.device)[None, None, :] > q_pos[:, :, None])[:, None]  # [B, 1, n, L]
@@ -63,7 +66,8 @@ class MLAAttention(Operator):
     name: ClassVar[str] = "mla_attention"
     owned_children: ClassVar[tuple[str, ...]] = ("*",)      # every projection and norm is loaded here
 
-    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", absorb_for_prefill=False, **kwargs):
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", absorb_for_prefill=False,
+                 attn_backend="auto", **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
         if not getattr(config, "kv_lora_rank", None):
             raise KtransError(f"{key}: mla_attention needs a DeepSeek MLA config (kv_lora_rank), "
@@ -78,6 +82,7 @@ class MLAAttention(Operator):
         self.style = rope_style(config)
         self.absorb_for_prefill = bool(absorb_for_prefill)
         self.dtype = resolve_dtype(dtype, torch.device(device))
+        self.decode_kernel = decode_backend(key, attn_backend, self.device) == "triton"
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         c, h = self.config, self.config.hidden_size
@@ -159,6 +164,24 @@ class MLAAttention(Operator):
                                  hidden)
         return torch.einsum("bnhr,hvr->bnhv", o_lat, w_uv)                                # [B, n, H, dv]
 
+    def _decode_padded(self, q_nope, q_pe, group, kv) -> torch.Tensor:
+        """Decode rows through a padded gather of the cache and torch: q_* [B, H, .] -> [B, H, dv]."""
+        slots, hidden = group.padded(kv)
+        cached = kv.gather_slots(self.layer_idx, slots)[0]                               # [B, L, r + dr]
+        return self._attend_absorbed(q_nope[:, None], q_pe[:, None], cached, group.q_pos, hidden)[:, 0]
+
+    def _decode_paged(self, q_nope, q_pe, group, kv) -> torch.Tensor:
+        """Decode rows through the paged kernel: q_* [B, H, .] -> [B, H, dv]."""
+        from ktrans.kernels.paged_decode import paged_decode_attention
+
+        r = self.kv_lora_rank
+        q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)             # [B, H, r] (strided)
+        cache = kv.layer_tensors(self.layer_idx)[0]                                      # [slots, r + dr]
+        latent, k_pe = cache[:, None, :r], cache[:, None, r:]                            # views, 1 kv head
+        o_lat = paged_decode_attention(q_lat, latent, latent, group.page_table, group.seq_lens, kv.page_size,
+                                       self.scale, q_b=q_pe, k_b=k_pe)                   # [B, H, r]
+        return torch.bmm(o_lat.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]
+
     def _run(self, hidden_states, position_embeddings, absorb_decode: bool) -> tuple[torch.Tensor, None]:
         ctx = current_forward().on(self.device)
         shape = hidden_states.shape
@@ -171,13 +194,11 @@ class MLAAttention(Operator):
         group = ctx.decode_group() if absorb_decode else None
         single = group.reqs if group is not None else frozenset()
         if group is not None:
-            cached = ctx.kv.gather_slots(self.layer_idx, group.slots)[0]                  # [B, L, r + dr]
+            attend = self._decode_paged if self.decode_kernel else self._decode_padded
             if group.whole:  # decode-only step: every row, in order
-                out = self._attend_absorbed(q_nope[:, None], q_pe[:, None], cached, group.q_pos, group.hidden)[:, 0]
+                out = attend(q_nope, q_pe, group, ctx.kv)
             else:
-                rows = group.rows                                                         # [B]
-                out[rows] = self._attend_absorbed(q_nope[rows, None], q_pe[rows, None], cached, group.q_pos,
-                                                  group.hidden)[:, 0]
+                out[group.rows] = attend(q_nope[group.rows], q_pe[group.rows], group, ctx.kv)
         for r in range(ctx.batch.num_reqs):
             if r in single:
                 continue
@@ -195,6 +216,29 @@ class MLAAttention(Operator):
 
     def forward_native(self, hidden_states, position_embeddings=None, **kwargs):
         return self._run(hidden_states, position_embeddings, absorb_decode=False)
+
+
+ATTN_BACKENDS = ("auto", "triton", "torch")
+
+
+def decode_backend(key: str, backend: str, device: torch.device) -> str:
+    """The decode attention backend an operator uses: auto is the paged Triton kernel on CUDA
+    (torch when Triton does not import, with one warning) and torch elsewhere. triton on a CPU
+    device runs only under Triton's interpreter (TRITON_INTERPRET=1: the tests' CPU runs)."""
+    import os
+
+    from ktrans.kernels import triton_available
+
+    if backend not in ATTN_BACKENDS:
+        raise KtransError(f"{key}: attn_backend '{backend}' is not one of {', '.join(ATTN_BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise KtransError(f"{key}: attn_backend triton needs a CUDA device (this operator is on {device})")
+        if not triton_available():
+            raise KtransError(f"{key}: attn_backend triton, but Triton does not import here")
+    return backend
 
 
 def _strip_batch(emb, device):

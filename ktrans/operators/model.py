@@ -26,19 +26,33 @@ def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype
     raise RuntimeError(f"{type(module).__name__} holds no floating-point parameters")
 
 
-def _layer_input(layer: torch.nn.Module) -> torch.nn.Module:
+def layer_input(layer: torch.nn.Module) -> torch.nn.Module:
+    """The module a decoder layer's input goes to first (its device and dtype are the layer's)."""
     return getattr(layer, "input_layernorm", layer)
 
 
 def forward_packed(causal_lm: torch.nn.Module, rotary: torch.nn.Module, ctx: ForwardContext) -> torch.Tensor:
     """Logits [R', V] (float32) of the rows ctx.batch.logits_indices of the packed tokens."""
+    return forward_hidden(causal_lm, rotary, ctx, embed_packed(causal_lm, ctx.batch.input_ids))
+
+
+def embed_packed(causal_lm: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [1, T, H] on the embedding table's device."""
+    embed = causal_lm.model.embed_tokens
+    emb_dev, _ = module_placement(embed)
+    return embed(input_ids.to(emb_dev))[None]                                            # [1, T, H]
+
+
+def forward_hidden(causal_lm: torch.nn.Module, rotary: torch.nn.Module, ctx: ForwardContext,
+                   h: torch.Tensor) -> torch.Tensor:
+    """The decoder layers, final norm and lm_head over embeddings h [1, T, H]: logits [R', V]
+    (float32) of the rows ctx.batch.logits_indices. A CUDA-graph decode step captures this part
+    (the embedding lookup, on the CPU by default, runs before it)."""
     inner = causal_lm.model
     batch = ctx.batch
-    emb_dev, _ = module_placement(inner.embed_tokens)
-    h = inner.embed_tokens(batch.input_ids.to(emb_dev))[None]                           # [1, T, H]
     tables: dict[tuple, object] = {}
     for layer in inner.layers:
-        dev, dtype = module_placement(_layer_input(layer))
+        dev, dtype = module_placement(layer_input(layer))
         positions = ctx.on(dev).positions                                                # [T] on dev
         if (dev, dtype) not in tables:
             emb = rotary_embeddings(rotary, positions, dtype)

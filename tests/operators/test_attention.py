@@ -58,14 +58,24 @@ def _run_schedule(op, model, config, xs, native):
     return [torch.cat(o) for o in outs]
 
 
+def _has_triton() -> bool:
+    from ktrans.kernels import triton_available
+
+    return triton_available()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("native", [False, True])
-def test_attention_matches_hf_over_packed_chunked_steps(arch, native):
+@pytest.mark.parametrize("native,backend", [(False, "torch"), (False, "triton"), (True, "torch")])
+def test_attention_matches_hf_over_packed_chunked_steps(arch, native, backend):
+    if backend == "triton" and not _has_triton():
+        pytest.skip("needs Triton")
     config, model = tiny_hf_model(arch)
     layer = 1
     attn = model.model.layers[layer].self_attn
     cls = MLAAttention if arch.startswith("deepseek") else GQAAttention
-    op = cls(key=f"model.layers.{layer}.self_attn", orig_module=attn, config=config, device="cpu")
+    op = cls(key=f"model.layers.{layer}.self_attn", orig_module=attn, config=config, device="cpu",
+             attn_backend=backend)
+    assert op.decode_kernel == (backend == "triton")
     op.load_weights(model_source(model))
     xs = [torch.randn(sum(SCHEDULE[r]), config.hidden_size) for r in range(3)]
     got = _run_schedule(op, model, config, xs, native)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One session on the accelerator machine (no package index there): set up ktrans from this
+# tree, then run the steps named on the command line, each under its own time limit, logging
+# everything under $OUT and printing a short summary last.
+#
+#   bash bench/accel.sh setup gputests e2e-v2 e2e-qwen3 peer-v2 ...
+#
+# Steps:
+#   setup       unpack the carried wheels (.dev-carry, from ../shared/tools/device-wheels.sh) and
+#               build the C++ extension (editable install, no dependencies fetched)
+#   gputests    pytest -m gpu over tests/ (server tests excluded: their client needs packages
+#               the machine lacks) plus the Triton kernel tests
+#   e2e-v2      bench/e2e.py, deepseek-v2-lite q4_k_m: CUDA graphs on and off, batch 1 and 4
+#   e2e-qwen3   the same for qwen3-30b-a3b q4_k_m
+#   peer-v2     llama.cpp's llama-bench on the same deepseek-v2-lite file, experts on the CPU
+#   peer-qwen3  the same for qwen3-30b-a3b
+# Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
+# bin directory; default .dev-carry/llama/bin), THREADS (CPU threads, default 15).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+THREADS=${THREADS:-15}
+LLAMA=${LLAMA:-$PWD/.dev-carry/llama/bin}
+ROOT=${MODEL_ROOT:-/tmp/bench-models}
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+step_setup() {
+  # shellcheck disable=SC1091
+  source .dev-carry/unpack.sh
+  python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; return 1; }
+  python3 -m ktrans info | tee -a "$OUT/summary.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
+}
+
+step_gputests() {
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/server -o addopts="-ra" \
+    >"$OUT/gputests.log" 2>&1
+  tail -25 "$OUT/gputests.log"
+  summary "gputests: $(tail -1 "$OUT/gputests.log")"
+}
+
+e2e() {  # preset
+  python3 bench/e2e.py --preset "$1" --quant q4_k_m --devices cuda --cuda-graphs both --model-root "$ROOT" \
+    --prompt-lens 128,1024 --batch-sizes 1,4 --decode-tokens 32 --out "$OUT/e2e.jsonl" ${E2E_EXTRA:-} \
+    2>"$OUT/e2e-$1.err" | tee -a "$OUT/e2e.txt"
+  tail -5 "$OUT/e2e-$1.err"
+}
+
+peer() {  # preset
+  local dir
+  dir=$(ls -d "$ROOT"/*"$1"-q4_k_m 2>/dev/null | head -1)
+  [ -n "$dir" ] || python3 bench/e2e.py --preset "$1" --quant q4_k_m --model-root "$ROOT" --generate-only
+  dir=$(ls -d "$ROOT"/*"$1"-q4_k_m | head -1)
+  LD_LIBRARY_PATH=$LLAMA:${LD_LIBRARY_PATH:-} "$LLAMA/llama-bench" -m "$dir/model.gguf" -ngl 99 --n-cpu-moe 99 \
+    -t "$THREADS" -p 128,1024 -n 32 -o md 2>"$OUT/peer-$1.err" | tee -a "$OUT/peer.txt"
+  tail -3 "$OUT/peer-$1.err"
+}
+
+for s in "$@"; do
+  t0=$(date +%s)
+  case "$s" in
+    setup) step_setup || { summary "setup failed"; exit 1; };;
+    gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
+    e2e-v2) e2e deepseek-v2-lite;;
+    e2e-qwen3) e2e qwen3-30b-a3b;;
+    peer-v2) peer deepseek-v2-lite;;
+    peer-qwen3) peer qwen3-30b-a3b;;
+    *) echo "accel.sh: unknown step $s" >&2; exit 2;;
+  esac
+  summary "step $s: $(( $(date +%s) - t0 )) s"
+done
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"
+exit 0
