@@ -14,23 +14,23 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
 from ktrans.operators.attention_mla import _strip_batch, decode_backend, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import load_param, param_bytes, resolve_dtype, rms_norm
+from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm
 from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, rope_style
 
 
 @register_operator("gqa_attention")
-class GQAAttention(Operator):
+class GQAAttention(ProjectionOwner, Operator):
     name: ClassVar[str] = "gqa_attention"
     owned_children: ClassVar[tuple[str, ...]] = ("*",)      # every projection and norm is loaded here
 
-    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", attn_backend="auto", **kwargs):
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", attn_backend="auto", weights="auto",
+                 **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
         if getattr(config, "kv_lora_rank", None):
             raise KtransError(f"{key}: gqa_attention does not run DeepSeek MLA; use mla_attention")
@@ -46,6 +46,9 @@ class GQAAttention(Operator):
         self.has_o_bias = orig_module.o_proj.bias is not None
         self.dtype = resolve_dtype(dtype, torch.device(device))
         self.decode_kernel = decode_backend(key, attn_backend, self.device) == "triton"
+        if weights not in WEIGHT_MODES:
+            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
+        self.weights_mode = weights
         # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
         # only for layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (
@@ -54,33 +57,28 @@ class GQAAttention(Operator):
             raise KtransError(f"{key}: sliding-window attention (window {window}) is not supported; "
                               f"set use_sliding_window/sliding_window off in the config")
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
+    def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         h, q, kv = self.config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        shapes = {"q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q)}
-        if self.has_qkv_bias:
-            shapes.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)})
-        if self.has_o_bias:
-            shapes["o_proj.bias"] = (h,)
-        if self.qk_norm:
-            shapes.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
-        return shapes
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+
+    def _biased(self) -> set[str]:
+        return ({"q_proj", "k_proj", "v_proj"} if self.has_qkv_bias else set()) | ({"o_proj"} if self.has_o_bias else set())
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        if not self.qk_norm:
+            return {}
+        return {"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)}
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
         probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
-        return {str(torch.device(device)): param_bytes(list(probe._shapes().values()), probe.dtype)}
+        return {str(torch.device(device)): probe._owned_bytes(weights)}
 
     def load_weights(self, weights) -> None:
-        self.params = torch.nn.ParameterDict({
-            name.replace(".", "__"): load_param(weights, f"{self.key}.{name}", self.dtype, self.device, shape)
-            for name, shape in self._shapes().items()})
+        self._load_owned(weights)
 
-    def _p(self, name: str) -> torch.Tensor | None:
-        """A loaded parameter by its name under this module (None for an absent bias)."""
-        return self.params.get(name.replace(".", "__"))
-
-    def _proj(self, x: torch.Tensor, proj: str, heads: int) -> torch.Tensor:
-        return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias")).view(x.shape[0], heads, self.head_dim)
+    def _proj(self, x: torch.Tensor, proj: str, heads: int, native: bool) -> torch.Tensor:
+        return self._linear(x, proj, native).view(x.shape[0], heads, self.head_dim)
 
     def _attend(self, q, k, v, q_pos, hidden=None) -> torch.Tensor:
         """B requests: q [B, n, Hq, d], k/v [B, L, Hkv, d], q_pos [B, n] -> [B, n, Hq, d].
@@ -115,9 +113,10 @@ class GQAAttention(Operator):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, hidden]
         emb = _strip_batch(position_embeddings, self.device)
-        q = self._proj(x, "q_proj", self.num_heads)                                       # [T, Hq, d]
-        k = self._proj(x, "k_proj", self.num_kv_heads)                                    # [T, Hkv, d]
-        v = self._proj(x, "v_proj", self.num_kv_heads)
+        native = not batch_decode
+        q = self._proj(x, "q_proj", self.num_heads, native)                               # [T, Hq, d]
+        k = self._proj(x, "k_proj", self.num_kv_heads, native)                            # [T, Hkv, d]
+        v = self._proj(x, "v_proj", self.num_kv_heads, native)
         if self.qk_norm:
             q = rms_norm(q, self._p("q_norm.weight"), self.eps)
             k = rms_norm(k, self._p("k_norm.weight"), self.eps)
@@ -142,7 +141,7 @@ class GQAAttention(Operator):
                 out[sl] = sdpa_prefill(q[sl], kc, vc, pos[sl], self.scale)
             else:
                 out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None])[0]
-        o = F.linear(out.reshape(x.shape[0], -1), self._p("o_proj.weight"), self._p("o_proj.bias"))
+        o = self._linear(out.reshape(x.shape[0], -1), "o_proj", native)
         return o.view(*shape[:-1], -1), None
 
     def forward(self, hidden_states, position_embeddings=None, **kwargs):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import load_param, param_bytes, resolve_dtype, rms_norm
+from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm
 from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_style
 
@@ -62,12 +62,12 @@ def sdpa_prefill(q, k, v, q_pos, scale: float) -> torch.Tensor:
 
 
 @register_operator("mla_attention")
-class MLAAttention(Operator):
+class MLAAttention(ProjectionOwner, Operator):
     name: ClassVar[str] = "mla_attention"
     owned_children: ClassVar[tuple[str, ...]] = ("*",)      # every projection and norm is loaded here
 
     def __init__(self, *, key: str, orig_module, config, device, dtype="auto", absorb_for_prefill=False,
-                 attn_backend="auto", **kwargs):
+                 attn_backend="auto", weights="auto", **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
         if not getattr(config, "kv_lora_rank", None):
             raise KtransError(f"{key}: mla_attention needs a DeepSeek MLA config (kv_lora_rank), "
@@ -83,58 +83,56 @@ class MLAAttention(Operator):
         self.absorb_for_prefill = bool(absorb_for_prefill)
         self.dtype = resolve_dtype(dtype, torch.device(device))
         self.decode_kernel = decode_backend(key, attn_backend, self.device) == "triton"
+        if weights not in WEIGHT_MODES:
+            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
+        self.weights_mode = weights
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        c, h = self.config, self.config.hidden_size
-        qk = self.nope_dim + self.rope_dim
-        shapes = {"kv_a_proj_with_mqa.weight": (self.kv_lora_rank + self.rope_dim, h),
-                  "kv_a_layernorm.weight": (self.kv_lora_rank,),
-                  "kv_b_proj.weight": (self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank),
-                  "o_proj.weight": (h, self.num_heads * self.v_dim)}
+    def _proj_shapes(self) -> dict[str, tuple[int, int]]:
+        """Projections (GGUF blocks kept on the GPU where they can be; see linear.py)."""
+        h, qk = self.config.hidden_size, self.nope_dim + self.rope_dim
+        shapes = {"kv_a_proj_with_mqa": (self.kv_lora_rank + self.rope_dim, h), "o_proj": (h, self.num_heads * self.v_dim)}
         if self.q_lora_rank:
-            shapes.update({"q_a_proj.weight": (self.q_lora_rank, h), "q_a_layernorm.weight": (self.q_lora_rank,),
-                           "q_b_proj.weight": (self.num_heads * qk, self.q_lora_rank)})
+            shapes.update({"q_a_proj": (self.q_lora_rank, h), "q_b_proj": (self.num_heads * qk, self.q_lora_rank)})
         else:
-            shapes["q_proj.weight"] = (self.num_heads * qk, h)
-        if getattr(c, "attention_bias", False):
-            shapes.update({"kv_a_proj_with_mqa.bias": (self.kv_lora_rank + self.rope_dim,), "o_proj.bias": (h,)})
-            if self.q_lora_rank:
-                shapes["q_a_proj.bias"] = (self.q_lora_rank,)
+            shapes["q_proj"] = (self.num_heads * qk, h)
+        return shapes
+
+    def _biased(self) -> set[str]:
+        if not getattr(self.config, "attention_bias", False):
+            return set()
+        return {"kv_a_proj_with_mqa", "o_proj"} | ({"q_a_proj"} if self.q_lora_rank else set())
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Norms, and kv_b_proj: always dense (the absorbed decode multiplies its halves by bmm)."""
+        shapes = {"kv_a_layernorm.weight": (self.kv_lora_rank,),
+                  "kv_b_proj.weight": (self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank)}
+        if self.q_lora_rank:
+            shapes["q_a_layernorm.weight"] = (self.q_lora_rank,)
         return shapes
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
         probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
-        return {str(torch.device(device)): param_bytes(list(probe._shapes().values()), probe.dtype)}
+        return {str(torch.device(device)): probe._owned_bytes(weights)}
 
     def load_weights(self, weights) -> None:
-        self.params = torch.nn.ParameterDict()
-        for name, shape in self._shapes().items():
-            self.params[name.replace(".", "__")] = load_param(weights, f"{self.key}.{name}", self.dtype,
-                                                              self.device, shape)
+        self._load_owned(weights)
         # NOTE: kv_b_proj is kept only as its two per-head halves, each contiguous, so the
         # absorbed decode multiplies them without a per-step copy of a strided view.
         w = self.params.pop("kv_b_proj__weight").view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk = torch.nn.Parameter(w[:, : self.nope_dim].contiguous(), requires_grad=False)  # [H, dn, r]
         self.w_uv = torch.nn.Parameter(w[:, self.nope_dim:].contiguous(), requires_grad=False)   # [H, dv, r]
 
-    def _p(self, name: str) -> torch.Tensor | None:
-        """A loaded parameter by its name under this module (None for an absent bias)."""
-        return self.params.get(name.replace(".", "__"))
-
-    def _linear(self, x: torch.Tensor, proj: str) -> torch.Tensor:
-        return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias"))
-
-    def _project(self, x: torch.Tensor, emb):
+    def _project(self, x: torch.Tensor, emb, native: bool = False):
         """x [T, hidden] -> q_nope [T, H, dn], q_pe [T, H, dr] (rotated), cache entries [T, r + dr]."""
         if self.q_lora_rank:
-            q_a = rms_norm(self._linear(x, "q_a_proj"), self._p("q_a_layernorm.weight"), self.eps)  # [T, q_lora]
-            q = self._linear(q_a, "q_b_proj")
+            q_a = rms_norm(self._linear(x, "q_a_proj", native), self._p("q_a_layernorm.weight"), self.eps)  # [T, q_lora]
+            q = self._linear(q_a, "q_b_proj", native)
         else:
-            q = self._linear(x, "q_proj")
+            q = self._linear(x, "q_proj", native)
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)            # [T, H, dqk]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self._linear(x, "kv_a_proj_with_mqa").split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = self._linear(x, "kv_a_proj_with_mqa", native).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = rms_norm(latent, self._p("kv_a_layernorm.weight"), self.eps)            # [T, r]
         q_pe = apply_rope(q_pe, emb, self.style)                                          # [T, H, dr]
         k_pe = apply_rope(k_pe[:, None, :], emb, self.style)[:, 0]                        # [T, dr]
@@ -187,7 +185,7 @@ class MLAAttention(Operator):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, hidden]
         emb = _strip_batch(position_embeddings, self.device)
-        q_nope, q_pe, entries = self._project(x, emb)
+        q_nope, q_pe, entries = self._project(x, emb, native=not absorb_decode)
         ctx.kv.write(self.layer_idx, ctx.slot_mapping, entries)
         out = torch.empty(x.shape[0], self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)  # [T, H, dv]
         qs, pos = ctx.query_start, ctx.positions
@@ -208,7 +206,7 @@ class MLAAttention(Operator):
                 out[sl] = self._attend_absorbed(q_nope[sl][None], q_pe[sl][None], cached[None], pos[sl][None])[0]
             else:
                 out[sl] = self._attend_expanded(q_nope[sl], q_pe[sl], cached, pos[sl], fused=absorb_decode)
-        o = self._linear(out.reshape(x.shape[0], -1), "o_proj")                           # [T, hidden]
+        o = self._linear(out.reshape(x.shape[0], -1), "o_proj", native=not absorb_decode)  # [T, hidden]
         return o.view(*shape[:-1], -1), None
 
     def forward(self, hidden_states, position_embeddings=None, **kwargs):

@@ -1,8 +1,11 @@
 """`linear` operator (a placed nn.Linear) and the small dense helpers the attention and MoE
-operators share: weight loading by parameter name, compute dtype, RMSNorm, gated MLP.
+operators share: weight loading by parameter name, compute dtype, RMSNorm, gated MLP, and
+projections that keep GGUF quant blocks on the GPU.
 
-Weights come from any WeightSource (GGUF blocks are dequantized; safetensors converted) as the
-compute dtype on the operator's device.
+Weights come from any WeightSource as the compute dtype on the operator's device (GGUF blocks
+dequantized, safetensors converted), except where a projection keeps them as stored: on CUDA, a
+q8_0/q4_k/q5_k/q6_k weight is held in its GGUF format and multiplied by the Triton kernel of
+ktrans.kernels.quant_matmul (`weights: auto` or `stored`; `dense` dequantizes as before).
 """
 
 from __future__ import annotations
@@ -47,6 +50,145 @@ def optional_param(weights, name: str, dtype, device) -> torch.nn.Parameter | No
     return load_param(weights, name, dtype, device) if weights.has(name) else None
 
 
+WEIGHT_MODES = ("auto", "stored", "dense")
+
+
+def _stored_format(weights, name: str, shape: tuple[int, int], device: torch.device, mode: str, key: str) -> str | None:
+    """The GGUF format a projection keeps on `device`, or None to dequantize it (see the module
+    docstring). `stored` where it cannot be kept is an error naming why."""
+    import os
+
+    if mode not in WEIGHT_MODES:
+        raise KtransError(f"{key}: weights '{mode}' is not one of {', '.join(WEIGHT_MODES)}")
+    if mode == "dense" or weights is None or not weights.has(name):
+        return None
+    from ktrans.kernels import triton_available
+
+    qtype = weights.info(name).qtype
+    kernels = ("q8_0", "q4_k", "q5_k", "q6_k")
+    why = None
+    if device.type != "cuda" and not (mode == "stored" and os.environ.get("TRITON_INTERPRET") == "1"):
+        why = f"it is placed on {device} (the kernels are for CUDA)"
+    elif qtype not in kernels:
+        why = f"'{name}' is stored as {qtype} (GPU kernels: {', '.join(kernels)})"
+    elif shape[1] % 256:
+        why = f"its rows of {shape[1]} values are not whole 256-value super-blocks"
+    elif not triton_available():
+        why = "Triton does not import here"
+    if why and mode == "stored":
+        raise KtransError(f"{key}: weights stored cannot keep '{name}' in its GGUF format: {why}")
+    return None if why else qtype
+
+
+_PACKED_BYTES_PER_256 = {"q8_0": 272, "q4_k": 148, "q5_k": 180, "q6_k": 210}
+
+
+class DenseProjection(torch.nn.Module):
+    """x · Wᵀ (+ b) with W in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+
+class QuantProjection(torch.nn.Module):
+    """x · Wᵀ (+ b) with W kept in its GGUF format (ktrans.kernels.quant_matmul's packed layout)."""
+
+    def __init__(self, qtype: str, packed: dict[str, torch.Tensor], shape: tuple[int, int],
+                 bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.qtype, self.out_features, self.in_features = qtype, shape[0], shape[1]
+        self.dtype = dtype
+        for field, t in packed.items():
+            self.register_buffer(field, t)
+        self._fields = tuple(packed)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ktrans.kernels.quant_matmul import quant_matmul
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()                    # [T, in]
+        y = quant_matmul(x2, self.qtype, {f: getattr(self, f) for f in self._fields}, self.out_features,
+                         self.in_features)                                                   # [T, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight dequantized (bit-exact vs gguf-py) in the compute dtype: the oracle's."""
+        from ktrans.kernels.quant_matmul import dequantize
+
+        return dequantize(self.qtype, {f: getattr(self, f) for f in self._fields}).to(self.dtype)
+
+
+def load_projection(weights, name: str, shape: tuple[int, int], dtype: torch.dtype, device, *, mode: str = "auto",
+                    key: str = "", bias_name: str | None = None) -> torch.nn.Module:
+    """The projection `name` ([out, in] weight, optional bias) on `device`: QuantProjection where
+    its GGUF format is kept (see _stored_format), else DenseProjection."""
+    device = torch.device(device)
+    bias = load_param(weights, bias_name, dtype, device, (shape[0],)) if bias_name else None
+    qtype = _stored_format(weights, name, shape, device, mode, key or name)
+    if qtype is None:
+        return DenseProjection(load_param(weights, name, dtype, device, shape), bias)
+    from ktrans.kernels.quant_matmul import pack
+
+    raw = weights.raw(name)
+    if tuple(raw.shape) != tuple(shape):
+        raise KtransError(f"{weights!r}: tensor '{name}' has shape {list(raw.shape)}, the config implies {list(shape)}")
+    packed = {f: t.to(device) for f, t in pack(qtype, raw.data, shape[0], shape[1]).items()}
+    return QuantProjection(qtype, packed, shape, bias, dtype)
+
+
+def projection_bytes(weights, name: str, shape: tuple[int, int], dtype: torch.dtype, device, mode: str = "auto",
+                     key: str = "") -> int:
+    """Bytes load_projection will hold for the weight `name` (without its bias)."""
+    qtype = _stored_format(weights, name, shape, torch.device(device), mode, key or name)
+    if qtype is None:
+        return param_bytes([shape], dtype)
+    return shape[0] * shape[1] // 256 * _PACKED_BYTES_PER_256[qtype]
+
+
+class ProjectionOwner:
+    """Mixin for operators that load their projections and small parameters themselves
+    (attention): subclasses set self.key/device/dtype/weights_mode and define
+    _proj_shapes() {proj: (out, in)}, _biased() {proj with a bias} and _param_shapes()
+    {name: shape} of the other tensors (norms), loaded dense."""
+
+    def _load_owned(self, weights) -> None:
+        biased = self._biased()
+        self.projs = torch.nn.ModuleDict({
+            proj: load_projection(weights, f"{self.key}.{proj}.weight", shape, self.dtype, self.device,
+                                  mode=self.weights_mode, key=self.key,
+                                  bias_name=f"{self.key}.{proj}.bias" if proj in biased else None)
+            for proj, shape in self._proj_shapes().items()})
+        self.params = torch.nn.ParameterDict({
+            name.replace(".", "__"): load_param(weights, f"{self.key}.{name}", self.dtype, self.device, shape)
+            for name, shape in self._param_shapes().items()})
+
+    def _owned_bytes(self, weights) -> int:
+        n = sum(projection_bytes(weights, f"{self.key}.{proj}.weight", shape, self.dtype, self.device,
+                                 self.weights_mode, self.key) for proj, shape in self._proj_shapes().items())
+        shapes = list(self._param_shapes().values()) + [(self._proj_shapes()[p][0],) for p in self._biased()]
+        return n + param_bytes(shapes, self.dtype)
+
+    def _p(self, name: str) -> torch.Tensor | None:
+        """A loaded small parameter by its name under this module."""
+        return self.params.get(name.replace(".", "__"))
+
+    def _linear(self, x: torch.Tensor, proj: str, native: bool = False) -> torch.Tensor:
+        """x · Wᵀ (+ b) of one projection; native: through the dense weight (the oracle)."""
+        p = self.projs[proj]
+        return F.linear(x, p.dense_weight(), p.bias) if native else p(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm exactly as transformers computes it: statistics in f32, scale in x's dtype."""
     dtype = x.dtype
@@ -86,34 +228,36 @@ class Linear(Operator):
 
     name: ClassVar[str] = "linear"
 
-    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", **kwargs):
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", weights="auto", **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
         if not isinstance(orig_module, torch.nn.Linear):
             raise KtransError(f"{key}: the linear operator replaces torch.nn.Linear, got {type(orig_module).__name__}")
+        if weights not in WEIGHT_MODES:
+            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.in_features = orig_module.in_features
         self.out_features = orig_module.out_features
         self.has_bias = orig_module.bias is not None
         self.dtype = resolve_dtype(dtype, torch.device(device))
-        self.weight = None
-        self.bias = None
+        self.weights_mode = weights
+        self.proj = None
 
     def load_weights(self, weights) -> None:
-        self.weight = load_param(weights, f"{self.key}.weight", self.dtype, self.device,
-                                 (self.out_features, self.in_features))                  # [out, in]
-        if self.has_bias:
-            self.bias = load_param(weights, f"{self.key}.bias", self.dtype, self.device, (self.out_features,))
+        self.proj = load_projection(weights, f"{self.key}.weight", (self.out_features, self.in_features), self.dtype,
+                                    self.device, mode=self.weights_mode, key=self.key,
+                                    bias_name=f"{self.key}.bias" if self.has_bias else None)
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
         dtype = resolve_dtype(kwargs.get("dtype", "auto"), torch.device(device))
-        shapes = [tuple(orig_module.weight.shape)]
+        n = projection_bytes(weights, f"{key}.weight", tuple(orig_module.weight.shape), dtype, device,
+                             kwargs.get("weights", "auto"), key)
         if orig_module.bias is not None:
-            shapes.append(tuple(orig_module.bias.shape))
-        return {str(torch.device(device)): param_bytes(shapes, dtype)}
+            n += param_bytes([tuple(orig_module.bias.shape)], dtype)
+        return {str(torch.device(device)): n}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.device, self.dtype), self.weight, self.bias)
+        return self.proj(x.to(self.device, self.dtype))
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(self.device, self.dtype) @ self.weight.t()
-        return y + self.bias if self.bias is not None else y
+        y = x.to(self.device, self.dtype) @ self.proj.dense_weight().t()
+        return y + self.proj.bias if self.proj.bias is not None else y

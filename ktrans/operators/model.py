@@ -19,7 +19,12 @@ from ktrans.operators.rope import rotary_embeddings
 
 
 def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and float dtype of a module's first floating parameter (its inputs go there)."""
+    """Device and compute dtype of a module (its inputs go there): an operator's own `device` and
+    `dtype` when it declares them (a projection kept in a GGUF format holds only integer and f16
+    fields), else those of its first floating parameter."""
+    device, dtype = getattr(module, "device", None), getattr(module, "dtype", None)
+    if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
+        return device, dtype
     for p in module.parameters():
         if p.is_floating_point():
             return p.device, p.dtype

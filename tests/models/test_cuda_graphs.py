@@ -9,7 +9,8 @@ slot or length shows up as diverging logits.
 - everywhere (CI): the static-buffer step without capture, on the CPU, attention through the
   paged kernel under Triton's interpreter (one architecture per attention/MLP kind: the
   interpreter is slow);
-- on a GPU (marked): captured and replayed graphs vs eager, with the shipped rule files.
+- on a GPU (marked): captured and replayed graphs vs eager, with the shipped rule files, on f32
+  weights and on a q4_k_m file (projections kept in their GGUF formats by the shipped rules).
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ def test_static_decode_step_matches_eager_on_cpu(tiny_model, tmp_path, arch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])          # q4_k_m: projections in their GGUF format
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_graph_decode_matches_eager(tiny_model, arch):
-    out = tiny_model(arch, "f32")
+def test_cuda_graph_decode_matches_eager(tiny_model, arch, quant):
+    out = tiny_model(arch, quant)
 
     def runner(graphs):
         return ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cuda",

@@ -95,3 +95,45 @@ def test_mla_absorbed_prefill_matches_hf(arch):
     got = _run_schedule(op, model, config, xs, native=False)
     for r in range(3):
         torch.testing.assert_close(got[r], _hf_reference(model, attn, xs[r]), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
+def test_attention_with_gguf_projections_matches_dense(tiny_model, arch):
+    """weights: stored keeps the projections in their GGUF formats (the quant matmul kernel,
+    interpreted on a CPU-only machine): same outputs as the operator with the same weights
+    dequantized, over a prefill chunk and a decode step."""
+    if not _has_triton():
+        pytest.skip("needs Triton")
+    from ktrans.config.arch import build_meta_model
+    from ktrans.operators.linear import QuantProjection
+    from ktrans.weights.source import open_weights
+
+    src = open_weights(None, str(tiny_model(arch, "q4_k_m", with_safetensors=False) / "model.gguf"))
+    config = src.config()
+    model = build_meta_model(config)
+    attn = model.model.layers[1].self_attn
+    cls = MLAAttention if arch.startswith("deepseek") else GQAAttention
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ops = {}
+    for mode in ("stored", "dense"):
+        ops[mode] = cls(key="model.layers.1.self_attn", orig_module=attn, config=config, device=dev,
+                        dtype="f32", weights=mode, attn_backend="torch")
+        ops[mode].load_weights(src)
+    assert all(isinstance(p, QuantProjection) for p in ops["stored"].projs.values())
+    rotary = materialize_rotary(model.model.rotary_emb, config, dev)
+    kv = {m: KVStorage.for_config(config, num_pages=4, page_size=PAGE, dtype=torch.float32, device=dev) for m in ops}
+    pages = torch.tensor([[2, 0, 3]], dtype=torch.int32)
+    x = torch.randn(6, config.hidden_size, device=dev)
+    for start, n in ((0, 5), (5, 1)):
+        positions = torch.arange(start, start + n)
+        batch = ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long), positions=positions, seq_ids=[0],
+                             num_computed=[start], num_new=[n], page_table=pages,
+                             logits_indices=torch.zeros(0, dtype=torch.long))
+        got = {}
+        for mode, op in ops.items():
+            with forward_context(batch, kv[mode]), torch.no_grad():
+                emb = rotary_embeddings(rotary, positions.to(dev), torch.float32)
+                emb = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
+                got[mode] = op(x[start:start + n][None], position_embeddings=emb)[0][0]
+        tol = 2e-3 if dev == "cuda" else 1e-5           # tf32 dots on CUDA
+        torch.testing.assert_close(got["stored"], got["dense"], rtol=tol, atol=tol)

@@ -1,0 +1,207 @@
+"""y = x · Wᵀ with W kept in its GGUF quant format on the GPU: q8_0, q4_k, q5_k, q6_k.
+
+Layout ("packed"): each GGUF block's fields, split into one tensor per field so that a tile of
+rows loads with plain strided loads; the quantized values keep their stored bits and order.
+Per row of K values (nb = K / 256 super-blocks, K / 32 blocks for q8_0):
+- q8_0: qs int8 [N, K], d f16 [N, K/32]                                        (34 bytes / 32, as stored)
+- q4_k: qs u8 [N, K/2] as stored (per 64 values: 32 bytes, low nibbles = values 0..31, high =
+  32..63), sc u8 [N, K/32] and m u8 [N, K/32] (the 6-bit scales and mins unpacked),
+  d and dmin f16 [N, nb]                                                      (148 bytes / 256; stored 144)
+- q5_k: q4_k's fields plus qh u8 [N, K/8] as stored (bit g of byte j: 5th bit of value 32g + j)
+                                                                              (180 bytes / 256; stored 176)
+- q6_k: ql u8 [N, K/2] and qh u8 [N, K/4] as stored, sc int8 [N, K/16], d f16 [N, nb]
+                                                                              (210 bytes / 256, as stored)
+Dequantization is llama.cpp's (and gguf-py's), in f32 and in the same order, so `dequantize`
+here is bit-exact against gguf-py: q4_k/q5_k w = (d·sc)·q − dmin·m; q6_k w = (d·sc)·(q − 32);
+q8_0 w = d·q.
+
+The kernel: grid (M tiles, N tiles, K splits); each program walks its share of super-blocks,
+dequantizes a [BN, 32] weight tile per group of 32 values in registers (rounded to x's dtype,
+as a dense bf16 weight would be) and accumulates tl.dot with the matching [BM, 32] slice of x
+in f32. Decode (small M) splits K over several programs and sums their partial products with
+one torch reduction (deterministic: no atomics, so a CUDA graph replays bit-identically);
+prefill (large M) uses larger M/N tiles and no split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3}
+QK = 256        # values per K-quant super-block (and per kernel step for every format)
+
+
+# ---- packing (host side, once at load) ----------------------------------------------------------
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's get_scale_min_k4 over every block: s [..., 12] -> (sc, m) each [..., 8] u8."""
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    m = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    m[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.float16)[..., 0]
+
+
+def pack(qtype: str, data: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
+    """GGUF bytes of an [n, k] tensor (uint8, [n, row bytes] or flat) -> packed CPU tensors."""
+    if qtype not in FORMATS:
+        raise ValueError(f"no GPU kernel for {qtype}; formats: {', '.join(FORMATS)}")
+    if k % QK:
+        raise ValueError(f"{qtype} on the GPU needs rows of a multiple of {QK} values, got {k}")
+    nb = k // QK
+    size = {"q8_0": 34 * 8, "q4_k": 144, "q5_k": 176, "q6_k": 210}[qtype]
+    b = np.ascontiguousarray(data).reshape(n, nb, size)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(n, -1))  # noqa: E731
+    if qtype == "q8_0":
+        blocks = b.reshape(n, nb * 8, 34)
+        return {"qs": t(blocks[..., 2:].view(np.int8)), "d": t(_f16(blocks[..., 0:2]))}
+    if qtype == "q6_k":
+        return {"ql": t(b[..., 0:128]), "qh": t(b[..., 128:192]), "sc": t(b[..., 192:208].view(np.int8)),
+                "d": t(_f16(b[..., 208:210]))}
+    sc, m = _scale_min_k4(b[..., 4:16])
+    out = {"d": t(_f16(b[..., 0:2])), "dmin": t(_f16(b[..., 2:4])), "sc": t(sc), "m": t(m)}
+    if qtype == "q5_k":
+        out["qh"], out["qs"] = t(b[..., 16:48]), t(b[..., 48:176])
+    else:
+        out["qs"] = t(b[..., 16:144])
+    return out
+
+
+def dequantize(qtype: str, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Packed fields -> float32 [N, K], in torch (the kernel's oracle; bit-exact vs gguf-py)."""
+    f = lambda a: a.to(torch.float32)  # noqa: E731
+    if qtype == "q8_0":
+        n = p["qs"].shape[0]
+        return (f(p["d"])[:, :, None] * f(p["qs"]).view(n, -1, 32)).reshape(n, -1)
+    if qtype == "q6_k":
+        n, nb = p["d"].shape
+        ql, qh = p["ql"].view(n, nb, 2, 2, 32).long(), p["qh"].view(n, nb, 2, 1, 32).long()   # half, pair
+        lo = torch.stack([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], 3)
+        hi = torch.stack([(qh[..., 0, :] >> (2 * g)) & 3 for g in range(4)], 3)
+        q = f((lo | (hi << 4)) - 32).view(n, nb, 2, 4, 2, 16)                    # .., group, 16-run
+        s = f(p["sc"]).view(n, nb, 2, 4, 2, 1)
+        return ((f(p["d"])[:, :, None, None, None, None] * s) * q).reshape(n, -1)
+    n, nb = p["d"].shape
+    qs = p["qs"].view(n, nb, 4, 1, 32).long()
+    q = torch.cat([qs & 15, qs >> 4], 3)                                          # [n, nb, 4, 2, 32]
+    if qtype == "q5_k":
+        qh = p["qh"].view(n, nb, 1, 1, 32).long()
+        bits = torch.stack([(qh[..., 0, 0, :] >> g) & 1 for g in range(8)], 2).view(n, nb, 4, 2, 32)
+        q = q + 16 * bits
+    scale = f(p["d"])[:, :, None] * f(p["sc"]).view(n, nb, 8)
+    mins = f(p["dmin"])[:, :, None] * f(p["m"]).view(n, nb, 8)
+    return (scale.view(n, nb, 4, 2, 1) * f(q) - mins.view(n, nb, 4, 2, 1)).reshape(n, -1)
+
+
+# ---- the kernel --------------------------------------------------------------------------------
+
+@triton.jit
+def _group(X, xm, s_xm, mmask, k):
+    """x[:, k .. k+31] -> [BM, 32]."""
+    j = tl.arange(0, 32)
+    return tl.load(X + xm[:, None] * s_xm + k + j[None, :], mask=mmask[:, None], other=0.0)
+
+
+@triton.jit
+def _dot(acc, x, w):
+    return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+
+
+@triton.jit
+def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
+                FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    # A..F: the packed fields, per format: q8_0 (qs, d); q4_k (qs, sc, m, d, dmin); q5_k (qs, sc, m,
+    # d, dmin, qh); q6_k (ql, qh, sc, d). Every field is row-major [N, per-row count].
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    xm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = xm < M
+    nmask = rn < N
+    j = tl.arange(0, 32)
+    nb = K // 256
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(pid_k, nb, SPLIT):
+        k0 = kb * 256
+        if FMT == 0:      # q8_0: 8 blocks of 32, one f16 scale each
+            for g in tl.static_range(8):
+                q = tl.load(A + rn[:, None] * K + k0 + 32 * g + j[None, :], mask=nmask[:, None], other=0)
+                d = tl.load(B + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0.0).to(tl.float32)
+                acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), d[:, None] * q.to(tl.float32))
+        elif FMT == 1 or FMT == 2:   # q4_k / q5_k: 4 runs of 64 = (low nibbles, high nibbles)
+            d = tl.load(D + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
+            dmin = tl.load(E + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
+            if FMT == 2:
+                qh = tl.load(F + rn[:, None] * (K // 8) + kb * 32 + j[None, :], mask=nmask[:, None], other=0)
+            for c in tl.static_range(4):
+                qs = tl.load(A + rn[:, None] * (K // 2) + kb * 128 + 32 * c + j[None, :], mask=nmask[:, None],
+                             other=0)
+                for half in tl.static_range(2):
+                    g = 2 * c + half
+                    q = (qs >> (4 * half)) & 15
+                    if FMT == 2:
+                        q += ((qh >> g) & 1) << 4
+                    sc = tl.load(B + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0).to(tl.float32)
+                    mn = tl.load(C + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0).to(tl.float32)
+                    w = (d * sc)[:, None] * q.to(tl.float32) - (dmin * mn)[:, None]
+                    acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), w)
+        else:             # q6_k: 2 halves of 128 = 4 groups of 32 from ql's nibbles and qh's 2-bit fields
+            d = tl.load(D + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
+            for h in tl.static_range(2):
+                qh = tl.load(B + rn[:, None] * (K // 4) + kb * 64 + 32 * h + j[None, :], mask=nmask[:, None],
+                             other=0)
+                for gi in tl.static_range(4):
+                    ql = tl.load(A + rn[:, None] * (K // 2) + kb * 128 + 64 * h + 32 * (gi % 2) + j[None, :],
+                                 mask=nmask[:, None], other=0)
+                    q = ((ql >> (4 * (gi // 2))) & 15) | (((qh >> (2 * gi)) & 3) << 4)
+                    sc = tl.load(C + rn[:, None] * (K // 16) + kb * 16 + 8 * h + 2 * gi + j[None, :] // 16,
+                                 mask=nmask[:, None], other=0).to(tl.float32)
+                    w = (d[:, None] * sc) * (q.to(tl.float32) - 32.0)
+                    acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 128 * h + 32 * gi), w)
+    tl.store(P + pid_k * s_pk + xm[:, None] * s_pm + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+_FIELDS = {"q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m", "d", "dmin"), "q5_k": ("qs", "sc", "m", "d", "dmin", "qh"),
+           "q6_k": ("ql", "qh", "sc", "d")}
+
+
+def _tiles(m: int, n: int, k: int, sm_count: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, K splits, warps, stages) for an [m, k] x [k, n] product."""
+    if m <= 16:
+        bm, bn = 16, 32
+    elif m <= 64:
+        bm, bn = 64, 64
+    else:
+        bm, bn = 128, 64
+    tiles = -(-m // bm) * -(-n // bn)
+    split = 1
+    while tiles * split < 2 * sm_count and split * 2 <= k // QK and split < 16:
+        split *= 2
+    return bm, bn, split, 4, 2
+
+
+def quant_matmul(x: torch.Tensor, qtype: str, packed: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
+    """x [M, K] (f32/bf16/f16, unit last stride) · Wᵀ -> [M, N] in x's dtype."""
+    m = x.shape[0]
+    if x.shape[-1] != k or x.stride(-1) != 1:
+        raise ValueError(f"quant_matmul: x must be [M, {k}] with a unit last stride, got {tuple(x.shape)}")
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    bm, bn, split, warps, stages = _tiles(m, n, k, sms)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    fields = [packed[f] for f in _FIELDS[qtype]]
+    fields += [fields[0]] * (6 - len(fields))                # unused pointer slots
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    _qmm_kernel[grid](x, part, *fields, m, n, k, x.stride(0), part.stride(0), part.stride(1),
+                      FMT=FORMATS[qtype], BM=bm, BN=bn, SPLIT=split, num_warps=warps, num_stages=stages)
+    out = part[0] if split == 1 else part.sum(0)
+    return out.to(x.dtype)

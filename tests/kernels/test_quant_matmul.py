@@ -1,0 +1,104 @@
+"""GGUF weights on the GPU (ktrans.kernels.quant_matmul): the packed layout dequantizes
+bit-exactly like gguf-py, and the Triton matmul over it equals x · Wᵀ on those dequantized
+weights, for every format, every tiling (decode with split K, prefill tiles) and ragged M/N.
+Then the `linear` operator with `weights: stored` against its dense twin on the same GGUF file.
+On a CPU-only machine the kernel runs under Triton's interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from ktrans.kernels import triton_available
+from ktrans.weights import quant
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton")
+
+FORMATS = ["q8_0", "q4_k", "q5_k", "q6_k"]
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+
+
+def _weights(qtype: str, n: int, k: int):
+    """Random [n, k] weights quantized by ktrans (llama.cpp's layout) and gguf-py's dequantization."""
+    w = (torch.randn(n, k) * torch.rand(n, 1) * 2).numpy()                   # rows of different scales
+    data = quant.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+    ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, qtype.upper()))
+    return data, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_packed_layout_dequantizes_like_gguf(qtype):
+    from ktrans.kernels.quant_matmul import dequantize, pack
+
+    data, ref = _weights(qtype, 24, 768)
+    packed = pack(qtype, data, 24, 768)
+    assert torch.equal(dequantize(qtype, packed), ref)
+    size = sum(t.numel() * t.element_size() for t in packed.values())
+    assert size == 24 * 768 // 256 * {"q8_0": 272, "q4_k": 148, "q5_k": 180, "q6_k": 210}[qtype]
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 20, 130])
+def test_quant_matmul_matches_dequantized_weights(qtype, m):
+    from ktrans.kernels.quant_matmul import pack, quant_matmul
+
+    n, k = 72, 1024                                                        # ragged N tiles, 4 super-blocks
+    data, ref = _weights(qtype, n, k)
+    packed = {f: t.to(DEV) for f, t in pack(qtype, data, n, k).items()}
+    x = torch.randn(m, k)
+    if ON_GPU:
+        # bf16 activations, and the weight rounded to bf16 as the dense bf16 path rounds it
+        y = quant_matmul(x.to(DEV, torch.bfloat16), qtype, packed, n, k).float().cpu()
+        want = x.bfloat16().float() @ ref.bfloat16().float().T
+        err = (y - want).norm() / want.norm()
+        assert err < 1e-2, f"relative error {err:.2e}"
+    else:
+        y = quant_matmul(x, qtype, packed, n, k)
+        torch.testing.assert_close(y.double(), x.double() @ ref.double().T, rtol=1e-5, atol=1e-4)
+
+
+def test_pack_rejects_what_it_cannot_hold():
+    from ktrans.kernels.quant_matmul import pack
+
+    with pytest.raises(ValueError, match="no GPU kernel for q4_0"):
+        pack("q4_0", np.zeros(18, np.uint8), 1, 32)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        pack("q8_0", np.zeros(34 * 4, np.uint8), 1, 128)
+
+
+@pytest.mark.parametrize("quant_type", ["q4_k", "q4_k_m"])
+def test_linear_stored_matches_dense(tiny_model, quant_type, monkeypatch):
+    """`linear` with weights stored vs weights dense on the same GGUF tensors: the same product
+    up to the weight's rounding to the compute dtype (f32 here: none), and the planned bytes are
+    the packed layout's."""
+    from ktrans.errors import KtransError
+    from ktrans.operators.linear import Linear, QuantProjection
+    from ktrans.weights.source import open_weights
+
+    out = tiny_model("qwen3_moe", quant_type, with_safetensors=False)
+    src = open_weights(None, str(out / "model.gguf"))
+    key = "model.layers.0.self_attn.o_proj"
+    info = src.info(f"{key}.weight")
+    n, k = info.shape
+    with torch.device("meta"):
+        meta = torch.nn.Linear(k, n, bias=False)
+    ops = {}
+    for mode in ("stored", "dense"):
+        kw = {"weights": mode, "dtype": "bf16" if ON_GPU else "f32"}
+        ops[mode] = Linear(key=key, orig_module=meta, config=None, device=DEV, **kw)
+        ops[mode].load_weights(src)
+        planned = Linear.planned_bytes(key=key, orig_module=meta, config=None, device=DEV, kwargs=kw, weights=src)
+        if mode == "stored":
+            assert isinstance(ops[mode].proj, QuantProjection)
+            held = sum(b.numel() * b.element_size() for b in ops[mode].proj.buffers())
+            assert planned == {str(torch.device(DEV)): held}
+    x = torch.randn(3, k, device=DEV)
+    tol = dict(rtol=2e-2, atol=2e-2) if ON_GPU else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops["stored"](x).float(), ops["dense"](x).float(), **tol)
+    torch.testing.assert_close(ops["stored"].forward_native(x), ops["dense"].forward_native(x), rtol=0, atol=0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")                          # a plain CPU placement
+    with pytest.raises(KtransError, match="weights stored cannot keep .* placed on cpu"):
+        Linear(key=key, orig_module=meta, config=None, device="cpu", weights="stored").load_weights(src)
