@@ -1,4 +1,5 @@
-"""y = x · Wᵀ with W kept in its GGUF quant format on the GPU: q8_0, q4_k, q5_k, q6_k.
+"""y = x · Wᵀ with W kept in its stored format on the GPU: GGUF q8_0, q4_k, q5_k, q6_k, and
+DeepSeek's FP8 (e4m3) with one f32 scale per 128 x 128 block.
 
 Layout ("packed"): each GGUF block's fields, split into one tensor per field so that a tile of
 rows loads with plain strided loads; the quantized values keep their stored bits and order.
@@ -11,9 +12,11 @@ Per row of K values (nb = K / 256 super-blocks, K / 32 blocks for q8_0):
                                                                               (180 bytes / 256; stored 176)
 - q6_k: ql u8 [N, K/2] and qh u8 [N, K/4] as stored, sc int8 [N, K/16], d f16 [N, nb]
                                                                               (210 bytes / 256, as stored)
+- f8_e4m3: w u8 [N, K] (the FP8 bits as stored), s f32 [ceil(N/128), ceil(K/128)] (weight_scale_inv)
 Dequantization is llama.cpp's (and gguf-py's), in f32 and in the same order, so `dequantize`
 here is bit-exact against gguf-py: q4_k/q5_k w = (d·sc)·q − dmin·m; q6_k w = (d·sc)·(q − 32);
-q8_0 w = d·q.
+q8_0 w = d·q; FP8 w = e4m3(bits)·s (decoded with integer ops: bit-exact vs torch's float8_e4m3fn;
+e4m3fn's NaN pattern is not special-cased, DeepSeek's weights hold none).
 
 The kernel: grid (M tiles, N tiles, K splits); each program walks its share of super-blocks,
 dequantizes a [BN, 32] weight tile per group of 32 values in registers (rounded to x's dtype,
@@ -30,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3}
+FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3, "f8_e4m3": 4}
+FP8_BLOCK = 128
 QK = 256        # values per K-quant super-block (and per kernel step for every format)
 
 
@@ -51,12 +55,20 @@ def _f16(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.float16)[..., 0]
 
 
-def pack(qtype: str, data: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
-    """GGUF bytes of an [n, k] tensor (uint8, [n, row bytes] or flat) -> packed CPU tensors."""
+def pack(qtype: str, data: np.ndarray, n: int, k: int, scale: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Stored bytes of an [n, k] tensor (uint8, [n, row bytes] or flat) -> packed CPU tensors;
+    FP8 also takes its f32 block scales [ceil(n/128), ceil(k/128)]."""
     if qtype not in FORMATS:
         raise ValueError(f"no GPU kernel for {qtype}; formats: {', '.join(FORMATS)}")
     if k % QK:
         raise ValueError(f"{qtype} on the GPU needs rows of a multiple of {QK} values, got {k}")
+    if qtype == "f8_e4m3":
+        grid = (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+        if scale is None or tuple(scale.shape) != grid:
+            raise ValueError(f"f8_e4m3 needs its block scales of shape {list(grid)}, got "
+                             f"{None if scale is None else list(scale.shape)}")
+        return {"w": torch.from_numpy(np.array(data, dtype=np.uint8).reshape(n, k)),     # owned: no mmap alias
+                "s": torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))}
     nb = k // QK
     size = {"q8_0": 34 * 8, "q4_k": 144, "q5_k": 176, "q6_k": 210}[qtype]
     b = np.ascontiguousarray(data).reshape(n, nb, size)
@@ -79,6 +91,10 @@ def pack(qtype: str, data: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor
 def dequantize(qtype: str, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """Packed fields -> float32 [N, K], in torch (the kernel's oracle; bit-exact vs gguf-py)."""
     f = lambda a: a.to(torch.float32)  # noqa: E731
+    if qtype == "f8_e4m3":
+        w, sc = f(p["w"].view(torch.float8_e4m3fn)), p["s"]
+        grid = sc.repeat_interleave(FP8_BLOCK, 0)[:w.shape[0]].repeat_interleave(FP8_BLOCK, 1)[:, :w.shape[1]]
+        return w * grid
     if qtype == "q8_0":
         n = p["qs"].shape[0]
         return (f(p["d"])[:, :, None] * f(p["qs"]).view(n, -1, 32)).reshape(n, -1)
@@ -109,6 +125,16 @@ def _group(X, xm, s_xm, mmask, k):
     """x[:, k .. k+31] -> [BM, 32]."""
     j = tl.arange(0, 32)
     return tl.load(X + xm[:, None] * s_xm + k + j[None, :], mask=mmask[:, None], other=0.0)
+
+
+@triton.jit
+def _e4m3(b):
+    """FP8 e4m3fn bits (u8) -> f32: (8 + m)·2^(e-10), subnormals m·2^-9."""
+    b = b.to(tl.int32)
+    e = (b >> 3) & 15
+    m = (b & 7).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2((e - 10).to(tl.float32)))
+    return tl.where((b >> 7) != 0, -mag, mag)
 
 
 @triton.jit
@@ -155,6 +181,11 @@ def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
                     mn = tl.load(C + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0).to(tl.float32)
                     w = (d * sc)[:, None] * q.to(tl.float32) - (dmin * mn)[:, None]
                     acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), w)
+        elif FMT == 4:    # FP8: 8 groups of 32, one f32 scale per 128 x 128 block
+            for g in tl.static_range(8):
+                q = tl.load(A + rn[:, None] * K + k0 + 32 * g + j[None, :], mask=nmask[:, None], other=0)
+                s = tl.load(B + (rn // 128) * tl.cdiv(K, 128) + (k0 + 32 * g) // 128, mask=nmask, other=0.0)
+                acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), s[:, None] * _e4m3(q))
         else:             # q6_k: 2 halves of 128 = 4 groups of 32 from ql's nibbles and qh's 2-bit fields
             d = tl.load(D + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
             for h in tl.static_range(2):
@@ -171,7 +202,7 @@ def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
     tl.store(P + pid_k * s_pk + xm[:, None] * s_pm + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
-_FIELDS = {"q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m", "d", "dmin"), "q5_k": ("qs", "sc", "m", "d", "dmin", "qh"),
+_FIELDS = {"f8_e4m3": ("w", "s"), "q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m", "d", "dmin"), "q5_k": ("qs", "sc", "m", "d", "dmin", "qh"),
            "q6_k": ("ql", "qh", "sc", "d")}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +66,7 @@ def _stored_format(weights, name: str, shape: tuple[int, int], device: torch.dev
     from ktrans.kernels import triton_available
 
     qtype = weights.info(name).qtype
-    kernels = ("q8_0", "q4_k", "q5_k", "q6_k")
+    kernels = ("q8_0", "q4_k", "q5_k", "q6_k", "f8_e4m3")
     why = None
     if device.type != "cuda" and not (mode == "stored" and os.environ.get("TRITON_INTERPRET") == "1"):
         why = f"it is placed on {device} (the kernels are for CUDA)"
@@ -73,6 +74,8 @@ def _stored_format(weights, name: str, shape: tuple[int, int], device: torch.dev
         why = f"'{name}' is stored as {qtype} (GPU kernels: {', '.join(kernels)})"
     elif shape[1] % 256:
         why = f"its rows of {shape[1]} values are not whole 256-value super-blocks"
+    elif qtype == "f8_e4m3" and _fp8_block(weights) != 128:
+        why = f"its FP8 scale blocks are {_fp8_block(weights)} wide (the kernel reads 128 x 128 blocks)"
     elif not triton_available():
         why = "Triton does not import here"
     if why and mode == "stored":
@@ -80,7 +83,19 @@ def _stored_format(weights, name: str, shape: tuple[int, int], device: torch.dev
     return None if why else qtype
 
 
-_PACKED_BYTES_PER_256 = {"q8_0": 272, "q4_k": 148, "q5_k": 180, "q6_k": 210}
+_PACKED_BYTES_PER_256 = {"q8_0": 272, "q4_k": 148, "q5_k": 180, "q6_k": 210, "f8_e4m3": 256}
+
+
+def _fp8_block(weights) -> int | None:
+    """Edge of an FP8 checkpoint's scale blocks (sources without FP8 have none)."""
+    block = getattr(weights, "fp8_block", None)
+    return block() if callable(block) else None
+
+
+def _packed_bytes(qtype: str, shape: tuple[int, int]) -> int:
+    n, k = shape
+    extra = 4 * -(-n // 128) * -(-k // 128) if qtype == "f8_e4m3" else 0        # FP8 block scales
+    return n * k // 256 * _PACKED_BYTES_PER_256[qtype] + extra
 
 
 class DenseProjection(torch.nn.Module):
@@ -143,7 +158,14 @@ def load_projection(weights, name: str, shape: tuple[int, int], dtype: torch.dty
     raw = weights.raw(name)
     if tuple(raw.shape) != tuple(shape):
         raise KtransError(f"{weights!r}: tensor '{name}' has shape {list(raw.shape)}, the config implies {list(shape)}")
-    packed = {f: t.to(device) for f, t in pack(qtype, raw.data, shape[0], shape[1]).items()}
+    scale = None
+    if qtype == "f8_e4m3":
+        scale = np.ascontiguousarray(weights.scale_inv(name).data).view(np.float32).reshape(
+            -(-shape[0] // 128), -(-shape[1] // 128))
+    try:
+        packed = {f: t.to(device) for f, t in pack(qtype, raw.data, shape[0], shape[1], scale).items()}
+    except ValueError as e:
+        raise KtransError(f"{weights.where(name)}: {e}") from None
     return QuantProjection(qtype, packed, shape, bias, dtype)
 
 
@@ -153,7 +175,7 @@ def projection_bytes(weights, name: str, shape: tuple[int, int], dtype: torch.dt
     qtype = _stored_format(weights, name, shape, torch.device(device), mode, key or name)
     if qtype is None:
         return param_bytes([shape], dtype)
-    return shape[0] * shape[1] // 256 * _PACKED_BYTES_PER_256[qtype]
+    return _packed_bytes(qtype, shape)
 
 
 class ProjectionOwner:

@@ -267,10 +267,10 @@ class SafetensorsSource(WeightSource):
             return t
         if scale is None:
             raise KtransError(f"{entry.file.path}: FP8 tensor '{entry.name}' has no weight_scale_inv")
-        return dequant_fp8_blocks(t, raw_to_torch(scale.raw()), block=self._fp8_block(),
+        return dequant_fp8_blocks(t, raw_to_torch(scale.raw()), block=self.fp8_block(),
                                   where=f"{entry.file.path}: tensor '{entry.name}'")
 
-    def _fp8_block(self) -> int:
+    def fp8_block(self) -> int:
         """Block edge of the FP8 scales: config.json's quantization_config.weight_block_size."""
         qc = getattr(self.config(), "quantization_config", None) or {}
         size = (qc.get("weight_block_size") if isinstance(qc, dict) else getattr(qc, "weight_block_size", None))

@@ -16,13 +16,22 @@ from ktrans.weights import quant
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton")
 
-FORMATS = ["q8_0", "q4_k", "q5_k", "q6_k"]
+FORMATS = ["q8_0", "q4_k", "q5_k", "q6_k", "f8_e4m3"]
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 
 
 def _weights(qtype: str, n: int, k: int):
-    """Random [n, k] weights quantized by ktrans (llama.cpp's layout) and gguf-py's dequantization."""
+    """Random [n, k] weights quantized by ktrans (llama.cpp's layout) and gguf-py's dequantization;
+    FP8: e4m3 values (every bit pattern but NaN) with random 128 x 128 block scales, and torch's
+    float8 conversion times the scales."""
+    if qtype == "f8_e4m3":
+        bits = torch.randint(0, 256, (n, k), dtype=torch.uint8)
+        bits[(bits & 0x7F) == 0x7F] = 0x3F                                  # no NaN patterns
+        scale = torch.rand(-(-n // 128), -(-k // 128)) * 0.01 + 1e-4
+        w = bits.view(torch.float8_e4m3fn).float()
+        ref = w * scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        return (bits.numpy(), scale.numpy()), ref
     w = (torch.randn(n, k) * torch.rand(n, 1) * 2).numpy()                   # rows of different scales
     data = quant.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
     ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, qtype.upper()))
@@ -31,23 +40,34 @@ def _weights(qtype: str, n: int, k: int):
 
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_packed_layout_dequantizes_like_gguf(qtype):
-    from ktrans.kernels.quant_matmul import dequantize, pack
+    from ktrans.kernels.quant_matmul import dequantize
 
     data, ref = _weights(qtype, 24, 768)
-    packed = pack(qtype, data, 24, 768)
+    packed = _pack(qtype, data, 24, 768)
     assert torch.equal(dequantize(qtype, packed), ref)
     size = sum(t.numel() * t.element_size() for t in packed.values())
-    assert size == 24 * 768 // 256 * {"q8_0": 272, "q4_k": 148, "q5_k": 180, "q6_k": 210}[qtype]
+    if qtype == "f8_e4m3":
+        assert size == 24 * 768 + 4 * 1 * 6
+    else:
+        assert size == 24 * 768 // 256 * {"q8_0": 272, "q4_k": 148, "q5_k": 180, "q6_k": 210}[qtype]
+
+
+def _pack(qtype, data, n, k):
+    from ktrans.kernels.quant_matmul import pack
+
+    if qtype == "f8_e4m3":
+        return pack(qtype, data[0], n, k, scale=data[1])
+    return pack(qtype, data, n, k)
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("m", [1, 5, 20, 130])
 def test_quant_matmul_matches_dequantized_weights(qtype, m):
-    from ktrans.kernels.quant_matmul import pack, quant_matmul
+    from ktrans.kernels.quant_matmul import quant_matmul
 
-    n, k = 72, 1024                                                        # ragged N tiles, 4 super-blocks
+    n, k = 136, 1024                          # ragged N tiles (and FP8 scale rows), 4 super-blocks
     data, ref = _weights(qtype, n, k)
-    packed = {f: t.to(DEV) for f, t in pack(qtype, data, n, k).items()}
+    packed = {f: t.to(DEV) for f, t in _pack(qtype, data, n, k).items()}
     x = torch.randn(m, k)
     if ON_GPU:
         # bf16 activations, and the weight rounded to bf16 as the dense bf16 path rounds it
@@ -102,3 +122,28 @@ def test_linear_stored_matches_dense(tiny_model, quant_type, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")                          # a plain CPU placement
     with pytest.raises(KtransError, match="weights stored cannot keep .* placed on cpu"):
         Linear(key=key, orig_module=meta, config=None, device="cpu", weights="stored").load_weights(src)
+
+
+def test_linear_stored_fp8_matches_dense(tmp_path):
+    """A DeepSeek-style FP8 safetensors weight (e4m3 + 128 x 128 scale_inv blocks, a ragged last
+    row block) kept as stored vs dequantized: the same product."""
+    from safetensors.torch import save_file
+
+    from ktrans.operators.linear import Linear, QuantProjection
+    from ktrans.weights.safetensors_source import SafetensorsSource
+
+    (bits, scale), ref = _weights("f8_e4m3", 200, 512)
+    save_file({"model.x.weight": torch.from_numpy(bits).view(torch.float8_e4m3fn),
+               "model.x.weight_scale_inv": torch.from_numpy(scale)}, str(tmp_path / "model.safetensors"))
+    src = SafetensorsSource(str(tmp_path))
+    with torch.device("meta"):
+        meta = torch.nn.Linear(512, 200, bias=False)
+    ops = {m: Linear(key="model.x", orig_module=meta, config=None, device=DEV, dtype="f32", weights=m)
+           for m in ("stored", "dense")}
+    for op in ops.values():
+        op.load_weights(src)
+    assert isinstance(ops["stored"].proj, QuantProjection)
+    torch.testing.assert_close(ops["stored"].proj.dense_weight().cpu(), ref, rtol=0, atol=0)
+    x = torch.randn(4, 512, device=DEV)
+    tol = 2e-3 if ON_GPU else 1e-5                                          # tf32 dots on CUDA
+    torch.testing.assert_close(ops["stored"](x), ops["dense"](x), rtol=tol, atol=tol)
