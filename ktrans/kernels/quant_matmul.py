@@ -21,9 +21,9 @@ e4m3fn's NaN pattern is not special-cased, DeepSeek's weights hold none).
 The kernel: grid (M tiles, N tiles, K splits); each program walks its share of super-blocks,
 dequantizes a [BN, 32] weight tile per group of 32 values in registers (rounded to x's dtype,
 as a dense bf16 weight would be) and accumulates tl.dot with the matching [BM, 32] slice of x
-in f32. Decode (small M) splits K over several programs and sums their partial products with
-one torch reduction (deterministic: no atomics, so a CUDA graph replays bit-identically);
-prefill (large M) uses larger M/N tiles and no split.
+in f32. Decode (small M) uses narrow N tiles and splits K only for narrow outputs, summing the
+partial products with one torch reduction (deterministic: no atomics, so a CUDA graph replays
+bit-identically); prefill (large M) uses larger M/N tiles and no split.
 """
 
 from __future__ import annotations
@@ -199,7 +199,9 @@ def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
                                  mask=nmask[:, None], other=0).to(tl.float32)
                     w = (d[:, None] * sc) * (q.to(tl.float32) - 32.0)
                     acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 128 * h + 32 * gi), w)
-    tl.store(P + pid_k * s_pk + xm[:, None] * s_pm + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+    # SPLIT == 1 writes the result in x's dtype; split programs write f32 partial sums.
+    tl.store(P + pid_k * s_pk + xm[:, None] * s_pm + rn[None, :], acc.to(P.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
 
 
 _FIELDS = {"f8_e4m3": ("w", "s"), "q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m", "d", "dmin"), "q5_k": ("qs", "sc", "m", "d", "dmin", "qh"),
@@ -207,16 +209,18 @@ _FIELDS = {"f8_e4m3": ("w", "s"), "q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m",
 
 
 def _tiles(m: int, n: int, k: int, sm_count: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, K splits, warps, stages) for an [m, k] x [k, n] product."""
+    """(BM, BN, K splits, warps, stages) for an [m, k] x [k, n] product. Decode shapes get narrow
+    N tiles (many programs reading the weight at once) and split K only when even those leave
+    most of the GPU idle: a split costs two more launches (partial sums, then their sum)."""
     if m <= 16:
-        bm, bn = 16, 32
+        bm, bn = 16, 16
     elif m <= 64:
         bm, bn = 64, 64
     else:
         bm, bn = 128, 64
     tiles = -(-m // bm) * -(-n // bn)
     split = 1
-    while tiles * split < 2 * sm_count and split * 2 <= k // QK and split < 16:
+    while tiles * split < sm_count // 2 and split * 2 <= k // QK // 2 and split < 16:
         split *= 2
     return bm, bn, split, 4, 2
 
@@ -228,11 +232,10 @@ def quant_matmul(x: torch.Tensor, qtype: str, packed: dict[str, torch.Tensor], n
         raise ValueError(f"quant_matmul: x must be [M, {k}] with a unit last stride, got {tuple(x.shape)}")
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     bm, bn, split, warps, stages = _tiles(m, n, k, sms)
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    out = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     fields = [packed[f] for f in _FIELDS[qtype]]
     fields += [fields[0]] * (6 - len(fields))                # unused pointer slots
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _qmm_kernel[grid](x, part, *fields, m, n, k, x.stride(0), part.stride(0), part.stride(1),
+    _qmm_kernel[grid](x, out, *fields, m, n, k, x.stride(0), out.stride(0), out.stride(1),
                       FMT=FORMATS[qtype], BM=bm, BN=bn, SPLIT=split, num_warps=warps, num_stages=stages)
-    out = part[0] if split == 1 else part.sum(0)
-    return out.to(x.dtype)
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)
