@@ -19,7 +19,7 @@ from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
 from ktrans.operators.attention_mla import _strip_batch, decode_backend, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm
+from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
 from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, rope_style
 
@@ -49,6 +49,7 @@ class GQAAttention(ProjectionOwner, Operator):
         if weights not in WEIGHT_MODES:
             raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.weights_mode = weights
+        self._rms = rms_norm_for(self.device)
         # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
         # only for layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (
@@ -118,8 +119,9 @@ class GQAAttention(ProjectionOwner, Operator):
         k = self._proj(x, "k_proj", self.num_kv_heads, native)                            # [T, Hkv, d]
         v = self._proj(x, "v_proj", self.num_kv_heads, native)
         if self.qk_norm:
-            q = rms_norm(q, self._p("q_norm.weight"), self.eps)
-            k = rms_norm(k, self._p("k_norm.weight"), self.eps)
+            norm = rms_norm if native else self._rms
+            q = norm(q, self._p("q_norm.weight"), self.eps)
+            k = norm(k, self._p("k_norm.weight"), self.eps)
         q, k = apply_rope(q, emb, self.style), apply_rope(k, emb, self.style)
         ctx.kv.write(self.layer_idx, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)                                                         # [T, Hq, d]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm
+from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
 from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_style
 
@@ -86,6 +86,7 @@ class MLAAttention(ProjectionOwner, Operator):
         if weights not in WEIGHT_MODES:
             raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.weights_mode = weights
+        self._rms = rms_norm_for(self.device)
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         """Projections (GGUF blocks kept on the GPU where they can be; see linear.py)."""
@@ -125,15 +126,16 @@ class MLAAttention(ProjectionOwner, Operator):
 
     def _project(self, x: torch.Tensor, emb, native: bool = False):
         """x [T, hidden] -> q_nope [T, H, dn], q_pe [T, H, dr] (rotated), cache entries [T, r + dr]."""
+        norm = rms_norm if native else self._rms
         if self.q_lora_rank:
-            q_a = rms_norm(self._linear(x, "q_a_proj", native), self._p("q_a_layernorm.weight"), self.eps)  # [T, q_lora]
+            q_a = norm(self._linear(x, "q_a_proj", native), self._p("q_a_layernorm.weight"), self.eps)  # [T, q_lora]
             q = self._linear(q_a, "q_b_proj", native)
         else:
             q = self._linear(x, "q_proj", native)
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)            # [T, H, dqk]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self._linear(x, "kv_a_proj_with_mqa", native).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = rms_norm(latent, self._p("kv_a_layernorm.weight"), self.eps)            # [T, r]
+        latent = norm(latent, self._p("kv_a_layernorm.weight"), self.eps)                # [T, r]
         q_pe = apply_rope(q_pe, emb, self.style)                                          # [T, H, dr]
         k_pe = apply_rope(k_pe[:, None, :], emb, self.style)[:, 0]                        # [T, dr]
         return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)

@@ -219,6 +219,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
+def rms_norm_for(device: torch.device):
+    """The RMSNorm an operator on `device` uses: one Triton kernel on CUDA (same numerics,
+    ktrans.kernels.rms_norm), torch's ops elsewhere (and as the oracle)."""
+    if torch.device(device).type == "cuda":
+        from ktrans.kernels import triton_available
+
+        if triton_available():
+            from ktrans.kernels.rms_norm import rms_norm as fused
+
+            return fused
+    return rms_norm
+
+
 def param_bytes(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
     size = torch.empty(0, dtype=dtype).element_size()
     n = 0
