@@ -12,6 +12,8 @@
 #               the machine lacks) plus the Triton kernel tests
 #   e2e-v2      bench/e2e.py, deepseek-v2-lite q4_k_m: CUDA graphs on and off, batch 1 and 4
 #   e2e-qwen3   the same for qwen3-30b-a3b q4_k_m
+#   prof-v2     bench/profile_decode.py on deepseek-v2-lite (trace gzipped under $OUT)
+#   prof-qwen3  the same for qwen3-30b-a3b
 #   peer-v2     llama.cpp's llama-bench on the same deepseek-v2-lite file, experts on the CPU
 #   peer-qwen3  the same for qwen3-30b-a3b
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
@@ -65,11 +67,16 @@ for s in "$@"; do
     gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
     e2e-v2) e2e deepseek-v2-lite;;
     e2e-qwen3) e2e qwen3-30b-a3b;;
+    prof-v2|prof-qwen3)
+      p=$([ "$s" = prof-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
+      python3 bench/profile_decode.py --preset "$p" --model-root "$ROOT" --trace "$OUT/trace-$p.json" \
+        2>"$OUT/prof-$p.err" | tee -a "$OUT/prof.txt"
+      tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
     peer-v2) peer deepseek-v2-lite;;
     peer-qwen3) peer qwen3-30b-a3b;;
     *) echo "accel.sh: unknown step $s" >&2; exit 2;;
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"
 exit 0
