@@ -68,7 +68,9 @@ class LLMEngine:
         """Load a model (ModelRunner keyword arguments) and wrap it in an engine."""
         from ktrans.engine.model_runner import ModelRunner
 
-        return cls(ModelRunner(**runner_kwargs), max_batch_size=max_batch_size, chunk_size=chunk_size,
+        runner = ModelRunner(**runner_kwargs)
+        runner.warm_up()
+        return cls(runner, max_batch_size=max_batch_size, chunk_size=chunk_size,
                    max_queue=max_queue, generation_config=_generation_config(runner_kwargs.get("model_path")))
 
     @property

@@ -153,18 +153,50 @@ class ModelRunner:
             want = 1 if batch.num_tokens == batch.num_reqs else self._torch_threads  # decode only: 1
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
+        logits = None
         if self.graphs is not None and self.graphs.can_run(batch):
             batch.validate(self.page_size)
             logits = self.graphs.run(batch)
-            if logits is not None:
-                return logits
-        with forward_context(batch, self.kv) as ctx:
-            return forward_packed(self.model, self.rotary, ctx)
+        if logits is None:
+            with forward_context(batch, self.kv) as ctx:
+                logits = forward_packed(self.model, self.rotary, ctx)
+        if logits.is_cuda:
+            _sleep_until_done(logits.device)
+        return logits
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """On CUDA, run a prefill of each matmul tile class (> 64, 17-64 tokens) and a decode step
+        over free KV pages, so that Triton compiles its kernels (and caches them on disk for later
+        processes) and the batch-1 decode graph is captured before the first request, not during
+        it. Call it only while no request holds pages."""
+        if not self.device.startswith("cuda"):
+            return
+        pages = torch.arange(min(self.num_pages, -(-130 // self.page_size)), dtype=torch.int32)[None]
+        done = 0
+        for n in (100, 28, 1):
+            if done + n > pages.shape[1] * self.page_size:
+                break
+            self.execute(ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long), positions=torch.arange(done, done + n),
+                                      seq_ids=[0], num_computed=[done], num_new=[n], page_table=pages,
+                                      logits_indices=torch.tensor([n - 1])))
+            done += n
+        torch.cuda.synchronize()
 
     def close(self) -> None:
         if self._switch_threads:
             torch.set_num_threads(self._torch_threads)
         self.weights.close()
+
+
+def _sleep_until_done(device: torch.device) -> None:
+    """Wait for the step's GPU work with the thread asleep. NOTE: CUDA's default wait spins the
+    calling thread, and during a step with CPU experts that spinning thread takes a core from the
+    experts' pool (which keeps a thread on every core but one); a blocking-sync event makes the
+    wait a sleep. The caller's next read of the logits then finds them ready."""
+    done = torch.cuda.Event(blocking=True)
+    done.record(torch.cuda.current_stream(device))
+    done.synchronize()
 
 
 def _with_cpu_infer(entry, cpu_infer):

@@ -142,7 +142,9 @@ def _dot(acc, x, w):
     return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
 
 
-@triton.jit
+# NOTE: M (and the split stride M*N) change with every batch; unspecialized, one compiled kernel
+# per format and tile class serves them all instead of one per divisibility of M.
+@triton.jit(do_not_specialize=["M", "s_pk"])
 def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     # A..F: the packed fields, per format: q8_0 (qs, d); q4_k (qs, sc, m, d, dmin); q5_k (qs, sc, m,

@@ -21,7 +21,7 @@ from ktrans.operators.attention_mla import _strip_batch, decode_backend, masked_
 from ktrans.operators.base import Operator
 from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
 from ktrans.operators.registry import register_operator
-from ktrans.operators.rope import apply_rope, rope_style
+from ktrans.operators.rope import apply_rope, rope_for, rope_style
 
 
 @register_operator("gqa_attention")
@@ -50,6 +50,7 @@ class GQAAttention(ProjectionOwner, Operator):
             raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.weights_mode = weights
         self._rms = rms_norm_for(self.device)
+        self._rope = rope_for(self.device)
         # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
         # only for layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (
@@ -122,7 +123,8 @@ class GQAAttention(ProjectionOwner, Operator):
             norm = rms_norm if native else self._rms
             q = norm(q, self._p("q_norm.weight"), self.eps)
             k = norm(k, self._p("k_norm.weight"), self.eps)
-        q, k = apply_rope(q, emb, self.style), apply_rope(k, emb, self.style)
+        rope = apply_rope if native else self._rope
+        q, k = rope(q, emb, self.style), rope(k, emb, self.style)
         ctx.kv.write(self.layer_idx, ctx.slot_mapping, k, v)
         out = torch.empty_like(q)                                                         # [T, Hq, d]
         qs, pos = ctx.query_start, ctx.positions

@@ -29,7 +29,7 @@ from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
 from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
 from ktrans.operators.registry import register_operator
-from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_style
+from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_for, rope_style
 
 
 def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn, hidden=None) -> torch.Tensor:
@@ -87,6 +87,7 @@ class MLAAttention(ProjectionOwner, Operator):
             raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.weights_mode = weights
         self._rms = rms_norm_for(self.device)
+        self._rope = rope_for(self.device)
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         """Projections (GGUF blocks kept on the GPU where they can be; see linear.py)."""
@@ -136,8 +137,9 @@ class MLAAttention(ProjectionOwner, Operator):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self._linear(x, "kv_a_proj_with_mqa", native).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = norm(latent, self._p("kv_a_layernorm.weight"), self.eps)                # [T, r]
-        q_pe = apply_rope(q_pe, emb, self.style)                                          # [T, H, dr]
-        k_pe = apply_rope(k_pe[:, None, :], emb, self.style)[:, 0]                        # [T, dr]
+        rope = apply_rope if native else self._rope
+        q_pe = rope(q_pe, emb, self.style)                                                # [T, H, dr]
+        k_pe = rope(k_pe[:, None, :], emb, self.style)[:, 0]                              # [T, dr]
         return q_nope, q_pe, torch.cat([latent, k_pe], dim=-1)
 
     def _attend_expanded(self, q_nope, q_pe, cached, q_pos, fused: bool) -> torch.Tensor:

@@ -144,6 +144,22 @@ class QuantProjection(torch.nn.Module):
         return dequantize(self.qtype, {f: getattr(self, f) for f in self._fields}).to(self.dtype)
 
 
+def concat_projections(a: torch.nn.Module, b: torch.nn.Module) -> torch.nn.Module | None:
+    """One projection computing [a(x), b(x)] (rows of a then b), when both hold the same format
+    (both dense, or one GGUF type) and either both or neither have a bias; else None."""
+    if (a.bias is None) != (b.bias is None):
+        return None
+    bias = None if a.bias is None else torch.cat([a.bias, b.bias])
+    if isinstance(a, DenseProjection) and isinstance(b, DenseProjection):
+        return DenseProjection(torch.cat([a.weight, b.weight]), bias)
+    if (isinstance(a, QuantProjection) and isinstance(b, QuantProjection) and a.qtype == b.qtype
+            and a.in_features == b.in_features and a.dtype == b.dtype
+            and (a.qtype != "f8_e4m3" or a.out_features % 128 == 0)):   # FP8 scale rows stay aligned
+        packed = {f: torch.cat([getattr(a, f), getattr(b, f)]) for f in a._fields}
+        return QuantProjection(a.qtype, packed, (a.out_features + b.out_features, a.in_features), bias, a.dtype)
+    return None
+
+
 def load_projection(weights, name: str, shape: tuple[int, int], dtype: torch.dtype, device, *, mode: str = "auto",
                     key: str = "", bias_name: str | None = None) -> torch.nn.Module:
     """The projection `name` ([out, in] weight, optional bias) on `device`: QuantProjection where

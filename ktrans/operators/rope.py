@@ -64,6 +64,19 @@ def apply_rope(x: torch.Tensor, emb, style: str) -> torch.Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+def rope_for(device):
+    """The apply_rope an operator on `device` uses: one Triton kernel on CUDA (torch's rounding,
+    ktrans.kernels.rope), this module's torch ops elsewhere (and as the oracle)."""
+    if torch.device(device).type == "cuda":
+        from ktrans.kernels import triton_available
+
+        if triton_available():
+            from ktrans.kernels.rope import apply_rope as fused
+
+            return fused
+    return apply_rope
+
+
 def mla_softmax_scale(config) -> float:
     """DeepSeek's attention scale: 1/sqrt(qk_head_dim), times mscale^2 under YaRN with
     mscale_all_dim (the long-context correction the checkpoint was trained with)."""

@@ -1,0 +1,94 @@
+"""`gated_mlp`: a dense SwiGLU MLP — down(silu(gate(x)) · up(x)) — as DeepSeek's shared experts and
+dense layers, Qwen2-MoE's shared expert and Llama/Qwen2's MLPs compute it, with gate and up fused
+into one product where they share a format (one GGUF quant type, or both dense), and silu·mul
+as one kernel on CUDA: three launches per MLP instead of five. Projections keep their GGUF
+formats on CUDA like the `linear` operator (`weights`: auto | stored | dense).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ktrans.errors import KtransError
+from ktrans.operators.base import Operator
+from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, concat_projections, resolve_dtype
+from ktrans.operators.registry import register_operator
+
+
+def _silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+@register_operator("gated_mlp")
+class GatedMLP(ProjectionOwner, Operator):
+    name: ClassVar[str] = "gated_mlp"
+    owned_children: ClassVar[tuple[str, ...]] = ("*",)      # its three projections are loaded here
+
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", weights="auto", **kwargs):
+        super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        projs = [getattr(orig_module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, torch.nn.Linear) for p in projs):
+            raise KtransError(f"{key}: gated_mlp replaces an MLP with gate_proj/up_proj/down_proj, "
+                              f"got {type(orig_module).__name__}")
+        act = getattr(config, "hidden_act", None)
+        if act not in ("silu", "swish"):
+            raise KtransError(f"{key}: gated_mlp computes silu(gate) * up; this model's hidden_act is {act!r}")
+        if weights not in WEIGHT_MODES:
+            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
+        self.hidden_size, self.intermediate_size = projs[0].in_features, projs[0].out_features
+        self.has_bias = projs[0].bias is not None
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.weights_mode = weights
+        self.gate_up = None
+        self._silu_mul = _silu_mul_torch
+        if self.device.type == "cuda":
+            from ktrans.kernels import triton_available
+
+            if triton_available():
+                from ktrans.kernels.silu_mul import silu_mul
+
+                self._silu_mul = silu_mul
+
+    def _proj_shapes(self) -> dict[str, tuple[int, int]]:
+        h, i = self.hidden_size, self.intermediate_size
+        return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def _biased(self) -> set[str]:
+        return {"gate_proj", "up_proj", "down_proj"} if self.has_bias else set()
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    @classmethod
+    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
+        probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        return {str(torch.device(device)): probe._owned_bytes(weights)}
+
+    def load_weights(self, weights) -> None:
+        self._load_owned(weights)
+        fused = concat_projections(self.projs["gate_proj"], self.projs["up_proj"])
+        if fused is not None:            # one [2I, H] product instead of two; the halves are dropped
+            self.gate_up = fused
+            del self.projs["gate_proj"], self.projs["up_proj"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        if self.gate_up is not None:
+            lead = x.shape[:-1]
+            h = self._silu_mul(self.gate_up(x.reshape(-1, self.hidden_size)))           # [T, I]
+            return self.projs["down_proj"](h).view(*lead, self.hidden_size)
+        return self.projs["down_proj"](F.silu(self.projs["gate_proj"](x)) * self.projs["up_proj"](x))
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        if self.gate_up is not None:
+            w = self.gate_up.dense_weight()
+            b = self.gate_up.bias
+            gu = F.linear(x, w, b)
+        else:
+            gu = torch.cat([self._linear(x, "gate_proj", True), self._linear(x, "up_proj", True)], dim=-1)
+        return self._linear(_silu_mul_torch(gu), "down_proj", True)
