@@ -80,10 +80,16 @@ void StreamTask::start_cb(void* self) {
   t->ticket_ = t->pool_->submit(t->fn_);
 }
 
+// NOTE: the wait runs on CUDA's callback thread, and the stream (the whole GPU step) stands still
+// until it returns: it spins through a decode-sized task (~0.2-1 ms) rather than sleeping and
+// paying a futex wake-up on every layer. The callback thread has a core of its own when the
+// pool leaves one free (the default) and the host thread sleeps on the step's end.
+constexpr int kStreamWaitSpinUs = 2000;
+
 void StreamTask::wait_cb(void* self) {
   auto* t = static_cast<StreamTask*>(self);
   try {
-    t->pool_->sync(t->ticket_);
+    t->pool_->sync(t->ticket_, kStreamWaitSpinUs);
   } catch (const std::exception& e) {
     if (t->error_.empty()) t->error_ = e.what();
   }

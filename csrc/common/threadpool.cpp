@@ -260,12 +260,12 @@ uint64_t ThreadPool::submit(std::function<void()> task) {
   return ticket;
 }
 
-void ThreadPool::sync(uint64_t ticket) {
+void ThreadPool::sync(uint64_t ticket, int spin_us) {
   // Short spin first: a decode-sized MoE layer finishes in well under a millisecond. Not when
   // the pool holds every CPU: the caller would then spin on a core one of the pool's threads
   // needs, and slow the whole fan-out down to that thread's share of it.
   if (!shares_cores_) {
-    auto deadline = Clock::now() + std::chrono::microseconds(spin_us_);
+    auto deadline = Clock::now() + std::chrono::microseconds(spin_us < 0 ? spin_us_ : spin_us);
     while (completed_.load(std::memory_order_acquire) < ticket && Clock::now() < deadline) cpu_relax();
   }
   std::vector<std::function<void()>> finished;  // destroyed here, on the caller's thread

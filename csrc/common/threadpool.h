@@ -61,7 +61,8 @@ class ThreadPool {
   // Queues a task (run in order on thread 0); returns its ticket.
   uint64_t submit(std::function<void()> task);
   // Blocks until every task up to `ticket` has finished; rethrows the first error a task raised.
-  void sync(uint64_t ticket);
+  // spin_us >= 0 overrides the pool's spin for this wait (a caller with a core to itself).
+  void sync(uint64_t ticket, int spin_us = -1);
   // Blocks until the queue is empty.
   void sync_all();
   // Submit + sync.

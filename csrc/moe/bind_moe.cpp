@@ -130,7 +130,8 @@ void bind_moe(py::module_& m) {
       .def("group_of", &ThreadPool::group_of)
       .def_property_readonly("scratch_bytes", [](const ThreadPool& p) { return moe_scratch_bytes(&p); },
                              "bytes of the MoE scratch shared by every MoeLayer on this pool")
-      .def("sync", &ThreadPool::sync, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+      .def("sync", [](ThreadPool& p, uint64_t ticket) { p.sync(ticket); }, py::arg("ticket"),
+           py::call_guard<py::gil_scoped_release>())
       .def("sync_all", &ThreadPool::sync_all, py::call_guard<py::gil_scoped_release>())
       .def("round_trip", [](ThreadPool& p) { p.run([&p] { p.parallel([](int, int) {}); }); },
            py::call_guard<py::gil_scoped_release>(),
