@@ -1,6 +1,6 @@
 """Planning without weight files: PlannedSource equals the GGUF gen-model writes (names, types,
 shapes, bytes, and so every operator's planned bytes), the KV cache's bytes per device, and
-`ktrans rules explain --arch/--preset/--config/--quant` with its errors."""
+`ktrans rules explain --arch/--preset/--config/--quant` with its errors, and the docs' example."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 import random
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +199,14 @@ def test_explain_notes_gpu_projections_counted_dense_without_triton(monkeypatch,
     assert "Triton does not import here" in without
     gpu = [_bytes(re.search(r"cuda:0 ([\d.]+ \w+)$", _weights_line(out)).group(1)) for out in (with_triton, without)]
     assert gpu[1] > 2 * gpu[0]
+
+
+def test_docs_planned_python_example_runs(capsys):
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "rules.md").read_text()
+    code = re.search(r"<!-- example: planned -->\n```python\n(.*?)```", doc, re.S).group(1)
+    assert '"deepseek-v3"' in code
+    scope: dict = {}
+    exec(code.replace('"deepseek-v3"', '"tiny"'), scope)      # the real shapes take seconds; same path
+    out = capsys.readouterr().out
+    assert re.search(r"KV cache \(8192 tokens: 128 pages of 64 .*\): cuda:0 ", out) and "GPU total" in out
+    assert isinstance(scope["weights"], PlannedSource) and scope["plan"].bytes_per_device()["cpu"] > 0
