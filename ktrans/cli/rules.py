@@ -1,8 +1,11 @@
 """`ktrans rules`: inspect rule files before loading anything.
 
 `ktrans rules explain` plans a model from its config and tensor infos (no weight is read) and
-prints which operator and device each module group gets, the rule that placed it and the weight
-bytes per device. `ktrans rules list` shows the shipped rule files and the registered operators.
+prints which operator and device each module group gets, the rule that placed it, the KV cache
+and the bytes per device. With --quant (and --arch/--preset, --config or a config-only
+--model_path) it needs no weight file at all: the tensor infos are those ktrans gen-model would
+write (ktrans.genmodel.planned). `ktrans rules list` shows the shipped rule files and the
+registered operators.
 """
 
 from __future__ import annotations
@@ -19,10 +22,21 @@ def register(sub) -> None:
     rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
     e = rsub.add_parser("explain", help="print the placement plan of a model under a rule file",
                         description="Plan the model from its config and the tensor infos of its weight "
-                                    "files (nothing is loaded) and print module groups -> operator -> "
-                                    "device -> bytes, the rule behind each, and the bytes per device.")
+                                    "files (nothing is loaded), or from a config and --quant with no "
+                                    "weight file at all, and print module groups -> operator -> device -> "
+                                    "bytes, the rule behind each, the KV cache and the bytes per device.")
     e.add_argument("--model_path", help="HF model directory (config.json; safetensors weights optional)")
     e.add_argument("--gguf_path", help="GGUF file, first file of a split set, or directory of GGUF files")
+    e.add_argument("--config", help="a config.json file (instead of --model_path)")
+    e.add_argument("--arch", help="plan a gen-model preset instead of files: architecture (with --preset, --quant)")
+    e.add_argument("--preset", help="gen-model preset of --arch, e.g. deepseek-v3 (ktrans gen-model --help lists them)")
+    e.add_argument("--quant", help="plan without weight files: the tensor types ktrans gen-model --quant writes "
+                                   "(q4_k_m = llama.cpp's mix) for the config of --arch/--preset, --config or "
+                                   "--model_path")
+    e.add_argument("--cache_lens", type=int, default=4096, metavar="TOKENS",
+                   help="KV cache size in tokens, counted on the devices of the attention (default 4096, "
+                        "as ktrans chat; ktrans serve uses 16384)")
+    e.add_argument("--page_size", type=int, default=None, metavar="TOKENS", help="KV page size (default: the runner's)")
     e.add_argument("--optimize_config_path", help="rule file (default: the architecture's shipped file)")
     e.add_argument("--variant", default="", help="shipped rule variant when no file is given: "
                                                  "cpu, 2gpu, amx, gpu-experts (default: experts on CPU, rest on GPU)")
@@ -78,15 +92,86 @@ def _has_weight_files(path: str | None) -> bool:
     return any(f.endswith((".safetensors", ".gguf")) for f in os.listdir(path))
 
 
+def model_inputs(args):
+    """(config, WeightSource or None) from explain's flags: weight files (tensor infos read), or a
+    PlannedSource when the model is --arch/--preset or a config with --quant (no file read)."""
+    from ktrans.genmodel.planned import PlannedSource
+
+    given = [f for f, v in (("--model_path", args.model_path), ("--gguf_path", args.gguf_path),
+                            ("--config", args.config)) if v]
+    if args.arch or args.preset:
+        _check_preset_flags(args, given)
+        src = PlannedSource.from_preset(args.arch, args.preset, args.quant)
+        return src.config(), src
+    if args.config and len(given) > 1:
+        raise UsageError(f"--config names the model, so {' and '.join(given[1:])} cannot; give one of them")
+    if args.quant:
+        _check_quant_flags(args, given)
+        config = _config_file(args.config) if args.config else load_config_and_weights(args.model_path, None)[0]
+        return config, PlannedSource(config, args.quant)
+    if args.config:
+        return _config_file(args.config), None
+    return load_config_and_weights(args.model_path, args.gguf_path)
+
+
+def _check_quant_flags(args, given: list[str]) -> None:
+    from ktrans.genmodel.planned import check_quant
+
+    check_quant(args.quant)
+    if not given:
+        raise UsageError("--quant needs a model to plan: --arch with --preset, --config FILE or "
+                         "--model_path DIR (with config.json)")
+    if args.model_path and not os.path.isdir(args.model_path):
+        raise UsageError(f"--model_path '{args.model_path}' is not a directory (expected an HF model "
+                         f"directory with config.json)")
+    if args.gguf_path or _has_weight_files(args.model_path):
+        what = f"--gguf_path '{args.gguf_path}'" if args.gguf_path else f"--model_path '{args.model_path}'"
+        raise UsageError(f"--quant plans weights that do not exist yet, but {what} holds weight files "
+                         f"(their stored types are planned as they are); drop --quant or the weights")
+
+
+def _check_preset_flags(args, given: list[str]) -> None:
+    from ktrans.genmodel.planned import check_quant
+    from ktrans.genmodel.presets import preset_names
+
+    if not args.arch:
+        raise UsageError(f"--preset '{args.preset}' needs --arch (the architecture it belongs to)")
+    presets = preset_names(args.arch)             # an unknown --arch lists the valid ones
+    if not args.preset:
+        raise UsageError(f"--arch {args.arch} needs --preset, one of: {', '.join(presets)}")
+    if given:
+        raise UsageError(f"--arch/--preset name the model, so {' and '.join(given)} cannot; give one of them")
+    if not args.quant:
+        from ktrans.genmodel.presets import QUANT_CHOICES
+
+        raise UsageError(f"--arch/--preset plan weights that do not exist yet: add --quant, one of: "
+                         f"{', '.join(QUANT_CHOICES)}")
+    check_quant(args.quant)
+
+
+def _config_file(path: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--config '{path}': no such file (expected a model's config.json)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers' validators raise several unrelated exception types
+        raise UsageError(f"--config '{path}': not a valid transformers config "
+                         f"({str(e).strip().splitlines()[-1]})") from None
+
+
 def run_explain(args) -> int:
     from ktrans.config.arch import arch_from_config, build_meta_model
+    from ktrans.engine.model_runner import DEFAULT_PAGE_SIZE
+    from ktrans.kv_cache.sizing import plan_kv_cache
     from ktrans.rules.devices import parse_map_flags
     from ktrans.rules.explain import render_plan
     from ktrans.rules.files import shipped_rules
     from ktrans.rules.plan import plan_model
     from ktrans.rules.schema import load_rules
 
-    config, weights = load_config_and_weights(args.model_path, args.gguf_path)
+    config, weights = model_inputs(args)
     path = args.optimize_config_path or shipped_rules(arch_from_config(config).name, args.variant)
     rules = load_rules(path, trust_rules=args.trust_rules)
     device_map = parse_map_flags(args.map_device)
@@ -95,8 +180,30 @@ def run_explain(args) -> int:
         device_map.setdefault("cuda", "cpu")
     plan = plan_model(build_meta_model(config), rules, config=config, weights=weights,
                       default_device=default, device_map=device_map)
-    render_plan(plan, _console())
+    page_size = DEFAULT_PAGE_SIZE if args.page_size is None else args.page_size
+    kv = plan_kv_cache(plan, cache_lens=args.cache_lens, page_size=page_size)
+    plan.notes.extend(_weight_notes(plan, weights))
+    render_plan(plan, _console(), kv=kv)
     return 0
+
+
+def _weight_notes(plan, weights) -> list[str]:
+    """Where the bytes come from: planned tensor types, and projections this machine would not
+    keep in their GGUF format on the GPU."""
+    from ktrans.genmodel.planned import PlannedSource
+    from ktrans.kernels import triton_available
+    from ktrans.rules.explain import human_bytes
+
+    out = []
+    if isinstance(weights, PlannedSource):
+        out.append(f"{weights.path}: no weight file read; tensor types as `ktrans gen-model --quant "
+                   f"{weights.quant}` writes them ({human_bytes(weights.total_bytes())} of GGUF data)")
+    # NOTE: operators plan what they would load here; without Triton a GPU projection is dequantized.
+    if weights is not None and any(d.startswith("cuda") for d in plan.bytes_per_device()) and not triton_available():
+        out.append("Triton does not import here, so quantized projections on the GPU are counted dequantized "
+                   "(as this machine would load them); where Triton runs they keep their GGUF blocks and take "
+                   "several times less")
+    return out
 
 
 def run_list(args) -> int:

@@ -1,4 +1,5 @@
-"""Explain a plan: module groups -> operator -> device -> bytes, the rule behind each, totals.
+"""Explain a plan: module groups -> operator -> device -> bytes, the rule behind each, totals
+(weights, and with a KVPlan the KV cache as well).
 
 Entries that differ only in their layer index collapse into one row
 (`model.layers.{3-60}.mlp.experts`). Containers with no tensors of their own and kept as they
@@ -113,8 +114,21 @@ def _summary(items: list[str], limit: int = 3) -> str:
     return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def render_plan(plan: Plan, console=None) -> None:
-    """Print the plan as a rich table, device totals and notes."""
+def device_totals(plan: Plan, kv=None) -> dict[str, int]:
+    """Bytes per device: the plan's weights plus, given a KVPlan, its KV cache."""
+    totals = dict(plan.bytes_per_device())
+    for dev, n in (kv.nbytes.items() if kv is not None else ()):
+        totals[dev] = totals.get(dev, 0) + n
+    return dict(sorted(totals.items()))
+
+
+def _per_device(nbytes: dict[str, int]) -> str:
+    return ", ".join(f"{d} {human_bytes(n)}" for d, n in nbytes.items()) or "none"
+
+
+def render_plan(plan: Plan, console=None, kv=None) -> None:
+    """Print the plan as a rich table, device totals and notes; `kv` (a KVPlan from
+    ktrans.kv_cache.sizing) adds the KV cache's line and bytes to the totals."""
     from rich.console import Console
     from rich.table import Table
 
@@ -129,9 +143,15 @@ def render_plan(plan: Plan, console=None) -> None:
         table.add_row(row.group, str(len(row.paths)), row.module_class, row.op, dev,
                       human_bytes(row.total_bytes), row.rule)
     console.print(table)
-    totals = plan.bytes_per_device()
+    totals = device_totals(plan, kv)
     gpu = sum(n for d, n in totals.items() if d.startswith("cuda"))
-    console.print("weights per device: " + ", ".join(f"{d} {human_bytes(n)}" for d, n in totals.items())
-                  + f"  |  GPU total {human_bytes(gpu)}, CPU RAM {human_bytes(totals.get('cpu', 0))}")
+    summary = f"  |  GPU total {human_bytes(gpu)}, CPU RAM {human_bytes(totals.get('cpu', 0))}"
+    if kv is None:
+        console.print("weights per device: " + _per_device(totals) + summary)
+    else:
+        console.print("weights per device: " + _per_device(plan.bytes_per_device()))
+        console.print(f"KV cache ({kv.cache_lens} tokens: {kv.num_pages - 1} pages of {kv.page_size} + 1 scratch "
+                      f"page, {'/'.join(kv.dtypes)}): {_per_device(kv.nbytes)}")
+        console.print("weights + KV cache per device: " + _per_device(totals) + summary)
     for line in notes(plan):
         console.print(f"note: {line}", highlight=False, markup=False)
