@@ -11,7 +11,9 @@
 #   gputests    pytest -m gpu over tests/ (server tests excluded: their client needs packages
 #               the machine lacks) plus the Triton kernel tests
 #   e2e-v2      bench/e2e.py, deepseek-v2-lite q4_k_m: CUDA graphs on and off, batch 1 and 4
-#   e2e-qwen3   the same for qwen3-30b-a3b q4_k_m
+#   e2e-qwen3   the same for qwen3-30b-a3b
+#   spin-v2     deepseek-v2-lite graph decode with the experts' threads spinning 1 ms between layers
+#               (KTRANS_SPIN_US=1000) instead of the default 200 us q4_k_m
 #   prof-v2     bench/profile_decode.py on deepseek-v2-lite (trace gzipped under $OUT)
 #   prof-qwen3  the same for qwen3-30b-a3b
 #   peer-v2     llama.cpp's llama-bench on the same deepseek-v2-lite file, experts on the CPU
@@ -67,6 +69,9 @@ for s in "$@"; do
     gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
     e2e-v2) e2e deepseek-v2-lite;;
     e2e-qwen3) e2e qwen3-30b-a3b;;
+    spin-v2) KTRANS_SPIN_US=1000 python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda \
+        --model-root "$ROOT" --prompt-lens 128 --batch-sizes 1,4 --decode-tokens 32 2>"$OUT/spin.err" \
+        | sed 's/^/[KTRANS_SPIN_US=1000] /' | tee -a "$OUT/e2e.txt";;
     prof-v2|prof-qwen3)
       p=$([ "$s" = prof-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
       python3 bench/profile_decode.py --preset "$p" --model-root "$ROOT" --trace "$OUT/trace-$p.json" \

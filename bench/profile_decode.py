@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     for graphs in (True, False):
         runner = ModelRunner(model_path=str(model_dir), gguf_path=str(model_dir / "model.gguf"), device="cuda",
                              cache_lens=2048, page_size=64, progress=False, cuda_graphs=graphs)
+        runner.warm_up()
         step = _decode_ms(runner, args.steps)
         step4 = _decode_ms(runner, args.steps, batch=4)
         experts = _experts_ms(runner)
