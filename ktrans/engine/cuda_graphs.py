@@ -126,8 +126,11 @@ class DecodeGraphs:
         pos[bsz:bucket] = 0
         lens[bsz:bucket] = 1
         table[bsz:bucket, 0] = self.scratch_page
-        meta = self._buffers["meta"]
-        meta.copy_(self._buffers["host"], non_blocking=True)
+        # NOTE: two copies: the small per-row regions whole, and only the bucket's page-table rows
+        # (the table holds MAX_BUCKET rows of every page a request may own).
+        meta, host, n = self._buffers["meta"], self._buffers["host"], MAX_BUCKET
+        meta[:3 * n].copy_(host[:3 * n], non_blocking=True)
+        meta[3 * n:3 * n + bucket * self.width].copy_(host[3 * n:3 * n + bucket * self.width], non_blocking=True)
         if meta.is_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
