@@ -69,6 +69,20 @@ for s in "$@"; do
     gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
     e2e-v2) e2e deepseek-v2-lite;;
     e2e-qwen3) e2e qwen3-30b-a3b;;
+    dbg-rope) python3 .dev-carry/dbg_rope.py 2>&1 | tail -8 | tee -a "$OUT/summary.txt";;
+    failed4) python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/kernels/test_rope.py \
+        "tests/models/test_cuda_graphs.py::test_cuda_graph_decode_matches_eager" \
+        "tests/models/test_fidelity.py::test_cuda_rules_close_to_transformers" \
+        "tests/operators/test_devices.py::test_bf16_packed_forward_close_to_hf_f32" 2>&1 | tail -8 \
+        | tee -a "$OUT/summary.txt";;
+    streamspin)
+      for sp in "" 2000; do
+        for p in qwen3-30b-a3b deepseek-v2-lite; do
+          KTRANS_STREAM_SPIN_US=$sp python3 bench/e2e.py --preset $p --quant q4_k_m --devices cuda --model-root "$ROOT" \
+            --prompt-lens 128 --batch-sizes 1,4 --decode-tokens 32 2>>"$OUT/spin.err" | grep -v "^model\|^host" \
+            | sed "s/^/[KTRANS_STREAM_SPIN_US=${sp:-pool}] /" | tee -a "$OUT/e2e.txt"
+        done
+      done;;
     spin-v2) KTRANS_SPIN_US=1000 python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda \
         --model-root "$ROOT" --prompt-lens 128 --batch-sizes 1,4 --decode-tokens 32 2>"$OUT/spin.err" \
         | sed 's/^/[KTRANS_SPIN_US=1000] /' | tee -a "$OUT/e2e.txt";;

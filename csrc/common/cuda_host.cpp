@@ -5,6 +5,7 @@
 #include <dlfcn.h>
 #include <link.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <atomic>
 #include <stdexcept>
@@ -81,15 +82,24 @@ void StreamTask::start_cb(void* self) {
 }
 
 // NOTE: the wait runs on CUDA's callback thread, and the stream (the whole GPU step) stands still
-// until it returns: it spins through a decode-sized task (~0.2-1 ms) rather than sleeping and
-// paying a futex wake-up on every layer. The callback thread has a core of its own when the
-// pool leaves one free (the default) and the host thread sleeps on the step's end.
-constexpr int kStreamWaitSpinUs = 2000;
+// until it returns. By default it spins as long as the pool's own idle threads do (KTRANS_SPIN_US),
+// then sleeps; KTRANS_STREAM_SPIN_US sets its own spin (microseconds), e.g. long enough to cover
+// a decode-sized task instead of paying a futex wake-up per layer, where a core is free for it.
+int stream_wait_spin_us() {
+  static const int us = [] {
+    const char* v = std::getenv("KTRANS_STREAM_SPIN_US");
+    if (!v || !*v) return -1;
+    char* end = nullptr;
+    long n = std::strtol(v, &end, 10);
+    return (end && *end == 0 && n >= 0 && n <= 10000000) ? static_cast<int>(n) : -1;
+  }();
+  return us;
+}
 
 void StreamTask::wait_cb(void* self) {
   auto* t = static_cast<StreamTask*>(self);
   try {
-    t->pool_->sync(t->ticket_, kStreamWaitSpinUs);
+    t->pool_->sync(t->ticket_, stream_wait_spin_us());
   } catch (const std::exception& e) {
     if (t->error_.empty()) t->error_ = e.what();
   }

@@ -50,7 +50,7 @@ class GQAAttention(ProjectionOwner, Operator):
             raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.weights_mode = weights
         self._rms = rms_norm_for(self.device)
-        self._rope = rope_for(self.device)
+        self._rope = rope_for(self.device, self.style)
         # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
         # only for layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (

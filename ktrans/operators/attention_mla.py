@@ -87,7 +87,7 @@ class MLAAttention(ProjectionOwner, Operator):
             raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.weights_mode = weights
         self._rms = rms_norm_for(self.device)
-        self._rope = rope_for(self.device)
+        self._rope = rope_for(self.device, self.style)
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         """Projections (GGUF blocks kept on the GPU where they can be; see linear.py)."""
