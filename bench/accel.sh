@@ -77,7 +77,7 @@ for s in "$@"; do
         | tee -a "$OUT/summary.txt";;
     streamspin)
       for sp in "" 2000; do
-        for p in qwen3-30b-a3b deepseek-v2-lite; do
+        for p in ${SPIN_PRESETS:-qwen3-30b-a3b deepseek-v2-lite}; do
           KTRANS_STREAM_SPIN_US=$sp python3 bench/e2e.py --preset $p --quant q4_k_m --devices cuda --model-root "$ROOT" \
             --prompt-lens 128 --batch-sizes 1,4 --decode-tokens 32 2>>"$OUT/spin.err" | grep -v "^model\|^host" \
             | sed "s/^/[KTRANS_STREAM_SPIN_US=${sp:-pool}] /" | tee -a "$OUT/e2e.txt"
