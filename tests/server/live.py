@@ -1,7 +1,7 @@
 """A real ktrans server in a background thread for the server tests (tiny model, all-CPU rules).
 
-The app is built exactly as `ktrans serve` builds it (same argument parser), served by uvicorn
-on a free loopback port, and shut down when the test module ends.
+The app is built exactly as `ktrans serve` builds it (same argument parser, same connection
+limits), served by uvicorn on a free loopback port, and shut down when the test module ends.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import time
 import httpx
 import uvicorn
 
+from ktrans_server.transport import uvicorn_config
+
 from ktrans.cli import serve
 
 
@@ -22,8 +24,9 @@ class LiveServer:
         serve.add_server_args(parser)
         self.args = parser.parse_args(["--model_path", str(model_dir), "--device", "cpu",
                                        "--cache_lens", "512", "--max_new_tokens", "16", *extra])
-        self.app = serve.build_app(self.args)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+        self.load_failures: list[str] = []
+        self.app = serve.build_app(self.args, self._load_failed)
+        config = uvicorn_config(self.app, "127.0.0.1", 0, serve.connection_limits(self.args), log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -34,6 +37,10 @@ class LiveServer:
             time.sleep(0.05)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+
+    def _load_failed(self, message: str) -> None:
+        self.load_failures.append(message)
+        self.server.should_exit = True
 
     @property
     def service(self):
