@@ -38,6 +38,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", nargs="+",
                    default=None, help="model id(s) reported by /v1/models and /api/tags "
                                       "(default: the model directory or GGUF file name)")
+    g.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None, metavar="FILE",
+                   help="Jinja chat template file used instead of the model's own (e.g. one that renders "
+                        "tools, for a GGUF whose template does not)")
     g.add_argument("--cors-origins", dest="cors_origins", nargs="*", default=[],
                    help="origins allowed by CORS, e.g. http://localhost:3000 or '*' (default: none)")
     g.add_argument("--allowed-hosts", dest="allowed_hosts", nargs="*", default=None,
@@ -88,6 +91,19 @@ def _check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
 
 
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"--chat-template {path}: {e.strerror}") from None
+    if not text.strip():
+        raise UsageError(f"--chat-template {path}: the file is empty")
+    return text
+
+
 def build_app(args, on_load_failed=None):
     from ktrans.cli.model_args import engine_kwargs, runner_kwargs, use_demo_model
     from ktrans.engine import AsyncEngine
@@ -97,6 +113,7 @@ def build_app(args, on_load_failed=None):
 
     _check_args(args)
     demo = use_demo_model(args, lambda msg: print(msg, file=sys.stderr))
+    template = _read_template(args.chat_template)
     hosts = args.allowed_hosts if args.allowed_hosts else default_allowed_hosts(args.host)
     limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout=args.body_timeout,
                     send_timeout=args.send_timeout, allowed_hosts=[h.lower() for h in hosts])
@@ -104,7 +121,7 @@ def build_app(args, on_load_failed=None):
                         served_model_names=args.served_model_name or [],
                         max_new_tokens=args.max_new_tokens, force_think=args.force_think,
                         api_key=args.api_key or None, cors_origins=args.cors_origins,
-                        ping_interval=args.ping_interval, limits=limits)
+                        ping_interval=args.ping_interval, limits=limits, chat_template=template)
     kwargs = {**runner_kwargs(args, progress=sys.stderr.isatty()), **engine_kwargs(args)}
 
     def load():

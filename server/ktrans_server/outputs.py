@@ -70,7 +70,7 @@ class ToolCallParser:
             if j < 0:
                 return False
             body, self._buf = self._buf[:j], self._buf[j + len(fmt.end):]
-            self._close(body, content, calls)
+            self._close(body, content, calls, closed=True)
             return True
         if fmt.at_start_only:
             return self._step_at_start(content)
@@ -98,11 +98,11 @@ class ToolCallParser:
             return False
         return True
 
-    def _close(self, body: str, content: list[str], calls: list[ToolCall]) -> None:
+    def _close(self, body: str, content: list[str], calls: list[ToolCall], closed: bool) -> None:
         parsed = self.fmt.parse_body(body)
-        if parsed is None:                   # not a well-formed call: it stays text
+        if parsed is None:                   # not a well-formed call (or cut short): it stays text
             start = "" if self.fmt.at_start_only else self.fmt.start
-            content.append(start + body + (self.fmt.end or ""))
+            content.append(start + body + (self.fmt.end if closed and self.fmt.end else ""))
         else:
             calls.extend(parsed)
         self._inside = False
@@ -112,7 +112,7 @@ class ToolCallParser:
         calls: list[ToolCall] = []
         if self._inside:
             body, self._buf = self._buf, ""
-            self._close(body, content, calls)
+            self._close(body, content, calls, closed=False)
         content.append(self._buf)
         self._buf = ""
         self.num_calls += len(calls)

@@ -42,6 +42,7 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     ping_interval: float = 15.0      # SSE comment pings while a stream is silent (long prefill)
     limits: Limits = field(default_factory=Limits)
+    chat_template: str | None = None  # replaces the model's own template (--chat-template)
 
     def __post_init__(self):
         self.limits.api_key = self.api_key
@@ -85,6 +86,8 @@ class Service:
     def attach(self, engine) -> None:
         """Take a loaded engine (called once, in the loader's thread or task)."""
         tok = engine.tokenizer
+        if self.settings.chat_template is not None:
+            tok.chat_template = self.settings.chat_template
         core = getattr(engine, "engine", engine)
         vocab = getattr(engine.config, "vocab_size", None) or len(tok)
         self.grammars = GrammarCompiler(tok, set(getattr(core, "eos_token_ids", ()) or ()), vocab)

@@ -7,6 +7,9 @@ limits), served by uvicorn on a free loopback port, and shut down when the test 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import socket
 import threading
 import time
 
@@ -67,6 +70,76 @@ class LiveServer:
                 return stats
             time.sleep(0.05)
 
+    def gate(self) -> "Gate":
+        """Put a Gate between the engine and its model runner (once per server)."""
+        core = self.service.engine.engine
+        if not isinstance(core.runner, Gate):
+            core.runner = Gate(core.runner)
+        return core.runner
+
+    def metrics(self, headers: dict | None = None) -> dict[str, float]:
+        """/metrics as {'name{labels}': value}."""
+        text = httpx.get(self.url + "/metrics", headers=headers or {}, timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_for(self, what: str, check, timeout: float = 30):
+        """Poll `check()` until it returns something truthy (an event the server causes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = check()
+            if v:
+                return v
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def raw_post(url: str, path: str, body: dict, headers: dict | None = None):
+    """A POST sent on a bare socket that the caller closes at will (no client library between)."""
+    host, port = url.rsplit("//", 1)[1].split(":")
+    data = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    try:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        yield sock
+    finally:
+        sock.close()
+
+
+class Gate:
+    """Wraps the engine's model runner: while the gate is shut, every forward waits, so the
+    engine thread blocks inside its step and a test decides when generation may go on. With the
+    gate shut, no request can finish by itself: only an abort frees its KV pages."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.opened = threading.Event()
+        self.opened.set()
+        self.blocked = threading.Event()        # a forward is waiting at the gate
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def shut(self) -> None:
+        self.blocked.clear()
+        self.opened.clear()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def execute(self, batch):
+        if not self.opened.is_set():
+            self.blocked.set()
+            self.opened.wait()
+        return self.runner.execute(batch)
