@@ -139,3 +139,10 @@ def test_ollama_auth_errors_are_plain(tiny_model):
         assert httpx.get(srv.url + "/api/version").status_code == 200      # public
     finally:
         srv.close()
+
+
+def test_empty_completion_prompt_is_400_even_with_bos(live):
+    """DeepSeek's tokenizer adds BOS, so "" would be a one-token prompt here and an empty one on
+    other models: refused alike everywhere."""
+    r = httpx.post(live.url + "/v1/completions", json={"model": "m", "prompt": "", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
