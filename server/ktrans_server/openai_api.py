@@ -140,11 +140,15 @@ def _chat_choice(service: Service, run: Run, i: int, c: _Choice) -> dict[str, An
     return {"index": i, "message": msg, "logprobs": lp, "finish_reason": c.finish, **_ids(run, c)}
 
 
+def _hidden(service: Service, run: Run) -> set[int]:
+    return service.special_ids if run.spec.params.skip_special_tokens else set()
+
+
 def _text_choice(service: Service, run: Run, i: int, c: _Choice) -> dict[str, Any]:
     prefix = run.prep.prompt_text if run.spec.echo else ""
     lp = None
     if run.spec.params.logprobs is not None:
-        lp = render.completion_logprobs(c.logprobs, service.grammars.token_bytes, len(prefix))
+        lp = render.completion_logprobs(c.logprobs, service.grammars.token_bytes, len(prefix), _hidden(service, run))
     return {"index": i, "text": prefix + "".join(c.content), "logprobs": lp, "finish_reason": c.finish,
             **_ids(run, c)}
 
@@ -211,7 +215,8 @@ async def _stream_text(service: Service, run: Run) -> AsyncIterator[str]:
         i, d = ev
         lp = None
         if spec.params.logprobs is not None and d.logprobs:
-            lp = render.completion_logprobs(d.logprobs, service.grammars.token_bytes, offsets[i])
+            lp = render.completion_logprobs(d.logprobs, service.grammars.token_bytes, offsets[i],
+                                            _hidden(service, run))
         offsets[i] += len(d.content)
         ids = {"token_ids": d.token_ids} if spec.return_token_ids and d.token_ids else {}
         if d.content or lp or ids:

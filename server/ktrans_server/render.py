@@ -35,14 +35,18 @@ def chat_logprobs(entries: list[tuple], token_bytes: Callable[[int], bytes]) -> 
 
 
 def completion_logprobs(entries: list[tuple], token_bytes: Callable[[int], bytes],
-                        offset: int) -> dict[str, Any]:
-    """Legacy shape; `offset` is the text offset of the first token (text before it included)."""
+                        offset: int, hidden: set[int] = frozenset()) -> dict[str, Any]:
+    """Legacy shape; `offset` is the text offset of the first token (text before it included).
+    Tokens in `hidden` (special tokens the text leaves out) count as "", so offsets match the text."""
     tokens, lps, tops, offsets = [], [], [], []
     for tid, lp, alts in entries:
-        text = token_bytes(tid).decode("utf-8", errors="replace")
+        text = "" if tid in hidden else token_bytes(tid).decode("utf-8", errors="replace")
         tokens.append(text)
         lps.append(lp)
-        tops.append({token_bytes(a).decode("utf-8", errors="replace"): alp for a, alp in alts})
+        top: dict[str, float] = {}
+        for a, alp in alts:      # most likely first: a string two tokens share keeps the higher
+            top.setdefault(token_bytes(a).decode("utf-8", errors="replace"), alp)
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

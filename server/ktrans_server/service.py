@@ -79,6 +79,8 @@ class Service:
         self.facts = ModelFacts()
         self.grammars: GrammarCompiler | None = None
         self.tool_format: ToolFormat | None = None
+        self.special_ids: set[int] = set()
+        self.special_strings: set[str] = set()
         self._max_token_bytes = 1 << 10
         self._ids = itertools.count()
 
@@ -92,6 +94,11 @@ class Service:
         vocab = getattr(engine.config, "vocab_size", None) or len(tok)
         self.grammars = GrammarCompiler(tok, set(getattr(core, "eos_token_ids", ()) or ()), vocab)
         self.tool_format = detect_format(getattr(tok, "chat_template", None))
+        # Every token decode(skip_special_tokens=True) leaves out: the named special tokens and the
+        # added tokens flagged special (which all_special_ids may not list).
+        added = getattr(tok, "added_tokens_decoder", {}) or {}
+        self.special_ids = set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+        self.special_strings = {tok.convert_ids_to_tokens(i) for i in self.special_ids}
         # NOTE: no token covers more UTF-8 bytes than its vocabulary string's encoding (byte-level
         # BPE spells each byte with one 1- or 2-byte character), so text longer than
         # context x this bound cannot fit and is refused before tokenizing.
@@ -221,9 +228,8 @@ class Service:
             return ChoiceProcessor(in_thinking=None, tool_format=None)
         strip = None
         if prep.keep_specials:
-            tok = self.engine.tokenizer
             keep = {OPEN, CLOSE, *(markers(prep.tool_format) if prep.tool_format else [])}
-            strip = set(tok.all_special_tokens) - keep
+            strip = self.special_strings - keep
         return ChoiceProcessor(in_thinking=prep.in_thinking, tool_format=prep.tool_format, strip_specials=strip)
 
     def choice_params(self, prep: Prepared, spec: GenerationSpec, index: int):

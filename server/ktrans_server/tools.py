@@ -89,13 +89,26 @@ def _deepseek_body(body: str) -> list[ToolCall] | None:
     return [call] if call else None
 
 
+def _array_prefix(text: str) -> list[Any]:
+    """The complete elements at the start of a JSON array cut short (a reply that hit max_tokens)."""
+    dec, i, out = json.JSONDecoder(), 1, []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            v, i = dec.raw_decode(text, i)
+        except ValueError:
+            return out
+        out.append(v)
+
+
 def _mistral_body(body: str) -> list[ToolCall] | None:
     body = body.strip()
     if body.startswith("["):
         objs = _json_objects(body)
-        if objs and isinstance(objs[0], list):
-            calls = [_call(o.get("name"), o.get("arguments")) for o in objs[0] if isinstance(o, dict)]
-            return calls if calls and all(calls) else None
+        items = objs[0] if objs and isinstance(objs[0], list) else _array_prefix(body)
+        calls = [_call(o.get("name"), o.get("arguments")) for o in items if isinstance(o, dict)]
+        return calls if calls and all(calls) else None
     calls = []                                # newer format: NAME[ARGS]{...}[TOOL_CALLS]NAME[ARGS]{...}
     for part in body.split("[TOOL_CALLS]"):
         name, sep, args = part.partition("[ARGS]")

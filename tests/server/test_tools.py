@@ -212,3 +212,9 @@ def test_model_without_tool_format_says_so(tiny_model):
         assert "no tool-call format" in r.json()["error"]["message"]
     finally:
         srv.close()
+
+
+def test_mistral_calls_cut_short_keep_the_whole_ones():
+    text = '[TOOL_CALLS] [{"name": "ping", "arguments": {}}, {"name": "get_weather", "argum'
+    content, calls = _parse_in_chunks(FORMATS["mistral"], text, [20])
+    assert [c.name for c in calls] == ["ping"]
