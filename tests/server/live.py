@@ -35,11 +35,14 @@ class LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
+            if self.load_failures:
+                break
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
             time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        # NOTE: a model that fails to load at once may have stopped the server already.
+        sockets = [sock for srv in self.server.servers for sock in srv.sockets]
+        self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}" if sockets else None
 
     def _load_failed(self, message: str) -> None:
         self.load_failures.append(message)
