@@ -130,6 +130,7 @@ class Gate:
         self.opened = threading.Event()
         self.opened.set()
         self.blocked = threading.Event()        # a forward is waiting at the gate
+        self._budget: int | None = None         # forwards let through before the gate shuts
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -139,9 +140,21 @@ class Gate:
         self.opened.clear()
 
     def open(self) -> None:
+        self._budget = None
+        self.opened.set()
+
+    def allow(self, n: int) -> None:
+        """Let `n` more forwards through, then shut."""
+        self.blocked.clear()
+        self._budget = n
         self.opened.set()
 
     def execute(self, batch):
+        if self._budget is not None:
+            if self._budget == 0:
+                self.opened.clear()
+            else:
+                self._budget -= 1
         if not self.opened.is_set():
             self.blocked.set()
             self.opened.wait()
