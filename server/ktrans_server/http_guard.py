@@ -154,10 +154,13 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
     return body
 
 
+# A body over the limit is still read (and dropped) up to this much, so that the client, still
+# sending, reads the 413 instead of a connection reset (closing a socket with unread data resets
+# it); past this the connection is simply closed.
+_DRAIN_BYTES = 64 << 20
+
+
 async def read_body(request: Request, limits: Limits) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise _too_large(limits)
     chunks, size = [], 0
     stream = request.stream().__aiter__()
     while True:
@@ -172,8 +175,13 @@ async def read_body(request: Request, limits: Limits) -> bytes:
             raise ClientGone() from None
         size += len(chunk)
         if size > limits.max_body_bytes:
-            raise _too_large(limits)
+            chunks = []               # NOTE: nothing over the limit is kept in memory
+            if size > limits.max_body_bytes + _DRAIN_BYTES:
+                raise _too_large(limits)
+            continue
         chunks.append(chunk)
+    if size > limits.max_body_bytes:
+        raise _too_large(limits)
     return b"".join(chunks)
 
 

@@ -23,7 +23,7 @@ class Run:
         self.service, self.prep, self.spec = service, prep, spec
         self.stats = RequestStats(prompt_tokens=len(prep.prompt_ids))
         self.processors = [service.processor(prep, spec) for _ in range(spec.n)]
-        self.params = [service.choice_params(prep, spec, i) for i in range(spec.n)]
+        self.params = prep.choice_params
         self.finished = [False] * spec.n
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []

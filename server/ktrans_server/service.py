@@ -56,6 +56,7 @@ class Prepared:
     prompt_ids: list[int]
     in_thinking: bool                # the prompt ends inside <think>: output starts as reasoning
     grammar: str | None = None       # llguidance grammar every choice's output must follow
+    choice_params: list = field(default_factory=list)   # SamplingParams per choice (own seed, grammar state)
     tool_format: ToolFormat | None = None
     keep_specials: bool = False      # decode special tokens (markers) and filter the rest out
 
@@ -150,6 +151,8 @@ class Service:
         prep.grammar = self._grammar(spec, fmt)
         prep.keep_specials = spec.messages is not None and spec.params.skip_special_tokens and (
             fmt is not None or OPEN in tok.get_vocab())
+        # NOTE: here, off the event loop: building a grammar's matcher can take a while.
+        prep.choice_params = [self._choice_params(prep, spec, i) for i in range(spec.n)]
         return prep
 
     def _refuse_oversized(self, spec: GenerationSpec) -> None:
@@ -232,7 +235,7 @@ class Service:
             strip = self.special_strings - keep
         return ChoiceProcessor(in_thinking=prep.in_thinking, tool_format=prep.tool_format, strip_specials=strip)
 
-    def choice_params(self, prep: Prepared, spec: GenerationSpec, index: int):
+    def _choice_params(self, prep: Prepared, spec: GenerationSpec, index: int):
         """Sampling parameters of choice `index`: its own seed and its own grammar state."""
         p = dataclasses.replace(spec.params, stop=list(spec.params.stop),
                                 stop_token_ids=list(spec.params.stop_token_ids))
