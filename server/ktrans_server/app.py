@@ -111,7 +111,7 @@ async def _load(service: Service, load_engine: Callable[[], Any],
         engine = await asyncio.to_thread(load_engine)
         if hasattr(engine, "start"):
             await engine.start()
-        service.attach(engine)
+        await asyncio.to_thread(service.attach, engine)
         log.info("model ready: %s (context %d tokens)", service.names()[0], engine.max_context)
     except Exception as e:
         service.load_error = f"{type(e).__name__}: {e}"

@@ -35,9 +35,21 @@ class GrammarCompiler:
         self._ll = None
         self._lock = threading.Lock()
 
+        self._error: str | None = None
+
+    def warm_up(self) -> None:
+        """Build llguidance's view of the vocabulary now (about a second for a large one)."""
+        try:
+            self.ll_tokenizer
+        except Exception as e:      # noqa: BLE001 — structured output is then refused, with this reason
+            self._error = f"{type(e).__name__}: {e}"
+            log.warning("structured output and tool_choice \"required\" are unavailable: %s", self._error)
+
     @property
     def ll_tokenizer(self):
         with self._lock:
+            if self._error is not None:
+                raise bad_request(f"Structured output is unavailable for this model's tokenizer: {self._error}")
             if self._ll is None:
                 import llguidance.hf
 
@@ -47,6 +59,8 @@ class GrammarCompiler:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (part of a UTF-8 character, possibly)."""
+        if self._error is not None:     # without llguidance: the token's own text
+            return self.tokenizer.decode([token_id]).encode()
         b = self.ll_tokenizer.decode_bytes([token_id])
         return b[1:] if b[:1] == b"\xff" else b    # llguidance marks special tokens with 0xFF
 

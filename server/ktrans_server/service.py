@@ -87,7 +87,7 @@ class Service:
 
     # -- state -----------------------------------------------------------------------------
     def attach(self, engine) -> None:
-        """Take a loaded engine (called once, in the loader's thread or task)."""
+        """Take a loaded engine (called once, in a worker thread: it reads the vocabulary)."""
         tok = engine.tokenizer
         if self.settings.chat_template is not None:
             tok.chat_template = self.settings.chat_template
@@ -109,6 +109,7 @@ class Service:
             self.facts = model_facts(runner.weights) if runner is not None else ModelFacts()
         except Exception as e:       # listing facts must never keep a loaded model from serving
             log.warning("could not read the model's size and quantization: %s", e)
+        self.grammars.warm_up()
         self.engine = engine
 
     @property

@@ -120,10 +120,14 @@ def test_ollama_errors_are_plain(live):
 
 def test_tags_describe_the_files(live):
     m = httpx.get(live.url + "/api/tags").json()["models"][0]
-    gguf = list(Path(live.args.model_path).glob("*.gguf"))
-    assert m["size"] == sum(p.stat().st_size for p in gguf) > 0
+    # The session's model directory may also hold the same weights as safetensors (which are
+    # then the ones loaded).
+    folder = Path(live.args.model_path)
+    fmt = "safetensors" if list(folder.glob("*.safetensors")) else "gguf"
+    files = list(folder.glob(f"*.{fmt}"))
+    assert m["size"] == sum(p.stat().st_size for p in files) > 0
     assert m["digest"].startswith("sha256:") and len(m["digest"]) == 7 + 64
-    assert m["details"]["quantization_level"] == "F32" and m["details"]["format"] == "gguf"
+    assert m["details"]["quantization_level"] == "F32" and m["details"]["format"] == fmt
     n_params = m["details"]["parameter_size"]
     assert n_params and n_params[-1] in "KMB" and float(n_params[:-1]) > 0
 

@@ -12,6 +12,7 @@ import pytest
 
 from ktrans.engine import AsyncEngine
 from live import LiveServer
+from test_serve_cli import ignore_safetensors
 
 
 def test_requests_while_loading_get_503_then_served(tiny_model, monkeypatch):
@@ -47,7 +48,7 @@ def test_requests_while_loading_get_503_then_served(tiny_model, monkeypatch):
 
 def test_failed_load_stops_the_server(tiny_model, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_model("qwen2", "f32", with_safetensors=False), broken)
+    shutil.copytree(tiny_model("qwen2", "f32", with_safetensors=False), broken, ignore=ignore_safetensors)
     (broken / "model.gguf").write_bytes((broken / "model.gguf").read_bytes()[:4096])
     srv = LiveServer(broken)
     try:

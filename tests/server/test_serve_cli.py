@@ -21,10 +21,16 @@ def _ktrans(*args: str, env: dict | None = None, stdin: str | None = None, timeo
 def broken_model(tiny_model, tmp_path_factory):
     """A tiny model whose GGUF file is cut short: found and parsed far enough to start, fails to load."""
     out = tmp_path_factory.mktemp("broken") / "model"
-    shutil.copytree(tiny_model("qwen2", "f32", with_safetensors=False), out)
+    shutil.copytree(tiny_model("qwen2", "f32", with_safetensors=False), out, ignore=ignore_safetensors)
     gguf = out / "model.gguf"
     gguf.write_bytes(gguf.read_bytes()[:4096])
     return out
+
+
+def ignore_safetensors(folder, names):
+    """The session's model directory may also hold the weights as safetensors: leave them out,
+    so the broken GGUF is what gets loaded."""
+    return [n for n in names if ".safetensors" in n]
 
 
 def test_serve_exits_when_the_model_fails_to_load(broken_model):

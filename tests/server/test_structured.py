@@ -118,7 +118,9 @@ def test_completion_logprobs_legacy_shape(client):
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
-    assert "".join(lp.tokens) == r.choices[0].text
+    if not any("\ufffd" in t for t in lp.tokens):
+        # (A token holding part of a character shows as U+FFFD alone, as in OpenAI's legacy API.)
+        assert "".join(lp.tokens) == r.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     assert all(len(t) <= 2 and lp.token_logprobs[i] == pytest.approx(max(t.values()))
                for i, t in enumerate(lp.top_logprobs))
