@@ -80,9 +80,13 @@ def test_stop_midway_aborts_on_the_server(page, live):
     try:
         for attempt in range(3):          # a reply may end (EOS) within its first few tokens
             gate.allow(6)                 # prefill and a few tokens, then the model is held
+            replies = page.locator(".msg.assistant").count()
             page.fill("#input", f"Tell me a long story, take {attempt}")
             page.press("#input", "Enter")
-            live.wait_for("the reply to stream or end", lambda: gate.blocked.is_set() or page.is_enabled("#send"))
+            live.wait_for("the reply to start", lambda: page.locator(".msg.assistant").count() > replies)
+            last_done = "#log > div:last-child[data-done='1']"
+            live.wait_for("the reply to be held or end",
+                          lambda: gate.blocked.is_set() or page.query_selector(last_done) is not None)
             if gate.blocked.is_set():
                 break
         assert gate.blocked.is_set(), "every reply ended by itself"
