@@ -60,7 +60,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()
         self.counters = {"steps": 0, "prefill_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
-                         "requests_failed": 0, "requests_aborted": 0, "preemptions": 0, "step_seconds": 0.0, "last_step_seconds": 0.0}
+                         "requests_failed": 0, "requests_aborted": 0, "preemptions": 0, "step_seconds": 0.0,
+                         "last_step_seconds": 0.0}
 
     @classmethod
     def from_args(cls, *, max_batch_size: int = 4, chunk_size: int = 256, max_queue: int | None = None,

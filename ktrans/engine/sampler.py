@@ -1,11 +1,11 @@
 """Next-token choice for every request that reached the end of its tokens in a step.
 
 Per row: logit_bias and the request's token constraint (a grammar) first, then, in transformers'
-order: penalties (repetition over prompt + output, presence and
-frequency over output) -> greedy argmax if temperature is 0, else temperature -> top-k -> top-p ->
-min-p -> one draw from that request's own generator. Everything runs batched on the logits'
-device; only one uniform number per row comes from the request's CPU generator, so a seeded
-request gives the same tokens on a GPU as on a CPU.
+order: penalties (repetition over prompt + output, presence and frequency over output) -> greedy
+argmax if temperature is 0, else temperature -> top-k -> top-p -> min-p -> one draw from that
+request's own generator. Everything runs batched on the logits' device; only one uniform number
+per row comes from the request's CPU generator, so a seeded request gives the same tokens on a
+GPU as on a CPU.
 """
 
 from __future__ import annotations

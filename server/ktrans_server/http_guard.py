@@ -146,7 +146,9 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
     """The request body as a JSON object, read within the size and time limits."""
     raw = await read_body(request, limits)
     try:
-        body = json.loads(raw)
+        # NOTE: a big body is parsed in a worker thread: megabytes of JSON hold the event loop
+        # (and every other stream) for tens of milliseconds.
+        body = json.loads(raw) if len(raw) < _PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"Request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
@@ -158,6 +160,7 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
 # sending, reads the 413 instead of a connection reset (closing a socket with unread data resets
 # it); past this the connection is simply closed.
 _DRAIN_BYTES = 64 << 20
+_PARSE_INLINE_BYTES = 256 << 10
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
