@@ -22,6 +22,7 @@ from ktrans_server import options
 from ktrans_server.errors import APIError, bad_request
 from ktrans_server.http_guard import read_json
 from ktrans_server.protocol import GenerationSpec, _sampling, _stop, check_combination, parse_messages
+from ktrans_server.render import one_line_json
 from ktrans_server.run import Run, run_until_disconnect
 from ktrans_server.service import Service
 from ktrans_server.webui import page_response, wants_page
@@ -208,7 +209,7 @@ async def _generate(service: Service, request: Request, *, chat: bool):
         async def ndjson():
             try:
                 async for d in lines.stream(service.settings.ping_interval):
-                    yield json.dumps(d, ensure_ascii=False) + "\n"
+                    yield one_line_json(d) + "\n"
             except APIError as e:
                 yield json.dumps({"error": e.message}) + "\n"
             finally:

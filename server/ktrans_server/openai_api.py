@@ -11,7 +11,6 @@ This module only renders: the work is in service.py, run.py and outputs.py.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -31,7 +30,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {render.one_line_json(obj)}\n\n"
 
 
 def router(service: Service) -> APIRouter:

@@ -4,10 +4,23 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from ktrans_server.service import RequestStats
 from ktrans_server.tools import ToolCall
+
+
+# Characters JSON leaves unescaped that many line readers (Python's str.splitlines, and so
+# httpx's iter_lines) take for line breaks: one event or NDJSON object would arrive in pieces.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+_LINE_BREAK_TABLE = str.maketrans(_LINE_BREAKS)
+
+
+def one_line_json(obj: Any) -> str:
+    """Compact JSON (UTF-8 text kept as is) that is one line for every line reader."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text.translate(_LINE_BREAK_TABLE) if any(c in text for c in _LINE_BREAKS) else text
 
 
 def usage(stats: RequestStats) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from ktrans_server.errors import APIError
 from ktrans_server.protocol import parse_chat, parse_completion, parse_json
 from ktrans_server.reasoning import ThinkSplitter, prompt_opens_thinking
+from ktrans_server.render import one_line_json
 
 
 def _err(fn, *args) -> APIError:
@@ -118,3 +120,12 @@ def test_think_splitter_prompt_opened_thinking():
     assert not prompt_opens_thinking("<think>x</think> hi")
     r, c = _split_all("plan...</think>done", True, [3, 9])
     assert (r, c) == ("plan...", "done")
+
+
+def test_stream_lines_survive_every_line_reader():
+    """A model may write U+2028, U+2029 or U+0085, which JSON leaves raw but str.splitlines (and
+    so httpx's iter_lines) breaks lines at: an SSE event or NDJSON object must stay one line."""
+    obj = {"delta": {"content": "a\u2028b\u0085c\u2029d\n\re\u4e2d"}}
+    text = one_line_json(obj)
+    assert len(text.splitlines()) == 1 and json.loads(text) == obj
+    assert "\u4e2d" in text                          # other text stays UTF-8, not escaped
