@@ -29,6 +29,9 @@ _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent
        b"retry-after: 1\r\nconnection: close\r\n\r\nToo many open connections; retry later.\n"
 
 
+_RESERVED_FDS = 256          # file descriptors kept for everything but connections
+
+
 @dataclass
 class ConnectionLimits:
     header_timeout: float = 30.0
@@ -94,7 +97,11 @@ def raise_fd_limit(wanted: int) -> int:
 def uvicorn_config(app, host: str, port: int, limits: ConnectionLimits, log_level: str = "info",
                    **kwargs) -> uvicorn.Config:
     # Room for the connections plus the model's own files (GGUF shards, the engine's pipes).
-    raise_fd_limit(limits.max_connections + 256)
+    soft = raise_fd_limit(limits.max_connections + _RESERVED_FDS)
+    if soft < limits.max_connections + _RESERVED_FDS:
+        limits.max_connections = max(16, soft - _RESERVED_FDS)
+        log.warning("the open-file limit is %d (ulimit -n); serving at most %d connections", soft,
+                    limits.max_connections)
     return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(limits), log_level=log_level,
                           access_log=False, **kwargs)
 
