@@ -28,8 +28,8 @@ have pybind11 || missing_build+=("pybind11>=2.12")
 # Runtime and test dependencies: only ask pip when something is missing, so a re-run (and an
 # offline machine that has them) does not touch the network.
 deps_ok=1
-for mod in numpy gguf yaml transformers tokenizers safetensors jinja2 fastapi uvicorn rich \
-           pytest pytest_timeout hypothesis openai httpx; do
+for mod in numpy gguf yaml transformers tokenizers safetensors jinja2 fastapi uvicorn rich llguidance \
+           pytest pytest_timeout hypothesis openai httpx jsonschema playwright; do
   have "$mod" || { deps_ok=0; break; }
 done
 

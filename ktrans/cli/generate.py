@@ -159,9 +159,14 @@ def _read_prompt(args) -> str:
                 return f.read()
         except OSError as e:
             raise UsageError(f"--prompt_file {args.prompt_file}: {e.strerror}") from None
-    if sys.stdin.isatty():
+    if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("no prompt: use --prompt TEXT, --prompt_file FILE, or pipe it on stdin")
-    return sys.stdin.read()
+    text = sys.stdin.read()
+    if not text.strip():
+        # NOTE: an empty pipe is almost always a mistake upstream (a failed command, a wrong file);
+        # generating from nothing would hide it.
+        raise UsageError("the prompt read from stdin is empty; pipe some text, or use --prompt TEXT")
+    return text
 
 
 def run(args) -> int:

@@ -49,9 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     except KtransError as e:
         print(f"ktrans {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        if not _is_native_user_error(e):
+            raise
+        print(f"ktrans {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _is_native_user_error(e: Exception) -> bool:
+    """The C++ extension reports bad user input (a wrong KTRANS_ISA, say) as KtransValueError,
+    which is a ValueError but not a KtransError: print it like one, not as a traceback."""
+    from ktrans import _C
+
+    return isinstance(e, getattr(_C, "KtransValueError", ()))
 
 
 if __name__ == "__main__":

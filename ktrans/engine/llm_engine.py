@@ -60,7 +60,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()
         self.counters = {"steps": 0, "prefill_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
-                         "requests_failed": 0, "preemptions": 0, "step_seconds": 0.0, "last_step_seconds": 0.0}
+                         "requests_failed": 0, "requests_aborted": 0, "preemptions": 0, "step_seconds": 0.0,
+                         "last_step_seconds": 0.0}
 
     @classmethod
     def from_args(cls, *, max_batch_size: int = 4, chunk_size: int = 256, max_queue: int | None = None,
@@ -183,11 +184,13 @@ class LLMEngine:
             return outputs
         try:
             rows = logits if len(live) == len(sampled) else logits[live]
-            tokens = self.sampler(rows, [sampled[i] for i in live])
+            reqs = [sampled[i] for i in live]
+            tokens = self.sampler(rows, reqs)
+            logprobs = self.sampler.logprobs(rows, reqs, tokens)
         except Exception as e:
             log.exception("sampling failed")
             return outputs + [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
-        return outputs + [self._append(sampled[i], tok) for i, tok in zip(live, tokens)]
+        return outputs + [self._append(r, tok, lp) for r, tok, lp in zip(reqs, tokens, logprobs)]
 
     def _cache_full_pages(self, sched: SchedulerOutput) -> None:
         """Offer the pages this step filled to the prefix cache."""
@@ -196,7 +199,7 @@ class LLMEngine:
             if not s.request.finished and (s.num_computed + s.num_new) // size > s.num_computed // size:
                 self.pool.cache_pages(s.request, s.num_computed + s.num_new, s.request.token_ids)
 
-    def _append(self, req: Request, token: int) -> RequestOutput:
+    def _append(self, req: Request, token: int, logprob=None) -> RequestOutput:
         """Record one sampled token, detokenize it and decide whether the request is done."""
         try:
             now = time.perf_counter()
@@ -211,17 +214,20 @@ class LLMEngine:
                 text = req.detokenizer.add(token) if req.detokenizer else ""
                 if req.detokenizer and req.detokenizer.stopped:
                     reason = "stop"
+                elif p.constraint is not None and p.constraint.done:
+                    reason = "stop"
                 elif req.num_output_tokens >= p.max_new_tokens or req.num_tokens >= self.max_context:
                     reason = "length"
+            lps = None if logprob is None else [logprob]
             if reason is None:
-                return self._output(req, [token], text)
-            return self._finish(req, reason, new_token_ids=[token], new_text=text)
+                return self._output(req, [token], text, lps)
+            return self._finish(req, reason, new_token_ids=[token], new_text=text, logprobs=lps)
         except Exception as e:
             log.exception("request %s failed while updating", req.request_id)
             return self._finish(req, "error", f"{type(e).__name__}: {e}")
 
     def _finish(self, req: Request, reason: str, error: str | None = None, *,
-                new_token_ids: list[int] | None = None, new_text: str = "") -> RequestOutput:
+                new_token_ids: list[int] | None = None, new_text: str = "", logprobs=None) -> RequestOutput:
         if reason in ("stop", "length") and req.detokenizer:
             new_text += req.detokenizer.flush()
         req.finish(reason, error)
@@ -229,15 +235,16 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self.counters["requests_finished"] += 1
         self.counters["requests_failed"] += reason == "error"
-        return self._output(req, new_token_ids or [], new_text)
+        self.counters["requests_aborted"] += reason == "abort"
+        return self._output(req, new_token_ids or [], new_text, logprobs)
 
     @staticmethod
-    def _output(req: Request, new_token_ids: list[int], new_text: str) -> RequestOutput:
+    def _output(req: Request, new_token_ids: list[int], new_text: str, logprobs=None) -> RequestOutput:
         return RequestOutput(request_id=req.request_id, new_token_ids=new_token_ids, new_text=new_text,
                              finished=req.finished, finish_reason=req.finish_reason,
                              num_prompt_tokens=req.num_prompt_tokens,
                              num_output_tokens=req.num_output_tokens, error=req.error,
-                             num_cached_tokens=req.num_cached_tokens)
+                             num_cached_tokens=req.num_cached_tokens, logprobs=logprobs)
 
     def stats(self) -> dict:
         with self._lock:

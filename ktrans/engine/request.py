@@ -12,6 +12,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ktrans.errors import KtransError
 
@@ -31,6 +32,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # False: special tokens (<think>, EOS, ...) appear in the text
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to a token's logit before sampling
+    logprobs: int | None = None       # report each chosen token's logprob and this many alternatives
+    # Restricts which tokens may come next (a grammar, say): see ktrans.engine.sampler.TokenConstraint.
+    # Stateful, so one object per request.
+    constraint: Any = None
 
     def validate(self) -> "SamplingParams":
         """Raise KtransError naming the first bad parameter; returns self for chaining."""
@@ -51,6 +57,11 @@ class SamplingParams:
              "a list of non-empty strings"),
             ("stop_token_ids", isinstance(self.stop_token_ids, list)
              and all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
+            ("logit_bias", isinstance(self.logit_bias, dict) and all(
+                _is_int(t) and t >= 0 and _finite(b) for t, b in self.logit_bias.items()),
+             "a map of token ids >= 0 to finite numbers"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             "null or an integer >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -82,6 +93,9 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     num_cached_tokens: int = 0        # prompt tokens served from the prefix cache (not prefilled)
+    # With SamplingParams.logprobs: per new token (token id, its logprob, [(id, logprob)] of the
+    # most likely alternatives), from the model's own distribution (before penalties and sampling).
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 class Status(enum.Enum):

@@ -1,15 +1,17 @@
 """Next-token choice for every request that reached the end of its tokens in a step.
 
-Per row, in transformers' order: penalties (repetition over prompt + output, presence and
-frequency over output) -> greedy argmax if temperature is 0, else temperature -> top-k -> top-p ->
-min-p -> one draw from that request's own generator. Everything runs batched on the logits'
-device; only one uniform number per row comes from the request's CPU generator, so a seeded
-request gives the same tokens on a GPU as on a CPU.
+Per row: logit_bias and the request's token constraint (a grammar) first, then, in transformers'
+order: penalties (repetition over prompt + output, presence and frequency over output) -> greedy
+argmax if temperature is 0, else temperature -> top-k -> top-p -> min-p -> one draw from that
+request's own generator. Everything runs batched on the logits' device; only one uniform number
+per row comes from the request's CPU generator, so a seeded request gives the same tokens on a
+GPU as on a CPU.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 
@@ -20,6 +22,52 @@ def make_generator(params: SamplingParams) -> torch.Generator:
     """The request's RNG: seeded when asked (reproducible), otherwise from OS entropy."""
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     return torch.Generator(device="cpu").manual_seed(seed % (2**63))
+
+
+class TokenConstraint(Protocol):
+    """Which tokens a request may produce next (structured output), advanced token by token."""
+
+    def allowed(self) -> torch.Tensor | None:
+        """Bool mask [M] of the allowed token ids (ids >= M are not allowed; never all False),
+        or None when this step is unconstrained."""
+
+    def accept(self, token_id: int) -> None:
+        """Record the chosen token."""
+
+    @property
+    def done(self) -> bool:
+        """Nothing may follow: the request ends here (finish reason "stop")."""
+
+
+def apply_bias_and_constraints(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Copy of logits [R, V] with each request's logit_bias added and the tokens its constraint
+    forbids set to -inf (rows without either untouched)."""
+    out = logits
+    V = logits.shape[-1]
+    for i, req in enumerate(requests):
+        p = req.params
+        mask = p.constraint.allowed() if p.constraint is not None else None
+        if not p.logit_bias and mask is None:
+            continue
+        if out is logits:
+            out = logits.clone()
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < V]
+            out[i, ids] += torch.tensor([p.logit_bias[t] for t in ids], dtype=out.dtype, device=out.device)
+        if mask is not None:
+            keep = torch.zeros(V, dtype=torch.bool, device=out.device)
+            n = min(V, mask.shape[0])
+            keep[:n] = mask[:n].to(out.device)
+            out[i].masked_fill_(~keep, float("-inf"))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's logprob in the row of logits [V] and the k most likely (id, logprob)."""
+    lp = logits.float().log_softmax(-1)                                     # [V]
+    top = lp.topk(min(k, lp.shape[-1])) if k > 0 else None
+    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(lp[token]), alts
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -129,7 +177,7 @@ class Sampler:
     """Chooses one token per row of logits [R, V] for the matching requests."""
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        logits = apply_penalties(logits.float(), requests)
+        logits = apply_penalties(apply_bias_and_constraints(logits.float(), requests), requests)
         params = [r.params for r in requests]
         tokens = logits.argmax(-1).tolist()                                 # greedy rows keep these
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -138,4 +186,17 @@ class Sampler:
             probs = filter_logits(logits[rows], [params[i] for i in sampled]).softmax(-1)
             for i, tok in zip(sampled, draw(probs, [requests[i].generator for i in sampled])):
                 tokens[i] = tok
+        for req, tok in zip(requests, tokens):
+            if req.params.constraint is not None:
+                req.params.constraint.accept(tok)
         return tokens
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list:
+        """Per row, (token, logprob, alternatives) when its request asked for logprobs, else None.
+        NOTE: from the raw logits [R, V], the model's own distribution (as vLLM reports by default)."""
+        out = []
+        for i, (req, tok) in enumerate(zip(requests, tokens)):
+            k = req.params.logprobs
+            out.append(None if k is None else (tok, *token_logprobs(logits[i], tok, k)))
+        return out

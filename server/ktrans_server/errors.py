@@ -1,7 +1,9 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
+"""Errors with the right status in each API's shape.
 
-Clients (the openai SDK, LiteLLM, Open WebUI) read `error.message`; SDKs retry 429/5xx
-automatically, so "overloaded" is 503 with Retry-After and everything the client must fix is 4xx.
+OpenAI clients (the openai SDK, LiteLLM, Open WebUI) read `{"error": {"message", "type", "param",
+"code"}}`; Ollama clients read `{"error": "message"}`, so routes under /api/ answer that shape.
+SDKs retry 429/5xx automatically, so "overloaded" is 503 with Retry-After and everything the
+client must fix is 4xx.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def ollama_response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, status_code=self.status, headers=self.headers)
+
+
+def is_ollama_path(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def render_error(path: str, e: APIError) -> JSONResponse:
+    """The error in the shape the API under `path` uses."""
+    return e.ollama_response() if is_ollama_path(path) else e.response()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None, **extra) -> APIError:

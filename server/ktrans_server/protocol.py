@@ -1,8 +1,9 @@
 """Request parsing and validation for the OpenAI and Ollama APIs.
 
-Bodies are plain JSON objects; unknown fields are ignored (clients send many platform extras).
-Each invalid value raises a 400 naming the parameter. The result is a `GenerationSpec`: the
-prompt (chat messages or raw text) plus the engine's SamplingParams and the output options.
+Bodies are plain JSON objects; unknown fields are ignored (clients send many platform extras),
+but a known parameter this server cannot honour is a 400 naming it. Each invalid value raises a
+400 naming the parameter. The result is a `GenerationSpec`: the prompt (chat messages or raw
+text) plus the engine's SamplingParams and the output options.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ktrans.engine.request import SamplingParams
+from ktrans_server import options
 from ktrans_server.errors import bad_request
+from ktrans_server.options import ToolChoice
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -30,6 +33,25 @@ class GenerationSpec:
     echo: bool = False
     return_token_ids: bool = False          # vLLM's extension: token ids beside the text
     extra_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    n: int = 1                              # independent choices for the one prompt
+    tools: list[dict[str, Any]] | None = None   # function tools, rendered by the chat template
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    schema: dict[str, Any] | None = None    # the answer must be JSON following this schema
+    schema_param: str = "response_format"   # the request field the schema came from
+
+
+# Parameters of the OpenAI API this server does not implement: asking for them is a 400.
+UNSUPPORTED_CHAT = {
+    "audio": "this server produces text only.",
+    "prediction": "predicted outputs are not implemented.",
+    "web_search_options": "this server has no web search.",
+    "functions": "use 'tools' (the legacy 'functions' parameter is not implemented).",
+    "function_call": "use 'tool_choice' (the legacy 'function_call' parameter is not implemented).",
+}
+UNSUPPORTED_COMPLETION = {
+    "suffix": "fill-in-the-middle is not implemented; send the whole prompt.",
+}
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -114,13 +136,37 @@ def parse_messages(v: Any) -> list[dict[str, Any]]:
                                "content": _text_of(m.get("content"), where)}
         if role == "function":
             msg["role"] = "tool"
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             if m.get(key) is not None:
                 msg[key] = m[key]
+        if m.get("tool_calls") is not None:
+            msg["tool_calls"] = _template_tool_calls(m["tool_calls"], where)
         thinking = m.get("reasoning_content") or m.get("reasoning") or m.get("thinking")
         if isinstance(thinking, str) and thinking:
             msg["reasoning_content"] = thinking
         out.append(msg)
+    return out
+
+
+def _template_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as chat templates read them: OpenAI sends `arguments`
+    as JSON text, the templates (Qwen's, DeepSeek's, Llama's) print it with `tojson`, so it is
+    decoded to an object first (text that is not JSON is kept as it is)."""
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls must be an array.", param="messages")
+    out = []
+    for c in calls:
+        if not isinstance(c, dict):
+            raise bad_request(f"{where}.tool_calls entries must be objects.", param="messages")
+        c = dict(c)
+        fn = c.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                args = json.loads(fn["arguments"])
+            except ValueError:
+                args = fn["arguments"]
+            c["function"] = {**fn, "arguments": args}
+        out.append(c)
     return out
 
 
@@ -140,6 +186,7 @@ def _sampling(body: dict, max_tokens: int | None, stop: list[str], default_max: 
         stop_token_ids=_token_ids(body.get("stop_token_ids")),
         ignore_eos=_flag(body, "ignore_eos", False),
         skip_special_tokens=_flag(body, "skip_special_tokens", True),
+        logit_bias=options.parse_logit_bias(body.get("logit_bias")),
     )
     if params.top_k < 0:
         params.top_k = 0
@@ -160,12 +207,6 @@ def _max_tokens(body: dict) -> int | None:
         if v is not None:
             return v
     return None
-
-
-def _n(body: dict) -> None:
-    n = _number(body, "n", 1, 128, integer=True, default=1)
-    if n != 1:
-        raise bad_request("Only n=1 is supported.", param="n")
 
 
 def _stream_opts(body: dict) -> tuple[bool, bool]:
@@ -189,32 +230,57 @@ def _think_flag(body: dict) -> bool | None:
 
 
 def parse_chat(body: dict, default_max: int) -> GenerationSpec:
+    options.refuse_unsupported(body, UNSUPPORTED_CHAT)
+    if body.get("modalities") not in (None, ["text"]):
+        raise bad_request("'modalities' other than [\"text\"] are not supported: this server produces text only.",
+                          param="modalities")
     messages = parse_messages(body.get("messages"))
-    _n(body)
     stream, include_usage = _stream_opts(body)
     max_tokens = _max_tokens(body)
     kwargs = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), dict) else {}
-    return GenerationSpec(messages=messages, prompt=None,
-                          params=_sampling(body, max_tokens, _stop(body.get("stop")), default_max),
+    params = _sampling(body, max_tokens, _stop(body.get("stop")), default_max)
+    params.logprobs = options.parse_chat_logprobs(body)
+    tools = options.parse_tools(body.get("tools"))
+    spec = GenerationSpec(messages=messages, prompt=None, params=params,
                           max_tokens_given=max_tokens is not None, stream=stream,
                           include_usage=include_usage, think=_think_flag(body),
                           return_token_ids=_flag(body, "return_token_ids", False),
-                          extra_template_kwargs={k: v for k, v in kwargs.items() if k != "enable_thinking"})
+                          extra_template_kwargs={k: v for k, v in kwargs.items() if k != "enable_thinking"},
+                          n=options.parse_n(body), tools=tools,
+                          tool_choice=options.parse_tool_choice(body.get("tool_choice"), tools),
+                          parallel_tool_calls=_flag(body, "parallel_tool_calls", True),
+                          schema=options.parse_response_format(body.get("response_format")))
+    return check_combination(spec)
+
+
+def check_combination(spec: GenerationSpec) -> GenerationSpec:
+    if spec.schema is not None and spec.tool_choice.mode != "none":
+        raise bad_request(f"'{spec.schema_param}' cannot be combined with tools: a structured answer and a "
+                          "tool call are two different outputs. Send one or the other (or tool_choice \"none\").",
+                          param=spec.schema_param)
+    return spec
 
 
 def parse_completion(body: dict, default_max: int) -> GenerationSpec:
+    options.refuse_unsupported(body, UNSUPPORTED_COMPLETION)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string (or a list holding one string).", param="prompt")
-    _n(body)
+    if not prompt:
+        # NOTE: refused on every model alike; tokenizers that add BOS would otherwise turn "" into
+        # a one-token prompt on some models and an empty one on others.
+        raise bad_request("'prompt' is empty; send the text to continue.", param="prompt")
+    n = options.parse_n(body, best_of=True)
     stream, include_usage = _stream_opts(body)
     max_tokens = _max_tokens(body)
     if max_tokens is None:
         max_tokens = 16  # the OpenAI completions API's documented default
-    return GenerationSpec(messages=None, prompt=prompt,
-                          params=_sampling(body, max_tokens, _stop(body.get("stop")), default_max),
+    params = _sampling(body, max_tokens, _stop(body.get("stop")), default_max)
+    params.logprobs = options.parse_completion_logprobs(body)
+    return GenerationSpec(messages=None, prompt=prompt, params=params,
                           max_tokens_given=True, stream=stream, include_usage=include_usage,
                           echo=_flag(body, "echo", False),
-                          return_token_ids=_flag(body, "return_token_ids", False))
+                          return_token_ids=_flag(body, "return_token_ids", False), n=n,
+                          schema=options.parse_response_format(body.get("response_format")))

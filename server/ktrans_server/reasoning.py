@@ -17,7 +17,7 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
     return i >= 0 and i > j
 
 
-def _held_tail(text: str, tag: str) -> int:
+def held_tail(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
@@ -39,7 +39,7 @@ class ThinkSplitter:
             tag = CLOSE if self.in_thinking else OPEN
             i = self._buf.find(tag)
             if i < 0:
-                keep = _held_tail(self._buf, tag)
+                keep = held_tail(self._buf, tag)
                 out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
                 (reasoning if self.in_thinking else content).append(out)
                 break

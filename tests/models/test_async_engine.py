@@ -1,13 +1,14 @@
 """AsyncEngine on a tiny model: concurrent requests (more than the batch holds, so requests join
 and leave the running batch every step) each get exactly the greedy tokens they get alone;
-leaving the stream early, cancelling the task or abort() frees the KV pages; queue limit,
+leaving the stream early, cancelling the task or abort() frees the KV pages (checked with the
+model held mid-forward, so only the abort can have freed them); queue limit,
 over-long prompts and bad token ids are refused up front; a request whose forward fails ends with
 an error while the requests batched with it go on unharmed."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
 
 import pytest
 import torch
@@ -39,12 +40,36 @@ async def _collect(engine: AsyncEngine, rid: str, prompt, params=GREEDY):
     return tokens, last
 
 
-async def _until_pages_free(engine: AsyncEngine, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        if engine.stats()["kv_pages_used"] == 0 and engine.stats()["running"] == 0:
+async def _until(what: str, check, timeout: float = 30.0):
+    """Wait for a state the engine thread will reach (bounded: a hang fails, not blocks)."""
+    for _ in range(int(timeout / 0.01)):
+        if check():
             return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"KV pages not freed: {engine.stats()}")
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class GatedRunner:
+    """The real runner behind a gate: while shut, the engine thread waits inside its forward, so
+    a request cannot progress (or finish) by itself and only an abort can free its pages."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.opened, self.blocked = threading.Event(), threading.Event()
+        self.opened.set()
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, batch):
+        if not self.opened.is_set():
+            self.blocked.set()
+            self.opened.wait()
+        return self.runner.execute(batch)
+
+    def shut(self):
+        self.blocked.clear()
+        self.opened.clear()
 
 
 def test_concurrent_requests_match_alone(runner):
@@ -67,35 +92,52 @@ def test_concurrent_requests_match_alone(runner):
 
 
 def test_leaving_early_cancel_and_abort_free_the_kv(runner):
+    """Each way of ending a request early frees its KV pages while the model is held mid-forward
+    (so nothing but the abort could free them), and is counted as an abort."""
     prompt = torch.randint(0, runner.config.vocab_size, (30,)).tolist()
+    gated = GatedRunner(runner)
+
+    async def held(engine, start):
+        """Start a request with the model held at its first forward; returns the task."""
+        gated.shut()
+        task = start()
+        await _until("the forward to reach the gate", gated.blocked.is_set)
+        assert engine.stats()["kv_pages_used"] > 0
+        return task
+
+    async def freed_by_abort(engine, aborts_before):
+        # The engine thread is still waiting at the gate: no step can have finished the request.
+        assert gated.blocked.is_set() and not gated.opened.is_set()
+        stats = engine.stats()
+        assert stats["kv_pages_used"] == 0 and stats["running"] == 0
+        assert stats["requests_aborted"] == aborts_before + 1
+        gated.opened.set()
 
     async def main():
-        engine = AsyncEngine(LLMEngine(runner, max_batch_size=4, chunk_size=64))
+        engine = AsyncEngine(LLMEngine(gated, max_batch_size=4, chunk_size=64))
         await engine.start()
-        async with contextlib.aclosing(engine.generate("early", prompt, LONG)) as stream:
-            async for out in stream:
-                if out.num_output_tokens >= 2:
-                    assert engine.stats()["kv_pages_used"] > 0
-                    break
-        await _until_pages_free(engine)
 
-        task = asyncio.create_task(_collect(engine, "cancelled", prompt, LONG))
-        while engine.stats()["running"] == 0:
-            await asyncio.sleep(0.01)
+        stream = engine.generate("early", prompt, LONG)
+        await stream.__anext__()
+        gated.shut()
+        await _until("the forward to reach the gate", gated.blocked.is_set)
+        await stream.aclose()                                      # leaving the stream early
+        await freed_by_abort(engine, 0)
+
+        task = await held(engine, lambda: asyncio.create_task(_collect(engine, "cancelled", prompt, LONG)))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _until_pages_free(engine)
+        await freed_by_abort(engine, 1)
 
-        task = asyncio.create_task(_collect(engine, "aborted", prompt, LONG))
-        while engine.stats()["running"] == 0:
-            await asyncio.sleep(0.01)
+        task = await held(engine, lambda: asyncio.create_task(_collect(engine, "aborted", prompt, LONG)))
         engine.abort("aborted")
-        tokens, last = await task
+        await _until("the abort to be delivered", task.done)
+        await freed_by_abort(engine, 2)
+        tokens, last = task.result()
         assert last.finished and last.finish_reason == "abort" and len(tokens) < 400
-        await _until_pages_free(engine)
         tokens, last = await _collect(engine, "after", prompt)      # the loop keeps serving
-        assert len(tokens) == 12
+        assert len(tokens) == 12 and engine.stats()["kv_pages_used"] == 0
         await engine.shutdown()
 
     asyncio.run(main())
@@ -114,17 +156,15 @@ def test_refusals_come_before_any_output(runner):
         with pytest.raises(KtransError, match="top_p"):
             await _collect(engine, "bad-param", [1, 2], SamplingParams(top_p=0))
         running = asyncio.create_task(_collect(engine, "running", [1, 2, 3], LONG))
-        while engine.stats()["running"] == 0:
-            await asyncio.sleep(0.01)
+        await _until("a running request", lambda: engine.stats()["running"] > 0)
         waiting = asyncio.create_task(_collect(engine, "waiting", [4, 5], LONG))
-        while engine.stats()["waiting"] == 0:
-            await asyncio.sleep(0.01)
+        await _until("a waiting request", lambda: engine.stats()["waiting"] > 0)
         with pytest.raises(QueueFullError, match="1 waiting"):
             await _collect(engine, "refused", [6, 7])
         engine.abort("running")
         engine.abort("waiting")
         assert (await running)[1].finish_reason == "abort" and (await waiting)[1].finish_reason == "abort"
-        await _until_pages_free(engine)
+        await _until("the pages to be freed", lambda: engine.stats()["kv_pages_used"] == 0)
         await engine.shutdown()
 
     asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -59,13 +60,93 @@ def test_generate_raw_and_templated(live):
     lines = [json.loads(s) for s in httpx.post(live.url + "/api/generate", json={**body, "stream": True},
                                                  timeout=120).text.splitlines() if s]
     assert "".join(d["response"] for d in lines[:-1]) == r["response"]
+    # Without raw, the prompt goes through the chat template (and it generates; it used to
+    # answer done_reason "load" with nothing).
+    tpl = httpx.post(live.url + "/api/generate", json={**body, "raw": False, "system": "Be brief."},
+                     timeout=120).json()
+    assert tpl["done"] and tpl["done_reason"] in ("stop", "length") and tpl["eval_count"] >= 1
+    tok = live.service.engine.tokenizer
+    templated = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Once upon"}],
+                                        tokenize=False, add_generation_prompt=True)
+    assert tpl["prompt_eval_count"] == len(tok.encode(templated, add_special_tokens=False))
+    assert tpl["prompt_eval_count"] > r["prompt_eval_count"]
     load = httpx.post(live.url + "/api/generate", json={"model": "m"}).json()
     assert load["done_reason"] == "load"
 
 
+def test_think_splits_reasoning_end_to_end(live):
+    """DeepSeek's template: with think the prompt opens <think>, so everything the model writes
+    (it never closes the block: random weights) is reasoning; without it, everything is content.
+    Both APIs, streamed and not, agree token for token."""
+    msgs = [{"role": "user", "content": "Why?"}]
+    opts = {"temperature": 0, "num_predict": 8}
+    on = httpx.post(live.url + "/api/chat", json={"messages": msgs, "options": opts, "think": True,
+                                                  "stream": False}, timeout=120).json()
+    off = httpx.post(live.url + "/api/chat", json={"messages": msgs, "options": opts, "think": False,
+                                                   "stream": False}, timeout=120).json()
+    assert on["message"]["thinking"] and on["message"]["content"] == ""
+    assert "thinking" not in off["message"] and off["message"]["content"]
+    lines = [json.loads(x) for x in httpx.post(live.url + "/api/chat", json={
+        "messages": msgs, "options": opts, "think": True}, timeout=120).text.splitlines() if x]
+    assert "".join(d["message"].get("thinking", "") for d in lines) == on["message"]["thinking"]
+    oa = {"messages": msgs, "max_tokens": 8, "temperature": 0, "chat_template_kwargs": {"enable_thinking": True}}
+    full = httpx.post(live.url + "/v1/chat/completions", json=oa, timeout=120).json()["choices"][0]["message"]
+    assert full["reasoning_content"] == full["reasoning"] == on["message"]["thinking"]
+    assert full["content"] == ""
+    raw = httpx.post(live.url + "/v1/chat/completions", json={**oa, "stream": True}, timeout=120).text
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in raw.split("\n\n") if e.startswith("data: {")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == full["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == ""
+
+
 def test_ollama_errors_are_plain(live):
-    r = httpx.post(live.url + "/api/chat", content=b"nope")
+    r = httpx.post(live.url + "/api/chat", content=b"nope", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
     r = httpx.post(live.url + "/api/chat", json={"messages": [{"role": "user", "content": "x"}],
                                                  "options": {"temperature": -1}})
     assert r.status_code == 400 and "temperature" in r.json()["error"]
+    r = httpx.post(live.url + "/api/nothing", json={})
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = httpx.post(live.url + "/api/show", json={"model": "no-such-model:7b"})
+    assert r.status_code == 404 and "no-such-model:7b" in r.json()["error"]
+    for body, param in (({"images": ["aGVsbG8="]}, "images"), ({"suffix": "}"}, "suffix")):
+        r = httpx.post(live.url + "/api/generate", json={"model": "m", "prompt": "x", "stream": False, **body})
+        assert r.status_code == 400 and param in r.json()["error"]
+    r = httpx.post(live.url + "/api/chat", json={"model": "m", "stream": False, "messages": [
+        {"role": "user", "content": "what is this?", "images": ["aGVsbG8="]}]})
+    assert r.status_code == 400 and "messages[0].images" in r.json()["error"]
+
+
+def test_tags_describe_the_files(live):
+    m = httpx.get(live.url + "/api/tags").json()["models"][0]
+    # The session's model directory may also hold the same weights as safetensors (which are
+    # then the ones loaded).
+    folder = Path(live.args.model_path)
+    fmt = "safetensors" if list(folder.glob("*.safetensors")) else "gguf"
+    files = list(folder.glob(f"*.{fmt}"))
+    assert m["size"] == sum(p.stat().st_size for p in files) > 0
+    assert m["digest"].startswith("sha256:") and len(m["digest"]) == 7 + 64
+    assert m["details"]["quantization_level"] == "F32" and m["details"]["format"] == fmt
+    n_params = m["details"]["parameter_size"]
+    assert n_params and n_params[-1] in "KMB" and float(n_params[:-1]) > 0
+
+
+def test_ollama_auth_errors_are_plain(tiny_model):
+    srv = LiveServer(tiny_model("deepseek_v3", "f32", with_safetensors=False), "--api-key", "k")
+    try:
+        srv.wait_ready()
+        r = httpx.post(srv.url + "/api/chat", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 401 and isinstance(r.json()["error"], str)
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/api/version").status_code == 200      # public
+    finally:
+        srv.close()
+
+
+def test_empty_completion_prompt_is_400_even_with_bos(live):
+    """DeepSeek's tokenizer adds BOS, so "" would be a one-token prompt here and an empty one on
+    other models: refused alike everywhere."""
+    r = httpx.post(live.url + "/v1/completions", json={"model": "m", "prompt": "", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

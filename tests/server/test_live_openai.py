@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import threading
 
 import httpx
 import openai
 import pytest
 
-from live import LiveServer
+from live import LiveServer, raw_post
 
 KEY = "sk-test-key"
 
@@ -152,23 +151,113 @@ def test_errors_are_openai_shaped(live, client):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_cancel_stream_and_non_stream_frees_kv(live):
-    h = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "x", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
-            "temperature": 1.0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, headers=h, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 4:
-                break  # leave mid-stream: closing the connection must abort the request
-    body["stream"] = False
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live.url + "/v1/chat/completions", json=body, headers=h, timeout=0.5)
-    stats = live.wait_idle()
-    assert stats["kv_pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+H = {"Authorization": f"Bearer {KEY}"}
+LONG = {"model": "x", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
+        "temperature": 1.0, "ignore_eos": True}
 
 
-def test_metrics(live, client):
-    _chat(client, "count me", max_tokens=2)
-    text = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    assert "ktrans_requests_total" in text and "ktrans_kv_pages_total" in text
-    assert "ktrans_generation_tokens_total" in text
+def _aborted(live) -> float:
+    return live.service.counters.get("requests_aborted", 0)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_aborts_and_frees_kv(live, stream):
+    """With the model's forward held at the gate, the request cannot finish by itself: its KV
+    pages come back only if the client's disconnect really aborts it."""
+    gate = live.gate()
+    engine_aborts = live.service.engine.stats()["requests_aborted"]
+    before = _aborted(live)
+    gate.shut()
+    try:
+        if stream:
+            with httpx.stream("POST", live.url + "/v1/chat/completions", json={**LONG, "stream": True},
+                              headers=H, timeout=60) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()               # NOTE: kept: a dropped iterator closes the response
+                next(lines)                          # the role chunk: the request is admitted
+                assert gate.blocked.wait(30)
+                assert live.service.engine.stats()["kv_pages_used"] > 0
+        else:
+            with raw_post(live.url, "/v1/chat/completions", LONG, H):
+                assert gate.blocked.wait(30)
+                assert live.service.engine.stats()["kv_pages_used"] > 0
+            # leaving the block closed the connection under the waiting request
+        live.wait_for("the abort", lambda: _aborted(live) > before)
+        stats = live.service.engine.stats()
+        assert stats["kv_pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+        assert stats["requests_aborted"] == engine_aborts + 1 and _aborted(live) == before + 1
+    finally:
+        gate.open()
+    assert live.wait_idle()["kv_pages_used"] == 0
+
+
+def test_keepalive_pings_while_the_model_is_silent(live):
+    gate = live.gate()
+    live.service.settings.ping_interval = 0.05
+    gate.shut()
+    try:
+        body = {**LONG, "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, headers=H, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")          # role chunk
+            assert gate.blocked.wait(30)
+            silent = [next(lines) for _ in range(4)]         # nothing generated: only pings
+            assert set(silent) <= {": ping", ""} and ": ping" in silent
+            gate.open()
+            rest = list(lines)
+        assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
+    finally:
+        gate.open()
+        live.service.settings.ping_interval = 15.0
+
+
+def test_x_api_key_header(live):
+    assert httpx.get(live.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
+    assert httpx.get(live.url + "/v1/models", headers={"x-api-key": "nope"}).status_code == 401
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"web_search_options": {}}, None),                      # empty: nothing asked, accepted
+])
+def test_unsupported_chat_parameters_are_refused(live, body, param):
+    r = httpx.post(live.url + "/v1/chat/completions", headers=H, timeout=60,
+                   json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **body})
+    if param is None:
+        assert r.status_code == 200
+    else:
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+        assert param in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+                                        ({"prompt": ""}, "prompt")])
+def test_unsupported_completion_parameters_are_refused(live, body, param):
+    r = httpx.post(live.url + "/v1/completions", headers=H, timeout=60,
+                   json={"model": "x", "prompt": "Once", "max_tokens": 1, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_metrics_count_known_traffic(live, client):
+    m0 = live.metrics(H)
+    _chat(client, "count me", max_tokens=2)                                        # 200
+    assert httpx.post(live.url + "/v1/chat/completions", headers=H,
+                      json={"messages": [{"role": "user", "content": "x"}], "top_p": 7}).status_code == 400
+    assert httpx.get(live.url + "/v1/nothing", headers=H).status_code == 404
+    assert httpx.get(live.url + "/v1/chat/completions", headers=H).status_code == 405
+    assert httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    m1 = live.metrics(H)
+
+    def delta(name):
+        return m1.get(name, 0) - m0.get(name, 0)
+    for status in (400, 404, 405, 401):
+        assert delta(f'ktrans_http_responses_total{{status="{status}"}}') == 1, status
+    # The first /metrics answer is counted once the second is rendered.
+    assert delta('ktrans_http_responses_total{status="200"}') == 2
+    assert delta("ktrans_requests_total") == 1 and delta("ktrans_requests_rejected_total") == 0
+    assert delta("ktrans_requests_aborted_total") == 0
+    assert delta("ktrans_generation_tokens_total") == 2 or delta("ktrans_generation_tokens_total") == 1
+    assert m1["ktrans_kv_pages_total"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from ktrans_server.errors import APIError
 from ktrans_server.protocol import parse_chat, parse_completion, parse_json
 from ktrans_server.reasoning import ThinkSplitter, prompt_opens_thinking
+from ktrans_server.render import one_line_json
 
 
 def _err(fn, *args) -> APIError:
@@ -56,7 +58,8 @@ def test_max_tokens_alias_and_default():
     ("max_tokens", 1.5, "'max_tokens' must be an integer"),
     ("presence_penalty", 3, "'presence_penalty' must be in [-2.0, 2.0]"),
     ("stop", 5, "'stop' must be a string or a list of strings"),
-    ("n", 2, "Only n=1"),
+    ("n", 17, "'n' must be an integer in [1, 16]"),
+    ("n", 0, "'n' must be an integer in [1, 16]"),
     ("stream", "yes", "'stream' must be a boolean"),
     ("ignore_eos", "yes", "'ignore_eos' must be a boolean"),
     ("skip_special_tokens", 0, "'skip_special_tokens' must be a boolean"),
@@ -117,3 +120,12 @@ def test_think_splitter_prompt_opened_thinking():
     assert not prompt_opens_thinking("<think>x</think> hi")
     r, c = _split_all("plan...</think>done", True, [3, 9])
     assert (r, c) == ("plan...", "done")
+
+
+def test_stream_lines_survive_every_line_reader():
+    """A model may write U+2028, U+2029 or U+0085, which JSON leaves raw but str.splitlines (and
+    so httpx's iter_lines) breaks lines at: an SSE event or NDJSON object must stay one line."""
+    obj = {"delta": {"content": "a\u2028b\u0085c\u2029d\n\re\u4e2d"}}
+    text = one_line_json(obj)
+    assert len(text.splitlines()) == 1 and json.loads(text) == obj
+    assert "\u4e2d" in text                          # other text stays UTF-8, not escaped

@@ -1,0 +1,194 @@
+"""Tool calls: each model family's output format, found from its chat template, parsed from the
+stream, and (for tool_choice "required" or a named function) forced by a grammar.
+
+| format   | families                      | a call in the output                                        |
+|----------|-------------------------------|-------------------------------------------------------------|
+| hermes   | Qwen2.5, Qwen3, Hermes        | <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call> |
+| deepseek | DeepSeek-V3, R1 (and V3.1)    | <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜> |
+| llama3   | Llama 3.1 / 3.2 / 3.3          | {"name": ..., "parameters": {...}} as the whole answer      |
+| mistral  | Mistral, Mixtral              | [TOOL_CALLS][{"name": ..., "arguments": {...}}]             |
+
+The tools themselves are rendered by the model's own template (its `tools` variable); a template
+that knows none of these formats cannot take tools, and the request is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ktrans_server.grammar import GrammarCompiler, json_schema_lark
+
+DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+PYTHON_TAG = "<|python_tag|>"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str                  # a JSON object, as text (OpenAI's shape)
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def arguments_obj(self) -> dict[str, Any]:
+        return json.loads(self.arguments)
+
+
+def _call(name: Any, args: Any) -> ToolCall | None:
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+
+
+def _json_objects(text: str) -> list[Any] | None:
+    """Every JSON value in `text`, separated by whitespace, ';' or ',' (None if anything else)."""
+    dec, i, out = json.JSONDecoder(), 0, []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n;,":
+            i += 1
+        if i == len(text):
+            return out
+        try:
+            v, i = dec.raw_decode(text, i)
+        except ValueError:
+            return None
+        out.append(v)
+
+
+def _hermes_body(body: str) -> list[ToolCall] | None:
+    objs = _json_objects(body)
+    calls = [_call(o.get("name"), o.get("arguments", o.get("parameters")))
+             for o in objs or [] if isinstance(o, dict)]
+    return calls if objs and all(calls) and len(calls) == len(objs) else None
+
+
+def _llama3_body(body: str) -> list[ToolCall] | None:
+    return _hermes_body(body.replace(PYTHON_TAG, " "))
+
+
+_DS_V3 = re.compile(r"^\s*(?:function)?" + re.escape(DS_SEP) + r"(.+?)\n```(?:json)?\n(.*)\n```\s*$", re.S)
+_DS_V31 = re.compile(r"^\s*([^\n]+?)" + re.escape(DS_SEP) + r"(.*)$", re.S)
+
+
+def _deepseek_body(body: str) -> list[ToolCall] | None:
+    m = _DS_V3.match(body)
+    call = _call(m.group(1).strip(), m.group(2)) if m else None
+    if call is None:
+        m = _DS_V31.match(body)
+        call = _call(m.group(1).strip(), m.group(2).strip()) if m else None
+    return [call] if call else None
+
+
+def _array_prefix(text: str) -> list[Any]:
+    """The complete elements at the start of a JSON array cut short (a reply that hit max_tokens)."""
+    dec, i, out = json.JSONDecoder(), 1, []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            v, i = dec.raw_decode(text, i)
+        except ValueError:
+            return out
+        out.append(v)
+
+
+def _mistral_body(body: str) -> list[ToolCall] | None:
+    body = body.strip()
+    if body.startswith("["):
+        objs = _json_objects(body)
+        items = objs[0] if objs and isinstance(objs[0], list) else _array_prefix(body)
+        calls = [_call(o.get("name"), o.get("arguments")) for o in items if isinstance(o, dict)]
+        return calls if calls and all(calls) else None
+    calls = []                                # newer format: NAME[ARGS]{...}[TOOL_CALLS]NAME[ARGS]{...}
+    for part in body.split("[TOOL_CALLS]"):
+        name, sep, args = part.partition("[ARGS]")
+        call = _call(name.strip(), args) if sep else None
+        if call is None:
+            return None
+        calls.append(call)
+    return calls or None
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    name: str
+    start: str                          # marker opening a call (or the calls)
+    end: str | None                     # marker closing one call; None: the calls run to the end
+    parse_body: Callable[[str], list[ToolCall] | None]
+    at_start_only: bool = False         # calls only as the whole answer (Llama 3's JSON)
+    drop: tuple[str, ...] = ()          # markers around the calls that carry nothing
+
+
+FORMATS = {
+    "hermes": ToolFormat("hermes", "<tool_call>", "</tool_call>", _hermes_body),
+    "deepseek": ToolFormat("deepseek", DS_CALL_BEGIN, DS_CALL_END, _deepseek_body,
+                           drop=(DS_CALLS_BEGIN, DS_CALLS_END)),
+    "llama3": ToolFormat("llama3", "{", None, _llama3_body, at_start_only=True),
+    "mistral": ToolFormat("mistral", "[TOOL_CALLS]", None, _mistral_body),
+}
+
+
+def detect_format(chat_template: str | None) -> ToolFormat | None:
+    """The tool-call format the model's chat template teaches it, or None (no tool support)."""
+    t = chat_template or ""
+    if "<tool_call>" in t:
+        return FORMATS["hermes"]
+    if "tool▁calls▁begin" in t or "tool_calls_begin" in t:
+        return FORMATS["deepseek"]
+    if "[TOOL_CALLS]" in t:
+        return FORMATS["mistral"]
+    if PYTHON_TAG in t or ("ipython" in t and "<|eot_id|>" in t):
+        return FORMATS["llama3"]
+    return None
+
+
+def markers(fmt: ToolFormat) -> list[str]:
+    """Strings the parser must see even when they are special tokens."""
+    extra = [PYTHON_TAG] if fmt.name == "llama3" else ["[ARGS]"] if fmt.name == "mistral" else []
+    return [m for m in (fmt.start, fmt.end, DS_SEP if fmt.name == "deepseek" else None, *fmt.drop, *extra) if m]
+
+
+def _function_schema(tool: dict, args_key: str) -> dict[str, Any]:
+    fn = tool["function"]
+    return {"type": "object", "properties": {"name": {"const": fn["name"]}, args_key: fn["parameters"]},
+            "required": ["name", args_key], "additionalProperties": False}
+
+
+def forced_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, parallel: bool,
+                   compiler: GrammarCompiler) -> str:
+    """A Lark grammar admitting only tool calls in `fmt` (to `name` only, when given)."""
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    lit = compiler.literal
+    many = "+" if parallel else ""
+    if fmt.name == "deepseek":
+        alts = []
+        for i, t in enumerate(chosen):
+            fn = t["function"]
+            alts.append(f"call_{i}: {lit(DS_CALL_BEGIN)} \"function\" {lit(DS_SEP)} {json.dumps(fn['name'])} "
+                        f"\"\\n```json\\n\" {json_schema_lark(fn['parameters'])} \"\\n```\" {lit(DS_CALL_END)}")
+        rules = "\n".join(alts)
+        call = " | ".join(f"call_{i}" for i in range(len(chosen)))
+        return compiler.from_lark(f"start: {lit(DS_CALLS_BEGIN)} call{many} {lit(DS_CALLS_END)}\n"
+                                  f"call: {call}\n{rules}", "tool_choice")
+    key = "parameters" if fmt.name == "llama3" else "arguments"
+    one = {"anyOf": [_function_schema(t, key) for t in chosen]}
+    if fmt.name == "hermes":
+        sep = '("\\n" call)*' if parallel else ""
+        lark = (f"start: call {sep}\ncall: {lit('<tool_call>')} \"\\n\" obj \"\\n\" {lit('</tool_call>')}\n"
+                f"obj: {json_schema_lark(one)}")
+    elif fmt.name == "mistral":
+        arr = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        lark = f"start: {lit('[TOOL_CALLS]')} arr\narr: {json_schema_lark(arr)}"
+    else:
+        lark = f"start: obj\nobj: {json_schema_lark(one)}"
+    return compiler.from_lark(lark, "tool_choice")
