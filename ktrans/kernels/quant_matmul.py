@@ -19,9 +19,9 @@ q8_0 w = d·q; FP8 w = e4m3(bits)·s (decoded with integer ops: bit-exact vs tor
 e4m3fn's NaN pattern is not special-cased, DeepSeek's weights hold none).
 
 The kernel: grid (M tiles, N tiles, K splits); each program walks its share of super-blocks,
-dequantizes a [BN, 32] weight tile per group of 32 values in registers (rounded to x's dtype,
-as a dense bf16 weight would be) and accumulates tl.dot with the matching [BM, 32] slice of x
-in f32. Decode (small M) uses narrow N tiles and splits K only for narrow outputs, summing the
+dequantizes a whole [BN, 256] super-block tile in registers (every value's byte, bits and scales
+addressed from its index; rounded to x's dtype, as a dense bf16 weight would be) and
+accumulates one tl.dot with the matching [BM, 256] slice of x in f32. Decode (small M) uses narrow N tiles and splits K only for narrow outputs, summing the
 partial products with one torch reduction (deterministic: no atomics, so a CUDA graph replays
 bit-identically); prefill (large M) uses larger M/N tiles and no split.
 """
@@ -121,13 +121,6 @@ def dequantize(qtype: str, p: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---- the kernel --------------------------------------------------------------------------------
 
 @triton.jit
-def _group(X, xm, s_xm, mmask, k):
-    """x[:, k .. k+31] -> [BM, 32]."""
-    j = tl.arange(0, 32)
-    return tl.load(X + xm[:, None] * s_xm + k + j[None, :], mask=mmask[:, None], other=0.0)
-
-
-@triton.jit
 def _e4m3(b):
     """FP8 e4m3fn bits (u8) -> f32: (8 + m)·2^(e-10), subnormals m·2^-9."""
     b = b.to(tl.int32)
@@ -138,8 +131,45 @@ def _e4m3(b):
 
 
 @triton.jit
-def _dot(acc, x, w):
-    return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+def _tile(A, B, C, D, E, F, rn, nmask, kb, K, FMT: tl.constexpr):
+    """One super-block of BN rows dequantized: W[rn, kb*256 .. kb*256+255] -> [BN, 256] f32.
+    Every value's byte, bits and scales are addressed from its index k, so a row's fields are
+    read once each (repeated addresses within the tile are served by the cache)."""
+    k = tl.arange(0, 256)[None, :]                                          # [1, 256]
+    r = rn[:, None]
+    m2 = nmask[:, None]
+    g = k // 32                                                             # 32-value group
+    nb = K // 256
+    if FMT == 0:      # q8_0: int8 values, an f16 scale per 32
+        q = tl.load(A + r * K + kb * 256 + k, mask=m2, other=0).to(tl.float32)
+        d = tl.load(B + r * (K // 32) + kb * 8 + g, mask=m2, other=0.0).to(tl.float32)
+        w = d * q
+    elif FMT == 4:    # FP8 e4m3, an f32 scale per 128 x 128 block
+        q = tl.load(A + r * K + kb * 256 + k, mask=m2, other=0)
+        sc = tl.load(B + (r // 128) * tl.cdiv(K, 128) + (kb * 256 + k) // 128, mask=m2, other=0.0)
+        w = sc * _e4m3(q)
+    elif FMT == 3:    # q6_k: ql nibbles + qh 2-bit fields, an int8 scale per 16
+        h = k // 128
+        gi = (k % 128) // 32
+        j = k % 32
+        ql = tl.load(A + r * (K // 2) + kb * 128 + 64 * h + 32 * (gi % 2) + j, mask=m2, other=0).to(tl.int32)
+        qh = tl.load(B + r * (K // 4) + kb * 64 + 32 * h + j, mask=m2, other=0).to(tl.int32)
+        q = ((ql >> (4 * (gi // 2))) & 15) | (((qh >> (2 * gi)) & 3) << 4)
+        sc = tl.load(C + r * (K // 16) + kb * 16 + 8 * h + 2 * gi + j // 16, mask=m2, other=0).to(tl.float32)
+        d = tl.load(D + r * nb + kb, mask=m2, other=0.0).to(tl.float32)
+        w = (d * sc) * (q.to(tl.float32) - 32.0)
+    else:             # q4_k / q5_k: per 64 values, 32 bytes: low nibbles first, then high nibbles
+        qs = tl.load(A + r * (K // 2) + kb * 128 + (k // 64) * 32 + k % 32, mask=m2, other=0).to(tl.int32)
+        q = (qs >> (4 * (g % 2))) & 15
+        if FMT == 2:
+            qh = tl.load(F + r * (K // 8) + kb * 32 + k % 32, mask=m2, other=0).to(tl.int32)
+            q += ((qh >> g) & 1) << 4
+        sc = tl.load(B + r * (K // 32) + kb * 8 + g, mask=m2, other=0).to(tl.float32)
+        mn = tl.load(C + r * (K // 32) + kb * 8 + g, mask=m2, other=0).to(tl.float32)
+        d = tl.load(D + r * nb + kb, mask=m2, other=0.0).to(tl.float32)
+        dmin = tl.load(E + r * nb + kb, mask=m2, other=0.0).to(tl.float32)
+        w = (d * sc) * q.to(tl.float32) - dmin * mn
+    return w
 
 
 # NOTE: M (and the split stride M*N) change with every batch; unspecialized, one compiled kernel
@@ -148,7 +178,7 @@ def _dot(acc, x, w):
 def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     # A..F: the packed fields, per format: q8_0 (qs, d); q4_k (qs, sc, m, d, dmin); q5_k (qs, sc, m,
-    # d, dmin, qh); q6_k (ql, qh, sc, d). Every field is row-major [N, per-row count].
+    # d, dmin, qh); q6_k (ql, qh, sc, d); f8_e4m3 (w, s). Every field is row-major [N, per-row count].
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -156,51 +186,12 @@ def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
     rn = pid_n * BN + tl.arange(0, BN)
     mmask = xm < M
     nmask = rn < N
-    j = tl.arange(0, 32)
-    nb = K // 256
+    k = tl.arange(0, 256)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(pid_k, nb, SPLIT):
-        k0 = kb * 256
-        if FMT == 0:      # q8_0: 8 blocks of 32, one f16 scale each
-            for g in tl.static_range(8):
-                q = tl.load(A + rn[:, None] * K + k0 + 32 * g + j[None, :], mask=nmask[:, None], other=0)
-                d = tl.load(B + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0.0).to(tl.float32)
-                acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), d[:, None] * q.to(tl.float32))
-        elif FMT == 1 or FMT == 2:   # q4_k / q5_k: 4 runs of 64 = (low nibbles, high nibbles)
-            d = tl.load(D + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
-            dmin = tl.load(E + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
-            if FMT == 2:
-                qh = tl.load(F + rn[:, None] * (K // 8) + kb * 32 + j[None, :], mask=nmask[:, None], other=0)
-            for c in tl.static_range(4):
-                qs = tl.load(A + rn[:, None] * (K // 2) + kb * 128 + 32 * c + j[None, :], mask=nmask[:, None],
-                             other=0)
-                for half in tl.static_range(2):
-                    g = 2 * c + half
-                    q = (qs >> (4 * half)) & 15
-                    if FMT == 2:
-                        q += ((qh >> g) & 1) << 4
-                    sc = tl.load(B + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0).to(tl.float32)
-                    mn = tl.load(C + rn * (K // 32) + kb * 8 + g, mask=nmask, other=0).to(tl.float32)
-                    w = (d * sc)[:, None] * q.to(tl.float32) - (dmin * mn)[:, None]
-                    acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), w)
-        elif FMT == 4:    # FP8: 8 groups of 32, one f32 scale per 128 x 128 block
-            for g in tl.static_range(8):
-                q = tl.load(A + rn[:, None] * K + k0 + 32 * g + j[None, :], mask=nmask[:, None], other=0)
-                s = tl.load(B + (rn // 128) * tl.cdiv(K, 128) + (k0 + 32 * g) // 128, mask=nmask, other=0.0)
-                acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 32 * g), s[:, None] * _e4m3(q))
-        else:             # q6_k: 2 halves of 128 = 4 groups of 32 from ql's nibbles and qh's 2-bit fields
-            d = tl.load(D + rn * nb + kb, mask=nmask, other=0.0).to(tl.float32)
-            for h in tl.static_range(2):
-                qh = tl.load(B + rn[:, None] * (K // 4) + kb * 64 + 32 * h + j[None, :], mask=nmask[:, None],
-                             other=0)
-                for gi in tl.static_range(4):
-                    ql = tl.load(A + rn[:, None] * (K // 2) + kb * 128 + 64 * h + 32 * (gi % 2) + j[None, :],
-                                 mask=nmask[:, None], other=0)
-                    q = ((ql >> (4 * (gi // 2))) & 15) | (((qh >> (2 * gi)) & 3) << 4)
-                    sc = tl.load(C + rn[:, None] * (K // 16) + kb * 16 + 8 * h + 2 * gi + j[None, :] // 16,
-                                 mask=nmask[:, None], other=0).to(tl.float32)
-                    w = (d[:, None] * sc) * (q.to(tl.float32) - 32.0)
-                    acc = _dot(acc, _group(X, xm, s_xm, mmask, k0 + 128 * h + 32 * gi), w)
+    for kb in range(pid_k, K // 256, SPLIT):
+        x = tl.load(X + xm[:, None] * s_xm + kb * 256 + k[None, :], mask=mmask[:, None], other=0.0)   # [BM, 256]
+        w = _tile(A, B, C, D, E, F, rn, nmask, kb, K, FMT)                                             # [BN, 256]
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     # SPLIT == 1 writes the result in x's dtype; split programs write f32 partial sums.
     tl.store(P + pid_k * s_pk + xm[:, None] * s_pm + rn[None, :], acc.to(P.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
@@ -211,20 +202,22 @@ _FIELDS = {"f8_e4m3": ("w", "s"), "q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m",
 
 
 def _tiles(m: int, n: int, k: int, sm_count: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, K splits, warps, stages) for an [m, k] x [k, n] product. Decode shapes get narrow
-    N tiles (many programs reading the weight at once) and split K only when even those leave
-    most of the GPU idle: a split costs two more launches (partial sums, then their sum)."""
+    """(BM, BN, K splits, warps, stages) for an [m, k] x [k, n] product. A program holds an
+    [BN, 256] f32 weight tile and a [BM, 256] slice of x in registers, so the tiles stay small;
+    decode shapes split K only when the N tiles leave most of the GPU idle (a split costs two
+    more launches: partial sums, then their sum).
+    NOTE: sizes chosen for register budget, not yet tuned on the GPU (docs/benchmarks.md)."""
     if m <= 16:
-        bm, bn = 16, 16
+        bm, bn, warps = 16, 32, 4
     elif m <= 64:
-        bm, bn = 64, 64
+        bm, bn, warps = 64, 32, 8
     else:
-        bm, bn = 128, 64
+        bm, bn, warps = 64, 64, 8
     tiles = -(-m // bm) * -(-n // bn)
     split = 1
     while tiles * split < sm_count // 2 and split * 2 <= k // QK // 2 and split < 16:
         split *= 2
-    return bm, bn, split, 4, 2
+    return bm, bn, split, warps, 2
 
 
 def quant_matmul(x: torch.Tensor, qtype: str, packed: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
