@@ -35,9 +35,12 @@ def rules_dir() -> Path:
     raise KtransError(f"no optimize_rules directory next to the ktrans package ({pkg}); pass --optimize_config_path")
 
 
-def default_rule_file(arch_name: str) -> Path:
-    """The shipped rule file for an architecture (experts on the CPU, the rest on the GPU;
-    `--device cpu` maps its GPU placements to the CPU)."""
+def default_rule_file(arch_name: str, device: str = "cuda") -> Path:
+    """The shipped rule file for an architecture: with `--device cpu` its all-CPU variant
+    (`<arch>-cpu.yaml`: dense weights and experts in the CPU kernels), else the default one
+    (experts on the CPU, the rest on the GPU)."""
+    if device == "cpu" and (rules_dir() / f"{arch_name}-cpu.yaml").is_file():
+        return rules_dir() / f"{arch_name}-cpu.yaml"
     path = rules_dir() / f"{arch_name}.yaml"
     if not path.is_file():
         raise KtransError(f"no shipped rule file for architecture '{arch_name}' ({path}); pass --optimize_config_path")
@@ -94,8 +97,9 @@ class ModelRunner:
         self.weights = open_weights(model_path, gguf_path)
         self.config = _load_config(self.weights, model_path)
         self.arch = arch_from_config(self.config)
-        self.tokenizer = _load_tokenizer(self.weights, model_path)
-        self.rule_file = str(optimize_config_path or default_rule_file(self.arch.name))
+        self._model_path = model_path
+        self._tokenizer = None       # built on first use: a big vocabulary takes longer than the weights
+        self.rule_file = str(optimize_config_path or default_rule_file(self.arch.name, self.device))
         rules = load_rules(self.rule_file, trust_rules=trust_rules)
         model = build_meta_model(self.config)
         plan = plan_model(model, rules, config=self.config, weights=self.weights,
@@ -119,6 +123,13 @@ class ModelRunner:
         self._torch_threads = torch.get_num_threads()
         self._switch_threads = (self.device == "cpu" and self._torch_threads > 1
                                 and "OMP_NUM_THREADS" not in os.environ)
+
+    @property
+    def tokenizer(self):
+        """transformers tokenizer from the weights (GGUF metadata) or --model_path, or None."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.weights, self._model_path)
+        return self._tokenizer
 
     def _make_kv(self) -> KVStorage:
         """KV pool: each layer's pages on the device and in the dtype of that layer's attention."""

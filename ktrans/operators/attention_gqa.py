@@ -78,8 +78,11 @@ class GQAAttention(Operator):
         """A loaded parameter by its name under this module (None for an absent bias)."""
         return self.params.get(name.replace(".", "__"))
 
+    def _linear(self, x: torch.Tensor, proj: str) -> torch.Tensor:
+        return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias"))
+
     def _proj(self, x: torch.Tensor, proj: str, heads: int) -> torch.Tensor:
-        return F.linear(x, self._p(f"{proj}.weight"), self._p(f"{proj}.bias")).view(x.shape[0], heads, self.head_dim)
+        return self._linear(x, proj).view(x.shape[0], heads, self.head_dim)
 
     def _attend(self, q, k, v, q_pos, hidden=None) -> torch.Tensor:
         """B requests: q [B, n, Hq, d], k/v [B, L, Hkv, d], q_pos [B, n] -> [B, n, Hq, d].
@@ -129,7 +132,7 @@ class GQAAttention(Operator):
                 out[sl] = sdpa_prefill(q[sl], kc, vc, pos[sl], self.scale)
             else:
                 out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None])[0]
-        o = F.linear(out.reshape(x.shape[0], -1), self._p("o_proj.weight"), self._p("o_proj.bias"))
+        o = self._linear(out.reshape(x.shape[0], -1), "o_proj")
         return o.view(*shape[:-1], -1), None
 
     def forward(self, hidden_states, position_embeddings=None, **kwargs):

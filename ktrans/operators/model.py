@@ -19,7 +19,11 @@ from ktrans.operators.rope import rotary_embeddings
 
 
 def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and float dtype of a module's first floating parameter (its inputs go there)."""
+    """Device and float dtype of a module's first floating parameter (its inputs go there), or
+    the `placement` an operator declares when it holds its weights in another form (GGUF blocks)."""
+    placement = getattr(module, "placement", None)
+    if placement is not None:
+        return placement
     for p in module.parameters():
         if p.is_floating_point():
             return p.device, p.dtype
