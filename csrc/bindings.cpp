@@ -8,4 +8,5 @@ PYBIND11_MODULE(_C, m) {
   ktrans::bind_quant(m);
   ktrans::bind_moe(m);
   ktrans::bind_linear(m);
+  ktrans::bind_decode(m);
 }

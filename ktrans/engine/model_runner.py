@@ -85,7 +85,7 @@ class ModelRunner:
 
     def __init__(self, *, model_path=None, gguf_path=None, optimize_config_path=None, device="cuda",
                  cpu_infer=None, cache_lens=4096, page_size=DEFAULT_PAGE_SIZE, trust_rules=False,
-                 progress=True, dtype=None):
+                 progress=True, dtype=None, fused_decode=True):
         from ktrans.rules.apply import apply_plan
         from ktrans.rules.plan import plan_model
         from ktrans.rules.schema import load_rules
@@ -123,6 +123,12 @@ class ModelRunner:
         self._torch_threads = torch.get_num_threads()
         self._switch_threads = (self.device == "cpu" and self._torch_threads > 1
                                 and "OMP_NUM_THREADS" not in os.environ)
+        # Every part in the CPU kernels: decode-only steps run as one fused C++ call.
+        self.cpu_step = None
+        if fused_decode and self.device == "cpu":
+            from ktrans.operators.cpu_decode import CpuDecodeStep
+
+            self.cpu_step = CpuDecodeStep.build(self.model, self.kv, self.rotary)
 
     @property
     def tokenizer(self):
@@ -147,6 +153,8 @@ class ModelRunner:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise KtransError(f"token ids must lie in [0, {self.config.vocab_size}) for this model, "
                               f"got {int(ids.min())}..{int(ids.max())}")
+        if self.cpu_step is not None and self.cpu_step.handles(batch):
+            return self.cpu_step(batch)
         if self._switch_threads:
             want = 1 if batch.num_tokens == batch.num_reqs else self._torch_threads  # decode only: 1
             if torch.get_num_threads() != want:
