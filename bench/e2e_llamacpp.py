@@ -8,7 +8,8 @@ For each model (a GGUF file, or a gen-model preset generated on first use) and e
              in the C++ kernels; decode-only steps through the fused step), thread pool of N,
              torch on N threads for prefill: pp = one P-token step into an empty cache, tg = G
              one-token steps from an empty cache, each repeated R times after a warm-up.
-Printed side by side (tok/s, mean over R, and the best), plus ktrans's model load time in the
+Printed side by side (tok/s, median and best of each round's R samples, then of every round's:
+on a machine shared with other jobs the best is the least disturbed run of each), plus ktrans's model load time in the
 same process after a first load (imports and page cache warm) and the first, cold-import load.
 llama.cpp runs first within a round, ktrans second; rounds repeat the pair.
 
@@ -93,26 +94,36 @@ class Ours:
         return n / (time.perf_counter() - t0)
 
 
+def _row(label, gguf, rnd, test, args, mine, theirs, ours, fused) -> dict:
+    med = statistics.median
+    row = dict(model=label, gguf=gguf, round=rnd, test=test, threads=args.threads,
+               ktrans_median=med(mine), ktrans_best=max(mine), llama_median=med(theirs) if theirs else None,
+               llama_best=max(theirs) if theirs else None, ktrans_load_s=ours.load_s,
+               ktrans_first_load_s=ours.first_load_s, fused_decode=fused, ktrans_samples=mine, llama_samples=theirs)
+    ratio = (f"{row['ktrans_median'] / row['llama_median']:5.2f}x {row['ktrans_best'] / row['llama_best']:5.2f}x"
+             if theirs else "    -     -")
+    lm = f"{row['llama_median']:9.1f} {row['llama_best']:9.1f}" if theirs else f"{'-':>9s} {'-':>9s}"
+    print(f"{label:30s} {str(rnd):>3s} {test:>6s} {row['ktrans_median']:9.1f} {row['ktrans_best']:9.1f} {lm} {ratio}",
+          flush=True)
+    return row
+
+
 def run_model(args, gguf: str, label: str) -> list[dict]:
     rows = []
     ours = Ours(gguf, args.threads, args.p + args.n + 64)
     fused = ours.runner.cpu_step is not None
     ours.pp(min(64, args.p)), ours.tg(4)                                                  # warm-up
+    tests = (("pp", args.p), ("tg", args.n))
+    every: dict[str, tuple[list, list]] = {f"{t}{n}": ([], []) for t, n in tests}
     for rnd in range(args.rounds):
         peer = llama_bench(args.llama_bench, gguf, args.threads, args.p, args.n, args.reps) if args.llama_bench else {}
         mine = {"pp": [ours.pp(args.p) for _ in range(args.reps)], "tg": [ours.tg(args.n) for _ in range(args.reps)]}
-        for test, size in (("pp", args.p), ("tg", args.n)):
-            theirs = peer.get(test, [])
-            row = dict(model=label, gguf=gguf, round=rnd, test=f"{test}{size}", threads=args.threads,
-                       ktrans_mean=statistics.mean(mine[test]), ktrans_best=max(mine[test]),
-                       llama_mean=statistics.mean(theirs) if theirs else None,
-                       llama_best=max(theirs) if theirs else None, ktrans_load_s=ours.load_s,
-                       ktrans_first_load_s=ours.first_load_s, fused_decode=fused)
-            rows.append(row)
-            ratio = f"{row['ktrans_mean'] / row['llama_mean']:5.2f}x" if theirs else "    -"
-            lm = f"{row['llama_mean']:9.1f} {row['llama_best']:9.1f}" if theirs else f"{'-':>9s} {'-':>9s}"
-            print(f"{label:30s} {rnd:2d} {row['test']:>6s} {row['ktrans_mean']:9.1f} {row['ktrans_best']:9.1f} "
-                  f"{lm} {ratio}", flush=True)
+        for test, size in tests:
+            name = f"{test}{size}"
+            every[name][0].extend(mine[test]), every[name][1].extend(peer.get(test, []))
+            rows.append(_row(label, gguf, rnd, name, args, mine[test], peer.get(test, []), ours, fused))
+    for name, (mine, theirs) in every.items():  # every round's samples together
+        rows.append(_row(label, gguf, "all", name, args, mine, theirs, ours, fused))
     print(f"{label}: ktrans load {ours.load_s:.2f} s warm (first load in the process, imports included: "
           f"{ours.first_load_s:.2f} s); fused decode step: {'yes' if fused else 'no'}", flush=True)
     ours.runner.close()
@@ -136,13 +147,14 @@ def main(argv=None) -> int:
     if not args.gguf and not args.preset:
         p.error("give --gguf FILE and/or --preset PRESET")
     torch.set_num_threads(args.threads)
-    models = [(g, Path(g).name) for g in args.gguf]
+    models = [(g, Path(g).parent.name if Path(g).name == "model.gguf" else Path(g).name) for g in args.gguf]
     for text in args.preset:
         arch, preset = resolve_preset(text)
         d = ensure_model(Path(args.model_root), arch, preset, args.quant, None)
         models.append((str(d / "model.gguf"), f"{arch}:{preset}-{args.quant}"))
-    print(f"torch {torch.__version__}; {args.threads} threads; tok/s, mean and best of {args.reps} per round")
-    print(f"{'model':30s} {'rd':>2s} {'test':>6s} {'ktrans':>9s} {'best':>9s} {'llama.cpp':>9s} {'best':>9s} ratio")
+    print(f"torch {torch.__version__}; {args.threads} threads; tok/s, median and best of {args.reps} per round, "
+          f"then of all rounds; ratio ktrans / llama.cpp of the medians and of the bests")
+    print(f"{'model':30s} {'rd':>3s} {'test':>6s} {'ktrans':>9s} {'best':>9s} {'llama.cpp':>9s} {'best':>9s} ratio")
     for gguf, label in models:
         rows = run_model(args, gguf, label)
         if args.out:

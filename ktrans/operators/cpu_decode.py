@@ -114,24 +114,35 @@ class CpuDecodeStep:
         return cls(dec, kv, head.N, keep)
 
     def handles(self, batch) -> bool:
-        """Decode-only steps of at most MAX_TOKENS requests within the rotary tables."""
-        return batch.num_tokens == batch.num_reqs <= MAX_TOKENS
+        """Decode-only steps (every request one new token) of at most MAX_TOKENS requests."""
+        return batch.num_tokens == batch.num_reqs <= MAX_TOKENS and all(n == 1 for n in batch.num_new)
 
     def __call__(self, batch) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] float32 of one decode-only step."""
+        """Logits [len(batch.logits_indices), vocab] float32 of one decode-only step.
+
+        NOTE: instead of ForwardBatch.validate (a torch reduction per request), the C++ step
+        checks every id, position and page it indexes with; the per-request lists are checked
+        here in plain Python (a decode step's fixed cost is what this path exists to cut)."""
         from ktrans.errors import KtransError
 
-        batch.validate(self._kv.page_size)
-        ids = batch.input_ids.to(torch.int64).contiguous()
-        pos = batch.positions.to(torch.int64).contiguous()
-        pages = batch.page_table.to(torch.int32).contiguous()
-        rows = batch.logits_indices.to(torch.int64).contiguous()
-        out = torch.empty(rows.shape[0], self.vocab, dtype=torch.float32)               # [R, V]
+        r = batch.num_reqs
+        if len(batch.seq_ids) != r or len(batch.num_computed) != r or list(batch.num_computed) != \
+                batch.positions.tolist():
+            raise KtransError("ForwardBatch: a decode step's positions must equal num_computed, one per request")
+        out = torch.empty(batch.logits_indices.shape[0], self.vocab, dtype=torch.float32)  # [R, V]
         try:
-            self._dec.step(ids.numpy(), pos.numpy(), pages.numpy(), rows.numpy(), out.numpy())
+            self._dec.step(_np(batch.input_ids, torch.int64), _np(batch.positions, torch.int64),
+                           _np(batch.page_table, torch.int32), _np(batch.logits_indices, torch.int64), out.numpy())
         except ValueError as e:
             raise KtransError(f"fused CPU decode step: {e}") from None
         return out
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    """Zero-copy numpy view of `t` in `dtype` (converted only when it is not already)."""
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.numpy()
 
 
 def _pool_of(model):
