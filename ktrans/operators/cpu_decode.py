@@ -76,16 +76,18 @@ class CpuDecodeStep:
         self._dec, self._kv, self.vocab, self._keep = dec, kv, vocab, keep
 
     @classmethod
-    def build(cls, model, kv, rotary) -> "CpuDecodeStep | None":
+    def build(cls, model, kv, rotary, isa: str = "") -> "CpuDecodeStep | None":
+        """The step for a loaded model, or None (reason in `why_not`). `isa`: level of the
+        step's own vector kernels (norms, attention, rotary; default: the selected one)."""
         global why_not
         try:
-            return cls._build(model, kv, rotary)
+            return cls._build(model, kv, rotary, isa)
         except _Unsupported as e:
             why_not = str(e)
             return None
 
     @classmethod
-    def _build(cls, model, kv, rotary) -> "CpuDecodeStep":
+    def _build(cls, model, kv, rotary, isa: str) -> "CpuDecodeStep":
         from ktrans import _C
         from ktrans.operators.linear_cpu import CPUEmbedding
 
@@ -96,7 +98,7 @@ class CpuDecodeStep:
         head = _lin(model.lm_head)
         pool = _pool_of(model)
         num_slots = kv.num_pages * kv.page_size
-        dec = _C.CpuDecoder(pool, config.hidden_size, kv.page_size, num_slots)
+        dec = _C.CpuDecoder(pool, config.hidden_size, kv.page_size, num_slots, isa)
         keep: list = []
         dec.set_embedding(emb.raw.qtype, np.ascontiguousarray(emb.raw.data).reshape(emb.num_embeddings, -1),
                           emb.num_embeddings)

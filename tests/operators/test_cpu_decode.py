@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ktrans import cpu
 from ktrans.engine.batch import ForwardBatch
 from ktrans.engine.model_runner import ModelRunner
 from ktrans.errors import KtransError
 from ktrans.operators import cpu_decode
+from ktrans.operators.cpu_decode import CpuDecodeStep
 from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
@@ -62,6 +64,22 @@ def test_fused_step_matches_the_module_path(tiny_model, arch, quant):
         else:  # same 8-bit activations; a rare rounding flip of one block is the most that differs
             assert max(nmse(g[i], w[i]) for i in range(len(g))) < QUANT_LOGITS_NMSE
     assert torch.equal(torch.stack([g.argmax(-1) for g in got]), torch.stack([w.argmax(-1) for w in want]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+def test_every_isa_level_of_the_step_kernels(tiny_model, arch):
+    """The step's own vector kernels (RMSNorm, attention dots / axpy, SiLU, embedding rows) at
+    every ISA level this machine runs give the module path's logits."""
+    d = tiny_model(arch, "f32", with_safetensors=False)
+    fused, ref = _runner(d, True), _runner(d, False)
+    vocab = fused.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 12)]
+    tables = torch.randperm(fused.num_pages)[:8].int().view(2, 4)
+    want = _run(ref, prompts, tables, 3)
+    for isa in cpu.supported_isas():
+        fused.cpu_step = CpuDecodeStep.build(fused.model, fused.kv, fused.rotary, isa)
+        for g, w in zip(_run(fused, prompts, tables, 3), want):
+            torch.testing.assert_close(g, w, rtol=FIDELITY_F32_RTOL, atol=FIDELITY_F32_ATOL)
 
 
 def test_declines_when_a_part_is_not_in_the_cpu_kernels(tiny_model, tmp_path):
