@@ -12,7 +12,8 @@
 // d/2] precomputed by the model's own rotary module (ktrans/operators/cpu_decode.py).
 // Parallel work: each QLinear fans out over the pool (rows), attention over (request, head);
 // the small per-token vector ops (norms, rope, residuals, routing) run on thread 0.
-// Everything a plan points to is owned by Python objects the plan keeps (KeepAlive).
+// Everything a plan points to is owned by Python objects the binding's decoder keeps referenced
+// (bind_decode.cpp, PyDecoder::keep) or by the QLinear / MoeLayer objects it holds.
 #pragma once
 #include <cstdint>
 #include <memory>

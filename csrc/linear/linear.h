@@ -76,8 +76,9 @@ class QLinear {
   MoeDotMultiFn multi_ = nullptr;
   QuantizeRowFn quant_ = nullptr;
   bool gemm_ok_ = false;
-  // Measured on an AMX core (bench/linear.py): the bf16 tile GEMM overtakes the dots from ~16
-  // tokens. Off (0) without AMX, where the bf16 panel product is slower than the dots (moe.h).
+  // Measured on the 2-core AMX dev machine (bench/linear.py, 0.5B shapes): the bf16 tile GEMM
+  // and the dots break even around 16 tokens (q8_0 head: GEMM 3.4x faster at 16), the GEMM wins
+  // 2.7-12x at 512. Off (0) without AMX, where the bf16 panel product is slower than the dots (moe.h).
   int64_t gemm_min_tokens_ = 0;
 };
 
