@@ -7,4 +7,6 @@ PYBIND11_MODULE(_C, m) {
   ktrans::bind_packed(m);
   ktrans::bind_quant(m);
   ktrans::bind_moe(m);
+  ktrans::bind_linear(m);
+  ktrans::bind_decode(m);
 }

@@ -164,15 +164,20 @@ void ThreadPool::worker_loop(int ith) {
   for (;;) {
     wait_for_generation(seen);
     seen = generation_.load(std::memory_order_acquire);
-    const Job* job = job_;
+    // NOTE: job_ is written before the generation it belongs to is published; if it has been
+    // replaced since (this fan-out already ended), claim(seen) fails and the stale pointer is
+    // never called.
+    const Job* job = job_.load(std::memory_order_acquire);
     if (!job) return;  // null job with a new generation = shut down
-    try {
-      (*job)(ith, n_);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(job_error_mu_);
-      if (!job_error_) job_error_ = std::current_exception();
+    for (int i; (i = claim(seen)) >= 0;) {
+      try {
+        (*job)(i, n_);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(job_error_mu_);
+        if (!job_error_) job_error_ = std::current_exception();
+      }
+      done_.fetch_add(1, std::memory_order_acq_rel);
     }
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
@@ -181,21 +186,32 @@ void ThreadPool::parallel(const Job& job) {
     job(0, 1);
     return;
   }
-  job_ = &job;
-  pending_.store(n_ - 1, std::memory_order_relaxed);
-  generation_.fetch_add(1, std::memory_order_seq_cst);
+  // NOTE: the job's indices 1..n-1 are claimed (claim_: generation in the high bits, next index
+  // in the low 16), not assigned: a worker runs the index it claims, and thread 0, once done
+  // with index 0, claims and runs whatever no worker has taken yet. So a worker that is late (a
+  // shared machine gave its core to another process, or it is still waking) delays the fan-out
+  // by at most the index it is running, not by a scheduler time slice; the join waits for the
+  // indices to finish (done_), never for a worker to show up.
+  const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
+  job_.store(&job, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  claim_.store(gen << 16 | 1, std::memory_order_relaxed);
+  generation_.store(gen, std::memory_order_seq_cst);
   // NOTE: the lock/unlock pair orders this wake-up after a sleeper's re-check of the generation.
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
     { std::lock_guard<std::mutex> lk(wake_mu_); }
     wake_cv_.notify_all();
   }
   std::exception_ptr own;
-  try {
-    job(0, n_);
-  } catch (...) {
-    own = std::current_exception();
+  for (int ith = 0; ith >= 0; ith = claim(gen)) {
+    try {
+      job(ith, n_);
+    } catch (...) {
+      if (!own) own = std::current_exception();
+    }
+    done_.fetch_add(1, std::memory_order_acq_rel);
   }
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  while (done_.load(std::memory_order_acquire) != n_) cpu_relax();
   std::exception_ptr err = own;
   {
     std::lock_guard<std::mutex> lk(job_error_mu_);
@@ -203,6 +219,15 @@ void ThreadPool::parallel(const Job& job) {
     job_error_ = nullptr;
   }
   if (err) std::rethrow_exception(err);
+}
+
+int ThreadPool::claim(uint64_t gen) {
+  uint64_t v = claim_.load(std::memory_order_acquire);
+  for (;;) {
+    if ((v >> 16) != gen || static_cast<int>(v & 0xffff) >= n_) return -1;  // another fan-out, or all taken
+    if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+      return static_cast<int>(v & 0xffff);
+  }
 }
 
 void ThreadPool::queue_loop() {
@@ -240,7 +265,7 @@ void ThreadPool::queue_loop() {
     }
     done_cv_.notify_all();
   }
-  job_ = nullptr;  // release the workers
+  job_.store(nullptr);  // release the workers
   generation_.fetch_add(1);
   { std::lock_guard<std::mutex> lk(wake_mu_); }
   wake_cv_.notify_all();

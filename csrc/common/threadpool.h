@@ -54,8 +54,11 @@ class ThreadPool {
   // Node to bind group g's memory to, or -1 (forced layout / unknown).
   int group_node(int g) const { return group_node_[g]; }
 
-  // Runs job(ith, n) on every pool thread and returns when all are done. Only from inside a task
-  // (i.e. on thread 0); this is what keeps the pool free of nested or concurrent fan-outs.
+  // Runs job(ith, n) for every ith in [0, n) and returns when all are done: thread 0 runs ith 0,
+  // each worker claims one of the others as it wakes, and thread 0 runs those no worker has
+  // claimed by the time it is done (so ith is not always the thread's own index: per-index
+  // scratch is still used by one thread at a time). Only from inside a task (i.e. on thread 0);
+  // this is what keeps the pool free of nested or concurrent fan-outs.
   void parallel(const Job& job);
 
   // Queues a task (run in order on thread 0); returns its ticket.
@@ -83,10 +86,15 @@ class ThreadPool {
   std::vector<int> thread_group_, group_begin_, group_node_;
   std::vector<std::thread> threads_;
 
-  // Fan-out state: a generation bump publishes job_ to the workers.
-  const Job* job_ = nullptr;
+  // Next unclaimed index of the fan-out of generation `gen` (-1: none left or another fan-out).
+  int claim(uint64_t gen);
+
+  // Fan-out state: a generation bump publishes job_ to the workers, whose indices are claimed
+  // from claim_ (generation << 16 | next index) and counted in done_ when finished.
+  std::atomic<const Job*> job_{nullptr};
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int> done_{0};
   std::atomic<int> sleepers_{0};
   std::mutex wake_mu_;
   std::condition_variable wake_cv_;

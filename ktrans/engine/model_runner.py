@@ -13,6 +13,7 @@ replay CUDA graphs (ktrans.engine.cuda_graphs) where the placement allows it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from pathlib import Path
@@ -38,9 +39,12 @@ def rules_dir() -> Path:
     raise KtransError(f"no optimize_rules directory next to the ktrans package ({pkg}); pass --optimize_config_path")
 
 
-def default_rule_file(arch_name: str) -> Path:
-    """The shipped rule file for an architecture (experts on the CPU, the rest on the GPU;
-    `--device cpu` maps its GPU placements to the CPU)."""
+def default_rule_file(arch_name: str, device: str = "cuda") -> Path:
+    """The shipped rule file for an architecture: with `--device cpu` its all-CPU variant
+    (`<arch>-cpu.yaml`: dense weights and experts in the CPU kernels), else the default one
+    (experts on the CPU, the rest on the GPU)."""
+    if device == "cpu" and (rules_dir() / f"{arch_name}-cpu.yaml").is_file():
+        return rules_dir() / f"{arch_name}-cpu.yaml"
     path = rules_dir() / f"{arch_name}.yaml"
     if not path.is_file():
         raise KtransError(f"no shipped rule file for architecture '{arch_name}' ({path}); pass --optimize_config_path")
@@ -85,7 +89,7 @@ class ModelRunner:
 
     def __init__(self, *, model_path=None, gguf_path=None, optimize_config_path=None, device="cuda",
                  cpu_infer=None, cache_lens=4096, page_size=DEFAULT_PAGE_SIZE, trust_rules=False,
-                 progress=True, dtype=None, cuda_graphs=True):
+                 progress=True, dtype=None, cuda_graphs=True, fused_decode=True):
         from ktrans.rules.apply import apply_plan
         from ktrans.rules.plan import plan_model
         from ktrans.rules.schema import load_rules
@@ -97,8 +101,9 @@ class ModelRunner:
         self.weights = open_weights(model_path, gguf_path)
         self.config = _load_config(self.weights, model_path)
         self.arch = arch_from_config(self.config)
-        self.tokenizer = _load_tokenizer(self.weights, model_path)
-        self.rule_file = str(optimize_config_path or default_rule_file(self.arch.name))
+        self._model_path = model_path
+        self._tokenizer = None       # built on first use: a big vocabulary takes longer than the weights
+        self.rule_file = str(optimize_config_path or default_rule_file(self.arch.name, self.device))
         rules = load_rules(self.rule_file, trust_rules=trust_rules)
         model = build_meta_model(self.config)
         plan = plan_model(model, rules, config=self.config, weights=self.weights,
@@ -115,14 +120,33 @@ class ModelRunner:
         self.graphs = self._make_graphs() if cuda_graphs and self.device.startswith("cuda") else None
         self.max_context = min(self.num_pages * self.page_size,
                                int(getattr(self.config, "max_position_embeddings", 1 << 30)))
+        # Every part in the CPU kernels: decode-only steps run as one fused C++ call.
+        self.cpu_step = None
+        if fused_decode and self.device == "cpu":
+            from ktrans.operators.cpu_decode import CpuDecodeStep
+
+            self.cpu_step = CpuDecodeStep.build(self.model, self.kv, self.rotary)
         # All on the CPU: the CPU experts' pool keeps a thread on every core, and torch's OpenMP
         # threads, spinning between the many small ops of a decode step, fight it for the cores
         # (decode measured 1.7-4x slower with torch's default threads). Decode-only steps run
-        # torch on one thread, prefill steps (large matmuls) on all. OMP_NUM_THREADS set by the
-        # user leaves torch's threads alone.
+        # torch on one thread, prefill steps on all while torch does their large matmuls; with
+        # every matmul in ktrans's kernels (cpu_step built) torch keeps one thread for every step
+        # (prefill measured 4x faster so: 2 cores, qwen3_moe small, 512 tokens). OMP_NUM_THREADS
+        # set by the user leaves torch's threads alone.
         self._torch_threads = torch.get_num_threads()
+        self._prefill_threads = 1 if self.cpu_step is not None else self._torch_threads
         self._switch_threads = (self.device == "cpu" and self._torch_threads > 1
                                 and "OMP_NUM_THREADS" not in os.environ)
+        # NOTE: the model's many long-lived objects would otherwise be traversed by every cyclic
+        # collection the per-step allocations trigger (measured 6 % of an all-CPU decode step).
+        gc.freeze()
+
+    @property
+    def tokenizer(self):
+        """transformers tokenizer from the weights (GGUF metadata) or --model_path, or None."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.weights, self._model_path)
+        return self._tokenizer
 
     def _make_kv(self) -> KVStorage:
         """KV pool: each layer's pages on the device and in the dtype of that layer's attention,
@@ -149,8 +173,10 @@ class ModelRunner:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise KtransError(f"token ids must lie in [0, {self.config.vocab_size}) for this model, "
                               f"got {int(ids.min())}..{int(ids.max())}")
+        if self.cpu_step is not None and self.cpu_step.handles(batch):
+            return self.cpu_step(batch)
         if self._switch_threads:
-            want = 1 if batch.num_tokens == batch.num_reqs else self._torch_threads  # decode only: 1
+            want = 1 if batch.num_tokens == batch.num_reqs else self._prefill_threads  # decode only: 1
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
         logits = None

@@ -19,9 +19,12 @@ from ktrans.operators.rope import rotary_embeddings
 
 
 def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and compute dtype of a module (its inputs go there): an operator's own `device` and
-    `dtype` when it declares them (a projection kept in a GGUF format holds only integer and f16
-    fields), else those of its first floating parameter."""
+    """Device and compute dtype of a module (its inputs go there): the `placement` an operator
+    declares, or its own `device` and `dtype` attributes (a projection kept in a GGUF format holds
+    only integer and f16 fields), else those of its first floating parameter."""
+    placement = getattr(module, "placement", None)
+    if placement is not None:
+        return placement
     device, dtype = getattr(module, "device", None), getattr(module, "dtype", None)
     if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
         return device, dtype

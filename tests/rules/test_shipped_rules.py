@@ -70,6 +70,8 @@ def test_shipped_file_plans(arch, variant):
         ops.setdefault(e.op, []).append(e)
     n, moe = config.num_hidden_layers, _moe_layers(config)
     attention = "mla_attention" if ARCHS[arch].mla else "gqa_attention"
+    if variant == "cpu":  # all-CPU files keep the projections as stored (attention_cpu.py)
+        attention = f"cpu_{attention}"
     assert len(ops[attention]) == n
     assert len(ops.get("moe_block", [])) == len(moe)
     experts = ops.get("cpu_experts", []) + ops.get("torch_experts", [])

@@ -1,0 +1,171 @@
+// Attention of the fused decode step (decoder.h) for one new token per request, over the paged
+// KV cache, as ktrans/operators/attention_gqa.py and attention_mla.py compute it (their
+// forward_native is the oracle):
+//   GQA: q/k/v projections (one fan-out), Qwen3's per-head q/k RMSNorm, rotary, K/V written to
+//        the token's slot, then per (request, query head): scores over the request's keys
+//        0..pos, softmax, weighted sum of V (query head h reads KV head h / (Hq / Hkv)).
+//   MLA: q (or q_a -> norm -> q_b) and kv_a; latent normalised, rope key rotated, both cached;
+//        absorbed attention per (request, head): q_lat = W_UK[h]ᵀ q_nope, score_l =
+//        (q_lat · c_l + q_pe · kpe_l) * scale, o_lat = Σ p_l c_l, out = W_UV[h] o_lat.
+// Keys are read slot by slot through the page table (slot = page * page_size + offset).
+// NOTE: softmax uses std::exp on thread 0's share of heads; it is a small part at decode context
+// lengths (keys x heads per layer), the projections dominate.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "decode/decode_impl.h"
+#include "decode/decoder.h"
+#include "decode/kernels.h"
+
+namespace ktrans {
+namespace {
+
+// p[0..n) <- softmax(p[0..n)) in f32 (max subtracted first, as torch does).
+void softmax(float* p, int64_t n) {
+  float mx = p[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, p[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp(p[i] - mx));
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+}  // namespace
+
+void CpuDecoder::rope(const RopeTable& t, float* x, int64_t heads, int64_t stride, int64_t pos) const {
+  const int64_t half = t.half;
+  const float* c = t.cos + pos * half;
+  const float* s = t.sin + pos * half;
+  float tmp[512];
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    float* v = x + hd * stride;
+    switch (t.style) {
+      case RopeStyle::half:  // pairs (i, i + d/2)
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * c[i] - x2 * s[i];
+          v[i + half] = x2 * c[i] + x1 * s[i];
+        }
+        break;
+      case RopeStyle::interleave:  // pairs (2i, 2i + 1), output de-interleaved
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[2 * i], x2 = v[2 * i + 1];
+          tmp[i] = x1 * c[i] - x2 * s[i];
+          tmp[i + half] = x2 * c[i] + x1 * s[i];
+        }
+        std::memcpy(v, tmp, 2 * half * sizeof(float));
+        break;
+      case RopeStyle::complex:  // pairs (2i, 2i + 1) times e^{i theta}, output interleaved
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[2 * i], x2 = v[2 * i + 1];
+          v[2 * i] = x1 * c[i] - x2 * s[i];
+          v[2 * i + 1] = x1 * s[i] + x2 * c[i];
+        }
+        break;
+    }
+  }
+}
+
+void CpuDecoder::attention_gqa(const Layer& L, const float* x, float* out, const DecodeArgs& a) {
+  const GqaAttn& g = L.gqa;
+  const int64_t d = g.d, nq = g.hq * d, nkv = g.hkv * d, group = g.hq / g.hkv;
+  float* q = buf(kSlotQ, B_ * nq);
+  float* k = buf(kSlotK, B_ * nkv);
+  float* v = buf(kSlotV, B_ * nkv);
+  const LinearOut qkv[3] = {{g.q.get(), q}, {g.k.get(), k}, {g.v.get(), v}};
+  run_linears(qkv, 3, x, B_, *scratch_);
+  const RmsScaleFn rms = k_rms_scale.get(isa_);
+  const RopeTable& t = ropes_[L.rope];
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B_; ++b) {
+    float* qb = q + b * nq;
+    float* kb = k + b * nkv;
+    if (g.q_norm)
+      for (int64_t hd = 0; hd < g.hq; ++hd) rms(qb + hd * d, g.q_norm, qb + hd * d, d, g.eps);
+    if (g.k_norm)
+      for (int64_t hd = 0; hd < g.hkv; ++hd) rms(kb + hd * d, g.k_norm, kb + hd * d, d, g.eps);
+    rope(t, qb, g.hq, d, a.pos[b]);
+    rope(t, kb, g.hkv, d, a.pos[b]);
+    const int64_t s = slot(a, b, a.pos[b]);
+    std::memcpy(g.kc + s * nkv, kb, nkv * 4);
+    std::memcpy(g.vc + s * nkv, v + b * nkv, nkv * 4);
+    max_len = std::max(max_len, a.pos[b] + 1);
+  }
+  float* att = buf(kSlotAtt, B_ * nq);
+  float* scores = buf(kSlotScores, pool_->size() * max_len);
+  const VecDotFn dot = k_vec_dot[qi(QType::f32)].get(isa_);
+  const AxpyFn axpy = k_axpy_f32.get(isa_);
+  pool_->parallel([&](int ith, int nth) {
+    float* p = scores + ith * max_len;
+    for (int64_t it = ith; it < B_ * g.hq; it += nth) {
+      const int64_t b = it / g.hq, hd = it % g.hq, kv = hd / group, len = a.pos[b] + 1;
+      const float* qh = q + b * nq + hd * d;
+      for (int64_t l = 0; l < len; ++l) p[l] = dot(d, g.kc + slot(a, b, l) * nkv + kv * d, qh) * g.scale;
+      softmax(p, len);
+      float* o = att + b * nq + hd * d;
+      std::memset(o, 0, d * 4);
+      for (int64_t l = 0; l < len; ++l) axpy(p[l], g.vc + slot(a, b, l) * nkv + kv * d, o, d);
+    }
+  });
+  linear(*g.o, att, out);
+}
+
+void CpuDecoder::attention_mla(const Layer& L, const float* x, float* out, const DecodeArgs& a) {
+  const MlaAttn& m = L.mla_attn;
+  const int64_t dqk = m.dn + m.dr, nq = m.h * dqk, width = m.r + m.dr;
+  float* q = buf(kSlotQ, B_ * nq);
+  float* kv = buf(kSlotKv, B_ * width);
+  const RmsScaleFn rms = k_rms_scale.get(isa_);
+  if (m.q_a) {
+    const int64_t nl = m.q_a->N();
+    float* qa = buf(kSlotQa, B_ * nl);
+    const LinearOut first[2] = {{m.q_a.get(), qa}, {m.kv_a.get(), kv}};
+    run_linears(first, 2, x, B_, *scratch_);
+    for (int64_t b = 0; b < B_; ++b) rms(qa + b * nl, m.q_a_norm, qa + b * nl, nl, m.eps);
+    linear(*m.q_b, qa, q);
+  } else {
+    const LinearOut first[2] = {{m.q.get(), q}, {m.kv_a.get(), kv}};
+    run_linears(first, 2, x, B_, *scratch_);
+  }
+  const RopeTable& t = ropes_[L.rope];
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B_; ++b) {
+    float* e = kv + b * width;
+    rms(e, m.kv_norm, e, m.r, m.eps);                   // latent
+    rope(t, e + m.r, 1, m.dr, a.pos[b]);                 // shared rope key
+    rope(t, q + b * nq + m.dn, m.h, dqk, a.pos[b]);      // q_pe of every head
+    std::memcpy(m.cache + slot(a, b, a.pos[b]) * width, e, width * 4);
+    max_len = std::max(max_len, a.pos[b] + 1);
+  }
+  const int64_t per_thread = max_len + 2 * m.r;
+  float* att = buf(kSlotAtt, B_ * m.h * m.dv);
+  float* scratch = buf(kSlotScores, pool_->size() * per_thread);
+  const VecDotFn dot = k_vec_dot[qi(QType::f32)].get(isa_);
+  const AxpyFn axpy = k_axpy_f32.get(isa_);
+  pool_->parallel([&](int ith, int nth) {
+    float* p = scratch + ith * per_thread;
+    float* q_lat = p + max_len;
+    float* o_lat = q_lat + m.r;
+    for (int64_t it = ith; it < B_ * m.h; it += nth) {
+      const int64_t b = it / m.h, hd = it % m.h, len = a.pos[b] + 1;
+      const float* qn = q + b * nq + hd * dqk;              // q_nope, then q_pe at + dn
+      const float* wk = m.w_uk + hd * m.dn * m.r;          // [dn, r]
+      std::memset(q_lat, 0, m.r * 4);
+      for (int64_t i = 0; i < m.dn; ++i) axpy(qn[i], wk + i * m.r, q_lat, m.r);
+      for (int64_t l = 0; l < len; ++l) {
+        const float* c = m.cache + slot(a, b, l) * width;
+        p[l] = (dot(m.r, c, q_lat) + dot(m.dr, c + m.r, qn + m.dn)) * m.scale;
+      }
+      softmax(p, len);
+      std::memset(o_lat, 0, m.r * 4);
+      for (int64_t l = 0; l < len; ++l) axpy(p[l], m.cache + slot(a, b, l) * width, o_lat, m.r);
+      const float* wv = m.w_uv + hd * m.dv * m.r;          // [dv, r]
+      float* o = att + (b * m.h + hd) * m.dv;
+      for (int64_t j = 0; j < m.dv; ++j) o[j] = dot(m.r, wv + j * m.r, o_lat);
+    }
+  });
+  linear(*m.o, att, out);
+}
+
+}  // namespace ktrans

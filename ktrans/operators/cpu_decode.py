@@ -1,0 +1,214 @@
+"""The fused all-CPU decode step: a decode-only engine step (every request one new token) of a
+model whose every part runs in ktrans's CPU kernels, as one C++ call (csrc/decode/decoder.h)
+instead of the module path's ~20-90 torch ops and Python calls per layer.
+
+`CpuDecodeStep.build(model, kv, rotary)` reads the loaded operators — cpu_embedding, per layer
+the HF RMSNorms, cpu_gqa_attention / cpu_mla_attention (their stored projections, norms, MLA's
+absorbed kv_b halves), and an MLP of cpu_linear projections or a moe_block with cpu_experts
+(gguf or amx backends) and cpu_linear shared experts, the final norm and a cpu_linear lm_head —
+into a plan that points at the same weights and at the KV cache tensors; it returns None (with
+the reason in `why_not`) when any part is something else, and the module path then runs every
+step. Rotary tables are precomputed once by the model's own rotary module for every position the
+cache can hold (static rope types only).
+
+The module path stays the oracle: prefill and mixed steps always take it, and the tests compare
+this step's logits with it (tests/operators/test_cpu_decode.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ktrans.operators import rope as rope_mod
+
+_STYLES = {rope_mod.HALF: 0, rope_mod.INTERLEAVE: 1, rope_mod.COMPLEX: 2}
+_STATIC_ROPE = ("default", "linear", "yarn", "llama3")
+MAX_TOKENS = 64          # csrc/decode/decode_impl.h kMaxDecodeTokens
+why_not: str = ""        # why the last build() returned None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _need(cond, what: str) -> None:
+    if not cond:
+        raise _Unsupported(what)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    _need(t.device.type == "cpu" and t.dtype == torch.float32, "a tensor is not float32 on the CPU")
+    return t.contiguous().numpy()
+
+
+def _norm(module) -> tuple[np.ndarray, float]:
+    """(weight, eps) of an HF RMSNorm kept on the CPU."""
+    _need(type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"),
+          f"norm {type(module).__name__} is not an RMSNorm")
+    return _f32(module.weight), float(module.variance_epsilon)
+
+
+def _lin(module):
+    from ktrans.operators.linear_cpu import CPULinear
+
+    _need(isinstance(module, CPULinear) and module.qweight is not None, f"{getattr(module, 'key', module)} is not cpu_linear")
+    return module.qweight.lin
+
+
+def _rope_tables(rotary, style: str, npos: int) -> tuple[int, np.ndarray, np.ndarray]:
+    rope_type = getattr(rotary, "rope_type", "default")
+    _need(rope_type in _STATIC_ROPE, f"rope type '{rope_type}' depends on the sequence length")
+    emb = rope_mod.rotary_embeddings(rotary, torch.arange(npos), torch.float32)
+    if style == rope_mod.COMPLEX:
+        cos, sin = emb.real, emb.imag                                                    # [P, d/2]
+    else:
+        half = emb[0].shape[-1] // 2
+        cos, sin = emb[0][:, :half], emb[1][:, :half]
+    return _STYLES[style], _f32(cos), _f32(sin)
+
+
+class CpuDecodeStep:
+    """One fused decode step over a loaded all-CPU model (see the module docstring)."""
+
+    def __init__(self, dec, kv, vocab: int, keep: list):
+        self._dec, self._kv, self.vocab, self._keep = dec, kv, vocab, keep
+
+    @classmethod
+    def build(cls, model, kv, rotary, isa: str = "") -> "CpuDecodeStep | None":
+        """The step for a loaded model, or None (reason in `why_not`). `isa`: level of the
+        step's own vector kernels (norms, attention, rotary; default: the selected one)."""
+        global why_not
+        try:
+            return cls._build(model, kv, rotary, isa)
+        except _Unsupported as e:
+            why_not = str(e)
+            return None
+
+    @classmethod
+    def _build(cls, model, kv, rotary, isa: str) -> "CpuDecodeStep":
+        from ktrans import _C
+        from ktrans.operators.linear_cpu import CPUEmbedding
+
+        inner, config = model.model, model.config
+        _need(getattr(config, "hidden_act", "silu") == "silu", "the MLP activation is not SiLU")
+        emb = inner.embed_tokens
+        _need(isinstance(emb, CPUEmbedding) and emb.raw is not None, "embed_tokens is not cpu_embedding")
+        head = _lin(model.lm_head)
+        pool = _pool_of(model)
+        num_slots = kv.num_pages * kv.page_size
+        dec = _C.CpuDecoder(pool, config.hidden_size, kv.page_size, num_slots, isa)
+        keep: list = []
+        dec.set_embedding(emb.raw.qtype, np.ascontiguousarray(emb.raw.data).reshape(emb.num_embeddings, -1),
+                          emb.num_embeddings)
+        norm, eps = _norm(inner.norm)
+        dec.set_head(norm, eps, head)
+        ropes: dict[str, int] = {}
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            style = getattr(attn, "style", None)
+            _need(style in _STYLES, f"layer {i} attention is not a cpu_ attention operator")
+            if style not in ropes:
+                ropes[style] = dec.add_rope(*_rope_tables(rotary, style, num_slots))
+            idx = _add_attention(dec, layer, attn, kv.layers[i], ropes[style], i)
+            _add_mlp(dec, idx, layer.mlp, keep, i, pool)
+        return cls(dec, kv, head.N, keep)
+
+    def handles(self, batch) -> bool:
+        """Decode-only steps (every request one new token) of at most MAX_TOKENS requests."""
+        return batch.num_tokens == batch.num_reqs <= MAX_TOKENS and all(n == 1 for n in batch.num_new)
+
+    def __call__(self, batch) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] float32 of one decode-only step.
+
+        NOTE: instead of ForwardBatch.validate (a torch reduction per request), the C++ step
+        checks every id, position and page it indexes with; the per-request lists are checked
+        here in plain Python (a decode step's fixed cost is what this path exists to cut)."""
+        from ktrans.errors import KtransError
+
+        r = batch.num_reqs
+        if len(batch.seq_ids) != r or len(batch.num_computed) != r or list(batch.num_computed) != \
+                batch.positions.tolist():
+            raise KtransError("ForwardBatch: a decode step's positions must equal num_computed, one per request")
+        out = torch.empty(batch.logits_indices.shape[0], self.vocab, dtype=torch.float32)  # [R, V]
+        try:
+            self._dec.step(_np(batch.input_ids, torch.int64), _np(batch.positions, torch.int64),
+                           _np(batch.page_table, torch.int32), _np(batch.logits_indices, torch.int64), out.numpy())
+        except ValueError as e:
+            raise KtransError(f"fused CPU decode step: {e}") from None
+        return out
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    """Zero-copy numpy view of `t` in `dtype` (converted only when it is not already)."""
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.numpy()
+
+
+def _pool_of(model):
+    """The pool the operators' kernels fan out on (the C++ plan checks that every part shares it)."""
+    from ktrans.operators.linear_cpu import cpu_pool
+
+    return cpu_pool(getattr(model.lm_head, "cpu_infer", None))
+
+
+def _add_attention(dec, layer, attn, cache: tuple, rope: int, i: int) -> int:
+    from ktrans.operators.attention_cpu import CPUGQAAttention, CPUMLAAttention
+
+    an, eps = _norm(layer.input_layernorm)
+    fn, _ = _norm(layer.post_attention_layernorm)
+    lins = {name: q.lin for name, q in attn.qproj.items()}
+    if isinstance(attn, CPUGQAAttention):
+        qn, kn = attn._p("q_norm.weight"), attn._p("k_norm.weight")
+        return dec.add_gqa_layer(an, fn, eps, rope, lins["q_proj"], lins["k_proj"], lins["v_proj"], lins["o_proj"],
+                                 None if qn is None else _f32(qn), None if kn is None else _f32(kn),
+                                 attn.num_heads, attn.num_kv_heads, attn.head_dim, float(attn.scale),
+                                 _f32(cache[0]), _f32(cache[1]))
+    _need(isinstance(attn, CPUMLAAttention), f"layer {i} attention is {type(attn).__name__}")
+    qa_norm = attn._p("q_a_layernorm.weight")
+    return dec.add_mla_layer(an, fn, eps, rope, lins.get("q_proj"), lins.get("q_a_proj"),
+                             None if qa_norm is None else _f32(qa_norm), lins.get("q_b_proj"),
+                             lins["kv_a_proj_with_mqa"], _f32(attn._p("kv_a_layernorm.weight")), _f32(attn.w_uk),
+                             _f32(attn.w_uv), lins["o_proj"], attn.num_heads, attn.nope_dim, attn.rope_dim,
+                             attn.v_dim, attn.kv_lora_rank, float(attn.scale), _f32(cache[0]))
+
+
+def _mlp_lins(mlp) -> tuple:
+    _need(all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")), f"{type(mlp).__name__} is not a gated MLP")
+    return _lin(mlp.gate_proj), _lin(mlp.up_proj), _lin(mlp.down_proj)
+
+
+def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool) -> None:
+    from ktrans import _C
+    from ktrans.operators.moe_block import MoEBlock
+
+    if not isinstance(mlp, MoEBlock):
+        dec.set_dense_mlp(idx, *_mlp_lins(mlp))
+        return
+    moe = getattr(mlp.experts, "_moe", None)
+    _need(moe is not None, f"layer {i} experts are not cpu_experts on a C++ backend")
+    c, e, h = mlp.config, mlp.num_experts, mlp.config.hidden_size
+    gate_w = _f32(mlp.gate_weight)                                                       # [E, H]
+    router = _C.Linear(pool, "f32", e, h, gate_w.view(np.uint8).reshape(-1))
+    keep.append(gate_w)
+    kind, n_group, topk_group, norm, limited, scale = 0, 1, 1, False, False, 1.0
+    if mlp.model_type == "deepseek_v3":
+        kind, n_group, topk_group, norm, scale = 2, c.n_group, c.topk_group, bool(c.norm_topk_prob), c.routed_scaling_factor
+    elif mlp.model_type == "deepseek_v2":
+        _need(c.topk_method in ("greedy", "group_limited_greedy"), f"topk_method {c.topk_method}")
+        kind, scale, limited = 1, c.routed_scaling_factor, c.topk_method == "group_limited_greedy"
+        n_group, topk_group = (c.n_group, c.topk_group) if limited else (1, 1)
+    else:
+        norm = True if mlp.model_type == "mixtral" else bool(c.norm_topk_prob)
+    bias = None if mlp.gate_bias is None else _f32(mlp.gate_bias)
+    shared = (None, None, None)
+    shared_gate = None
+    if hasattr(mlp, "shared_experts"):
+        shared = _mlp_lins(mlp.shared_experts)
+    elif hasattr(mlp, "shared_expert"):
+        shared, shared_gate = _mlp_lins(mlp.shared_expert), _lin(mlp.shared_expert_gate)
+    dec.set_moe(idx, kind, router, bias, mlp.top_k, n_group, topk_group, norm, limited, float(scale), moe,
+                *shared, shared_gate)
+

@@ -1,0 +1,108 @@
+"""The fused all-CPU decode step (csrc/decode/, ktrans/operators/cpu_decode.py) against its oracle,
+the module path (the operators' own forward over the same weights and KV cache): every
+architecture, f32 and q4_k GGUF weights, one request and a batch of requests at different
+lengths with scattered KV pages; when it declines to build; bad input named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ktrans import cpu
+from ktrans.engine.batch import ForwardBatch
+from ktrans.engine.model_runner import ModelRunner
+from ktrans.errors import KtransError
+from ktrans.operators import cpu_decode
+from ktrans.operators.cpu_decode import CpuDecodeStep
+from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE
+
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
+
+
+def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30))
+
+
+def _runner(d, fused: bool, rules=None) -> ModelRunner:
+    return ModelRunner(model_path=str(d), gguf_path=str(d / "model.gguf"), device="cpu", cache_lens=256,
+                       page_size=16, progress=False, fused_decode=fused, optimize_config_path=rules and str(rules))
+
+
+def _run(runner, prompts: list[list[int]], tables: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Prefill every prompt (one request per step), then `steps` decode steps of all of them at
+    once, feeding back fixed tokens; logits [B, V] of each decode step."""
+    for r, p in enumerate(prompts):
+        runner.execute(ForwardBatch(input_ids=torch.tensor(p), positions=torch.arange(len(p)), seq_ids=[r],
+                                    num_computed=[0], num_new=[len(p)], page_table=tables[r:r + 1],
+                                    logits_indices=torch.tensor([len(p) - 1])))
+    lens = [len(p) for p in prompts]
+    out = []
+    for s in range(steps):
+        b = len(prompts)
+        ids = torch.tensor([(7 * s + 3 * r) % runner.config.vocab_size for r in range(b)])
+        out.append(runner.execute(ForwardBatch(input_ids=ids, positions=torch.tensor(lens), seq_ids=list(range(b)),
+                                               num_computed=list(lens), num_new=[1] * b, page_table=tables,
+                                               logits_indices=torch.arange(b))))
+        lens = [n + 1 for n in lens]
+    return out
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_k"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_step_matches_the_module_path(tiny_model, arch, quant):
+    d = tiny_model(arch, quant, with_safetensors=False)
+    fused, ref = _runner(d, True), _runner(d, False)
+    assert fused.cpu_step is not None, cpu_decode.why_not
+    assert ref.cpu_step is None
+    vocab = fused.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (9, 23, 1)]
+    tables = torch.randperm(fused.num_pages)[:12].int().view(3, 4)                        # scattered pages
+    got, want = _run(fused, prompts, tables, 6), _run(ref, prompts, tables, 6)
+    for g, w in zip(got, want):
+        if quant == "f32":
+            torch.testing.assert_close(g, w, rtol=FIDELITY_F32_RTOL, atol=FIDELITY_F32_ATOL)
+        else:  # same 8-bit activations; a rare rounding flip of one block is the most that differs
+            assert max(nmse(g[i], w[i]) for i in range(len(g))) < QUANT_LOGITS_NMSE
+    assert torch.equal(torch.stack([g.argmax(-1) for g in got]), torch.stack([w.argmax(-1) for w in want]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+def test_every_isa_level_of_the_step_kernels(tiny_model, arch):
+    """The step's own vector kernels (RMSNorm, attention dots / axpy, SiLU, embedding rows) at
+    every ISA level this machine runs give the module path's logits."""
+    d = tiny_model(arch, "f32", with_safetensors=False)
+    fused, ref = _runner(d, True), _runner(d, False)
+    vocab = fused.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 12)]
+    tables = torch.randperm(fused.num_pages)[:8].int().view(2, 4)
+    want = _run(ref, prompts, tables, 3)
+    for isa in cpu.supported_isas():
+        fused.cpu_step = CpuDecodeStep.build(fused.model, fused.kv, fused.rotary, isa)
+        for g, w in zip(_run(fused, prompts, tables, 3), want):
+            torch.testing.assert_close(g, w, rtol=FIDELITY_F32_RTOL, atol=FIDELITY_F32_ATOL)
+
+
+def test_declines_when_a_part_is_not_in_the_cpu_kernels(tiny_model, tmp_path):
+    d = tiny_model("qwen3_moe", "f32", with_safetensors=False)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("default_device: cpu\nrules:\n  - match: {name: '\\.self_attn$'}\n"
+                     "    replace: {class: gqa_attention}\n    recursive: false\n")
+    assert _runner(d, True, rules).cpu_step is None
+    assert "cpu_embedding" in cpu_decode.why_not or "cpu_" in cpu_decode.why_not
+
+
+def test_bad_steps_are_named(tiny_model):
+    d = tiny_model("qwen2", "f32", with_safetensors=False)
+    runner = _runner(d, True)
+    step = runner.cpu_step
+    tables = torch.arange(4, dtype=torch.int32)[None]
+    ok = dict(input_ids=torch.tensor([1]), positions=torch.tensor([3]), seq_ids=[0], num_computed=[3], num_new=[1],
+              page_table=tables, logits_indices=torch.tensor([0]))
+    assert step(ForwardBatch(**ok)).shape == (1, runner.config.vocab_size)
+    with pytest.raises(KtransError, match="KV page id 9999 out of range"):
+        step(ForwardBatch(**{**ok, "page_table": torch.tensor([[9999, 0]], dtype=torch.int32)}))
+    with pytest.raises(KtransError, match="outside the rotary tables"):
+        step(ForwardBatch(**{**ok, "positions": torch.tensor([10 ** 6]), "num_computed": [10 ** 6],
+                             "page_table": torch.zeros(1, 10 ** 6 // 16 + 2, dtype=torch.int32)}))
+    with pytest.raises(KtransError, match="token id"):
+        step(ForwardBatch(**{**ok, "input_ids": torch.tensor([10 ** 7])}))

@@ -1,0 +1,95 @@
+"""The all-CPU operators that keep GGUF weights as stored (cpu_linear, cpu_embedding,
+cpu_gqa_attention, cpu_mla_attention) on gen-model's tiny quantized models: each against its
+plain-torch oracle on the gguf-py-dequantized weights, loading without copying, the byte plan,
+and whole models under the shipped all-CPU rules against the same model with every dense weight
+dequantized to f32 (the previous all-CPU placement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ktrans.engine.batch import ForwardBatch
+from ktrans.engine.model_runner import ModelRunner, default_rule_file
+from ktrans.errors import KtransError
+from ktrans.operators.linear_cpu import CPUEmbedding, CPULinear
+from tests.tolerances import NEAR_TIE_WITHIN_FRACTION, QUANT_LOGITS_NMSE, ROUTING_FLIP_NMSE, VEC_DOT_NMSE
+
+ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+
+
+def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30))
+
+
+def _runner(d, rules=None) -> ModelRunner:
+    return ModelRunner(model_path=str(d), gguf_path=str(d / "model.gguf"), device="cpu", cache_lens=128,
+                       page_size=16, progress=False, optimize_config_path=rules and str(rules))
+
+
+def _logits(runner, ids: list[int]) -> torch.Tensor:
+    """Prefill ids[:-4], then four decode steps: logits of every position [len(ids), V]."""
+    pages = torch.arange(runner.num_pages, dtype=torch.int32)
+    n = len(ids) - 4
+    rows = [runner.execute(ForwardBatch(input_ids=torch.tensor(ids[:n]), positions=torch.arange(n), seq_ids=[0],
+                                        num_computed=[0], num_new=[n], page_table=pages[None],
+                                        logits_indices=torch.arange(n)))]
+    for p in range(n, len(ids)):
+        rows.append(runner.execute(ForwardBatch(input_ids=torch.tensor([ids[p]]), positions=torch.tensor([p]),
+                                                seq_ids=[0], num_computed=[p], num_new=[1], page_table=pages[None],
+                                                logits_indices=torch.tensor([0]))))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shipped_cpu_rules_keep_weights_as_stored_and_match_oracles(tiny_model, arch):
+    d = tiny_model(arch, "q4_k", with_safetensors=False)
+    runner = _runner(d)
+    assert runner.rule_file == str(default_rule_file(arch, "cpu")) and runner.rule_file.endswith("-cpu.yaml")
+    mapping = runner.weights.reader.files[0]._buf
+    ops = {n: m for n, m in runner.model.named_modules() if getattr(m, "name", "").startswith("cpu_")}
+    linears = [m for m in ops.values() if isinstance(m, CPULinear)]
+    assert linears and any(isinstance(m, CPUEmbedding) for m in ops.values())
+    x = torch.randn(5, runner.config.hidden_size)
+    for m in linears:
+        assert np.shares_memory(m.qweight.raw.data, mapping) or m.qweight.raw.qtype == "f32"
+        if m.in_features == x.shape[1]:
+            assert nmse(m(x), m.forward_native(x)) < VEC_DOT_NMSE["q4_k"], m.key
+    emb = runner.model.model.embed_tokens
+    ids = torch.randint(0, runner.config.vocab_size, (7,))
+    assert torch.equal(emb(ids), emb.forward_native(ids))
+    attn = runner.model.model.layers[0].self_attn
+    assert attn.name == ("cpu_mla_attention" if arch.startswith("deepseek") else "cpu_gqa_attention")
+    assert all(np.shares_memory(q.raw.data, mapping) for q in attn.qproj.values() if q.raw.qtype != "f32")
+    planned = sum(runner.plan.bytes_per_device().values())
+    assert planned < 1.5 * (d / "model.gguf").stat().st_size      # no f32 copies of the dense weights
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_whole_model_close_to_the_dequantized_f32_placement(tiny_model, tmp_path, arch):
+    """Shipped all-CPU rules vs the default rules mapped to the CPU (dense weights dequantized
+    to f32, torch ops): the activation quantization of the kernels stays within the bound of
+    quantized weights (but for rare routing near-ties)."""
+    d = tiny_model(arch, "q4_k", with_safetensors=False)
+    ours = _runner(d)
+    ref = _runner(d, default_rule_file(arch, "cuda"))
+    ids = torch.randint(0, ours.config.vocab_size, (24,)).tolist()
+    a, b = _logits(ours, ids), _logits(ref, ids)
+    errors = [nmse(a[i], b[i]) for i in range(len(ids))]
+    # NOTE: as in test_fidelity, a routing near-tie may flip one expert on a few tokens.
+    assert sum(e < QUANT_LOGITS_NMSE for e in errors) >= NEAR_TIE_WITHIN_FRACTION * len(errors), errors
+    assert max(errors) < ROUTING_FLIP_NMSE, errors
+
+
+def test_cpu_operators_refuse_other_devices_and_modules():
+    with torch.device("meta"):
+        lin, emb = torch.nn.Linear(32, 8), torch.nn.Embedding(10, 32)
+    with pytest.raises(KtransError, match="runs on the CPU"):
+        CPULinear(key="lm_head", orig_module=lin, config=None, device="cuda:0")
+    with pytest.raises(KtransError, match="replaces torch.nn.Linear"):
+        CPULinear(key="x", orig_module=emb, config=None, device="cpu")
+    with pytest.raises(KtransError, match="cpu_infer must be a positive"):
+        CPULinear(key="x", orig_module=lin, config=None, device="cpu", cpu_infer=0)
+    with pytest.raises(KtransError, match="keeps its table in CPU RAM"):
+        CPUEmbedding(key="model.embed_tokens", orig_module=emb, config=None, device="cuda:0")
