@@ -23,7 +23,7 @@
 #               ktrans on the same deepseek-v2-lite file, same threads
 #   peer-qwen3  the same for qwen3-30b-a3b
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
-# bin directory; default .dev-carry/llama/bin), THREADS (CPU threads, default 15).
+# bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
