@@ -73,7 +73,6 @@ def test_list_shows_files_and_operators(capsys):
 
 
 def test_state_dict_source_serves_every_view():
-    torch.seed()
     e, i, h = 4, 6, 8
     gate_up, down, emb = torch.randn(e, 2 * i, h), torch.randn(e, h, i), torch.randn(10, h).bfloat16()
     src = StateDictSource({"model.layers.2.mlp.experts.gate_up_proj": gate_up,

@@ -96,7 +96,6 @@ def test_shipped_file_plans(arch, variant):
 
 
 def _weights(config) -> StateDictSource:
-    torch.seed()
     model = getattr(transformers, ARCHS[config.model_type].hf_class)(config)
     return StateDictSource(model.state_dict())
 

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from ktrans.engine.detokenizer import IncrementalDetokenizer
+from tests.seeds import py_rng
 
 CORPUS = [
     "Hello world, 你好世界! Ünïcödé façade — naïve café 🙂🚀👍🏽 données",
@@ -66,7 +67,7 @@ def _stream(tokenizer, prompt_ids, out_ids, stop=None, skip_special_tokens=True)
 
 
 def test_stream_equals_decode_on_mixed_text(tokenizer):
-    rng = random.Random()
+    rng = py_rng()
     for _ in range(300):     # prompts often end in a multi-byte character split over byte tokens
         prompt = tokenizer.encode(_random_text(rng, rng.randint(1, 8)), add_special_tokens=False)
         out = tokenizer.encode(_random_text(rng, rng.randint(1, 30)), add_special_tokens=False)
@@ -93,7 +94,7 @@ def test_special_tokens_are_skipped(tokenizer):
 
 
 def test_stop_string_spanning_tokens_is_cut_and_held_back(tokenizer):
-    rng = random.Random()
+    rng = py_rng()
     for _ in range(20):
         before, after = _random_text(rng, rng.randint(0, 10)), _random_text(rng, rng.randint(1, 5))
         stop = rng.choice(["STOP here", "世界。", "\n\n###", "🚀🚀"])

@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 from gguf_testutil import write_gguf
 from ktrans.errors import KtransError
 from ktrans.weights.gguf_reader import GGUFReader
+from tests.seeds import np_rng
 
 INTERESTING_U64 = [0, 1, 2, 3, 4, 7, 8, 31, 32, 255, 2**31 - 1, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]
 
 
 @pytest.fixture(scope="module")
 def valid_blob(tmp_path_factory):
-    rng = np.random.default_rng()
+    rng = np_rng()
     d = tmp_path_factory.mktemp("fuzz")
     tensors = {"token_embd.weight": rng.standard_normal((8, 32)), "blk.0.attn_q.weight": rng.standard_normal((4, 64)),
                "blk.0.ffn_gate_exps.weight": rng.standard_normal((2, 4, 32)), "output_norm.weight": rng.standard_normal(32)}

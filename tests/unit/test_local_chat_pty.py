@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pty
-import random
 import re
 import select
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ktrans.cli.chat import THINK_STYLE, ThinkSplitter
+from tests.seeds import py_rng
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
@@ -171,7 +171,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(env):
 
 
 def test_think_splitter_styles_thinking_across_chunk_boundaries():
-    rng = random.Random()
+    rng = py_rng()
     text = "intro <think>\nweighing 🙂 options</think>\nThe answer <thi is 42.<think>more</think> done"
     for _ in range(50):
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))

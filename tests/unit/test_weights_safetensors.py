@@ -33,7 +33,6 @@ CONFIGS = {
 
 
 def _saved_model(tmp_path, arch, dtype=torch.bfloat16):
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).to(dtype)
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     return model
