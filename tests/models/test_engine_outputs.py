@@ -21,7 +21,7 @@ def engine_factory(tiny_model, tmp_path_factory):
     rules.write_text(rules_for(ARCH))       # torch experts: no CPU thread pool in this process
     runner = ModelRunner(model_path=str(d), gguf_path=str(d / "model.gguf"), optimize_config_path=str(rules),
                          device="cpu", cache_lens=512, page_size=16, progress=False)
-    return lambda batch=4: LLMEngine(runner, max_batch_size=batch, chunk_size=64)
+    return lambda batch=4, **kw: LLMEngine(runner, max_batch_size=batch, chunk_size=64, **kw)
 
 
 def _run(engine, requests: dict[str, tuple[list[int], SamplingParams]]):
@@ -58,15 +58,32 @@ def test_text_stop_strings_and_stop_tokens(engine_factory):
     by_id = _run(engine, {"t": (prompt, params)})["t"]
     first = base["tokens"].index(stop_id)
     assert by_id["reason"] == "stop" and by_id["tokens"] == base["tokens"][:first + 1]
-    # Special tokens kept in the text on request. The token that ends a generation (EOS here, or
-    # one of stop_token_ids) is the last of the token ids but not part of the text, as in vLLM.
+    assert by_id["text"] == tok.decode(by_id["tokens"][:-1], skip_special_tokens=True)
+
+
+def test_eos_ends_the_generation_and_stays_out_of_the_text(engine_factory):
+    """The token that ends a generation (EOS, or one of stop_token_ids) is the last of the token
+    ids but not part of the text, as in vLLM, even with skip_special_tokens=False; with ignore_eos
+    it does not end the generation.
+    NOTE: a random tiny model emits its real EOS only by chance, so the EOS here is one more id
+    named by the generation config (as Qwen's generation_config.json adds <|im_end|>), chosen
+    among the tokens greedy decoding is known to produce."""
+    from transformers import GenerationConfig
+
+    engine = engine_factory()
+    tok = engine.tokenizer
+    prompt = tok.encode("Once upon a time", add_special_tokens=False)
+    base = _run(engine, {"base": (prompt, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True))})["base"]
+    extra_eos = base["tokens"][7]
+    engine = engine_factory(generation_config=GenerationConfig(eos_token_id=extra_eos))
+    assert extra_eos in engine.eos_token_ids
+    end = next(i for i, t in enumerate(base["tokens"]) if t in engine.eos_token_ids)      # <= 7
     params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[], skip_special_tokens=False)
     kept = _run(engine, {"k": (prompt, params)})["k"]
-    ended_by_token = kept["reason"] == "stop"
-    assert not ended_by_token or kept["tokens"][-1] in engine.eos_token_ids
-    shown = kept["tokens"][:-1] if ended_by_token else kept["tokens"]
-    assert kept["text"] == tok.decode(shown, skip_special_tokens=False)
-    assert by_id["text"] == tok.decode(by_id["tokens"][:-1], skip_special_tokens=True)
+    assert kept["reason"] == "stop" and kept["tokens"] == base["tokens"][:end + 1]
+    assert kept["text"] == tok.decode(base["tokens"][:end], skip_special_tokens=False)
+    ignored = _run(engine, {"i": (prompt, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True))})["i"]
+    assert ignored["reason"] == "length" and ignored["tokens"] == base["tokens"]
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(engine_factory):
