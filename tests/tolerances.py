@@ -63,13 +63,14 @@ FIDELITY_F32_ATOL = 1e-4
 # BF16_LOGITS_NMSE and BF16_VS_HF_BF16 x transformers' own bf16 error on the same tokens.
 BF16_LOGITS_NMSE = 2e-3
 BF16_VS_HF_BF16 = 3.0
-# A near-tie in MoE routing flips one expert choice under bf16 rounding or activation
-# quantization on a few tokens (in ours or in transformers' bf16 run, independently): at least
-# this fraction of tokens must meet the bound for their case, and no token may be further off
-# than a flipped expert makes it (transformers' own bf16 run measures up to 0.3 on such tokens of
-# the tiny DeepSeek-V3).
-NEAR_TIE_WITHIN_FRACTION = 0.85
-ROUTING_FLIP_NMSE = 0.5
+# A near-tie in MoE routing can flip an expert choice under bf16 rounding or activation
+# quantization. tests/routing.py forces such flips back to the reference's experts (so the bounds
+# above hold on every token) and accepts a flip only as a genuine near-tie: the least change of
+# the reference's router logits that could produce it (flip_gap) must be within how far our
+# router logits actually were from the reference's at that token. That distance is itself
+# bounded: bf16 runs of the tiny models measure up to 0.097 (router logits ~N(0, 1.2)); with the
+# reference's routing forced, it does not grow along the sequence.
+ROUTING_LOGIT_DRIFT = 0.25
 # Whole-model logits with quantized/bf16 GGUF experts in the CPU kernels (activations quantized
 # to q8_K/q8_0 or rounded to bf16 for the dot products) vs transformers on the dequantized
 # weights; tiny models measure 5e-6..2e-4.
