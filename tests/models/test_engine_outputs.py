@@ -10,6 +10,7 @@ from ktrans.engine import LLMEngine, SamplingParams
 from ktrans.engine.model_runner import ModelRunner
 from tests.models.test_batching_invariance import one_torch_thread  # noqa: F401
 from tests.models.test_fidelity import rules_for
+from tests.seeds import py_rng
 
 ARCH = "deepseek_v3"
 
@@ -89,12 +90,17 @@ def test_eos_ends_the_generation_and_stays_out_of_the_text(engine_factory):
 def test_seeded_sampling_is_the_same_alone_and_batched(engine_factory):
     engine = engine_factory()
     tok = engine.tokenizer
-    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_new_tokens=16, ignore_eos=True)
+    # NOTE: every request is seeded from the test's seed (an unseeded one draws from OS entropy,
+    # and its length, up to a sampled EOS, would change the batch from run to run).
+    rng = py_rng()
+    seed = rng.randrange(1 << 31)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=seed, max_new_tokens=16, ignore_eos=True)
     prompt = tok.encode("The weather today", add_special_tokens=False)
     alone = _run(engine, {"a": (prompt, seeded)})["a"]["tokens"]
     others = {f"o{i}": (tok.encode("x " * (i * 7 + 1), add_special_tokens=False),
-                        SamplingParams(temperature=1.0, max_new_tokens=10 + i)) for i in range(3)}
+                        SamplingParams(temperature=1.0, max_new_tokens=10 + i, seed=rng.randrange(1 << 31)))
+              for i in range(3)}
     batched = _run(engine_factory(), {"a": (prompt, seeded), **others})["a"]["tokens"]
     assert batched == alone
-    reseeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99, max_new_tokens=16, ignore_eos=True)
+    reseeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=seed + 1, max_new_tokens=16, ignore_eos=True)
     assert _run(engine, {"b": (prompt, reseeded)})["b"]["tokens"] != alone
