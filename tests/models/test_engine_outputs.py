@@ -104,3 +104,34 @@ def test_seeded_sampling_is_the_same_alone_and_batched(engine_factory):
     assert batched == alone
     reseeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=seed + 1, max_new_tokens=16, ignore_eos=True)
     assert _run(engine, {"b": (prompt, reseeded)})["b"]["tokens"] != alone
+
+
+def test_abort_ends_a_request_frees_its_pages_and_spares_the_others(engine_factory):
+    """LLMEngine.abort between steps: the request ends with "abort" and no more tokens, its KV
+    pages are released at once, a second abort (or of an unknown id) is a no-op, and the request
+    batched with it generates exactly what it generates alone."""
+    engine = engine_factory()
+    tok = engine.tokenizer
+    greedy = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    a = tok.encode("Once upon a time", add_special_tokens=False)
+    b = tok.encode("The weather today " * 3, add_special_tokens=False)
+    solo = _run(engine, {"b": (b, greedy)})["b"]["tokens"]
+    engine.add_request("a", a, greedy)
+    engine.add_request("b", b, greedy)
+    got = {"a": [], "b": []}
+    for _ in range(5):
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    held = engine.stats()["kv_pages_used"]
+    b_pages = engine.pool.pages_for(len(b) + len(got["b"]))
+    assert 0 < len(got["a"]) < 30 and held > b_pages
+    out = engine.abort("a")
+    assert out is not None and out.finished and out.finish_reason == "abort" and out.new_token_ids == []
+    assert engine.stats()["kv_pages_used"] == b_pages
+    assert engine.abort("a") is None and engine.abort("never-added") is None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == "b"
+            got["b"] += out.new_token_ids
+    assert got["b"] == solo
+    assert engine.stats()["kv_pages_used"] == 0
