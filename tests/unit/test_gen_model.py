@@ -385,7 +385,13 @@ def test_ctrl_c_leaves_nothing(tmp_path):
     out = tmp_path / "m"
     cmd = [sys.executable, "-m", "ktrans", "gen-model", str(out), "--arch", "qwen2", "--preset", "qwen2-7b",
            "--layers", "1", "--quant", "q4_k", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # NOTE: as from a terminal, the child must not inherit an ignored SIGINT (a shell's background
+    # job, e.g. a CI runner, ignores it, and exec keeps "ignored"; a handled signal resets to default).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 300
         # the interrupt lands in the tensor loop: some tensor data is already in the file

@@ -34,6 +34,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:                                   # child: the pty is its terminal
             os.chdir(ROOT)
+            # NOTE: as from a terminal, Ctrl+C must not stay ignored when this process inherited an
+            # ignored SIGINT (a shell's background job, e.g. a CI runner): exec keeps "ignored".
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
         self.text = ""
         self.pos = 0                                        # expect() searches from here
