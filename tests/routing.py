@@ -68,6 +68,36 @@ class Reference:
         with _gate_hooks(model, hook):
             yield
 
+    @contextlib.contextmanager
+    def recording_ktrans(self, model, rows_of_step):
+        """Record ktrans's own `model` (MoEBlock routers) as the reference, e.g. a placement with
+        dequantized f32 weights that another placement is compared with; `rows_of_step()` gives
+        the (request, position) of each packed token of the step about to run."""
+        blocks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoEBlock)]
+
+        def wrap(block, layer):
+            own = block.route
+
+            def route(x):
+                w, idx = own(x)
+                logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight)   # [T, E]
+                for i, row in enumerate(rows_of_step()):
+                    self.logits[(layer, row)] = logits[i].detach().float().cpu()
+                    self.ids[(layer, row)] = idx[i].detach().cpu()
+                    self.weights[(layer, row)] = w[i].detach().float().cpu()
+                if block.gate_bias is not None:
+                    self.bias[layer] = block.gate_bias.detach().float().cpu()
+                return w, idx
+            return route
+
+        for name, block in blocks:
+            block.route = wrap(block, _layer(name))
+        try:
+            yield
+        finally:
+            for _, block in blocks:
+                del block.route
+
     def moe_layers(self) -> set[int]:
         return {layer for layer, _ in self.ids}
 
