@@ -93,9 +93,10 @@ def _expert_bytes(model, entry, config, weights, gpu: str) -> tuple[int, int, in
 
 
 def model_bytes(config, weights, *, rules_path, cache_lens: int, page_size: int, chunk_size: int = 2048,
-                gpu: str = "cuda:0") -> ModelBytes:
-    """Plan `config` (tensor infos from `weights`, may be None or a PlannedSource) under the rule
-    file `rules_path` (experts on the CPU, the rest on `gpu`) and on the CPU alone."""
+                gpu: str = "cuda:0"):
+    """(ModelBytes, the plan as the rules are written): `config` (tensor infos from `weights`, may
+    be None or a PlannedSource) planned under `rules_path` (experts on the CPU, the rest on
+    `gpu`) and on the CPU alone."""
     from ktrans.config.arch import arch_from_config, build_meta_model
     from ktrans.kv_cache.sizing import plan_kv_cache
     from ktrans.rules.plan import plan_model
@@ -119,8 +120,9 @@ def model_bytes(config, weights, *, rules_path, cache_lens: int, page_size: int,
         ex = _expert_bytes(model, experts[i], config, weights, gpu) if i in experts else (0, 0, 0, 0)
         layers.append(LayerBytes(i, dense_gpu[i], dense_cpu[i], kv_gpu, kv_cpu, *ex))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelBytes(arch_from_config(config).name, tuple(layers), outer_all_gpu - outer_cpu, outer_cpu,
+    mb = ModelBytes(arch_from_config(config).name, tuple(layers), outer_all_gpu - outer_cpu, outer_cpu,
                       outer_all_cpu, activation_bytes(config, chunk_size),
                       top_k=int(getattr(text, "num_experts_per_tok", 0) or 0), hidden_size=text.hidden_size,
                       moe_intermediate=int(getattr(text, "moe_intermediate_size", 0)
                                            or getattr(text, "intermediate_size", 0) or 0))
+    return mb, on_gpu
