@@ -125,7 +125,12 @@ def build_app(args, on_load_failed=None):
     kwargs = {**runner_kwargs(args, progress=sys.stderr.isatty()), **engine_kwargs(args)}
 
     def load():
-        return AsyncEngine.from_args(**kwargs)
+        from ktrans.fit.counts import model_id, save_on_exit
+
+        engine = AsyncEngine.from_args(**kwargs)
+        # What the router chooses while serving feeds the next --fit (hot experts on the GPU).
+        save_on_exit(engine.engine.runner.model, model_id(args.model_path, args.gguf_path))
+        return engine
 
     return create_app(settings, load, on_load_failed)
 

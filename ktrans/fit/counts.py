@@ -91,19 +91,25 @@ def save(mid: str, counts: dict[int, list[int]], source: str, cache: Path | None
     return path
 
 
-def save_on_exit(model, mid: str | None) -> None:
-    """Save the counts the model gathers while serving when the process exits."""
-    if mid is None:
-        return
-    import atexit
+def save_collected(model, mid: str | None, source: str = "serving") -> Path | None:
+    """Collect the model's counts and add them to its file (None: no model id or nothing counted).
+    A failure is logged, not raised: the counts are a hint, never a reason to fail a command."""
     import logging
 
-    def _save():
-        try:
-            counts = collect(model)
-            if any(sum(c) for c in counts.values()):
-                save(mid, counts, "serving")
-        except Exception as e:             # exiting anyway: say why the counts were not kept
-            logging.getLogger("ktrans").warning("expert counts not saved: %s", e)
+    if mid is None:
+        return None
+    try:
+        counts = collect(model)
+        return save(mid, counts, source) if any(sum(c) for c in counts.values()) else None
+    except (KtransError, OSError) as e:
+        logging.getLogger("ktrans").warning("expert counts not saved: %s", e)
+        return None
 
-    atexit.register(_save)
+
+def save_on_exit(model, mid: str | None) -> None:
+    """Save the counts gathered while serving when the process exits. NOTE: holds the model until
+    then, which is a server's lifetime anyway."""
+    if mid is not None:
+        import atexit
+
+        atexit.register(save_collected, model, mid)

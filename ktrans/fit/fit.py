@@ -20,6 +20,7 @@ from pathlib import Path
 from ktrans.errors import KtransError
 from ktrans.fit.model_bytes import ModelBytes, model_bytes
 from ktrans.fit.placement import FitOptions, Placement, check_fits, decide
+from ktrans.fit.prefill import describe_prefill, prefill_crossover
 from ktrans.fit.profile import GpuInfo, NumaNode, Profile
 from ktrans.fit.rulegen import describe, render_rules
 from ktrans.rules.matcher import layer_of
@@ -35,6 +36,11 @@ class FitResult:
     model: ModelBytes
     totals: dict[str, int]       # bytes per device of that file's plan (weights + KV cache)
     notes: list[str]             # the decisions, one line each
+    label: str                   # the model, as messages name it
+
+    def check(self) -> None:
+        """FitError (with the numbers) when the written plan exceeds the usable memory."""
+        check_fits(self.totals, self.placement.available, self.label)
 
 
 def rules_in_layers(plan, start: int) -> set[int]:
@@ -77,8 +83,8 @@ def fitted_path(out_dir: Path, label: str) -> Path:
 
 def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOptions(), cache_lens: int,
               page_size: int, chunk_size: int = 2048, counts=None, out_dir: Path, label: str) -> FitResult:
-    """Decide the placement of `config` (tensor infos from `weights`) on `profile`'s machine,
-    write it as a rule file under `out_dir` and check it fits (FitError otherwise)."""
+    """Decide the placement of `config` (tensor infos from `weights`) on `profile`'s machine and
+    write it as a rule file under `out_dir`; `.check()` the result before loading it."""
     from ktrans.config.arch import arch_from_config
     from ktrans.rules.files import shipped_rules
 
@@ -88,6 +94,8 @@ def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOption
                                    chunk_size=chunk_size, gpu=gpu)
     placement = decide(mb, profile, opts, counts)
     notes = describe(placement, mb)
+    if placement.gpu and mb.moe_layers():
+        notes.append(describe_prefill(prefill_crossover(mb, profile, gpu_index=opts.gpu_index), placement.gpu))
     header = _header(profile, opts, label, cache_lens) + notes + [
         "Keep or edit this file, then load with --optimize_config_path FILE (a named rule file turns --fit off);",
         "check it with: ktrans rules explain --optimize_config_path FILE ... Format: docs/rules.md"]
@@ -100,8 +108,7 @@ def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOption
     except OSError as e:
         raise KtransError(f"cannot write the fitted rule file {path}: {e.strerror}") from None
     totals = planned_totals(config, weights, path, placement.gpu, cache_lens=cache_lens, page_size=page_size)
-    check_fits(totals, placement.available, label)
-    return FitResult(path, placement, mb, totals, notes)
+    return FitResult(path, placement, mb, totals, notes, label)
 
 
 def planned_totals(config, weights, rules_path, gpu: str | None, *, cache_lens: int, page_size: int) -> dict[str, int]:
