@@ -207,11 +207,11 @@ def run_explain(args) -> int:
 
 def _fit(args, config, weights, page_size: int):
     """The fitted rule file for explain --fit, with the what-if flags applied to this machine."""
-    from ktrans.fit.fit import FITTED_DIR, fit_rules, what_if
+    from ktrans.cli.model_args import cache_dir
     from ktrans.fit.counts import load, model_id
+    from ktrans.fit.fit import FITTED_DIR, fit_rules, what_if
     from ktrans.fit.load import current_profile, gib_flag, gpu_index
     from ktrans.fit.placement import FitOptions
-    from ktrans.cli.model_args import cache_dir
 
     named = [f for f, v in (("--optimize_config_path", args.optimize_config_path), ("--variant", args.variant),
                             ("--map-device", args.map_device)) if v]
@@ -220,9 +220,9 @@ def _fit(args, config, weights, page_size: int):
     if args.numa_nodes is not None and args.numa_nodes < 1:
         raise UsageError(f"--numa_nodes {args.numa_nodes}: expected at least 1")
     gpu_memory = gib_flag(args.gpu_memory, "--gpu_memory")
-    profile, _ = current_profile()
-    profile = what_if(profile, gpu_memory=gpu_memory, ram=gib_flag(args.ram, "--ram"), numa_nodes=args.numa_nodes)
     device = str(args.device).strip().lower()
+    profile, _ = current_profile(set() if device == "cpu" else {gpu_index(device)})
+    profile = what_if(profile, gpu_memory=gpu_memory, ram=gib_flag(args.ram, "--ram"), numa_nodes=args.numa_nodes)
     opts = FitOptions(gpu_index=gpu_index(device), gpu_memory=gpu_memory, use_gpu=device != "cpu")
     mid = model_id(args.model_path, args.gguf_path)
     label = os.path.basename(mid.rstrip("/")) if mid else f"{args.arch or config.model_type}-{args.preset or 'config'}"

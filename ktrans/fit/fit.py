@@ -136,7 +136,8 @@ def check_plan_fits(plan, *, cache_lens: int, page_size: int, what: str, opts: F
     opts = opts or FitOptions(margin=0.0)
     totals = device_totals(plan, plan_kv_cache(plan, cache_lens=cache_lens, page_size=page_size))
     available = {"cpu": max(0, ram()[1] - opts.ram_reserve)}
-    if any(d.startswith("cuda") for d in totals):
-        for g in gpus_now():
+    used = {int(d.split(":")[1]) for d in totals if d.startswith("cuda:")}
+    if used:
+        for g in gpus_now(free_of=used):
             available[f"cuda:{g.index}"] = max(0, g.mem_free - opts.gpu_reserve)
     check_fits(totals, available, what)

@@ -13,16 +13,17 @@ from ktrans.fit.placement import FitOptions
 from ktrans.fit.profile import Profile, load_cached, profile_path
 
 
-def current_profile() -> tuple[Profile, bool]:
+def current_profile(free_of: set[int] | None = None) -> tuple[Profile, bool]:
     """(profile with live memory, whether its rates were measured). The cached `ktrans probe`
     profile when it matches this hardware; else the instant facts alone (placement needs only
-    memory figures; the measured rates add the prefill and bandwidth notes)."""
+    memory figures; the measured rates add the prefill note). `free_of`: the GPUs whose free
+    memory is read (None: all)."""
     from ktrans.fit.probe import facts, with_live_memory
 
-    now = facts()
+    now = facts(free_of=free_of)
     cached = load_cached(profile_path())
     if cached is not None and cached.fingerprint == now.fingerprint:
-        return with_live_memory(cached), True
+        return with_live_memory(cached, free_of=free_of), True
     return now, False
 
 
@@ -49,7 +50,7 @@ def fit_for_load(*, model_path, gguf_path, device: str, cache_lens: int, page_si
     try:
         config = _config(weights, model_path)
         mid = expert_counts.model_id(model_path, gguf_path)
-        profile, _ = current_profile()
+        profile, _ = current_profile({gpu_index(device)})
         opts = FitOptions(gpu_index=gpu_index(device), gpu_memory=gib_flag(gpu_memory, "--gpu_memory"))
         counts = expert_counts.load(mid)
         result = fit_rules(config, weights, profile=profile, opts=opts, cache_lens=cache_lens, page_size=page_size,

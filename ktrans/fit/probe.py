@@ -83,8 +83,10 @@ def _cores_per_node() -> dict[int, int]:
     return out
 
 
-def gpus_now() -> list[GpuInfo]:
-    """Every CUDA device with its memory now; [] without CUDA (no measurement)."""
+def gpus_now(free_of: set[int] | None = None) -> list[GpuInfo]:
+    """Every CUDA device with its memory; [] without CUDA. Free memory is read for the devices in
+    `free_of` (None: all), others report their total. NOTE: reading free memory creates a CUDA
+    context on that device (~0.5 GB), so a load reads only the GPU it uses."""
     try:
         import torch
     except ImportError:
@@ -93,18 +95,20 @@ def gpus_now() -> list[GpuInfo]:
         return []
     out = []
     for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append(GpuInfo(i, torch.cuda.get_device_name(i), int(total), int(free)))
+        props = torch.cuda.get_device_properties(i)
+        free = torch.cuda.mem_get_info(i)[0] if free_of is None or i in free_of else props.total_memory
+        out.append(GpuInfo(i, props.name, int(props.total_memory), int(free)))
     return out
 
 
-def facts(root: Path = Path("/")) -> Profile:
-    """Everything but the rates: instant, and enough to check that a model fits."""
+def facts(root: Path = Path("/"), free_of: set[int] | None = None) -> Profile:
+    """Everything but the rates: instant, and enough to check that a model fits (free memory of
+    the GPUs in `free_of`, None: all)."""
     from ktrans import cpu
 
     total, avail = ram(root)
     nodes = numa_nodes(root, _cores_per_node())
-    gpus = gpus_now()
+    gpus = gpus_now(free_of)
     model = cpu_model(root)
     cores = cpu.physical_cores()
     return Profile(cpu_model=model, isa=cpu.best_isa(), physical_cores=cores,
@@ -113,12 +117,12 @@ def facts(root: Path = Path("/")) -> Profile:
                    fingerprint=fingerprint(model, cores, total, len(nodes), [(g.name, g.mem_total) for g in gpus]))
 
 
-def with_live_memory(profile: Profile, root: Path = Path("/")) -> Profile:
-    """The profile with free RAM (per node) and free VRAM read now."""
+def with_live_memory(profile: Profile, root: Path = Path("/"), free_of: set[int] | None = None) -> Profile:
+    """The profile with free RAM (per node) and free VRAM (of the GPUs in `free_of`) read now."""
     _, avail = ram(root)
     free_by_node = {n.id: n.mem_free for n in numa_nodes(root)}
     nodes = [replace(n, mem_free=free_by_node.get(n.id, n.mem_free)) for n in profile.numa_nodes]
-    live = {g.index: g for g in gpus_now()}
+    live = {g.index: g for g in gpus_now(free_of) if free_of is None or g.index in free_of}
     gpus = [replace(g, mem_free=live[g.index].mem_free) if g.index in live else g for g in profile.gpus]
     return replace(profile, ram_available=avail, numa_nodes=nodes, gpus=gpus)
 

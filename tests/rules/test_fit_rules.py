@@ -143,10 +143,43 @@ def test_load_flags(tiny_model, tmp_path, cache, monkeypatch):
         runner_kwargs(_args(gguf_path=path, optimize_config_path=str(rules), gpu_memory=8.0))
     assert runner_kwargs(_args(gguf_path=path))["optimize_config_path"] is None   # CPU: the shipped rules
     # On a GPU (a made-up one: the fit itself is pure), the fitted file is what the runner loads.
-    monkeypatch.setattr(load, "current_profile", lambda: (what_if(facts(), gpu_memory=2 << 30), False))
+    monkeypatch.setattr(load, "current_profile", lambda free_of=None: (what_if(facts(), gpu_memory=2 << 30), False))
     said = []
     res = load.fit_for_load(model_path=None, gguf_path=path, device="cuda:0", cache_lens=256, page_size=64,
                             chunk_size=64, gpu_memory=1.5, say=said.append)
     assert res.path.parent == cache / "fitted-rules" and said[0].endswith(str(res.path))
     assert res.placement.available["cuda:0"] < 1.5 * 2**30                  # the cap, less the reserves
     assert any("every routed expert" in s for s in said)
+
+
+@pytest.mark.gpu
+def test_fitted_rules_on_a_real_gpu(tiny_model, tmp_path):
+    """On a GPU: the fitted placement (a whole layer of experts on cuda:0, half of the next, the
+    rest in the CPU kernels) gives the shipped placement's logits within bf16 tolerance, and its
+    decode steps are CUDA graphs (the grouped matmul and the split need no host sync)."""
+    from ktrans.engine.batch import ForwardBatch
+    from ktrans.engine.model_runner import ModelRunner
+    from tests.tolerances import BF16_LOGITS_NMSE
+
+    path = _gguf(tiny_model, "qwen3_moe")
+    src = open_weights(None, path)
+    config = src.config()
+    mb, _ = model_bytes(config, src, rules_path=shipped_rules("qwen3_moe"), cache_lens=256, page_size=64)
+    opts = FitOptions(gpu_reserve=0, ram_reserve=0, margin=0.0, gpu_memory=_gpu_for(mb, 1.5))
+    res = fit_rules(config, src, profile=facts(), opts=opts, cache_lens=256, page_size=64,
+                    out_dir=tmp_path, label="gpu-test")
+    assert len(res.placement.gpu_experts) == 2
+    runners = [ModelRunner(gguf_path=path, optimize_config_path=p, device="cuda", cache_lens=256, progress=False)
+               for p in (res.path, shipped_rules("qwen3_moe"))]
+    ids = torch.randint(0, config.vocab_size, (20,))
+    out = [_logits(r, ids[:16]).float().cpu() for r in runners]
+    nmse = lambda a, b: float((a - b).pow(2).sum() / b.pow(2).sum())  # noqa: E731
+    assert nmse(out[0], out[1]) < BF16_LOGITS_NMSE
+    pages = torch.arange(runners[0].num_pages, dtype=torch.int32)[None]
+    for n in range(16, 20):                                                # decode steps: graph replays
+        batch = ForwardBatch(input_ids=ids[n:n + 1], positions=torch.tensor([n]), seq_ids=[0], num_computed=[n],
+                             num_new=[1], page_table=pages, logits_indices=torch.tensor([0]))
+        got = [r.execute(batch).float().cpu() for r in runners]
+        assert nmse(got[0], got[1]) < BF16_LOGITS_NMSE
+    assert runners[0].graphs is not None and runners[0].graphs.enabled, runners[0].graphs.reason
+    assert runners[0].graphs.graphs                                        # captured, not run eagerly
