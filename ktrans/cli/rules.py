@@ -228,7 +228,7 @@ def _fit(args, config, weights, page_size: int):
     label = os.path.basename(mid.rstrip("/")) if mid else f"{args.arch or config.model_type}-{args.preset or 'config'}"
     return fit_rules(config, weights, profile=profile, opts=opts, cache_lens=args.cache_lens, page_size=page_size,
                      chunk_size=args.chunk_size, counts=load(mid), out_dir=cache_dir() / FITTED_DIR,
-                     label=f"{label}-{args.quant}" if args.quant else label)
+                     label=f"{label}-{args.quant}" if args.quant else label, key=mid)
 
 
 def _weight_notes(plan, weights) -> list[str]:

@@ -4,7 +4,7 @@ Every `moe_block` keeps a counter on its own device (`expert_counts`, one scatte
 captured in CUDA graphs like the rest of the step). `collect()` reads and clears them; `save()`
 adds them to the model's count file beside the machine profile
 (<cache>/expert-counts/<model>.json), where `--fit` reads them to put the most used experts in
-spare VRAM. Counts come from serving (saved when the process exits) and from
+spare VRAM. Counts come from serving (saved when chat, generate or serve ends) and from
 `ktrans probe --experts MODEL` (a calibration run over a built-in text).
 """
 
@@ -104,12 +104,3 @@ def save_collected(model, mid: str | None, source: str = "serving") -> Path | No
     except (KtransError, OSError) as e:
         logging.getLogger("ktrans").warning("expert counts not saved: %s", e)
         return None
-
-
-def save_on_exit(model, mid: str | None) -> None:
-    """Save the counts gathered while serving when the process exits. NOTE: holds the model until
-    then, which is a server's lifetime anyway."""
-    if mid is not None:
-        import atexit
-
-        atexit.register(save_collected, model, mid)

@@ -76,15 +76,18 @@ def _header(profile: Profile, opts: FitOptions, label: str, cache_lens: int) -> 
             f"machine: {machine}", f"KV cache: {cache_lens} tokens"]
 
 
-def fitted_path(out_dir: Path, label: str) -> Path:
+def fitted_path(out_dir: Path, label: str, key: str) -> Path:
+    """<out_dir>/<label>-<hash of key>.yaml: one file per model (`key`: its full path)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(label).name)[:60] or "model"
-    return Path(out_dir) / f"{stem}-{hashlib.sha1(label.encode()).hexdigest()[:10]}.yaml"
+    return Path(out_dir) / f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.yaml"
 
 
 def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOptions(), cache_lens: int,
-              page_size: int, chunk_size: int = 2048, counts=None, out_dir: Path, label: str) -> FitResult:
+              page_size: int, chunk_size: int = 2048, counts=None, out_dir: Path, label: str,
+              key: str | None = None) -> FitResult:
     """Decide the placement of `config` (tensor infos from `weights`) on `profile`'s machine and
-    write it as a rule file under `out_dir`; `.check()` the result before loading it."""
+    write it as a rule file under `out_dir` (named after `label`, unique per `key`, default the
+    label); `.check()` the result before loading it."""
     from ktrans.config.arch import arch_from_config
     from ktrans.rules.files import shipped_rules
 
@@ -101,7 +104,7 @@ def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOption
         "check it with: ktrans rules explain --optimize_config_path FILE ... Format: docs/rules.md"]
     text = render_rules(placement, mb, shipped.read_text(), copy_rules=rules_in_layers(shipped_plan, placement.gpu_layers),
                         header=header)
-    path = fitted_path(out_dir, label)
+    path = fitted_path(out_dir, label, key or label)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

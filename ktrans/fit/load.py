@@ -55,7 +55,7 @@ def fit_for_load(*, model_path, gguf_path, device: str, cache_lens: int, page_si
         counts = expert_counts.load(mid)
         result = fit_rules(config, weights, profile=profile, opts=opts, cache_lens=cache_lens, page_size=page_size,
                            chunk_size=chunk_size, counts=counts, out_dir=cache_dir() / FITTED_DIR,
-                           label=os.path.basename(mid.rstrip("/")) if mid else "the model")
+                           label=os.path.basename(mid.rstrip("/")) if mid else "the model", key=mid)
     finally:
         weights.close()
     result.check()

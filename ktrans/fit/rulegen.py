@@ -45,11 +45,9 @@ def _emit(rule: dict, comment: str = "") -> str:
     return "\n".join(lines)
 
 
-def _experts_rule(rules: list[dict]) -> dict:
-    for r in rules:
-        if r.get("replace", {}).get("class") == "cpu_experts":
-            return r
-    raise ValueError("the shipped rules have no cpu_experts rule to split")
+def _experts_rule(rules: list[dict]) -> dict | None:
+    """The shipped rule of the routed experts (None for a dense model)."""
+    return next((r for r in rules if r.get("replace", {}).get("class") == "cpu_experts"), None)
 
 
 def _runs(layers: list[int]) -> list[tuple[int, int]]:
@@ -109,8 +107,9 @@ def render_rules(p: Placement, mb: ModelBytes, shipped_text: str, *, copy_rules:
     # NOTE: numa_nodes too, so that planned bytes (and the pool's thread groups) follow the profile.
     numa = {"numa": p.numa.mode, "numa_nodes": p.numa.nodes} if p.numa.mode else {}
     body, tail = [], []
-    if p.gpu:
+    if p.gpu and p.gpu_experts:
         body += _gpu_expert_rules(p, mb, experts, numa)
+    if p.gpu:
         if p.gpu_layers < len(mb.layers):
             copies, catch = _cpu_layer_rules(p, rules, copy_rules, len(mb.layers))
             body, tail = body + copies, [catch]

@@ -72,6 +72,39 @@ def test_fitted_rules_build_the_same_model(arch, tiny_model, tmp_path):
     shipped.close()
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
+def test_layers_past_the_gpu_run_on_the_cpu(arch, tiny_model, tmp_path):
+    """A GPU that holds only the first layers: the rest move to the CPU through copied rules (and a
+    dense model, with no experts to place, fits the same way); same logits as the shipped file."""
+    from ktrans.engine.model_runner import ModelRunner
+
+    path = _gguf(tiny_model, arch)
+    src = open_weights(None, path)
+    config = src.config()
+    mb, _ = model_bytes(config, src, rules_path=shipped_rules(arch), cache_lens=256, page_size=64)
+    first = mb.layers[0]
+    gpu = mb.outer_gpu + mb.activations_gpu + first.dense_gpu + first.kv_gpu + 1
+    res = fit_rules(config, src, profile=what_if(facts(), gpu_memory=gpu), cache_lens=256, page_size=64,
+                    opts=FitOptions(gpu_reserve=0, ram_reserve=0, margin=0.0), out_dir=tmp_path, label=arch)
+    res.check()
+    assert res.placement.gpu_layers == 1 and not res.placement.gpu_experts
+    plan_devices = {e.path: e.device for e in _plan(config, src, res.path).entries}
+    assert plan_devices["model.layers.0.self_attn"] == "cuda:0"
+    assert {d for p, d in plan_devices.items() if p.startswith("model.layers.1.")} == {"cpu"}
+    assert plan_devices["lm_head"] == "cuda:0"
+    ids = torch.randint(0, config.vocab_size, (9,))
+    runners = [ModelRunner(gguf_path=path, optimize_config_path=p, device="cpu", cache_lens=256, progress=False)
+               for p in (res.path, None)]
+    torch.testing.assert_close(_logits(runners[0], ids), _logits(runners[1], ids), rtol=1e-4, atol=1e-4)
+
+
+def _plan(config, src, rules):
+    from ktrans.config.arch import build_meta_model
+    from ktrans.rules.plan import plan_model
+
+    return plan_model(build_meta_model(config), load_rules(rules), config=config, weights=src)
+
+
 def _explain(capsys, *args):
     code = main(["rules", "explain", *map(str, args)])
     out = capsys.readouterr()
