@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ktrans.errors import KtransError
-from ktrans.operators.hybrid_experts import grouped_moe
+from ktrans.operators.hybrid_experts import grouped_moe, grouped_supported
 from ktrans.operators.registry import get_operator
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.operators.test_experts import KEY, Q8Source, nmse, routing
@@ -49,18 +49,29 @@ def test_split_equals_all_cpu(arch):
                 torch.testing.assert_close(op.forward_native(x, ids, w), want, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
 
 
+@pytest.mark.parametrize("numa", ["replicate", "split"])
+def test_cpu_part_in_numa_layouts(numa):
+    """The CPU part as --fit writes it for two NUMA nodes (simulated here as two thread groups)."""
+    config, hf, op, ref = build("deepseek_v3", [1, 4], numa=numa, numa_nodes=2)
+    assert op.cpu_part.numa_mode == numa
+    x = torch.randn(6, config.hidden_size)
+    ids, w = routing(config, hf, 6)
+    torch.testing.assert_close(op(x, ids, w), ref(x, ids, w), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
 def test_loop_fallback_and_skipped_slots():
     config, hf, op, ref = build("qwen3_moe", [0, 2, 5])
     x = torch.randn(9, config.hidden_size)
     ids, w = routing(config, hf, 9)
     ids[3, 1] = -1                                                                        # skipped everywhere
     want = ref(x, ids, w)
-    assert op._grouped
+    assert op._grouped == grouped_supported("cpu", torch.float32)
     torch.testing.assert_close(op(x, ids, w), want, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
     op._grouped = False                                                                   # the per-expert loop
     torch.testing.assert_close(op(x, ids, w), want, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
 
 
+@pytest.mark.skipif(not grouped_supported("cpu", torch.float32), reason="torch._grouped_mm lacks a CPU path here")
 def test_grouped_moe_ignores_other_slots_and_empty_groups():
     g, h, i, t, k = 4, 16, 8, 6, 3
     gate_up, down = torch.randn(g, 2 * i, h), torch.randn(g, h, i)
