@@ -104,6 +104,8 @@ def _fit(args, kw: dict, say) -> None:
     if gpu_memory is not None and (kw["optimize_config_path"] or not getattr(args, "fit", True)):
         raise UsageError("--gpu_memory caps what --fit places; with --optimize_config_path or --no-fit the rule "
                          "file decides (drop --gpu_memory)")
+    if gpu_memory is not None and not kw["device"].startswith("cuda"):
+        raise UsageError(f"--gpu_memory caps the GPU, but the model runs on {kw['device']}; drop it or use --device cuda")
     if kw["optimize_config_path"] or not getattr(args, "fit", True) or not kw["device"].startswith("cuda"):
         return
     from ktrans.engine.model_runner import DEFAULT_PAGE_SIZE

@@ -174,6 +174,8 @@ def test_load_flags(tiny_model, tmp_path, cache, monkeypatch):
     rules.write_text(shipped_rules("mixtral").read_text())
     with pytest.raises(UsageError, match="--gpu_memory caps what --fit places"):
         runner_kwargs(_args(gguf_path=path, optimize_config_path=str(rules), gpu_memory=8.0))
+    with pytest.raises(UsageError, match="the model runs on cpu"):
+        runner_kwargs(_args(gguf_path=path, gpu_memory=8.0))
     assert runner_kwargs(_args(gguf_path=path))["optimize_config_path"] is None   # CPU: the shipped rules
     # On a GPU (a made-up one: the fit itself is pure), the fitted file is what the runner loads.
     monkeypatch.setattr(load, "current_profile", lambda free_of=None: (what_if(facts(), gpu_memory=2 << 30), False))
