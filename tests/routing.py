@@ -118,12 +118,15 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, drift: list):
+def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, drift: list,
+                            routed: set | None = None):
     """Run ktrans's `model` (MoEBlock routers) with the reference's choice wherever its own differs.
 
     `rows_of_step()` gives the (request, position) of each packed token of the step about to run;
     flips found are appended to `flips`; drift[0] is raised to the largest difference seen between
-    a router logit of ours and the reference's.
+    a router logit of ours and the reference's; every (layer, row) routed here is added to
+    `routed`, so that a caller can prove no step bypassed the MoEBlock's Python router (the fused
+    all-CPU decode step routes in C++: run such a runner with fused_decode=False).
     """
     blocks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoEBlock)]
     assert {_layer(name) for name, _ in blocks} == ref.moe_layers(), "MoE layers of ours and the reference differ"
@@ -138,6 +141,8 @@ def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, dr
             logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight).cpu()  # [T, E]
             w, idx = w.clone(), idx.clone()
             for i, row in enumerate(rows):
+                if routed is not None:
+                    routed.add((layer, row))
                 want = ref.ids[(layer, row)]
                 off = float((logits[i] - ref.logits[(layer, row)]).abs().max())
                 drift[0] = max(drift[0], off)
