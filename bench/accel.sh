@@ -22,6 +22,12 @@
 #   peer-v2     bench/e2e_llamacpp.py --device cuda: llama-bench (-ngl 99 --n-cpu-moe 99) beside
 #               ktrans on the same deepseek-v2-lite file, same threads
 #   peer-qwen3  the same for qwen3-30b-a3b
+#   stream-v2   bench/stream_prefill.py on deepseek-v2-lite: one MoE layer at chunk sizes 128-8192
+#               (CPU kernels vs experts streamed to the GPU, measured and profile crossover), and an
+#               8K-token prefill in chunks of 512/2048/8192 both ways (run `ktrans probe` first
+#               for the auto crossover: step probe)
+#   stream-qwen3 the same for qwen3-30b-a3b
+#   probe       ktrans probe (the machine profile gpu_prefill: auto and --fit read)
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
 # bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
 set -uo pipefail
@@ -94,11 +100,17 @@ for s in "$@"; do
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
     llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
         || tail -20 "$OUT/llama-build.log";;
+    probe) python3 -m ktrans probe 2>&1 | tail -15 | tee -a "$OUT/summary.txt";;
+    stream-v2|stream-qwen3)
+      p=$([ "$s" = stream-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
+      python3 bench/stream_prefill.py --preset "$p" --model-root "$ROOT" --out "$OUT/stream.jsonl" \
+        2>"$OUT/stream-$p.err" | tee -a "$OUT/stream.txt"
+      tail -3 "$OUT/stream-$p.err";;
     peer-v2) peer deepseek-v2-lite;;
     peer-qwen3) peer qwen3-30b-a3b;;
     *) echo "accel.sh: unknown step $s" >&2; exit 2;;
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"
 exit 0

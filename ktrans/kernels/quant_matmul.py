@@ -38,26 +38,35 @@ FP8_BLOCK = 128
 QK = 256        # values per K-quant super-block (and per kernel step for every format)
 
 
-# ---- packing (host side, once at load) ----------------------------------------------------------
+# ---- packing (at load on the host; on the GPU for streamed expert blocks) ---------------------
 
-def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp's get_scale_min_k4 over every block: s [..., 12] -> (sc, m) each [..., 8] u8."""
-    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
-    m = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    m[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
-    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's get_scale_min_k4 over every block: s [..., 12] u8 -> (sc, m) each [..., 8] u8."""
+    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([lo_sc & 63, (hi & 0xF) | ((lo_sc >> 6) << 4)], -1)
+    m = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], -1)
     return sc, m
 
 
-def _f16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.float16)[..., 0]
+def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over `a` (e.g. a read-only view of a mapped weight file): the fields packed from it
+    are only ever read."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
-def pack(qtype: str, data: np.ndarray, n: int, k: int, scale: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """Stored bytes of an [n, k] tensor (uint8, [n, row bytes] or flat) -> packed CPU tensors;
-    FP8 also takes its f32 block scales [ceil(n/128), ceil(k/128)]."""
+def _f16(a: torch.Tensor) -> torch.Tensor:
+    """[..., 2] u8 (little-endian f16 bits) -> [...] float16."""
+    return a.contiguous().view(torch.float16)[..., 0]
+
+
+def pack(qtype: str, data, n: int, k: int, scale: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Stored bytes of an [n, k] tensor (uint8 numpy array or torch tensor, [n, row bytes] or flat)
+    -> packed tensors, on the tensor's device (numpy: the CPU); FP8 also takes its f32 block
+    scales [ceil(n/128), ceil(k/128)]."""
     if qtype not in FORMATS:
         raise ValueError(f"no GPU kernel for {qtype}; formats: {', '.join(FORMATS)}")
     if k % QK:
@@ -71,13 +80,15 @@ def pack(qtype: str, data: np.ndarray, n: int, k: int, scale: np.ndarray | None 
                 "s": torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))}
     nb = k // QK
     size = {"q8_0": 34 * 8, "q4_k": 144, "q5_k": 176, "q6_k": 210}[qtype]
-    b = np.ascontiguousarray(data).reshape(n, nb, size)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(n, -1))  # noqa: E731
+    if isinstance(data, np.ndarray):
+        data = _readonly_tensor(np.ascontiguousarray(data, dtype=np.uint8))
+    b = data.reshape(n, nb, size)
+    t = lambda a: a.contiguous().reshape(n, -1)  # noqa: E731
     if qtype == "q8_0":
         blocks = b.reshape(n, nb * 8, 34)
-        return {"qs": t(blocks[..., 2:].view(np.int8)), "d": t(_f16(blocks[..., 0:2]))}
+        return {"qs": t(blocks[..., 2:].view(torch.int8)), "d": t(_f16(blocks[..., 0:2]))}
     if qtype == "q6_k":
-        return {"ql": t(b[..., 0:128]), "qh": t(b[..., 128:192]), "sc": t(b[..., 192:208].view(np.int8)),
+        return {"ql": t(b[..., 0:128]), "qh": t(b[..., 128:192]), "sc": t(b[..., 192:208].view(torch.int8)),
                 "d": t(_f16(b[..., 208:210]))}
     sc, m = _scale_min_k4(b[..., 4:16])
     out = {"d": t(_f16(b[..., 0:2])), "dmin": t(_f16(b[..., 2:4])), "sc": t(sc), "m": t(m)}
