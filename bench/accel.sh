@@ -27,6 +27,9 @@
 #               8K-token prefill in chunks of 512/2048/8192 both ways (run `ktrans probe` first
 #               for the auto crossover: step probe)
 #   stream-qwen3 the same for qwen3-30b-a3b
+#   handoff     bench/handoff.py on deepseek-v2-lite: the stream-ordered GPU->CPU->GPU hand-off per
+#               layer (graph replay minus CPU experts minus serial GPU work), default spins, then
+#               KTRANS_STREAM_SPIN_US=2000, then KTRANS_SPIN_US=1000
 #   probe       ktrans probe (the machine profile gpu_prefill: auto and --fit read)
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
 # bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
@@ -100,6 +103,11 @@ for s in "$@"; do
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
     llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
         || tail -20 "$OUT/llama-build.log";;
+    handoff)
+      for env in "" "KTRANS_STREAM_SPIN_US=2000" "KTRANS_SPIN_US=1000"; do
+        env $env python3 bench/handoff.py --preset deepseek-v2-lite --model-root "$ROOT" --out "$OUT/handoff.jsonl" \
+          2>>"$OUT/handoff.err" | tee -a "$OUT/handoff.txt"
+      done;;
     probe) python3 -m ktrans probe 2>&1 | tail -15 | tee -a "$OUT/summary.txt";;
     stream-v2|stream-qwen3)
       p=$([ "$s" = stream-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
@@ -112,5 +120,5 @@ for s in "$@"; do
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"
 exit 0
