@@ -30,6 +30,8 @@
 #   handoff     bench/handoff.py on deepseek-v2-lite: the stream-ordered GPU->CPU->GPU hand-off per
 #               layer (graph replay minus CPU experts minus serial GPU work), default spins, then
 #               KTRANS_STREAM_SPIN_US=2000, then KTRANS_SPIN_US=1000
+#   qmm         bench/gpu_qmm.py: the stored-GGUF GPU kernels (decode GEMV, prefill tiles) per format on
+#               the v2-lite / qwen3 dense shapes, GB/s against the device copy rate and bf16 F.linear
 #   probe       ktrans probe (the machine profile gpu_prefill: auto and --fit read)
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
 # bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
@@ -103,6 +105,7 @@ for s in "$@"; do
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
     llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
         || tail -20 "$OUT/llama-build.log";;
+    qmm) python3 bench/gpu_qmm.py --out "$OUT/qmm.jsonl" 2>"$OUT/qmm.err" | tee -a "$OUT/qmm.txt"; tail -3 "$OUT/qmm.err";;
     handoff)
       for env in "" "KTRANS_STREAM_SPIN_US=2000" "KTRANS_SPIN_US=1000"; do
         env $env python3 bench/handoff.py --preset deepseek-v2-lite --model-root "$ROOT" --out "$OUT/handoff.jsonl" \
@@ -120,5 +123,5 @@ for s in "$@"; do
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"; [ -f "$OUT/qmm.txt" ] && cat "$OUT/qmm.txt"
 exit 0
