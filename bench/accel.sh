@@ -29,7 +29,8 @@
 #   stream-qwen3 the same for qwen3-30b-a3b
 #   handoff     bench/handoff.py on deepseek-v2-lite: the stream-ordered GPU->CPU->GPU hand-off per
 #               layer (graph replay minus CPU experts minus serial GPU work), default spins, then
-#               KTRANS_STREAM_SPIN_US=2000, then KTRANS_SPIN_US=1000
+#               KTRANS_STREAM_SPIN_US=2000, then KTRANS_SPIN_US=1000, then KTRANS_HANDOFF=memop
+#   e2e-memop   bench/e2e.py on deepseek-v2-lite with KTRANS_HANDOFF=memop (graph decode, batch 1/4)
 #   qmm         bench/gpu_qmm.py: the stored-GGUF GPU kernels (decode GEMV, prefill tiles) per format on
 #               the v2-lite / qwen3 dense shapes, GB/s against the device copy rate and bf16 F.linear
 #   probe       ktrans probe (the machine profile gpu_prefill: auto and --fit read)
@@ -81,6 +82,9 @@ for s in "$@"; do
     gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
     e2e-v2) e2e deepseek-v2-lite;;
     e2e-qwen3) e2e qwen3-30b-a3b;;
+    e2e-memop) KTRANS_HANDOFF=memop python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda \
+        --model-root "$ROOT" --prompt-lens 128 --batch-sizes 1,4 --decode-tokens 32 2>"$OUT/memop.err" \
+        | sed 's/^/[KTRANS_HANDOFF=memop] /' | tee -a "$OUT/e2e.txt"; tail -3 "$OUT/memop.err";;
     dbg-rope) python3 .dev-carry/dbg_rope.py 2>&1 | tail -8 | tee -a "$OUT/summary.txt";;
     failed4) python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/kernels/test_rope.py \
         "tests/models/test_cuda_graphs.py::test_cuda_graph_decode_matches_eager" \
@@ -107,7 +111,7 @@ for s in "$@"; do
         || tail -20 "$OUT/llama-build.log";;
     qmm) python3 bench/gpu_qmm.py --out "$OUT/qmm.jsonl" 2>"$OUT/qmm.err" | tee -a "$OUT/qmm.txt"; tail -3 "$OUT/qmm.err";;
     handoff)
-      for env in "" "KTRANS_STREAM_SPIN_US=2000" "KTRANS_SPIN_US=1000"; do
+      for env in "" "KTRANS_STREAM_SPIN_US=2000" "KTRANS_SPIN_US=1000" "KTRANS_HANDOFF=memop"; do
         env $env python3 bench/handoff.py --preset deepseek-v2-lite --model-root "$ROOT" --out "$OUT/handoff.jsonl" \
           2>>"$OUT/handoff.err" | tee -a "$OUT/handoff.txt"
       done;;

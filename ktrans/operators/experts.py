@@ -40,6 +40,55 @@ _STREAM_MAX_T = 128
 
 _pools: dict[tuple[int, int], Any] = {}
 
+# How a stream-ordered call hands off between the GPU and the CPU (KTRANS_HANDOFF): hostfn, two
+# host functions on the stream (CUDA's callback thread starts the task, then holds the stream
+# until it is done); memop, stream memory operations on two pinned flags (the GPU writes a start
+# flag a spinning pool job waits for, and waits on the job's done flag), no callback thread.
+HANDOFFS = ("hostfn", "memop")
+# Memop tasks captured into the CUDA graph being recorded (cuda_graphs arms them before replays).
+_capturing: list | None = None
+
+
+def handoff_mode() -> str:
+    import os
+
+    mode = os.environ.get("KTRANS_HANDOFF", "").strip() or "hostfn"
+    if mode not in HANDOFFS:
+        raise KtransError(f"KTRANS_HANDOFF must be one of {', '.join(HANDOFFS)}, got {mode!r}")
+    if mode == "memop":
+        from ktrans import _C
+
+        if not _C.cuda_memops_available():
+            import logging
+
+            logging.getLogger("ktrans").warning("KTRANS_HANDOFF=memop: %s; using host functions",
+                                                _C.cuda_memops_unavailable_reason())
+            return "hostfn"
+    return mode
+
+
+class captured_tasks:
+    """Within it, memop tasks launched while a CUDA graph is captured are collected (in launch
+    order) instead of armed: the graph's owner arms them before every replay."""
+
+    def __enter__(self) -> list:
+        global _capturing
+        self.outer, _capturing = _capturing, []
+        return _capturing
+
+    def __exit__(self, *exc) -> None:
+        global _capturing
+        _capturing = self.outer
+
+
+def arm_tasks(tasks: list) -> None:
+    """Arm captured memop tasks for one replay (an earlier run's error is raised first)."""
+    for task in tasks:
+        err = task.take_error()
+        if err:
+            raise KtransError(f"an earlier stream-ordered MoE call failed: {err}")
+        task.arm()
+
 
 DEFAULT_SPIN_US = 200
 
@@ -233,6 +282,8 @@ class CPUExperts(Operator):
         self._source = None         # WeightSource kept for forward_native's lazy dequantization
         self._pinned: dict[tuple, tuple] = {}  # (k, dtype) -> pinned x, ids, w, out [_STREAM_MAX_T, ...]
         self._stream: dict[tuple, tuple] = {}  # (T, k, dtype) -> views of those + their StreamTask
+        self._handoff: str | None = None       # KTRANS_HANDOFF, read at the first stream-ordered call
+        self._flags: list[torch.Tensor] = []   # the memop tasks' pinned flags (kept alive)
 
     # ---- loading ----
 
@@ -404,10 +455,16 @@ class CPUExperts(Operator):
                                           torch.empty(n, h, dtype=cdt, pin_memory=True))
             x, ids, w, out = (b[:t] for b in self._pinned[(k, cdt)])
             task = self._moe.stream_task(_np(x), _np(ids), _np(w), _np(out), False)
+            if self._handoff == "memop":
+                flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+                task.set_flags(flags.numpy().view(np.uint32))
+                self._flags.append(flags)
             self._stream[key] = (x, ids, w, out, task)
         return self._stream[key]
 
     def _submit_stream(self, x, idx, w) -> Pending:
+        if self._handoff is None:
+            self._handoff = handoff_mode()
         xb, ib, wb, ob, task = self._stream_buffers(x.shape[0], idx.shape[1], x.dtype)
         err = task.take_error()
         if err:
@@ -419,13 +476,29 @@ class CPUExperts(Operator):
         ib.copy_(idx, non_blocking=True)
         wb.copy_(w, non_blocking=True)
         try:
-            task.launch_start(stream)
+            if self._handoff == "memop":
+                if torch.cuda.is_current_stream_capturing():
+                    if _capturing is None:
+                        raise KtransError(f"{self.key}: a memop hand-off captured outside captured_tasks()")
+                    _capturing.append(task)
+                else:
+                    task.arm()
+                task.launch_start_memop(stream)
+            else:
+                task.launch_start(stream)
         except RuntimeError as e:
             raise KtransError(f"{self.key}: {e}") from None
         return Pending(None, ob, (xb, ib, wb), x.device, x.dtype, stream_task=task)
 
     def _sync_stream(self, handle: Pending) -> torch.Tensor:
-        handle.stream_task.launch_wait(torch.cuda.current_stream(handle.device).cuda_stream)
+        stream = torch.cuda.current_stream(handle.device).cuda_stream
+        try:
+            if self._handoff == "memop":
+                handle.stream_task.launch_wait_memop(stream)
+            else:
+                handle.stream_task.launch_wait(stream)
+        except RuntimeError as e:
+            raise KtransError(f"{self.key}: {e}") from None
         return handle.out.to(handle.device, non_blocking=True).to(handle.dtype)
 
     def forward_native(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
