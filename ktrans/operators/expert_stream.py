@@ -116,14 +116,18 @@ class _Staging:
             self.consumed[slot].record(torch.cuda.current_stream(self.device))
 
 
-_stagings: dict[tuple[str, int], _Staging] = {}
+_stagings: dict[str, _Staging] = {}
 
 
 def staging(device: torch.device, slot_bytes: int) -> _Staging:
-    key = (str(device), slot_bytes)
-    if key not in _stagings:
-        _stagings[key] = _Staging(device, slot_bytes)
-    return _stagings[key]
+    """The device's staging, with slots of at least `slot_bytes` (layers of a mixed-format model
+    differ a little: the first larger one replaces it once)."""
+    st = _stagings.get(str(device))
+    if st is None or st.slot_bytes < slot_bytes:
+        if st is not None and st.cuda:
+            torch.cuda.synchronize(device)       # the old buffers may still be read by queued copies
+        st = _stagings[str(device)] = _Staging(device, slot_bytes)
+    return st
 
 
 @functools.lru_cache(maxsize=None)
