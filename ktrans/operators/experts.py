@@ -477,13 +477,17 @@ class CPUExperts(Operator):
         wb.copy_(w, non_blocking=True)
         try:
             if self._handoff == "memop":
-                if torch.cuda.is_current_stream_capturing():
-                    if _capturing is None:
-                        raise KtransError(f"{self.key}: a memop hand-off captured outside captured_tasks()")
+                # NOTE: the start write is queued before the job is armed (the job waits for the
+                # flag either way), so a launch that fails leaves no job waiting for a start
+                # that never comes.
+                capturing = torch.cuda.is_current_stream_capturing()
+                if capturing and _capturing is None:
+                    raise KtransError(f"{self.key}: a memop hand-off captured outside captured_tasks()")
+                task.launch_start_memop(stream)
+                if capturing:
                     _capturing.append(task)
                 else:
                     task.arm()
-                task.launch_start_memop(stream)
             else:
                 task.launch_start(stream)
         except RuntimeError as e:
