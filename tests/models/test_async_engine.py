@@ -2,7 +2,7 @@
 and leave the running batch every step) each get exactly the greedy tokens they get alone;
 leaving the stream early, cancelling the task or abort() frees the KV pages (checked with the
 model held mid-forward, so only the abort can have freed them); stats() answers while the engine
-thread holds the scheduler's lock; queue limit,
+thread holds the scheduler's lock (and the OS knows that thread by name); queue limit,
 over-long prompts and bad token ids are refused up front; a request whose forward fails ends with
 an error while the requests batched with it go on unharmed."""
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,9 @@ def test_stats_never_wait_for_the_engine_thread(runner):
         gated.opened.clear()
         task = asyncio.create_task(_collect(engine, "held", prompt))
         await _until("the update to reach the gate", gated.blocked.is_set)
+        comm = Path(f"/proc/self/task/{engine._thread.native_id}/comm")
+        if comm.exists():                                  # Linux: the OS knows the engine thread by name
+            assert comm.read_text().strip() == "ktrans-engine"
         assert not core._lock.acquire(blocking=False) or core._lock.release()   # the engine thread holds it
         held = []
         reader = threading.Thread(target=lambda: held.append(engine.stats()), daemon=True)
