@@ -187,7 +187,7 @@ def test_stats_never_wait_for_the_engine_thread(runner):
         reader.join(30)          # bounded: a stats() that waited for the lock would still be waiting
         answered = list(held)
         gated.opened.set()
-        tokens, last = await task
+        tokens, _ = await task
         await engine.shutdown()
         return answered, tokens, engine.stats()
 
