@@ -196,7 +196,7 @@ def test_stats_never_wait_for_the_engine_thread(runner):
     held = answered[0]
     # As scheduling left it: the request runs, its prompt's pages are in use, nothing sampled yet.
     assert held["running"] == 1 and held["waiting"] == 0 and held["kv_pages_used"] > 0
-    assert held["generation_tokens"] == 0 and held["steps"] == 0
+    assert held["generation_tokens"] == 0
     assert len(tokens) == 12 and after["kv_pages_used"] == 0 and after["generation_tokens"] == 12
 
 
