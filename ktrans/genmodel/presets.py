@@ -92,13 +92,14 @@ _YARN_OSS = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow"
              "original_max_position_embeddings": 4096}
 # gpt-oss-120b; gpt-oss-20b differs in layers (24) and experts (32). layer_types is left to the
 # config's default (sliding window on even layers, full attention on odd ones), as both ship.
+# (The real config.json's training-only keys -- router_aux_loss_coef, experts_per_token,
+# initial_context_length -- are left out: single-file mode cannot rebuild them from GGUF.)
 _GPT_OSS = {
     "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36, "num_attention_heads": 64,
     "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 128, "num_experts_per_tok": 4,
-    "experts_per_token": 4, "vocab_size": 201088, "max_position_embeddings": 131072, "initial_context_length": 4096,
-    "rope_theta": 150000, "rope_scaling": _YARN_OSS, "rms_norm_eps": 1e-5, "sliding_window": 128,
+    "vocab_size": 201088, "max_position_embeddings": 131072, "rope_theta": 150000, "rope_scaling": _YARN_OSS, "rms_norm_eps": 1e-5, "sliding_window": 128,
     "swiglu_limit": 7.0, "attention_bias": True, "attention_dropout": 0.0, "hidden_act": "silu",
-    "tie_word_embeddings": False, "router_aux_loss_coef": 0.9, "output_router_logits": False,
+    "tie_word_embeddings": False,
 }
 
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
@@ -195,7 +196,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "gpt_oss": {
         "tiny": dict(_GPT_OSS, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
-                     experts_per_token=2, vocab_size=None, max_position_embeddings=1024, sliding_window=8,
+                     vocab_size=None, max_position_embeddings=1024, sliding_window=8,
                      rope_scaling=dict(_YARN_OSS, factor=4.0, original_max_position_embeddings=256)),
         "small": dict(_GPT_OSS, hidden_size=1024, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
                       num_key_value_heads=4, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
