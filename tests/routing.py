@@ -69,6 +69,37 @@ class Reference:
         with _gate_hooks(model, hook):
             yield
 
+    @contextlib.contextmanager
+    def recording_ktrans(self, model, rows_of_step):
+        """Record ktrans's own `model` (MoEBlock routers) as the reference, e.g. a placement with
+        dequantized f32 weights that another placement is compared with; `rows_of_step()` gives
+        the (request, position) of each packed token of the step about to run."""
+        blocks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoEBlock)]
+
+        def wrap(block, layer):
+            own = block.route
+
+            def route(x):
+                w, idx = own(x)
+                logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight,
+                                  block.router_bias)                                          # [T, E]
+                for i, row in enumerate(rows_of_step()):
+                    self.logits[(layer, row)] = logits[i].detach().float().cpu()
+                    self.ids[(layer, row)] = idx[i].detach().cpu()
+                    self.weights[(layer, row)] = w[i].detach().float().cpu()
+                if block.gate_bias is not None:
+                    self.bias[layer] = block.gate_bias.detach().float().cpu()
+                return w, idx
+            return route
+
+        for name, block in blocks:
+            block.route = wrap(block, _layer(name))
+        try:
+            yield
+        finally:
+            for _, block in blocks:
+                del block.route
+
     def moe_layers(self) -> set[int]:
         return {layer for layer, _ in self.ids}
 
@@ -90,12 +121,15 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, drift: list):
+def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, drift: list,
+                            routed: set | None = None):
     """Run ktrans's `model` (MoEBlock routers) with the reference's choice wherever its own differs.
 
     `rows_of_step()` gives the (request, position) of each packed token of the step about to run;
     flips found are appended to `flips`; drift[0] is raised to the largest difference seen between
-    a router logit of ours and the reference's.
+    a router logit of ours and the reference's; every (layer, row) routed here is added to
+    `routed`, so that a caller can prove no step bypassed the MoEBlock's Python router (the fused
+    all-CPU decode step routes in C++: run such a runner with fused_decode=False).
     """
     blocks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoEBlock)]
     assert {_layer(name) for name, _ in blocks} == ref.moe_layers(), "MoE layers of ours and the reference differ"
@@ -111,6 +145,8 @@ def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, dr
                               block.router_bias).cpu()                                    # [T, E]
             w, idx = w.clone(), idx.clone()
             for i, row in enumerate(rows):
+                if routed is not None:
+                    routed.add((layer, row))
                 want = ref.ids[(layer, row)]
                 off = float((logits[i] - ref.logits[(layer, row)]).abs().max())
                 drift[0] = max(drift[0], off)

@@ -84,9 +84,13 @@ def test_greedy_generation_identical_to_transformers(saved):
     _greedy_matches(_runner(out), model, arch)
 
 
-def _gguf_runner(out, rules=None):
-    """ModelRunner over model.gguf; rules None = the shipped rule file with --device cpu."""
-    return ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu",
+def _gguf_runner(out, rules=None, fused_decode=True):
+    """ModelRunner over model.gguf; rules None = the shipped rule file with --device cpu.
+
+    NOTE: _token_nmse needs fused_decode=False: the fused all-CPU decode step routes in C++, out
+    of reach of tests/routing.py's forced routing (tests/operators/test_cpu_decode.py holds the
+    fused step to the module path)."""
+    return ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu", fused_decode=fused_decode,
                        optimize_config_path=rules and str(rules), cache_lens=256, page_size=16, progress=False)
 
 
@@ -107,8 +111,8 @@ def _token_nmse(runner, model, floor_model=None, prompt=20, decode=4):
             with force_reference_routing_hf(floor_model, routing, rows):
                 floor = floor_model(input_ids=ids[None].to(dev)).logits[0].float().cpu()
     pages = torch.arange(runner.num_pages, dtype=torch.int32)
-    flips, drift, step = [], [0.0], []
-    with force_reference_routing(runner.model, routing, lambda: step, flips, drift):
+    flips, drift, step, routed = [], [0.0], [], set()
+    with force_reference_routing(runner.model, routing, lambda: step, flips, drift, routed):
         step[:] = rows[:prompt]
         batch = ForwardBatch(input_ids=ids[:prompt], positions=torch.arange(prompt), seq_ids=[0], num_computed=[0],
                              num_new=[prompt], page_table=pages[None], logits_indices=torch.arange(prompt))
@@ -116,6 +120,8 @@ def _token_nmse(runner, model, floor_model=None, prompt=20, decode=4):
         for n in range(prompt, prompt + decode):
             step[:] = rows[n:n + 1]
             out.append(_one(runner, [int(ids[n])], n, pages)[None].cpu())
+    assert routed == {(layer, row) for layer in routing.moe_layers() for row in rows}, \
+        "a step bypassed the MoE blocks' routers: its routing could not be held to the reference's"
     got = torch.cat(out)                                                                 # [S, V]
     nmse = lambda a, i: float(((a[i] - ref[i]) ** 2).sum() / (ref[i] ** 2).sum())  # noqa: E731
     errors = [(nmse(got, i), nmse(floor, i) if floor is not None else 0.0) for i in range(len(ids))]
@@ -151,9 +157,11 @@ def test_gguf_quantized_exact_operators_and_close_kernels(tiny_model, tmp_path, 
     model = _reference(out)
     (tmp_path / "rules.yaml").write_text(rules_for(arch))
     _greedy_matches(_gguf_runner(out, tmp_path / "rules.yaml"), model, arch)
-    errors, flips, drift = _token_nmse(_gguf_runner(out), model)
+    errors, flips, drift = _token_nmse(_gguf_runner(out, fused_decode=False), model)
     _near_ties_only(flips, drift)
-    assert all(e < QUANT_LOGITS_NMSE for e, _ in errors), errors
+    worst = max(range(len(errors)), key=lambda i: errors[i][0])
+    assert errors[worst][0] < QUANT_LOGITS_NMSE, (f"position {worst}: logits NMSE {errors[worst][0]:.2e} "
+                                                 f"(bound {QUANT_LOGITS_NMSE:.0e}); flips {flips}, all {errors}")
 
 
 def test_single_file_gguf_needs_no_model_path(tiny_model, tmp_path):
