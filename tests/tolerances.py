@@ -134,8 +134,9 @@ GREEDY_TIE_ATOL = 2e-4
 # the comparison ends at the first step where one of our routers' k-th and next scores are closer
 # than ROUTER_TIE (llama.cpp may choose the other expert there: seen in f32 at a gap of 1e-4).
 # f32: both compute in f32 (llama.cpp's KV cache set to f32): measured up to 4.3e-4 on tiny
-# gpt-oss. mxfp4 (q8_0 attention): both quantize activations to 8 bits for the dots, with their
-# own rounding of what goes in: measured up to 0.024 (a wrong block layout moves them by O(1)).
-LLAMA_CPP_LOGPROB_ATOL = {"f32": 3e-3, "mxfp4": 0.06}
-LLAMA_CPP_TIE = {"f32": 3e-3, "mxfp4": 0.06}
+# gpt-oss. mxfp4 files (q8_0 outside the experts): both quantize activations to 8 bits for the
+# dots, with their own rounding of what goes in: measured up to 0.065 (qwen2, all q8_0); a wrong
+# block layout moves them by O(1).
+LLAMA_CPP_LOGPROB_ATOL = {"f32": 3e-3, "mxfp4": 0.12}
+LLAMA_CPP_TIE = {"f32": 3e-3, "mxfp4": 0.12}
 LLAMA_CPP_ROUTER_TIE = {"f32": 1e-3, "mxfp4": 1e-3}
