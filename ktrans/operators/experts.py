@@ -404,6 +404,10 @@ class CPUExperts(Operator):
         if self.gpu_prefill == "off":
             self.stream_why_not = "gpu_prefill: off"
             return
+        if self.gating.act != "silu" or self.bias_layout is not None:
+            self.stream_why_not = (f"the streamed path computes SiLU experts without biases; this layer's are "
+                                   f"{self.gating.act}{' with biases' if self.bias_layout else ''} (gpt-oss)")
+            return
         stored = StoredExperts.of(raws, self.num_experts, self.hidden_size, self.intermediate_size)
         if isinstance(stored, str):
             self.stream_why_not = stored
