@@ -123,8 +123,9 @@ def test_isa_variants_agree_with_generic(pool, experts, qtype):
 @pytest.mark.parametrize("isa", cpu.supported_isas())
 @pytest.mark.parametrize("backend", list(MOE_PACKED_NMSE))
 def test_packed_backends_against_torch(pool, experts, backend, isa):
-    # Repacked at load from bf16 and from GGUF q4_k blocks; AMX tiles run for T=300 (M >= 16).
-    for qtype, sizes in (("bf16", (1, 3, 17, 300)), ("q4_k", (3,))):
+    # Repacked at load from bf16 and from GGUF q4_k and mxfp4 (gpt-oss's -amx rules) blocks; AMX
+    # tiles run for T=300 (M >= 16).
+    for qtype, sizes in (("bf16", (1, 3, 17, 300)), ("q4_k", (3,)), ("mxfp4", (3, 300))):
         ex = experts(qtype)
         moe = ex.layer(pool, isa=isa, backend=backend)
         for t in sizes:
