@@ -9,6 +9,10 @@
 // Blocking (see drive): super-blocks of 256 columns x chunks of 256 rows x K slices, so the B
 // and A blocks in use stay in L2; B is read from memory once per row chunk, A once per
 // super-block.
+// NOTE: 1x4 passes for row blocks of <= 16 rows (one A tile reused by four B tiles, 1.25 tile
+// loads per TDP instead of 1.5) measured 0.82-0.89x of the 1x2 passes at M 8-16 on one core
+// (2026-12-08): there the product is bound by the B stream from L3, which four concurrent panel
+// streams fetch worse than two; they are not used.
 // int4: each super-block is first expanded to a bf16 panel in a thread-local buffer (q * scale,
 // rounded to bf16) and then runs as bf16, so the group scales cost nothing inside the tile loop
 // and x stays bf16 (more exact than the int8-activation reference; tests bound the difference).
@@ -39,6 +43,7 @@ constexpr int64_t kSuperPanels = 16;       // panels per super-block (256 column
 constexpr int64_t kChunkRows = 256;        // rows per M chunk
 constexpr int64_t kSliceKb = 32;           // k-blocks per K slice (B block = 16 panels x 32 KB)
 constexpr int64_t kKChunk = 8;             // k-blocks per piece (A piece = 16 KB, stays in L1)
+constexpr int64_t kPrefetchMinKb = 112;    // panels of >= 112 KB (bf16 K >= 3584): B from L3/DRAM
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -56,6 +61,10 @@ void load_tile_config() {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
+  // NOTE: GCC does not treat ldtilecfg as a read of cfg and may sink the stores above below it
+  // (seen: a #GP from a half-written config once the tile loops inlined differently); the
+  // compiler barrier keeps them first.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -65,11 +74,19 @@ void load_tile_config() {
   else                             \
     _tile_dpbf16ps(d, a, b)
 
+// Software prefetch (into L2) of B tile kb of the next piece of each panel: the row block that
+// reads B first (from L3/DRAM) asks for the next piece of its panels while it multiplies this one.
+inline void prefetch_tile(const uint8_t* t) {
+  for (int l = 0; l < 16; ++l) _mm_prefetch(reinterpret_cast<const char*>(t + l * 64), _MM_HINT_T1);
+}
+
 // C (32 x 32, row stride 128 bytes) = A block x B panels over nkb k-blocks, all in tiles. The A
 // block is blocked (block_a): k-block kb of its rows 0-15 is the 1 KB at a + kb * 2048, rows
-// 16-31 the next 1 KB.
+// 16-31 the next 1 KB. Panel 1 lies bs bytes after panel 0; the first npf k-blocks also
+// prefetch the tiles nkb k-blocks further on.
 template <bool kInt8, int MT, int NT>
-void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t nkb, uint8_t* c, bool load_c) {
+void tile_block(const uint8_t* a, const uint8_t* b0, int64_t bs, int64_t nkb, uint8_t* c, bool load_c, int64_t npf) {
+  const uint8_t* b1 = b0 + bs;
   if (load_c) {
     _tile_loadd(0, c, 128);
     if constexpr (NT == 2) _tile_loadd(1, c + 64, 128);
@@ -84,6 +101,10 @@ void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t 
   // NOTE: B tiles load with the streaming hint (tileloaddt1): each is used once per 32-row block,
   // so keeping it out of L1 leaves L1 to the A chunk that every panel pair re-reads.
   for (int64_t kb = 0; kb < nkb; ++kb) {
+    if (kb < npf) {
+      prefetch_tile(b0 + (nkb + kb) * kTileBytes);
+      if constexpr (NT == 2) prefetch_tile(b1 + (nkb + kb) * kTileBytes);
+    }
     _tile_stream_loadd(6, b0 + kb * kTileBytes, 64);
     _tile_loadd(4, a + kb * 2 * kTileBytes, 64);
     KT_TDP(0, 4, 6);
@@ -105,12 +126,12 @@ void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t 
 #undef KT_TDP
 
 template <bool kInt8>
-void run_block(int mt, int nt, const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t nkb, uint8_t* c,
-               bool load_c) {
-  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a, b0, b1, nkb, c, load_c);
-  if (mt == 2) return tile_block<kInt8, 2, 1>(a, b0, b1, nkb, c, load_c);
-  if (nt == 2) return tile_block<kInt8, 1, 2>(a, b0, b1, nkb, c, load_c);
-  tile_block<kInt8, 1, 1>(a, b0, b1, nkb, c, load_c);
+void run_block(int mt, int nt, const uint8_t* a, const uint8_t* b, int64_t bs, int64_t nkb, uint8_t* c, bool load_c,
+               int64_t npf) {
+  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a, b, bs, nkb, c, load_c, npf);
+  if (mt == 2) return tile_block<kInt8, 2, 1>(a, b, bs, nkb, c, load_c, npf);
+  if (nt == 2) return tile_block<kInt8, 1, 2>(a, b, bs, nkb, c, load_c, npf);
+  tile_block<kInt8, 1, 1>(a, b, bs, nkb, c, load_c, npf);
 }
 
 // Row-major A (M rows of row_bytes, lda bytes apart) -> dst (blocked_bytes) as 32-row blocks of
@@ -172,6 +193,11 @@ void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t sb, i
     const uint8_t* b = b_prep(ps, pe);
     for (int64_t mc0 = 0; mc0 < M; mc0 += kChunkRows) {
       const int64_t mc1 = std::min(mc0 + kChunkRows, M);
+      // NOTE: with long panels (B of a super-block beyond L2, so it comes from L3/DRAM on every
+      // call) and more than one row block to feed, the chunk's first row block prefetches the next
+      // piece of its panels into L2 while it multiplies this one. Measured on one core (dsv3 gate
+      // + up, bf16): M 64 0.76 -> 0.93 TFLOP/s; at M <= 32 the hardware streamers do as well.
+      const bool prefetch = nkb >= kPrefetchMinKb && mc1 - mc0 > 32;
       for (int64_t ks = 0; ks < nkb; ks += kSliceKb) {
         const int64_t ke = std::min(ks + kSliceKb, nkb);
         for (int64_t m0 = mc0; m0 < mc1; m0 += 32) {
@@ -180,11 +206,11 @@ void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t sb, i
           uint8_t* cm = cbuf + (m0 - mc0) / 32 * npairs * kPairBytes;
           for (int64_t k0 = ks; k0 < ke; k0 += kKChunk) {
             const int64_t nk = std::min(kKChunk, ke - k0);
-            for (int64_t p = ps; p < pe; p += 2) {
-              const uint8_t* b0 = b + (p - ps) * b_stride + k0 * kTileBytes;
-              run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes, b0, b0 + b_stride, nk,
-                               cm + (p - ps) / 2 * kPairBytes, k0 > 0);
-            }
+            const int64_t npf = prefetch && m0 == mc0 ? std::min(nk, nkb - k0 - nk) : 0;
+            for (int64_t p = ps; p < pe; p += 2)
+              run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes,
+                               b + (p - ps) * b_stride + k0 * kTileBytes, b_stride, nk,
+                               cm + (p - ps) / 2 * kPairBytes, k0 > 0, npf);
           }
         }
       }
