@@ -107,13 +107,16 @@ def stored(src, qtype: str) -> list[np.ndarray]:
     return out
 
 
-def build_ours(fmt, shape, pool, src, max_len, gemm_min_tokens=-1):
+def build_ours(fmt, shape, pool, src, max_len, gemm_min_tokens=-1, fused_max_tokens=-1):
     backend, qtype = FORMATS[fmt]
     E, H, I = shape["E"], shape["H"], shape["I"]
     raws = stored(src, qtype)
     layers = [_C.MoeLayer(pool, E, H, I, [qtype] * 3, backend=backend, max_chunk=max(max_len, 1),
                           gemm_min_tokens=gemm_min_tokens)
               for _ in range(shape["layers"])]
+    if fused_max_tokens >= 0:
+        for m in layers:
+            m.fused_max_tokens = fused_max_tokens
     load_s, src_bytes = 0.0, 0
     for p in range(3):  # one projection of all E experts at a time: what a model load does
         full = np.ascontiguousarray(raws[p][np.arange(E) % NPOOL])
@@ -201,7 +204,7 @@ def run_shape(name, shape, args, pool, peaks, bw, peer_variant):
     src = source_experts(shape["H"], shape["I"])
     Ts = [t for t in args.T if t <= args.max_T]
     for fmt in args.formats:
-        layers, load, raws = build_ours(fmt, shape, pool, src, max(Ts), args.gemm_min_tokens)
+        layers, load, raws = build_ours(fmt, shape, pool, src, max(Ts), args.gemm_min_tokens, args.fused_max_tokens)
         peer = label = None
         if peer_variant and fmt in moe_peer.PEERS and not args.no_peer:
             try:
@@ -287,6 +290,8 @@ def main() -> None:
     ap.add_argument("--gemm-min-tokens", type=int, default=-1,
                     help="gguf formats: tokens per expert from which the bf16-panel GEMM path runs "
                          "(0: never; default: the layer's own, 24 with AMX)")
+    ap.add_argument("--fused-max-tokens", type=int, default=-1,
+                    help="chunks of at most this many tokens run in one fan-out (0: never; default: the layer's, 8)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.quick:
