@@ -29,7 +29,7 @@ have pybind11 || missing_build+=("pybind11>=2.12")
 # offline machine that has them) does not touch the network.
 deps_ok=1
 for mod in numpy gguf yaml transformers tokenizers safetensors jinja2 fastapi uvicorn rich llguidance \
-           pytest pytest_timeout hypothesis openai httpx jsonschema playwright triton; do
+           pytest pytest_timeout hypothesis openai httpx jsonschema playwright triton accelerate; do
   have "$mod" || { deps_ok=0; break; }
 done
 

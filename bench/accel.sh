@@ -16,15 +16,19 @@
 #               (KTRANS_SPIN_US=1000) instead of the default 200 us q4_k_m
 #   prof-v2     bench/profile_decode.py on deepseek-v2-lite (trace gzipped under $OUT)
 #   prof-qwen3  the same for qwen3-30b-a3b
-#   peer-v2     llama.cpp's llama-bench on the same deepseek-v2-lite file, experts on the CPU
+#   llama       build llama.cpp's CUDA peer from .dev-carry/llama.cpp-src.tgz into /tmp/llama, with
+#               .dev-carry/llama-cpp.sh (here, first: `../shared/tools/llama-cpp.sh src .dev-carry;
+#               cp ../shared/tools/llama-cpp.sh .dev-carry/`); takes minutes of device time
+#   peer-v2     bench/e2e_llamacpp.py --device cuda: llama-bench (-ngl 99 --n-cpu-moe 99) beside
+#               ktrans on the same deepseek-v2-lite file, same threads
 #   peer-qwen3  the same for qwen3-30b-a3b
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
-# bin directory; default .dev-carry/llama/bin), THREADS (CPU threads, default 15).
+# bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 THREADS=${THREADS:-15}
-LLAMA=${LLAMA:-$PWD/.dev-carry/llama/bin}
+LLAMA=${LLAMA:-/tmp/llama/bin}
 ROOT=${MODEL_ROOT:-/tmp/bench-models}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -52,13 +56,10 @@ e2e() {  # preset
   tail -5 "$OUT/e2e-$1.err"
 }
 
-peer() {  # preset
-  local dir
-  dir=$(ls -d "$ROOT"/*"$1"-q4_k_m 2>/dev/null | head -1)
-  [ -n "$dir" ] || python3 bench/e2e.py --preset "$1" --quant q4_k_m --model-root "$ROOT" --generate-only
-  dir=$(ls -d "$ROOT"/*"$1"-q4_k_m | head -1)
-  LD_LIBRARY_PATH=$LLAMA:${LD_LIBRARY_PATH:-} "$LLAMA/llama-bench" -m "$dir/model.gguf" -ngl 99 --n-cpu-moe 99 \
-    -t "$THREADS" -p 128,1024 -n 32 -o md 2>"$OUT/peer-$1.err" | tee -a "$OUT/peer.txt"
+peer() {  # preset: llama.cpp's CUDA build beside ktrans, hybrid placement, same file and threads
+  python3 bench/e2e_llamacpp.py --device cuda --llama-bench "$LLAMA/llama-bench" --preset "$1" --quant q4_k_m \
+    --model-root "$ROOT" -t "$THREADS" -p 1024 -n 64 -r 2 --rounds 1 --out "$OUT/peer.jsonl" \
+    2>"$OUT/peer-$1.err" | tee -a "$OUT/peer.txt"
   tail -3 "$OUT/peer-$1.err"
 }
 
@@ -91,6 +92,8 @@ for s in "$@"; do
       python3 bench/profile_decode.py --preset "$p" --model-root "$ROOT" --trace "$OUT/trace-$p.json" \
         2>"$OUT/prof-$p.err" | tee -a "$OUT/prof.txt"
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
+    llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
+        || tail -20 "$OUT/llama-build.log";;
     peer-v2) peer deepseek-v2-lite;;
     peer-qwen3) peer qwen3-30b-a3b;;
     *) echo "accel.sh: unknown step $s" >&2; exit 2;;

@@ -1,5 +1,7 @@
-"""All-CPU prefill and decode of ktrans beside llama.cpp's CPU build, same GGUF file, same thread
-count, same run.
+"""Prefill and decode of ktrans beside llama.cpp, same GGUF file, same thread count, same run:
+all-CPU (default), or with `--device cuda` the hybrid placement of both (ktrans: the shipped
+rules, routed experts on the CPU and the rest on the GPU; llama.cpp: its CUDA build with
+`-ngl 99 --n-cpu-moe 99`, every layer on the GPU but the MoE experts' weights).
 
 For each model (a GGUF file, or a gen-model preset generated on first use) and each round:
   llama.cpp: `llama-bench -m FILE -t N -p P -n G -r R -o json` (its pp = prefill of P tokens into
@@ -17,7 +19,8 @@ llama.cpp runs first within a round, ktrans second; rounds repeat the pair.
         --preset qwen2:qwen2-0.5b --quant q4_k_m --preset qwen3_moe:small --preset deepseek_v2:small
     python bench/e2e_llamacpp.py --llama-bench ... --gguf ~/models/Qwen2-0.5B-Instruct-Q4_K_M.gguf
 
-Build llama.cpp's CPU peer with /work/shared/tools/llama-cpp.sh (src, then build TGZ OUT).
+Build llama.cpp's CPU peer with /work/shared/tools/llama-cpp.sh (src, then build TGZ OUT; add
+`cuda` for the hybrid peer where nvcc exists).
 """
 
 from __future__ import annotations
@@ -43,9 +46,13 @@ from ktrans.engine.model_runner import ModelRunner  # noqa: E402
 from ktrans.errors import KtransError  # noqa: E402
 
 
-def llama_bench(exe: str, gguf: str, threads: int, p: int, n: int, reps: int) -> dict:
+# llama.cpp's hybrid placement: every layer on the GPU except the MoE experts' weights.
+HYBRID_ARGS = ["-ngl", "99", "--n-cpu-moe", "99"]
+
+
+def llama_bench(exe: str, gguf: str, threads: int, p: int, n: int, reps: int, extra: list[str] = ()) -> dict:
     """{'pp': [tok/s samples], 'tg': [...]} from llama-bench's JSON output."""
-    cmd = [exe, "-m", gguf, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json"]
+    cmd = [exe, "-m", gguf, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise KtransError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-400:]}")
@@ -59,19 +66,20 @@ def llama_bench(exe: str, gguf: str, threads: int, p: int, n: int, reps: int) ->
 class Ours:
     """ktrans on one GGUF through ModelRunner, measured the way llama-bench measures."""
 
-    def __init__(self, gguf: str, threads: int, cache: int):
+    def __init__(self, gguf: str, threads: int, cache: int, device: str = "cpu"):
         t0 = time.perf_counter()
-        self.runner = self._load(gguf, threads, cache)
+        self.runner = self._load(gguf, threads, cache, device)
         self.first_load_s = time.perf_counter() - t0
         self.runner.close()
         t0 = time.perf_counter()
-        self.runner = self._load(gguf, threads, cache)
+        self.runner = self._load(gguf, threads, cache, device)
         self.load_s = time.perf_counter() - t0                # imports and page cache warm
+        self.runner.warm_up()                                 # as the engine does: kernels compiled
         self.pages = torch.arange(self.runner.num_pages, dtype=torch.int32)
 
     @staticmethod
-    def _load(gguf, threads, cache) -> ModelRunner:
-        return ModelRunner(gguf_path=gguf, device="cpu", cpu_infer=threads, cache_lens=cache, page_size=64,
+    def _load(gguf, threads, cache, device) -> ModelRunner:
+        return ModelRunner(gguf_path=gguf, device=device, cpu_infer=threads, cache_lens=cache, page_size=64,
                            progress=False)
 
     def _step(self, ids: list[int], done: int) -> torch.Tensor:
@@ -110,13 +118,15 @@ def _row(label, gguf, rnd, test, args, mine, theirs, ours, fused) -> dict:
 
 def run_model(args, gguf: str, label: str) -> list[dict]:
     rows = []
-    ours = Ours(gguf, args.threads, args.p + args.n + 64)
-    fused = ours.runner.cpu_step is not None
+    ours = Ours(gguf, args.threads, args.p + args.n + 64, args.device)
+    fused = ours.runner.cpu_step is not None or bool(ours.runner.graphs and ours.runner.graphs.enabled)
+    extra = HYBRID_ARGS if args.device == "cuda" else []
     ours.pp(min(64, args.p)), ours.tg(4)                                                  # warm-up
     tests = (("pp", args.p), ("tg", args.n))
     every: dict[str, tuple[list, list]] = {f"{t}{n}": ([], []) for t, n in tests}
     for rnd in range(args.rounds):
-        peer = llama_bench(args.llama_bench, gguf, args.threads, args.p, args.n, args.reps) if args.llama_bench else {}
+        peer = (llama_bench(args.llama_bench, gguf, args.threads, args.p, args.n, args.reps, extra)
+                if args.llama_bench else {})
         mine = {"pp": [ours.pp(args.p) for _ in range(args.reps)], "tg": [ours.tg(args.n) for _ in range(args.reps)]}
         for test, size in tests:
             name = f"{test}{size}"
@@ -125,7 +135,7 @@ def run_model(args, gguf: str, label: str) -> list[dict]:
     for name, (mine, theirs) in every.items():  # every round's samples together
         rows.append(_row(label, gguf, "all", name, args, mine, theirs, ours, fused))
     print(f"{label}: ktrans load {ours.load_s:.2f} s warm (first load in the process, imports included: "
-          f"{ours.first_load_s:.2f} s); fused decode step: {'yes' if fused else 'no'}", flush=True)
+          f"{ours.first_load_s:.2f} s); fused decode step / CUDA graphs: {'yes' if fused else 'no'}", flush=True)
     ours.runner.close()
     return rows
 
@@ -136,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", action="append", default=[], help="gen-model preset (or ARCH:PRESET); repeatable")
     p.add_argument("--quant", default="q4_k", help="gen-model quant type of generated presets (default q4_k)")
     p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench (omit to measure ktrans only)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: both all-CPU; cuda: both hybrid (experts on the CPU, the rest on the GPU)")
     p.add_argument("--threads", "-t", type=int, default=os.cpu_count() or 1)
     p.add_argument("-p", type=int, default=512, help="prompt tokens of the prefill test")
     p.add_argument("-n", type=int, default=64, help="tokens of the decode test")

@@ -1,11 +1,14 @@
-"""Shared pytest set-up: hardware markers are skipped where the hardware is absent."""
+"""Shared pytest set-up: hardware markers are skipped where the hardware is absent; every test
+and fixture is seeded from the session seed (tests/seeds.py), and a failing test's report says
+how to replay it."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-from models_fixture import pytest_report_header, tiny_model  # noqa: F401  (shared generated models)
+from models_fixture import tiny_model  # noqa: F401  (shared generated models)
+from seeds import SESSION_SEED, reproduce_line, seed_all, seed_for
 
 
 def _has_cuda() -> bool:
@@ -34,6 +37,10 @@ def _isa_supported(level: str) -> bool:
     return level in cpu.supported_isas()
 
 
+def pytest_report_header(config) -> str:
+    return f"ktrans: KTRANS_TEST_SEED={SESSION_SEED}"
+
+
 def pytest_collection_modifyitems(config, items):
     checks = {
         "gpu": (_has_cuda, "needs a CUDA GPU"),
@@ -48,3 +55,29 @@ def pytest_collection_modifyitems(config, items):
                     cache[name] = probe()
                 if not cache[name]:
                     item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    key = f"{fixturedef.argname}[{getattr(request, 'param', '')}]"
+    if fixturedef.scope == "function":
+        key = f"{request.node.nodeid}::{key}"
+    seed_all(seed_for(key))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    seed = seed_for(item.nodeid)
+    seed_all(seed)
+    if getattr(item.obj, "is_hypothesis_test", False):
+        from hypothesis import seed as hypothesis_seed
+
+        hypothesis_seed(seed)(item.obj)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("ktrans test seed", reproduce_line(item.nodeid)))

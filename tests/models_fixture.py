@@ -3,23 +3,16 @@
 `tiny_model(arch, quant="f32", with_safetensors=True)` returns the directory of a `tiny` preset
 model of `arch` (config.json, tokenizer files, model.gguf and, with_safetensors, the same weights
 as safetensors), generated once per test session and shared by every test that asks for it.
-The weights' seed is fresh each session (fresh random inputs every run); set KTRANS_TEST_SEED to
-reproduce a failing run (the seed is shown in pytest's header).
+The weights' seed is the session seed (tests/seeds.py): fresh each run unless KTRANS_TEST_SEED
+is set, which reproduces a failing run.
 """
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 
 import pytest
-
-SEED = int(os.environ.get("KTRANS_TEST_SEED", random.randrange(1 << 31)))
-
-
-def pytest_report_header(config) -> str:
-    return f"ktrans tiny models: KTRANS_TEST_SEED={SEED}"
+from seeds import SESSION_SEED
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +27,7 @@ def tiny_model(tmp_path_factory):
         have = made.get((arch, quant))
         if have is None or (with_safetensors and not have[1]):
             out = root / f"{arch}-{quant}{'-st' if with_safetensors else ''}"
-            generate_model(out, arch=arch, preset="tiny", quant=quant, seed=SEED,
+            generate_model(out, arch=arch, preset="tiny", quant=quant, seed=SESSION_SEED,
                            with_safetensors=with_safetensors)
             made[(arch, quant)] = have = (out, with_safetensors)
         return have[0]

@@ -63,13 +63,14 @@ FIDELITY_F32_ATOL = 1e-4
 # BF16_LOGITS_NMSE and BF16_VS_HF_BF16 x transformers' own bf16 error on the same tokens.
 BF16_LOGITS_NMSE = 2e-3
 BF16_VS_HF_BF16 = 3.0
-# A near-tie in MoE routing flips one expert choice under bf16 rounding or activation
-# quantization on a few tokens (in ours or in transformers' bf16 run, independently): at least
-# this fraction of tokens must meet the bound for their case, and no token may be further off
-# than a flipped expert makes it (transformers' own bf16 run measures up to 0.3 on such tokens of
-# the tiny DeepSeek-V3).
-NEAR_TIE_WITHIN_FRACTION = 0.85
-ROUTING_FLIP_NMSE = 0.5
+# A near-tie in MoE routing can flip an expert choice under bf16 rounding or activation
+# quantization. tests/routing.py forces such flips back to the reference's experts (so the bounds
+# above hold on every token) and accepts a flip only as a genuine near-tie: the least change of
+# the reference's router logits that could produce it (flip_gap) must be within how far our
+# router logits actually were from the reference's at that token. That distance is itself
+# bounded: bf16 runs of the tiny models measure up to 0.097 (router logits ~N(0, 1.2)); with the
+# reference's routing forced, it does not grow along the sequence.
+ROUTING_LOGIT_DRIFT = 0.25
 # Whole-model logits with quantized/bf16 GGUF experts in the CPU kernels (activations quantized
 # to q8_K/q8_0 or rounded to bf16 for the dot products) vs transformers on the dequantized
 # weights; tiny models measure 5e-6..2e-4.
@@ -92,12 +93,18 @@ PACKED_WEIGHT_NMSE = {"bf16": 4e-6, "int8": 1e-4, "int4": 9e-3}
 # C++ MoE layer vs a dense torch reference on the dequantized weights (E=8, H=I=256, k=3).
 # Float formats: only f32 summation order, plus bf16 rounding of the output for bf16 inputs
 # (measured ~3e-6). Block formats: the activations (x, and h before down) are quantized to
-# 8 bits per block as llama.cpp does (measured 1.3e-4..1.6e-4 for q*_0, 2.5e-4..4e-4 K-quants).
+# 8 bits per block as llama.cpp does (measured 1.3e-4..1.6e-4 for q*_0, 2.5e-4..4e-4 K-quants;
+# against gguf-py's dequantization in float64 with weights ~ N(0, 0.01), 12 draws of T = 1 and 19:
+# q*_0 up to 2.1e-4, K-quants and iq4_xs (q8_K activations) up to 6.6e-4).
 MOE_NMSE = {
     "f32": 1e-5, "f16": 1e-5, "bf16": 1e-5,
     "q8_0": 6e-4, "q4_0": 6e-4, "q5_0": 6e-4,
-    "q4_k": 1.5e-3, "q5_k": 1.5e-3, "q6_k": 1.5e-3,
+    "q4_k": 1.5e-3, "q5_k": 1.5e-3, "q6_k": 1.5e-3, "q2_k": 1.5e-3, "q3_k": 1.5e-3, "iq4_xs": 1.5e-3,
 }
+# forward_native (ktrans's dequantization, f32 torch) vs plain float64 torch on gguf-py's
+# dequantization of the same bytes: identical weights, only f32 rounding of the sums (measured
+# up to 1.3e-13 for every format).
+MOE_REFERENCE_NMSE = 1e-10
 # Same weights, different thread counts / NUMA layouts / chunking: summation order only.
 MOE_LAYOUT_NMSE = 1e-10
 # One output row of the gguf MoE at another ISA level vs the generic kernels: one q8 step of h

@@ -114,6 +114,10 @@ ThreadPool::ThreadPool(int nthreads, int ngroups, bool pin, int spin_us)
     for (int i = group_begin_[g]; i < group_begin_[g + 1]; ++i) thread_group_[i] = g;
   threads_.emplace_back([this] { queue_loop(); });
   for (int i = 1; i < n_; ++i) threads_.emplace_back([this, i] { worker_loop(i); });
+  // NOTE: pinned from here, not by each thread as it starts: when the constructor returns every
+  // thread is on its core, whether or not it has run yet (a fan-out's indices go to whichever
+  // thread claims them first, so a first task does not prove that every thread started).
+  for (int i = 0; i < n_; ++i) pin_thread(i);
 }
 
 ThreadPool::~ThreadPool() {
@@ -131,7 +135,7 @@ void ThreadPool::pin_thread(int ith) {
   cpu_set_t set;
   CPU_ZERO(&set);
   CPU_SET(cpus_[ith], &set);
-  pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+  pthread_setaffinity_np(threads_[ith].native_handle(), sizeof(set), &set);
 }
 
 // One step of an idle spin. When the pool's threads hold every CPU of the process, every 64th
@@ -159,7 +163,6 @@ void ThreadPool::wait_for_generation(uint64_t seen) {
 }
 
 void ThreadPool::worker_loop(int ith) {
-  pin_thread(ith);
   uint64_t seen = 0;
   for (;;) {
     wait_for_generation(seen);
@@ -231,7 +234,6 @@ int ThreadPool::claim(uint64_t gen) {
 }
 
 void ThreadPool::queue_loop() {
-  pin_thread(0);
   for (;;) {
     // Spin a while for the next task: a decode step submits one per layer, a few hundred
     // microseconds apart, and a futex wake-up would add to every one of them.

@@ -20,6 +20,7 @@ import time
 from ktrans.cli import model_args
 from ktrans.cli.generate import add_sampling_args, chat_prompt, encode, run_request, sampling_params
 from ktrans.errors import KtransError, UsageError
+from ktrans.fit import counts as expert_counts
 
 HELP = '''Commands:
   /help, /?            this help
@@ -269,7 +270,7 @@ def run(args) -> int:
     console = Console(highlight=False)
     say = lambda msg: console.print(msg, style="yellow", markup=False)   # noqa: E731
     model_args.use_demo_model(args, say)
-    kwargs = model_args.runner_kwargs(args)
+    kwargs = model_args.runner_kwargs(args, say=say)
     console.print(f"Loading {args.gguf_path or args.model_path} on {kwargs['device']} ...",
                   style=TAG_STYLE, markup=False)
     t0 = time.perf_counter()
@@ -277,7 +278,10 @@ def run(args) -> int:
     console.print(f"Loaded in {time.perf_counter() - t0:.1f} s: {engine.config.model_type}, "
                   f"{engine.config.num_hidden_layers} layers, context {engine.max_context} tokens.",
                   style=TAG_STYLE, markup=False)
-    return ChatSession(engine, console, args).loop()
+    try:
+        return ChatSession(engine, console, args).loop()
+    finally:                                   # what this chat's router chose feeds the next --fit
+        expert_counts.save_collected(engine.runner.model, expert_counts.model_id(args.model_path, args.gguf_path))
 
 
 def main(argv: list[str] | None = None) -> int:

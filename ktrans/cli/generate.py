@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from ktrans.cli import model_args
 from ktrans.engine.request import SamplingParams
 from ktrans.errors import KtransError, UsageError
+from ktrans.fit import counts as expert_counts
 
 
 def add_sampling_args(parser, *, temperature: float = 0.6, top_p: float = 0.95) -> None:
@@ -186,6 +187,7 @@ def run(args) -> int:
     engine.scheduler.check_prompt(len(prompt_ids))
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     gen = run_request(engine, prompt_ids, params, on_text=stream)
+    expert_counts.save_collected(engine.runner.model, expert_counts.model_id(args.model_path, args.gguf_path))
     if args.json:
         out = {"prompt": text, **asdict(gen), "load_s": load_s,
                "prefill_tok_s": gen.prefill_tok_s, "decode_tok_s": gen.decode_tok_s}

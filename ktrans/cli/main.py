@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     "generate",
     "serve",
     "weights",
+    "probe",
 ]
 
 

@@ -11,7 +11,9 @@ anywhere.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 
 from ktrans.errors import UsageError
@@ -35,8 +37,15 @@ def add_model_args(parser, *, cache_lens: int = 4096, chunk_size: int = 2048, ma
           "weights come from --gguf_path when given")
     _flag(g, "gguf_path", metavar="PATH", help="GGUF file, first file of a split set, or a directory "
           "of them; alone, config and tokenizer are read from its metadata")
-    _flag(g, "optimize_config_path", metavar="YAML", help="placement rule file (default: the shipped "
-          "rules for the model's architecture and --device)")
+    _flag(g, "optimize_config_path", metavar="YAML", help="placement rule file (default: the shipped rules "
+          "for the model's architecture, or with --fit the placement fitted to this machine)")
+    # NOTE: opt-in until its GPU placements (experts on the GPU through hybrid_experts) have been
+    # measured against the shipped rule files on the accelerator (docs/benchmarks.md).
+    g.add_argument("--fit", dest="fit", action=argparse.BooleanOptionalAction, default=False,
+                   help="with no rule file on a GPU: place the model to fit this machine (dense parts, KV "
+                        "cache, then the most used experts in spare VRAM) and write the rules it chose "
+                        "(--no-fit, the default for now: the shipped rule file)")
+    _flag(g, "gpu_memory", type=float, metavar="GB", help="--fit uses at most this many GiB of the GPU")
     _flag(g, "cpu_infer", type=int, metavar="N", help="CPU threads for the routed experts (default: physical cores)")
     _flag(g, "cache_lens", type=int, default=cache_lens, metavar="TOKENS",
           help=f"KV cache size in tokens, shared by all requests (default {cache_lens})")
@@ -73,8 +82,10 @@ def _positive(args, *names: str) -> None:
             raise UsageError(f"--{name} must be >= 1, got {v}")
 
 
-def runner_kwargs(args, *, progress: bool = True) -> dict:
-    """ModelRunner keyword arguments from parsed flags (checked)."""
+def runner_kwargs(args, *, progress: bool = True, say=None) -> dict:
+    """ModelRunner keyword arguments from parsed flags (checked). On a GPU with no rule file
+    named, --fit writes the placement for this machine and the runner loads that file; `say`
+    (default: stderr) gets what it chose."""
     _positive(args, "cpu_infer", "cache_lens", "chunk_size", "max_new_tokens", "page_size")
     for name in ("model_path", "gguf_path", "optimize_config_path"):
         path = getattr(args, name)
@@ -86,7 +97,26 @@ def runner_kwargs(args, *, progress: bool = True) -> dict:
               progress=progress, cuda_graphs=not getattr(args, "disable_cuda_graphs", False))
     if args.page_size is not None:
         kw["page_size"] = args.page_size
+    _fit(args, kw, say or (lambda msg: print(msg, file=sys.stderr)))
     return kw
+
+
+def _fit(args, kw: dict, say) -> None:
+    gpu_memory = getattr(args, "gpu_memory", None)
+    if gpu_memory is not None and (kw["optimize_config_path"] or not getattr(args, "fit", True)):
+        raise UsageError("--gpu_memory caps what --fit places; with --optimize_config_path or --no-fit the rule "
+                         "file decides (drop --gpu_memory)")
+    if gpu_memory is not None and not kw["device"].startswith("cuda"):
+        raise UsageError(f"--gpu_memory caps the GPU, but the model runs on {kw['device']}; drop it or use --device cuda")
+    if kw["optimize_config_path"] or not getattr(args, "fit", True) or not kw["device"].startswith("cuda"):
+        return
+    from ktrans.engine.model_runner import DEFAULT_PAGE_SIZE
+    from ktrans.fit.load import fit_for_load
+
+    result = fit_for_load(model_path=kw["model_path"], gguf_path=kw["gguf_path"], device=kw["device"],
+                          cache_lens=kw["cache_lens"], page_size=kw.get("page_size", DEFAULT_PAGE_SIZE),
+                          chunk_size=args.chunk_size, gpu_memory=gpu_memory, say=say)
+    kw["optimize_config_path"] = str(result.path)
 
 
 def engine_kwargs(args, *, max_batch_size: int = 1) -> dict:

@@ -46,6 +46,16 @@ def register(sub) -> None:
                    help="re-target a device named by the rules, e.g. cuda:1=cpu (repeatable)")
     e.add_argument("--trust-rules", action="store_true",
                    help="allow the rule file to import Python classes (runs code named in the file)")
+    f = e.add_argument_group("automatic placement (--fit)")
+    f.add_argument("--fit", action="store_true", help="fit the model to this machine (as chat/serve do by default "
+                   "on a GPU), write the chosen rules and explain them; refused with the numbers if it cannot fit")
+    f.add_argument("--gpu_memory", type=float, metavar="GB", help="with --fit: use at most this many GiB of the "
+                   "GPU; where no GPU is visible, plan for a GPU with this much free memory")
+    f.add_argument("--ram", type=float, metavar="GB", help="with --fit: plan for this much available RAM "
+                   "instead of this machine's")
+    f.add_argument("--numa_nodes", type=int, metavar="N", help="with --fit: plan for RAM split over N NUMA nodes")
+    f.add_argument("--chunk_size", type=int, default=2048, metavar="TOKENS",
+                   help="with --fit: prefill chunk whose working memory is kept free on the GPU (default 2048)")
     e.set_defaults(func=run_explain)
     lst = rsub.add_parser("list", help="list shipped rule files and registered operators")
     lst.set_defaults(func=run_list)
@@ -172,7 +182,10 @@ def run_explain(args) -> int:
     from ktrans.rules.schema import load_rules
 
     config, weights = model_inputs(args)
-    path = args.optimize_config_path or shipped_rules(arch_from_config(config).name, args.variant)
+    page_size = DEFAULT_PAGE_SIZE if args.page_size is None else args.page_size
+    fitted = _fit(args, config, weights, page_size) if args.fit else None
+    path = fitted.path if fitted else \
+        args.optimize_config_path or shipped_rules(arch_from_config(config).name, args.variant)
     rules = load_rules(path, trust_rules=args.trust_rules)
     device_map = parse_map_flags(args.map_device)
     default = args.device
@@ -180,11 +193,42 @@ def run_explain(args) -> int:
         device_map.setdefault("cuda", "cpu")
     plan = plan_model(build_meta_model(config), rules, config=config, weights=weights,
                       default_device=default, device_map=device_map)
-    page_size = DEFAULT_PAGE_SIZE if args.page_size is None else args.page_size
     kv = plan_kv_cache(plan, cache_lens=args.cache_lens, page_size=page_size)
     plan.notes.extend(_weight_notes(plan, weights))
+    if fitted:
+        plan.notes.extend(f"fit: {line}" for line in fitted.notes)
+        plan.notes.append(f"fit: rules written to {fitted.path} (keep or edit it; load it with "
+                          f"--optimize_config_path)")
     render_plan(plan, _console(), kv=kv)
+    if fitted:
+        fitted.check()
     return 0
+
+
+def _fit(args, config, weights, page_size: int):
+    """The fitted rule file for explain --fit, with the what-if flags applied to this machine."""
+    from ktrans.cli.model_args import cache_dir
+    from ktrans.fit.counts import load, model_id
+    from ktrans.fit.fit import FITTED_DIR, fit_rules, what_if
+    from ktrans.fit.load import current_profile, gib_flag, gpu_index
+    from ktrans.fit.placement import FitOptions
+
+    named = [f for f, v in (("--optimize_config_path", args.optimize_config_path), ("--variant", args.variant),
+                            ("--map-device", args.map_device)) if v]
+    if named:
+        raise UsageError(f"--fit chooses the rules itself; drop {' and '.join(named)}")
+    if args.numa_nodes is not None and args.numa_nodes < 1:
+        raise UsageError(f"--numa_nodes {args.numa_nodes}: expected at least 1")
+    gpu_memory = gib_flag(args.gpu_memory, "--gpu_memory")
+    device = str(args.device).strip().lower()
+    profile, _ = current_profile(set() if device == "cpu" else {gpu_index(device)})
+    profile = what_if(profile, gpu_memory=gpu_memory, ram=gib_flag(args.ram, "--ram"), numa_nodes=args.numa_nodes)
+    opts = FitOptions(gpu_index=gpu_index(device), gpu_memory=gpu_memory, use_gpu=device != "cpu")
+    mid = model_id(args.model_path, args.gguf_path)
+    label = os.path.basename(mid.rstrip("/")) if mid else f"{args.arch or config.model_type}-{args.preset or 'config'}"
+    return fit_rules(config, weights, profile=profile, opts=opts, cache_lens=args.cache_lens, page_size=page_size,
+                     chunk_size=args.chunk_size, counts=load(mid), out_dir=cache_dir() / FITTED_DIR,
+                     label=f"{label}-{args.quant}" if args.quant else label, key=mid)
 
 
 def _weight_notes(plan, weights) -> list[str]:

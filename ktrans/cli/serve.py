@@ -104,7 +104,7 @@ def _read_template(path: str | None) -> str | None:
     return text
 
 
-def build_app(args, on_load_failed=None):
+def build_app(args, on_load_failed=None, on_loaded=None):
     from ktrans.cli.model_args import engine_kwargs, runner_kwargs, use_demo_model
     from ktrans.engine import AsyncEngine
     from ktrans_server.app import create_app
@@ -125,7 +125,10 @@ def build_app(args, on_load_failed=None):
     kwargs = {**runner_kwargs(args, progress=sys.stderr.isatty()), **engine_kwargs(args)}
 
     def load():
-        return AsyncEngine.from_args(**kwargs)
+        engine = AsyncEngine.from_args(**kwargs)
+        if on_loaded is not None:
+            on_loaded(engine)
+        return engine
 
     return create_app(settings, load, on_load_failed)
 
@@ -139,6 +142,7 @@ def connection_limits(args):
 def run(args) -> int:
     import uvicorn
 
+    from ktrans.fit import counts as expert_counts
     from ktrans_server.transport import bound_address, uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -157,9 +161,13 @@ def run(args) -> int:
                 print(f"ktrans serve: listening on http://{host}:{port} (model loads in the background; "
                       f"GET /health answers 200 when ready)", file=sys.stderr, flush=True)
 
-    app = build_app(args, load_failed)
+    loaded = []
+    app = build_app(args, load_failed, loaded.append)
     server = Server(uvicorn_config(app, args.host, args.port, connection_limits(args), log_level=args.log_level))
     server.run()
+    for engine in loaded:                     # what the router chose while serving feeds the next --fit
+        expert_counts.save_collected(engine.engine.runner.model,
+                                     expert_counts.model_id(args.model_path, args.gguf_path))
     if failure:
         raise KtransError(f"the model failed to load: {failure[0]}")
     if not server.started:

@@ -90,6 +90,7 @@ class ModelRunner:
     def __init__(self, *, model_path=None, gguf_path=None, optimize_config_path=None, device="cuda",
                  cpu_infer=None, cache_lens=4096, page_size=DEFAULT_PAGE_SIZE, trust_rules=False,
                  progress=True, dtype=None, cuda_graphs=True, fused_decode=True):
+        from ktrans.fit.fit import check_plan_fits
         from ktrans.rules.apply import apply_plan
         from ktrans.rules.plan import plan_model
         from ktrans.rules.schema import load_rules
@@ -110,6 +111,9 @@ class ModelRunner:
                           default_device="cpu" if self.device == "cpu" else self.device,
                           device_map="cpu" if self.device == "cpu" else None, dtype=dtype)
         plan.entries = [_with_cpu_infer(e, cpu_infer) for e in plan.entries]
+        # Refused here, before any weight is read, rather than by an out-of-memory mid-load.
+        check_plan_fits(plan, cache_lens=int(cache_lens), page_size=int(page_size),
+                        what=os.path.basename(str(gguf_path or model_path).rstrip("/")))
         self.plan = plan
         with self.weights.loading(enabled=progress):
             self.model = apply_plan(model, plan, self.weights).eval()

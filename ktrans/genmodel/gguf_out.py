@@ -38,12 +38,14 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 def _q4_k_m(name: str, n_layer: int, n_expert: int, tied: bool) -> str:
     """llama.cpp's Q4_K_M mixture (llama_tensor_get_type): q4_k, with q6_k for the output head,
-    for attn_v and ffn_down in the layers `_use_more_bits` picks, q8_0 attn_v and q5_k attn_output
-    for 8-expert models (Mixtral)."""
+    for attn_v and ffn_down in the layers `_use_more_bits` picks, q8_0 attn_k / attn_v and q5_k
+    attn_output for 8-expert models (Mixtral, and any other with 8 experts)."""
     m = re.match(r"blk\.(\d+)\.", name)
     layer = int(m.group(1)) if m else -1
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return "q6_k"
+    if "attn_k.weight" in name and n_expert == 8:
+        return "q8_0"
     if "attn_v.weight" in name:
         if n_expert == 8:
             return "q8_0"

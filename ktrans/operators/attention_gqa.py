@@ -17,11 +17,11 @@ import torch
 
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
-from ktrans.operators.attention_mla import _strip_batch, decode_backend, masked_attention, sdpa_prefill
+from ktrans.operators.attention_mla import _strip_batch, choose_kernels, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
+from ktrans.operators.linear import ProjectionOwner, resolve_dtype, rms_norm
 from ktrans.operators.registry import register_operator
-from ktrans.operators.rope import apply_rope, rope_for, rope_style
+from ktrans.operators.rope import apply_rope, rope_style
 
 
 @register_operator("gqa_attention")
@@ -45,12 +45,8 @@ class GQAAttention(ProjectionOwner, Operator):
         self.has_qkv_bias = orig_module.q_proj.bias is not None        # Qwen2: biased q/k/v
         self.has_o_bias = orig_module.o_proj.bias is not None
         self.dtype = resolve_dtype(dtype, torch.device(device))
-        self.decode_kernel = decode_backend(key, attn_backend, self.device) == "triton"
-        if weights not in WEIGHT_MODES:
-            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
-        self.weights_mode = weights
-        self._rms = rms_norm_for(self.device)
-        self._rope = rope_for(self.device, self.style)
+        self._set_weights_mode(key, weights)
+        choose_kernels(self, key, attn_backend)
         # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
         # only for layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (
@@ -70,11 +66,6 @@ class GQAAttention(ProjectionOwner, Operator):
         if not self.qk_norm:
             return {}
         return {"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)}
-
-    @classmethod
-    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
-        probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
-        return {str(torch.device(device)): probe._owned_bytes(weights)}
 
     def load_weights(self, weights) -> None:
         self._load_owned(weights)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
+from ktrans.operators.linear import ProjectionOwner, resolve_dtype, rms_norm, rms_norm_for
 from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_for, rope_style
 
@@ -82,12 +82,8 @@ class MLAAttention(ProjectionOwner, Operator):
         self.style = rope_style(config)
         self.absorb_for_prefill = bool(absorb_for_prefill)
         self.dtype = resolve_dtype(dtype, torch.device(device))
-        self.decode_kernel = decode_backend(key, attn_backend, self.device) == "triton"
-        if weights not in WEIGHT_MODES:
-            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
-        self.weights_mode = weights
-        self._rms = rms_norm_for(self.device)
-        self._rope = rope_for(self.device, self.style)
+        self._set_weights_mode(key, weights)
+        choose_kernels(self, key, attn_backend)
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         """Projections (GGUF blocks kept on the GPU where they can be; see linear.py)."""
@@ -111,11 +107,6 @@ class MLAAttention(ProjectionOwner, Operator):
         if self.q_lora_rank:
             shapes["q_a_layernorm.weight"] = (self.q_lora_rank,)
         return shapes
-
-    @classmethod
-    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
-        probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
-        return {str(torch.device(device)): probe._owned_bytes(weights)}
 
     def load_weights(self, weights) -> None:
         self._load_owned(weights)
@@ -221,6 +212,14 @@ class MLAAttention(ProjectionOwner, Operator):
 
 
 ATTN_BACKENDS = ("auto", "triton", "torch")
+
+
+def choose_kernels(op, key: str, attn_backend: str) -> None:
+    """An attention operator's kernels, chosen once at construction from its device: the paged
+    decode kernel (attn_backend), the RMSNorm and the rotary of its pairing (op.style)."""
+    op.decode_kernel = decode_backend(key, attn_backend, op.device) == "triton"
+    op._rms = rms_norm_for(op.device)
+    op._rope = rope_for(op.device, op.style)
 
 
 def decode_backend(key: str, backend: str, device: torch.device) -> str:

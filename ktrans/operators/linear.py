@@ -200,6 +200,17 @@ class ProjectionOwner:
     _proj_shapes() {proj: (out, in)}, _biased() {proj with a bias} and _param_shapes()
     {name: shape} of the other tensors (norms), loaded dense."""
 
+    def _set_weights_mode(self, key: str, weights: str) -> None:
+        """Check and keep the `weights` kwarg (auto | stored | dense, see load_projection)."""
+        if weights not in WEIGHT_MODES:
+            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
+        self.weights_mode = weights
+
+    @classmethod
+    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
+        probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        return {str(torch.device(device)): probe._owned_bytes(weights)}
+
     def _load_owned(self, weights) -> None:
         biased = self._biased()
         self.projs = torch.nn.ModuleDict({

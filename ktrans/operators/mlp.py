@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import WEIGHT_MODES, ProjectionOwner, concat_projections, resolve_dtype
+from ktrans.operators.linear import ProjectionOwner, concat_projections, resolve_dtype
 from ktrans.operators.registry import register_operator
 
 
@@ -37,12 +37,10 @@ class GatedMLP(ProjectionOwner, Operator):
         act = getattr(config, "hidden_act", None)
         if act not in ("silu", "swish"):
             raise KtransError(f"{key}: gated_mlp computes silu(gate) * up; this model's hidden_act is {act!r}")
-        if weights not in WEIGHT_MODES:
-            raise KtransError(f"{key}: weights '{weights}' is not one of {', '.join(WEIGHT_MODES)}")
         self.hidden_size, self.intermediate_size = projs[0].in_features, projs[0].out_features
         self.has_bias = projs[0].bias is not None
         self.dtype = resolve_dtype(dtype, self.device)
-        self.weights_mode = weights
+        self._set_weights_mode(key, weights)
         self.gate_up = None
         self._silu_mul = _silu_mul_torch
         if self.device.type == "cuda":
@@ -62,11 +60,6 @@ class GatedMLP(ProjectionOwner, Operator):
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {}
-
-    @classmethod
-    def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
-        probe = cls(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
-        return {str(torch.device(device)): probe._owned_bytes(weights)}
 
     def load_weights(self, weights) -> None:
         self._load_owned(weights)

@@ -108,6 +108,8 @@ class MoEBlock(Operator):
         if self.model_type == "deepseek_v3":
             self.gate_bias = load_param(weights, f"{self.key}.gate.e_score_correction_bias", torch.float32,
                                         self.device, (e,))
+        # How often each expert was chosen (ktrans.fit.counts reads it: hot experts go to the GPU).
+        self.expert_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
@@ -148,6 +150,8 @@ class MoEBlock(Operator):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])                                          # [T, H]
         w, idx = self.route(x)
+        flat = idx.reshape(-1)
+        self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))   # no host sync: fine in a CUDA graph
         # NOTE: overlap only pays when the shared experts run on an accelerator; on the CPU they
         # would compete with the experts' thread pool for the same cores.
         if hasattr(self.experts, "submit") and x.device.type != "cpu":

@@ -13,6 +13,7 @@ from ktrans import _C, cpu
 from ktrans.errors import KtransError
 from ktrans.weights import quant
 from tests import tolerances as tol
+from tests.seeds import np_rng
 
 ISAS = cpu.supported_isas()
 WEIGHT_TYPES = list(quant.QTYPES)
@@ -61,7 +62,7 @@ def _random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -
 
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES)
 def test_dequantize_random_blocks_bit_exact_vs_gguf(qtype):
-    rng = np.random.default_rng()
+    rng = np_rng()
     q = quant.QTYPES[qtype]
     cols = 2 * max(q.block_size, 256)
     raw = _random_blocks(qtype, 5, cols, rng)
@@ -90,7 +91,7 @@ def _gaussian_with_edge_blocks(rows: int, cols: int, rng: np.random.Generator) -
 
 @pytest.mark.parametrize("qtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0"])
 def test_quantize_bytes_equal_gguf(qtype):
-    rng = np.random.default_rng()
+    rng = np_rng()
     x = _gaussian_with_edge_blocks(8, 512, rng)
     ref = np.ascontiguousarray(gq.quantize(x, _ggml(qtype))).view(np.uint8).reshape(8, -1)
     for isa in ISAS:
@@ -101,7 +102,7 @@ def test_quantize_bytes_equal_gguf(qtype):
 
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES)
 def test_quantize_error_on_gaussian_and_gguf_reads_it(qtype):
-    rng = np.random.default_rng()
+    rng = np_rng()
     x = rng.standard_normal((128, 1024)).astype(np.float32)
     raw = quant.quantize(x, qtype)
     assert raw.shape == (128, quant.row_bytes(qtype, 1024)) and raw.dtype == np.uint8
@@ -115,7 +116,7 @@ def test_quantize_error_on_gaussian_and_gguf_reads_it(qtype):
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES)
 def test_quantize_identical_bytes_on_every_isa(qtype):
     """SIMD quantizers repeat the reference's float operations in order: the same bytes."""
-    rng = np.random.default_rng()
+    rng = np_rng()
     x = _gaussian_with_edge_blocks(6, 1024, rng)
     x[3, 256:512] = -np.abs(x[3, 256:512])
     x[4, 512:768] = np.abs(x[4, 512:768]) + 3.0
@@ -127,7 +128,7 @@ def test_quantize_identical_bytes_on_every_isa(qtype):
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs"])
 def test_kquant_edge_blocks_decode_finite_and_close(qtype):
-    rng = np.random.default_rng()
+    rng = np_rng()
     x = _gaussian_with_edge_blocks(4, 512, rng)
     x[3, 256:] = -np.abs(x[3, 256:])  # all-negative block: min-only formats must still fit
     out = quant.dequantize(quant.quantize(x, qtype), qtype, x.shape)
@@ -139,7 +140,7 @@ def test_kquant_edge_blocks_decode_finite_and_close(qtype):
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k"])
 def test_threads_split_gives_identical_bytes(qtype):
-    x = np.random.default_rng().standard_normal((37, 512)).astype(np.float32)
+    x = np_rng().standard_normal((37, 512)).astype(np.float32)
     one = quant.quantize(x, qtype, nthreads=1)
     assert np.array_equal(quant.quantize(x, qtype, nthreads=3), one)
     assert np.array_equal(quant.quantize(x, qtype, nthreads=0), one)
@@ -181,7 +182,7 @@ DOT_TYPES = [t for t in WEIGHT_TYPES if _C.quant_kernel_isa("vec_dot", t, "gener
 
 @pytest.mark.parametrize("act", ["q8_0", "q8_k"])
 def test_activation_quantizers_identical_across_isas(act):
-    x = np.random.default_rng().standard_normal((3, 1024)).astype(np.float32) * 3
+    x = np_rng().standard_normal((3, 1024)).astype(np.float32) * 3
     x[0, :256] = 0.0
     ref = _C.quant_quantize(act, x, isa="generic")
     for isa in ISAS:
@@ -198,7 +199,7 @@ def _check_q8k_bsums(raw: np.ndarray, rows: int):
 
 
 def test_q8k_block_sums():
-    x = np.random.default_rng().standard_normal((2, 512)).astype(np.float32)
+    x = np_rng().standard_normal((2, 512)).astype(np.float32)
     for isa in ISAS:
         _check_q8k_bsums(_C.quant_quantize("q8_k", x, isa=isa), 2)
 
@@ -210,7 +211,7 @@ def _weights_for(qtype: str, rows: int, n: int, rng: np.random.Generator) -> np.
 @pytest.mark.parametrize("qtype", DOT_TYPES)
 @pytest.mark.parametrize("blocks", [1, 3, 8])
 def test_vec_dot_every_isa_vs_float64(qtype, blocks):
-    rng = np.random.default_rng()
+    rng = np_rng()
     bs = max(quant.QTYPES[qtype].block_size, 32)
     n = blocks * (256 if bs == 256 else 32 * (1 + blocks % 3))
     rows = 24
@@ -229,7 +230,7 @@ def test_vec_dot_every_isa_vs_float64(qtype, blocks):
 
 
 def test_vec_dot_one_dim_input_and_bad_shapes():
-    rng = np.random.default_rng()
+    rng = np_rng()
     w = quant.quantize(rng.standard_normal((4, 256)).astype(np.float32), "q4_k")
     x = rng.standard_normal(256).astype(np.float32)
     y = _C.quant_vec_dot("q4_k", w, x)
@@ -261,7 +262,7 @@ def test_f16_every_half_value_and_random_float_bits():
     for isa, out in zip(ISAS, outs):
         assert np.array_equal(out.view(np.uint32)[not_nan], ref.view(np.uint32)[not_nan]), isa
         assert np.array_equal(out.view(np.uint32), outs[0].view(np.uint32)), isa
-    bits = np.random.default_rng().integers(0, 1 << 32, 100_000, dtype=np.uint64).astype(np.uint32)
+    bits = np_rng().integers(0, 1 << 32, 100_000, dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32)
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).view(np.uint16)
@@ -275,7 +276,7 @@ def test_f16_every_half_value_and_random_float_bits():
 
 def test_read_only_and_memmap_inputs(tmp_path):
     """The loader hands zero-copy read-only memmaps; gen-model may pass read-only arrays."""
-    x = np.random.default_rng().standard_normal((4, 256)).astype(np.float32)
+    x = np_rng().standard_normal((4, 256)).astype(np.float32)
     raw = quant.quantize(x, "q4_k")
     path = tmp_path / "w.bin"
     raw.tofile(path)

@@ -50,8 +50,17 @@ def tiny_hf_model(arch: str, seed: int | None = None):
     with torch.no_grad():  # HF zero-inits some tensors (routing bias); make every weight matter
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if "inv_freq" not in name and t.is_floating_point():
-                t.copy_(torch.randn_like(t) * (0.02 if "bias" in name else 0.15) + (1.0 if "norm" in name else 0.0))
+                t.copy_(torch.randn_like(t) * _init_scale(name) + (1.0 if "norm" in name else 0.0))
     return config, model
+
+
+def _init_scale(name: str) -> float:
+    # NOTE: DeepSeek-V3's score-correction bias must be of the order of the gaps between sigmoid
+    # scores (~0.1 here) to change which experts are chosen; at 0.02 a router that ignored it
+    # would go unnoticed on most draws.
+    if name.endswith("e_score_correction_bias"):
+        return 0.1
+    return 0.02 if "bias" in name else 0.15
 
 
 class StateDictSource(WeightSource):

@@ -1,18 +1,23 @@
 """cpu_experts / torch_experts vs transformers' own fused experts module on the same weights;
-submit/sync, NUMA layouts, thread counts, quantized expert stacks, planned bytes, bad kwargs."""
+every stored format vs plain torch on gguf-py's dequantization of the same bytes (an oracle outside
+ktrans); submit/sync, NUMA layouts, thread counts, planned bytes, bad kwargs."""
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers
 
 from ktrans.errors import KtransError
+from ktrans.operators.experts import KERNEL_QTYPES
 from ktrans.operators.registry import get_operator
 from ktrans.weights import quant
 from ktrans.weights.source import RawTensor
 from tests.operators.hf_tiny import StateDictSource, model_source, tiny_hf_model
-from tests.tolerances import F32_ATOL, F32_RTOL, MOE_NMSE, MOE_PACKED_NMSE
+from tests.tolerances import F32_ATOL, F32_RTOL, MOE_NMSE, MOE_PACKED_NMSE, MOE_REFERENCE_NMSE
 
 ARCHS = ["deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral"]
 KEY = "model.layers.1.mlp.experts"
@@ -101,6 +106,72 @@ def test_quantized_stack_against_native():
     assert nmse(op(x, ids, w), op.forward_native(x, ids, w)) < MOE_NMSE["q8_0"]
 
 
+# --- an oracle outside ktrans: gguf-py's dequantization of the stored blocks + plain torch ---
+
+def gguf_py_dequant(raw: RawTensor) -> torch.Tensor:
+    """The stored expert stack [E, rows, cols] as gguf-py (llama.cpp's reference numpy code) reads it."""
+    rows = int(np.prod(raw.shape[:-1]))
+    data = np.ascontiguousarray(raw.data).view(np.uint8).reshape(rows, -1)
+    vals = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[raw.qtype.upper()])
+    return torch.from_numpy(np.asarray(vals, dtype=np.float32).reshape(raw.shape))
+
+
+def reference_moe(x, ids, w, gate, up, down) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * down[e] @ (silu(gate[e] @ x[t]) * up[e] @ x[t]), e = ids[t, j], in
+    float64, one token and slot at a time."""
+    x, gate, up, down = x.double(), gate.double(), up.double(), down.double()
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = F.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+            out[t] += float(w[t, j]) * (down[e] @ h)
+    return out
+
+
+class BlockSource(StateDictSource):
+    """Expert stacks stored as `qtype` (ktrans's quantizer writes llama.cpp's block layout)."""
+
+    def __init__(self, tensors, qtype):
+        super().__init__(tensors)
+        self.qtype = qtype
+
+    def expert_stack(self, layer, proj):
+        raw = super().expert_stack(layer, proj)
+        f32 = np.ascontiguousarray(raw.data.view(np.float32).reshape(raw.shape))
+        return RawTensor(self.qtype, raw.shape, quant.quantize(f32, self.qtype).reshape(-1))
+
+
+def _wide_experts(qtype):
+    """A Qwen3-MoE experts module with rows of 256 values (whole K-quant super-blocks), E=8, k=3,
+    its weights stored as `qtype`."""
+    config = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=256, moe_intermediate_size=256,
+                                         intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, num_experts=8, num_experts_per_tok=3)
+    e, h, i = 8, 256, 256
+    tensors = {f"{KEY}.gate_up_proj": torch.randn(e, 2 * i, h) * 0.1, f"{KEY}.down_proj": torch.randn(e, h, i) * 0.1}
+    with torch.device("meta"):
+        hf = transformers.Qwen3MoeForCausalLM(config).model.layers[1].mlp.experts
+    return config, hf, BlockSource(tensors, qtype)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_QTYPES)
+def test_every_format_against_gguf_py_and_plain_torch(qtype):
+    """cpu_experts on blocks of each format vs plain torch on gguf-py's dequantization of the same
+    bytes: forward_native (our dequantization) to f32 accuracy, the C++ kernels (activations
+    quantized for the block dot products) within the format's MOE_NMSE — decode and prefill."""
+    config, hf, source = _wide_experts(qtype)
+    op = get_operator("cpu_experts")(key=KEY, orig_module=hf, config=config, device="cpu", backend="gguf")
+    op.load_weights(source)
+    gate, up, down = (gguf_py_dequant(source.expert_stack(1, p)) for p in ("gate", "up", "down"))
+    for t in (1, 19):
+        x = torch.randn(t, config.hidden_size)
+        ids, w = routing(config, hf, t)
+        ref = reference_moe(x, ids, w, gate, up, down)
+        assert nmse(op.forward_native(x, ids, w), ref) < MOE_REFERENCE_NMSE, "ktrans's dequantization differs from gguf-py's"
+        assert nmse(op(x, ids, w), ref) < MOE_NMSE[qtype]
+
+
 def test_planned_bytes_counts_numa_copies():
     config, model = tiny_hf_model("qwen3_moe")
     hf = model.model.layers[1].mlp.experts
@@ -151,7 +222,9 @@ def test_gguf_file_mixed_formats(tiny_model):
     ids, w = routing(config, hf, 7)
     got = op(x, ids, w)
     assert nmse(got, ref_op(x, ids, w)) < MOE_NMSE["q4_k"]
-    assert nmse(got, op.forward_native(x, ids, w)) < MOE_NMSE["q4_k"]
+    stacks = [gguf_py_dequant(src.expert_stack(1, p)) for p in ("gate", "up", "down")]
+    assert {src.expert_stack(1, p).qtype for p in ("gate", "down")} == {"q4_k", "q6_k"}
+    assert nmse(got, reference_moe(x, ids, w, *stacks)) < MOE_NMSE["q4_k"]
     stored = src.info(f"{KEY}.gate_up_proj").nbytes + src.info(f"{KEY}.down_proj").nbytes
     planned = type(op).planned_bytes(key=KEY, orig_module=hf, config=config, device="cpu",
                                      kwargs={"numa": "replicate", "numa_nodes": 1}, weights=src)

@@ -1,6 +1,7 @@
 """Stream-ordered CPU experts between GPU ops: a GPU op, the CPU MoE (host functions on the
 stream), another GPU op, with no host sync; then the same step captured in a CUDA graph and
-replayed on new inputs."""
+replayed on new inputs. CUDA batches above the stream limit (synchronous copies), and the error
+of a failed stream-ordered call, raised by the next call."""
 
 from __future__ import annotations
 
@@ -57,3 +58,47 @@ def test_stream_ordered_and_cuda_graph():
         torch.cuda.synchronize()
         torch.testing.assert_close(static_out.cpu(), reference(hf, x, ids, w), rtol=F32_RTOL * 10,
                                    atol=F32_ATOL * 10)
+
+
+@pytest.mark.parametrize("t", [1, 128, 129, 300])
+def test_cuda_inputs_above_the_stream_limit_take_the_synchronous_copy(t):
+    """Up to _STREAM_MAX_T (128) tokens the work is stream-ordered on pinned buffers; above it the
+    inputs are copied to the CPU synchronously and the result back. Both give transformers'
+    result, on the input's device and in its dtype."""
+    from ktrans.operators.experts import _STREAM_MAX_T
+
+    config, hf, op = make("qwen3_moe", backend="gguf")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(t, config.hidden_size)
+        ids, w = routing(config, hf, t)
+        got = op.sync(op.submit(x.to("cuda", dtype), ids.cuda(), w.cuda()))
+        torch.cuda.synchronize()
+        assert got.device.type == "cuda" and got.dtype == dtype
+        # stream-ordered calls keep a StreamTask per (T, k, dtype); the synchronous copy none
+        assert ((t, ids.shape[1], dtype) in op._stream) == (t <= _STREAM_MAX_T)
+        with torch.no_grad():
+            ref = hf(x.to(dtype).float(), ids, w)
+        tol = dict(rtol=F32_RTOL * 10, atol=F32_ATOL * 10) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got.float().cpu(), ref, **tol)
+
+
+def test_stream_task_error_is_raised_by_the_next_call_then_cleared():
+    """A stream-ordered call cannot raise where it fails (a host function on the stream): the
+    error (here an expert id out of range) is kept and raised as a KtransError by the next call
+    of that layer; the call after that works again."""
+    from ktrans.errors import KtransError
+
+    config, hf, op = make("qwen3_moe", backend="gguf")
+    t = 4
+    x = torch.randn(t, config.hidden_size)
+    ids, w = routing(config, hf, t)
+    bad = ids.clone()
+    bad[1, 0] = 99
+    op.sync(op.submit(x.cuda(), bad.cuda(), w.cuda()))
+    torch.cuda.synchronize()
+    with pytest.raises(KtransError, match=r"earlier stream-ordered MoE call failed: .*expert id 99"):
+        op.submit(x.cuda(), ids.cuda(), w.cuda())
+    got = op.sync(op.submit(x.cuda(), ids.cuda(), w.cuda()))
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        torch.testing.assert_close(got.cpu(), hf(x, ids, w), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)

@@ -59,11 +59,16 @@ def test_markdown_is_rendered_and_escaped(page):
     assert "<img" not in hostile and "&lt;img" in hostile
 
 
-def test_key_then_chat_streams_a_reply(page, live):
-    assert page.is_visible("#keyrow")
+def _enter_key(page) -> None:
+    """Give the page the server's API key (the chat needs it: without it requests are refused)."""
     page.fill("#apikey", KEY)
     page.dispatch_event("#apikey", "change")
     page.wait_for_selector("#model option", state="attached")
+
+
+def test_key_then_chat_streams_a_reply(page, live):
+    assert page.is_visible("#keyrow")
+    _enter_key(page)
     assert page.input_value("#model") == "tiny-chat"
     page.fill("#input", "Hello there")
     page.press("#input", "Enter")
@@ -75,11 +80,13 @@ def test_key_then_chat_streams_a_reply(page, live):
 
 
 def test_stop_midway_aborts_on_the_server(page, live):
+    _enter_key(page)                      # also when this test runs alone
     gate = live.gate()
     aborted = live.service.counters.get("requests_aborted", 0)
     try:
         for attempt in range(3):          # a reply may end (EOS) within its first few tokens
-            gate.allow(6)                 # prefill and a few tokens, then the model is held
+            page.click("#new")            # a fresh conversation: earlier replies would fill the context
+            gate.allow(1)                 # the prefill (and its first token), then the model is held
             replies = page.locator(".msg.assistant").count()
             page.fill("#input", f"Tell me a long story, take {attempt}")
             page.press("#input", "Enter")

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from ktrans.engine.detokenizer import IncrementalDetokenizer
+from tests.seeds import py_rng
 
 CORPUS = [
     "Hello world, 你好世界! Ünïcödé façade — naïve café 🙂🚀👍🏽 données",
@@ -66,7 +67,7 @@ def _stream(tokenizer, prompt_ids, out_ids, stop=None, skip_special_tokens=True)
 
 
 def test_stream_equals_decode_on_mixed_text(tokenizer):
-    rng = random.Random()
+    rng = py_rng()
     for _ in range(300):     # prompts often end in a multi-byte character split over byte tokens
         prompt = tokenizer.encode(_random_text(rng, rng.randint(1, 8)), add_special_tokens=False)
         out = tokenizer.encode(_random_text(rng, rng.randint(1, 30)), add_special_tokens=False)
@@ -93,20 +94,38 @@ def test_special_tokens_are_skipped(tokenizer):
 
 
 def test_stop_string_spanning_tokens_is_cut_and_held_back(tokenizer):
-    rng = random.Random()
+    rng = py_rng()
     for _ in range(20):
         before, after = _random_text(rng, rng.randint(0, 10)), _random_text(rng, rng.randint(1, 5))
         stop = rng.choice(["STOP here", "世界。", "\n\n###", "🚀🚀"])
         out = tokenizer.encode(before + stop + after, add_special_tokens=False)
-        pieces, detok = _stream(tokenizer, [], out, stop=[stop, "never appears"])
+        stops = [stop, "never appears"]
+        pieces, detok = _stream(tokenizer, [], out, stop=stops)
         text = tokenizer.decode(out)
         expected = text[:text.find(stop)]
         assert detok.stopped and "".join(pieces) == expected
-        # Held back: no prefix of the stop string was ever shown beyond the final text.
+        # After each token exactly the text that can no longer become a stop string is shown:
+        # the whole characters decoded so far, less a tail that starts a stop string.
         shown = ""
-        for p in pieces:
-            shown += p
-            assert expected.startswith(shown)
+        for n, piece in enumerate(pieces[:-1], start=1):
+            shown += piece
+            want = _releasable(tokenizer, out[:n], stops)
+            assert shown == want, (n, shown, want)
+
+
+def _releasable(tokenizer, ids: list[int], stops: list[str]) -> str:
+    """What a streaming detokenizer may show after `ids`: decode() of the longest prefix of ids
+    that ends on a whole character, cut at a stop string, or else less its longest tail that is
+    the start of a stop string."""
+    for n in range(len(ids), -1, -1):
+        text = tokenizer.decode(ids[:n])
+        if not text.endswith("\ufffd"):
+            break
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return text[:min(hits)]
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - held]
 
 
 def test_partial_stop_match_is_released_when_it_fails():

@@ -27,8 +27,11 @@ def _model_flags(model_dir) -> list[str]:
 
 
 def _generate(model_dir, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `ktrans generate`; stdout/stderr decoded as UTF-8 as written.
+    NOTE: not text=True: its universal newlines would turn a generated "\r" into "\n"."""
     cmd = [sys.executable, "-m", "ktrans", "generate", *_model_flags(model_dir), *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
+    r = subprocess.run(cmd, input=None if stdin is None else stdin.encode(), capture_output=True, timeout=300, env=ENV)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Fuzz the GGUF reader: truncated files and corrupted headers / tensor tables must give a clean
-KtransError (or, where the corruption is harmless, a reader whose every tensor view lies inside
-the file with the size its type and shape imply) — never another exception, a crash or a hang."""
+KtransError — never another exception, a crash or a hang — or, where the corruption leaves a
+well-formed file, exactly what the format's own reader sees: gguf-py's GGUFReader for GGUF (same
+metadata, tensor table and bytes), the safetensors library for safetensors checkpoints."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ import struct
 import gguf
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gguf_testutil import write_gguf
 from ktrans.errors import KtransError
 from ktrans.weights.gguf_reader import GGUFReader
+from tests.seeds import np_rng
 
 INTERESTING_U64 = [0, 1, 2, 3, 4, 7, 8, 31, 32, 255, 2**31 - 1, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]
 
 
 @pytest.fixture(scope="module")
 def valid_blob(tmp_path_factory):
-    rng = np.random.default_rng()
+    rng = np_rng()
     d = tmp_path_factory.mktemp("fuzz")
     tensors = {"token_embd.weight": rng.standard_normal((8, 32)), "blk.0.attn_q.weight": rng.standard_normal((4, 64)),
                "blk.0.ffn_gate_exps.weight": rng.standard_normal((2, 4, 32)), "output_norm.weight": rng.standard_normal(32)}
@@ -48,6 +51,42 @@ def _check(path: str) -> None:
         data = t.data()
         assert data.nbytes == t.nbytes
         int(data[..., :1].sum())  # touch the mapping
+    _same_as_gguf_py(r, path)
+
+
+def _plain(value):
+    """ktrans's metadata value in a comparable form: strings as their bytes (array strings may hold
+    non-UTF-8 token bytes, kept with surrogateescape), floats as float32, arrays as lists."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(np.float32(value)) if np.isfinite(value) else repr(float(value))
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _gguf_py_value(field):
+    """gguf-py's parsed field, from its raw parts (its contents() would fail on non-UTF-8 bytes)."""
+    kind = gguf.GGUFValueType
+    one = lambda i: (bytes(field.parts[i]) if field.types[-1] == kind.STRING  # noqa: E731
+                     else _plain(field.parts[i].tolist()[0]))
+    if field.types[0] == kind.ARRAY:
+        return [one(i) for i in field.data]
+    return one(field.data[0])
+
+
+def _same_as_gguf_py(ours: GGUFReader, path: str) -> None:
+    """A file ktrans accepts is read by gguf-py as the same metadata, tensor table and bytes."""
+    ref = gguf.GGUFReader(path)       # NOTE: raising here means ktrans accepted a file gguf-py rejects
+    fields = {k: _gguf_py_value(f) for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert {k: _plain(v) for k, v in ours.metadata.items()} == fields
+    assert sorted(ours.tensors) == sorted(t.name for t in ref.tensors)
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.ggml_type, mine.shape) == (int(t.tensor_type), tuple(int(d) for d in reversed(t.shape)))
+        assert (mine.start, mine.nbytes) == (t.data_offset, t.n_bytes), t.name
+        assert np.array_equal(mine.data().reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -97,8 +136,10 @@ def valid_safetensors(tmp_path_factory):
     from safetensors.torch import save_file
 
     d = tmp_path_factory.mktemp("fuzz-st")
-    save_file({"model.norm.weight": torch.randn(16), "model.layers.0.mlp.experts.0.gate_proj.weight": torch.randn(4, 16),
-               "model.layers.0.mlp.experts.1.gate_proj.weight": torch.randn(4, 16).bfloat16()}, str(d / "model.safetensors"))
+    experts = {f"model.layers.0.mlp.experts.{e}.{p}_proj.weight": torch.randn(4, 16) if p != "down" else torch.randn(16, 4)
+               for e in range(2) for p in ("gate", "up", "down")}
+    save_file({"model.norm.weight": torch.randn(16), "model.embed_tokens.weight": torch.randn(6, 16).bfloat16(),
+               **experts}, str(d / "model.safetensors"))
     blob = (d / "model.safetensors").read_bytes()
     return blob, 8 + int.from_bytes(blob[:8], "little"), d
 
@@ -119,10 +160,36 @@ def test_corrupt_safetensors(valid_safetensors, data):
     path.write_bytes(bytes(buf))
     try:
         src = SafetensorsSource(str(d))
-        for name in src.names():
-            src.tensor(name)
+        got = {name: src.tensor(name) for name in src.names()}
     except KtransError:
-        pass
+        return
+    want = _safetensors_view(path)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def _safetensors_view(path) -> dict:
+    """The checkpoint as the safetensors library reads it, per-expert tensors fused the
+    transformers-5 way ([E, 2I, H] gate rows then up rows; [E, H, I])."""
+    import re
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:   # NOTE: raising here means ktrans accepted a file safetensors rejects
+        flat = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
+    out, experts = {}, {}
+    for k, v in flat.items():
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", k)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = v
+        else:
+            out[k] = v
+    for pre, projs in experts.items():
+        stack = lambda p: torch.stack([projs[p][e] for e in sorted(projs[p])])  # noqa: E731
+        out[f"{pre}.gate_up_proj"] = torch.cat([stack("gate"), stack("up")], dim=1)
+        out[f"{pre}.down_proj"] = stack("down")
+    return out
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

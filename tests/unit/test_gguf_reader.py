@@ -14,12 +14,13 @@ import pytest
 from gguf_testutil import split_gguf, write_gguf
 from ktrans.errors import KtransError
 from ktrans.weights.gguf_reader import GGUFReader
+from tests.seeds import np_rng
 
 QTYPES = ["f32", "f16", "bf16", "q8_0"]
 
 
 def _random_model(tmp_path, n=7, name="m.gguf"):
-    rng = np.random.default_rng()
+    rng = np_rng()
     tensors, qtypes = {}, {}
     for i in range(n):
         shape = [(64,), (8, 64), (3, 4, 64)][i % 3]
@@ -92,7 +93,7 @@ def test_split_set_with_missing_part(tmp_path):
 
 
 def test_directory_of_files_and_duplicates(tmp_path):
-    rng = np.random.default_rng()
+    rng = np_rng()
     write_gguf(tmp_path / "a.gguf", {"x.weight": rng.standard_normal((2, 32))})
     write_gguf(tmp_path / "b.gguf", {"y.weight": rng.standard_normal((2, 32))})
     assert sorted(GGUFReader(str(tmp_path)).tensors) == ["x.weight", "y.weight"]
@@ -184,7 +185,7 @@ def test_open_maps_instead_of_reading(tmp_path):
 
 
 def test_custom_alignment(tmp_path):
-    x = np.random.default_rng().standard_normal((3, 40)).astype(np.float32)
+    x = np_rng().standard_normal((3, 40)).astype(np.float32)
     w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "qwen2")
     w.add_custom_alignment(256)
     w.add_tensor("a.weight", x[:, :33].copy())                 # odd byte sizes: padding between tensors

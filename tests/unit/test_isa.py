@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ktrans import _C, cpu
+from tests.seeds import np_rng
 
 
 def _random_f32(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -30,7 +31,7 @@ def test_levels_are_ordered_and_best_is_supported():
 
 @pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 1000, 4099])
 def test_every_variant_matches_torch_bit_for_bit(n):
-    rng = np.random.default_rng()
+    rng = np_rng()
     x = _random_f32(n, rng)
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     back_ref = torch.from_numpy(ref.view(np.int16)).view(torch.bfloat16).float().numpy()
@@ -44,7 +45,7 @@ def test_every_variant_matches_torch_bit_for_bit(n):
 
 
 def test_variants_identical_including_nan():
-    x = _random_f32(3001, np.random.default_rng())
+    x = _random_f32(3001, np_rng())
     outs = {isa: _C.f32_to_bf16(x, isa=isa) for isa in cpu.supported_isas()}
     first = outs["generic"]
     for isa, y in outs.items():

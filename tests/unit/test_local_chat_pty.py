@@ -5,8 +5,8 @@ history, \"\"\" multi-line input, the commands, Ctrl+C mid-reply, and the stats 
 from __future__ import annotations
 
 import os
+import platform
 import pty
-import random
 import re
 import select
 import signal
@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from ktrans.cli.chat import THINK_STYLE, ThinkSplitter
+from tests.seeds import py_rng
 
 ROOT = Path(__file__).resolve().parents[2]
+# read, poll, select, pselect6, ppoll: what readline sleeps in while it waits for a key
+_READ_SYSCALLS = {"x86_64": {"0", "7", "23", "270", "271"}, "aarch64": {"63", "72", "73"}}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
 STATS = re.compile(r"\[ prompt (\d+) tok(?: \(\d+ cached\))? \| prefill [\d.]+ tok/s \| "
                    r"decode [\d.]+ tok/s \((\d+) tok\) \| TTFT [\d.]+ s \]")
@@ -31,6 +34,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:                                   # child: the pty is its terminal
             os.chdir(ROOT)
+            # NOTE: as from a terminal, Ctrl+C must not stay ignored when this process inherited an
+            # ignored SIGINT (a shell's background job, e.g. a CI runner): exec keeps "ignored".
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
         self.text = ""
         self.pos = 0                                        # expect() searches from here
@@ -58,6 +64,23 @@ class Terminal:
 
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
+
+    def wait_reading(self, timeout: float = 60) -> None:
+        """Wait until the child's main thread sleeps in a terminal read (read/poll/select family,
+        /proc/PID/syscall), i.e. readline is waiting for a key and a SIGINT is handled at once."""
+        waiting = _READ_SYSCALLS.get(platform.machine())
+        if waiting is None:
+            pytest.skip(f"syscall numbers of terminal reads not known for {platform.machine()}")
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                nr = Path(f"/proc/{self.pid}/syscall").read_text().split()[0]
+            except (OSError, IndexError):
+                nr = ""
+            if nr in waiting:
+                return
+            self._read(0.01)
+        raise AssertionError(f"the chat never waited for input; output so far:\n{self.text[-3000:]}")
 
     def line(self, text: str) -> None:
         self.send(text + "\r")
@@ -159,19 +182,19 @@ def test_ctrl_c_stops_the_reply_not_the_program(env):
     assert "story\n<think>\n" in term.text                  # --force_think: the reply opens thinking
     assert _interrupt(term, "and another one") > first       # still chatting, history kept
     # Ctrl+C twice at the prompt leaves. NOTE: each ^C waits until readline shows the prompt and
-    # reads the terminal: a SIGINT landing just before input() starts reading stays pending until
-    # the next keystroke (CPython's readline), which no user types that fast.
+    # sleeps reading the terminal: a SIGINT landing just before input() starts reading stays
+    # pending until the next keystroke (CPython's readline), which no user types that fast.
     for hint in (None, r"Ctrl\+C again"):
         if hint:
             term.expect(hint)
         term.expect(r">>> ")
-        time.sleep(0.3)
+        term.wait_reading()
         term.send("\x03")
     assert term.wait() == 0
 
 
 def test_think_splitter_styles_thinking_across_chunk_boundaries():
-    rng = random.Random()
+    rng = py_rng()
     text = "intro <think>\nweighing 🙂 options</think>\nThe answer <thi is 42.<think>more</think> done"
     for _ in range(50):
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))

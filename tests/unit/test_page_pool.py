@@ -3,12 +3,12 @@ cache (register, attach, share, evict) and the pool invariants under random use.
 
 from __future__ import annotations
 
-import random
 
 import pytest
 
 from ktrans.errors import KtransError
 from ktrans.kv_cache import PagePool
+from tests.seeds import py_rng
 
 
 def test_grow_covers_tokens_and_free_returns_pages():
@@ -84,7 +84,7 @@ def test_prefix_keys_cover_the_whole_prefix():
 
 
 def test_random_use_keeps_pages_partitioned():
-    rng = random.Random()
+    rng = py_rng()
     pool = PagePool(num_pages=rng.randint(8, 40), page_size=rng.choice([1, 4, 16]))
     lengths: dict[int, int] = {}
     attached: dict[int, int] = {}                 # pages each owner got from the cache

@@ -4,7 +4,6 @@ distribution of draws."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from transformers.generation.logits_process import (
 from ktrans.engine.request import Request, SamplingParams
 from ktrans.engine.sampler import Sampler, apply_penalties, filter_logits, make_generator
 from ktrans.errors import KtransError
+from tests.seeds import py_rng
 
 
 def _request(params, prompt, output=()):
@@ -45,7 +45,7 @@ def _hf_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 @pytest.mark.parametrize("V,scale", [(257, 3.0), (1000, 1.0), (5000, 8.0), (5000, 0.1)])
 def test_filters_match_transformers(V, scale):
     # 5000 x 8: peaked, top-p found among the best 1024 candidates; 5000 x 0.1: flat, full sort.
-    rng = random.Random()
+    rng = py_rng()
     params = [SamplingParams(temperature=rng.uniform(0.2, 2.0), top_k=rng.choice([0, 1, 5, 40, 2000]),
                              top_p=rng.choice([1.0, 0.9, 0.5, 0.05]), min_p=rng.choice([0.0, 0.05, 0.3]))
               for _ in range(12)]

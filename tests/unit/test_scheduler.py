@@ -5,7 +5,6 @@ sampled request, finish it at its target length)."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 
@@ -13,6 +12,7 @@ from ktrans.engine.request import Request, SamplingParams, Status
 from ktrans.engine.scheduler import QueueFullError, Scheduler
 from ktrans.errors import KtransError
 from ktrans.kv_cache import PagePool
+from tests.seeds import py_rng
 
 
 def _req(rid, n_prompt, n_out=4):
@@ -137,7 +137,7 @@ def test_limits_are_reported_with_numbers():
 
 
 def test_random_traffic_keeps_invariants_and_frees_everything():
-    rng = random.Random()
+    rng = py_rng()
     page_size = rng.choice([1, 4, 16])
     pool = PagePool(rng.randint(40, 80) * 16 // page_size, page_size)
     sched = Scheduler(pool, max_batch_size=rng.randint(1, 6), chunk_size=rng.choice([8, 16, 64]),

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from ktrans.config.arch import ARCHS
 from ktrans.weights.gguf_reader import GGUFReader
 from ktrans.weights.single_file import tokenizer_from_gguf
+from tests.seeds import py_rng
 
 # What convert_hf_to_gguf writes for the real models (Mixtral's stand-in BPE uses GPT-2's split),
 # and how each split cuts a digit run: Qwen2 one digit per piece, DeepSeek-V3 groups of 1-3,
@@ -61,7 +62,7 @@ def test_encode_decode_agree(tiny_model, arch):
     assert r.get("tokenizer.ggml.pre") == PRE[arch]
     specials = _specials(r)
     assert len(specials) >= 3
-    rng = random.Random()
+    rng = py_rng()
     for text in _texts(specials, rng):
         for add in (True, False):
             ids = auto(text, add_special_tokens=add)["input_ids"]

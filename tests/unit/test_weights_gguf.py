@@ -34,7 +34,6 @@ ARCHS = {  # ktrans arch -> (gguf arch, config)
 
 
 def _model(tmp_path, arch):
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
     model = transformers.AutoModelForCausalLM.from_config(ARCHS[arch][1]())
     with torch.no_grad():                                 # norms/biases start constant: randomize them
         for p in model.parameters():

@@ -33,7 +33,6 @@ CONFIGS = {
 
 
 def _saved_model(tmp_path, arch, dtype=torch.bfloat16):
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).to(dtype)
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     return model
@@ -156,14 +155,13 @@ def test_bad_checkpoints(tmp_path):
 
 
 def test_shape_mismatch_with_config(tmp_path):
-    model = _saved_model(tmp_path, "qwen3_moe")
+    _saved_model(tmp_path, "qwen3_moe")
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["hidden_size"] = 64
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     src = SafetensorsSource(str(tmp_path))
     with pytest.raises(KtransError, match=r"tensor 'model.norm.weight' has shape \[32\], but the model config expects \[64\]"):
         src.tensor("model.norm.weight")
-    assert model is not None
 
 
 def test_fp8_block_size_from_config(tmp_path):

@@ -15,6 +15,7 @@ from ktrans.errors import KtransError
 from ktrans.weights import open_weights
 from ktrans.weights.progress import LoadProgress, human_bytes
 from ktrans.weights.source import RawTensor, copy_bytes, raw_to_torch
+from tests.seeds import np_rng
 
 
 @pytest.mark.parametrize("dtype,qtype", [(torch.float32, "f32"), (torch.float16, "f16"), (torch.bfloat16, "bf16"),
@@ -33,7 +34,7 @@ def test_raw_to_torch_plain_types(dtype, qtype):
 
 
 def test_copy_bytes_threaded():
-    src = np.random.default_rng().integers(0, 255, (80 << 20) + 123, dtype=np.uint8)  # several 32 MiB chunks
+    src = np_rng().integers(0, 255, (80 << 20) + 123, dtype=np.uint8)  # several 32 MiB chunks
     out = copy_bytes(src)
     assert out.flags.owndata and not np.shares_memory(out, src) and np.array_equal(out, src)
 
