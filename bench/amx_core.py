@@ -8,7 +8,14 @@ of `--repeat` rounds of ~`--budget` s of calls, with the AMX peak re-probed befo
 and the run's best peak the reference; the experts' weights stay in L2/L3 (one expert per
 shape), so this is the kernel's compute rate, not the memory's.
 
+--layer runs the whole MoE layer instead (csrc/moe: activation preparation, gate/up with the
+SiLU gating, down, the weighted sum) for one expert that all M tokens route to, on a pool of one
+thread: bench/moe.py's formats (amx_bf16, amx_int8, amx_int4, and the gguf formats q4_k, q5_k,
+q6_k, ..., whose big experts are expanded to bf16 panels every call), one row per (format, M),
+against the tile-only peak its prefill is held to (bench/moe.py's peak_for).
+
     python bench/amx_core.py [--formats bf16,int8,int4] [--M 16,32,64,128,256] [--repeat 3] [--json f]
+    python bench/amx_core.py --layer --formats q4_k,q6_k,amx_int8 --shapes dsv3 --M 32,64,256
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe import measure_amx_peak, merge_peaks  # noqa: E402
+from moe import (  # noqa: E402
+    FORMATS,
+    measure_amx_peak,
+    merge_peaks,
+    np16,
+    peak_for,
+    source_experts,
+    stored,
+)
 
 from ktrans import _C, cpu  # noqa: E402
 
@@ -58,6 +73,22 @@ def cases(fmt: str, H: int, I: int, M: int):
             ("down", 2 * M * H * I, lambda: _C.packed_gemm_prepared(fmt, [pd], H, I, h, [yd], [(0, H)]))]
 
 
+def layer_cases(fmt: str, H: int, I: int, Ms: list[int], gemm_min_tokens: int):
+    """(M, flops, call) of one expert through a whole MoE layer (E = 1, k = 1) on one thread."""
+    backend, qtype = FORMATS[fmt]
+    raws = stored(source_experts(H, I), qtype)
+    pool = _C.ThreadPool(1)
+    layer = _C.MoeLayer(pool, 1, H, I, [qtype] * 3, backend=backend, max_chunk=max(Ms), gemm_min_tokens=gemm_min_tokens)
+    for p in range(3):
+        layer.load(p, 0, np.ascontiguousarray(raws[p][:1]))
+    out = []
+    for M in Ms:
+        ids, w = np.zeros((M, 1), np.int64), np.ones((M, 1), np.float32)
+        x, y = np16((torch.randn(M, H) / 4).bfloat16()), np.zeros((M, H), np.uint16)
+        out.append((M, 2 * 3 * M * H * I, lambda x=x, ids=ids, w=w, y=y: layer.forward(x, ids, w, y)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default="bf16,int8,int4")
@@ -66,6 +97,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.3)
     ap.add_argument("--json", default="")
+    ap.add_argument("--layer", action="store_true", help="the whole MoE layer for one expert (bench/moe.py formats)")
+    ap.add_argument("--gemm-min-tokens", type=int, default=-1, help="--layer, gguf formats: see bench/moe.py")
     args = ap.parse_args()
     if "amx" not in cpu.supported_isas():
         raise SystemExit("amx_core: this CPU has no usable AMX")
@@ -75,20 +108,25 @@ def main() -> None:
     for shape in args.shapes.split(","):
         H, I = SHAPES[shape]
         for fmt in args.formats.split(","):
-            for M in map(int, args.M.split(",")):
-                for name, flops, call in cases(fmt, H, I, M):
-                    t = float("inf")
-                    for _ in range(args.repeat):
-                        merge_peaks(peaks, measure_amx_peak(1, 3))
-                        t = min(t, best_time(call, args.budget))
-                    rows.append(dict(shape=shape, format=fmt, M=M, part=name, us=t * 1e6, tflops=flops / t / 1e12))
-                    r = rows[-1]
-                    print(f"{shape:6} {fmt:5} M={M:<4} {name:8} {r['us']:9.1f} us {r['tflops']:6.3f} TFLOP/s", flush=True)
+            Ms = list(map(int, args.M.split(",")))
+            if args.layer:
+                todo = [(M, "layer", flops, call) for M, flops, call in layer_cases(fmt, H, I, Ms, args.gemm_min_tokens)]
+            else:
+                todo = [(M, name, flops, call) for M in Ms for name, flops, call in cases(fmt, H, I, M)]
+            for M, name, flops, call in todo:
+                t = float("inf")
+                for _ in range(args.repeat):
+                    merge_peaks(peaks, measure_amx_peak(1, 3))
+                    t = min(t, best_time(call, args.budget))
+                rows.append(dict(shape=shape, format=fmt, M=M, part=name, us=t * 1e6, tflops=flops / t / 1e12))
+                r = rows[-1]
+                print(f"{shape:6} {fmt:8} M={M:<4} {name:8} {r['us']:9.1f} us {r['tflops']:6.3f} TFLOP/s", flush=True)
     print(f"best tile-only peak of the run: bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s, int8 {peaks['int8'] / 1e12:.2f} TOP/s")
-    print(f"{'shape':6} {'fmt':5} {'M':>4} {'part':8} {'TFLOP/s':>8} {'% peak':>7}")
+    print(f"{'shape':6} {'fmt':8} {'M':>4} {'part':8} {'TFLOP/s':>8} {'% peak':>7}")
     for r in rows:
-        r["peak_frac"] = r["tflops"] * 1e12 / peaks["int8" if r["format"] == "int8" else "bf16"]
-        print(f"{r['shape']:6} {r['format']:5} {r['M']:4d} {r['part']:8} {r['tflops']:8.3f} {100 * r['peak_frac']:6.1f}%")
+        peak = peak_for(r["format"], peaks) if args.layer else peaks["int8" if r["format"] == "int8" else "bf16"]
+        r["peak_frac"] = r["tflops"] * 1e12 / peak
+        print(f"{r['shape']:6} {r['format']:8} {r['M']:4d} {r['part']:8} {r['tflops']:8.3f} {100 * r['peak_frac']:6.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(peaks=peaks, rows=rows), f, indent=1)
