@@ -54,15 +54,17 @@ void panel_k45(const uint8_t* W, int64_t row_bytes, int64_t K, uint8_t* panel) {
       const Block& b = reinterpret_cast<const Block*>(W + c * row_bytes)[s];
       alignas(16) uint8_t sm[16];
       unpack_scales_mins_k4(b.scales, sm);
-      const float d = _cvtsh_ss(b.d), dmin = _cvtsh_ss(b.dmin);
+      // sc[j] = d * scale j, sc[8 + j] = dmin * min j: one rounded product each, as the reference
+      alignas(64) float sc[16];
+      const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(b.d)), _mm512_set1_ps(_cvtsh_ss(b.dmin)));
+      _mm512_store_ps(sc, mul(dd, u8_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(sm)))));
       __m256i qh = _mm256_setzero_si256();
       if constexpr (kQh) qh = load256(b.qh);
       for (int j = 0; j < 8; ++j) {
         const __m256i q = load256(b.qs + 32 * (j / 2));
         __m256i v = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, low4);
         if constexpr (kQh) v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), one), 4));
-        const __m512 dl = _mm512_set1_ps(d * static_cast<float>(sm[j]));
-        const __m512 ml = _mm512_set1_ps(dmin * static_cast<float>(sm[8 + j]));
+        const __m512 dl = _mm512_set1_ps(sc[j]), ml = _mm512_set1_ps(sc[8 + j]);
         stage[j * kPanelCols + c] = pair_words(sub(mul(dl, u8_ps(_mm256_castsi256_si128(v))), ml),
                                                sub(mul(dl, u8_ps(_mm256_extracti128_si256(v, 1))), ml));
       }
@@ -78,15 +80,14 @@ void panel_q6_k(const uint8_t* W, int64_t row_bytes, int64_t K, uint8_t* panel) 
   for (int64_t s = 0; s < K / kQK_K; ++s) {
     for (int c = 0; c < kPanelCols; ++c) {
       const BlockQ6_K& b = reinterpret_cast<const BlockQ6_K*>(W + c * row_bytes)[s];
-      const float d = _cvtsh_ss(b.d);
+      alignas(64) float sc[16];  // d * scale g, one rounded product each
+      _mm512_store_ps(sc, mul(_mm512_set1_ps(_cvtsh_ss(b.d)), i8_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)))));
       __m256i lv[8];
       q6k_levels(b, lv);
       for (int j = 0; j < 8; ++j) {  // values 32 j .. + 31: groups 2j, 2j + 1
         const __m256i q = _mm256_sub_epi8(lv[j], off);
-        stage[j * kPanelCols + c] =
-            pair_words(mul(_mm512_set1_ps(d * static_cast<float>(b.scales[2 * j])), i8_ps(_mm256_castsi256_si128(q))),
-                       mul(_mm512_set1_ps(d * static_cast<float>(b.scales[2 * j + 1])),
-                           i8_ps(_mm256_extracti128_si256(q, 1))));
+        stage[j * kPanelCols + c] = pair_words(mul(_mm512_set1_ps(sc[2 * j]), i8_ps(_mm256_castsi256_si128(q))),
+                                               mul(_mm512_set1_ps(sc[2 * j + 1]), i8_ps(_mm256_extracti128_si256(q, 1))));
       }
     }
     stage_to_panel(stage, panel + s * (kQK_K / 32) * kPanelCols * kLine);
