@@ -42,7 +42,13 @@ constexpr int64_t kTileBytes = 1024;       // one B tile: 16 rows x 64 bytes
 constexpr int64_t kSuperPanels = 16;       // panels per super-block (256 columns)
 constexpr int64_t kChunkRows = 256;        // rows per M chunk
 constexpr int64_t kSliceKb = 32;           // k-blocks per K slice (B block = 16 panels x 32 KB)
-constexpr int64_t kKChunk = 8;             // k-blocks per piece (A piece = 16 KB, stays in L1)
+// k-blocks per piece (A piece 16 KB, in L1); bf16 tiles from kWideChunkRows rows on: 16 (half
+// the C tile spills per k, A piece 32 KB). NOTE: measured on one core (2026-12-07, each build in
+// its own process, alternating, best of 4-6, four runs; qwen3 and dsv3 gate+up and down): bf16 at
+// M 128-256 1.03-1.28x in 23 of 24 cases (0.96x once), M 64 within the noise (0.91-1.20x, as
+// for identical code), int4 (expanded to bf16 tiles) at M 256 0.96-1.05x; int8 with 16 moved
+// 0.79-1.16x between runs, so it keeps 8.
+constexpr int64_t kKChunk = 8, kKChunkWide = 16, kWideChunkRows = 128;
 constexpr int64_t kPrefetchMinKb = 112;    // panels of >= 112 KB (bf16 K >= 3584): B from L3/DRAM
 
 struct alignas(64) TileConfig {
@@ -180,7 +186,7 @@ struct Epilogue {
 // and K slices of kSliceKb k-blocks, so one slice's B block (<= 512 KB), the chunk's A block
 // (<= 512 KB) and its C blocks (256 KB, in cbuf between slices) stay in L2 together. Inside,
 // every 32-row block walks its slice in kKChunk pieces against each panel pair: the A piece
-// (16 KB) is read from L1 by all pairs. Without the K slices A or B would be re-read from L3
+// (16-32 KB) is read from L1 by all pairs. Without the K slices A or B would be re-read from L3
 // for every super-block / row block once M * K or N * K outgrows L2 (measured: bf16 at M 2048,
 // K 7168 fell to half the M 512 rate).
 template <bool kInt8, class BPrep>
@@ -188,6 +194,7 @@ void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t sb, i
            const uint8_t* a, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {
   constexpr int64_t kPairBytes = 32 * 128;  // one 32 x 32 C block
   uint8_t* cbuf = scratch(kScratchC, kChunkRows / 32 * kSuperPanels / 2 * kPairBytes);
+  const int64_t kc = !kInt8 && M >= kWideChunkRows ? kKChunkWide : kKChunk;
   for (int64_t ps = p_begin; ps < p_end; ps += sb) {
     const int64_t pe = std::min(ps + sb, p_end), npairs = (pe - ps + 1) / 2;
     const uint8_t* b = b_prep(ps, pe);
@@ -204,8 +211,8 @@ void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t sb, i
           const int mt = M - m0 > 16 ? 2 : 1;
           const uint8_t* am = a + (m0 / 32) * nkb * 2 * kTileBytes;
           uint8_t* cm = cbuf + (m0 - mc0) / 32 * npairs * kPairBytes;
-          for (int64_t k0 = ks; k0 < ke; k0 += kKChunk) {
-            const int64_t nk = std::min(kKChunk, ke - k0);
+          for (int64_t k0 = ks; k0 < ke; k0 += kc) {
+            const int64_t nk = std::min(kc, ke - k0);
             const int64_t npf = prefetch && m0 == mc0 ? std::min(nk, nkb - k0 - nk) : 0;
             for (int64_t p = ps; p < pe; p += 2)
               run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes,

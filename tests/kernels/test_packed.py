@@ -59,12 +59,14 @@ def test_gemm_matches_torch_and_reference(fmt, isa):
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemm_large_blocks(fmt, isa):
-    """Several L2 super-blocks of panels, an odd panel count and a 32-row block with a tail."""
-    N, K, M = 300, 4096, 40
+    """Several L2 super-blocks of panels and K slices, an odd panel count, a 32-row block with a
+    tail; M 130 also takes the AMX bf16 tiles' wide K pieces (csrc/amx/packed_amx.cpp)."""
+    N, K = 300, 4096
     W, packed, Wd = packed_case(fmt, N, K)
-    x = torch.randn(M, K).to(torch.bfloat16)
-    y = gemm(fmt, packed, N, K, x, isa)
-    assert nmse(y, x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt]
+    for M in (40, 130):
+        x = torch.randn(M, K).to(torch.bfloat16)
+        y = gemm(fmt, packed, N, K, x, isa)
+        assert nmse(y, x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt], (fmt, isa, M)
 
 
 @pytest.mark.parametrize("isa", isa_params())
