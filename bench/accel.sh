@@ -22,6 +22,18 @@
 #   peer-v2     bench/e2e_llamacpp.py --device cuda: llama-bench (-ngl 99 --n-cpu-moe 99) beside
 #               ktrans on the same deepseek-v2-lite file, same threads
 #   peer-qwen3  the same for qwen3-30b-a3b
+#   stream-v2   bench/stream_prefill.py on deepseek-v2-lite: one MoE layer at chunk sizes 128-8192
+#               (CPU kernels vs experts streamed to the GPU, measured and profile crossover), and an
+#               8K-token prefill in chunks of 512/2048/8192 both ways (run `ktrans probe` first
+#               for the auto crossover: step probe)
+#   stream-qwen3 the same for qwen3-30b-a3b
+#   handoff     bench/handoff.py on deepseek-v2-lite: the stream-ordered GPU->CPU->GPU hand-off per
+#               layer (graph replay minus CPU experts minus serial GPU work), default spins, then
+#               KTRANS_STREAM_SPIN_US=2000, then KTRANS_SPIN_US=1000, then KTRANS_HANDOFF=memop
+#   e2e-memop   bench/e2e.py on deepseek-v2-lite with KTRANS_HANDOFF=memop (graph decode, batch 1/4)
+#   qmm         bench/gpu_qmm.py: the stored-GGUF GPU kernels (decode GEMV, prefill tiles) per format on
+#               the v2-lite / qwen3 dense shapes, GB/s against the device copy rate and bf16 F.linear
+#   probe       ktrans probe (the machine profile gpu_prefill: auto and --fit read)
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
 # bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
 set -uo pipefail
@@ -70,6 +82,9 @@ for s in "$@"; do
     gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
     e2e-v2) e2e deepseek-v2-lite;;
     e2e-qwen3) e2e qwen3-30b-a3b;;
+    e2e-memop) KTRANS_HANDOFF=memop python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda \
+        --model-root "$ROOT" --prompt-lens 128 --batch-sizes 1,4 --decode-tokens 32 2>"$OUT/memop.err" \
+        | sed 's/^/[KTRANS_HANDOFF=memop] /' | tee -a "$OUT/e2e.txt"; tail -3 "$OUT/memop.err";;
     dbg-rope) python3 .dev-carry/dbg_rope.py 2>&1 | tail -8 | tee -a "$OUT/summary.txt";;
     failed4) python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/kernels/test_rope.py \
         "tests/models/test_cuda_graphs.py::test_cuda_graph_decode_matches_eager" \
@@ -94,11 +109,23 @@ for s in "$@"; do
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
     llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
         || tail -20 "$OUT/llama-build.log";;
+    qmm) python3 bench/gpu_qmm.py --out "$OUT/qmm.jsonl" 2>"$OUT/qmm.err" | tee -a "$OUT/qmm.txt"; tail -3 "$OUT/qmm.err";;
+    handoff)
+      for env in "" "KTRANS_STREAM_SPIN_US=2000" "KTRANS_SPIN_US=1000" "KTRANS_HANDOFF=memop"; do
+        env $env python3 bench/handoff.py --preset deepseek-v2-lite --model-root "$ROOT" --out "$OUT/handoff.jsonl" \
+          2>>"$OUT/handoff.err" | tee -a "$OUT/handoff.txt"
+      done;;
+    probe) python3 -m ktrans probe 2>&1 | tail -15 | tee -a "$OUT/summary.txt";;
+    stream-v2|stream-qwen3)
+      p=$([ "$s" = stream-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
+      python3 bench/stream_prefill.py --preset "$p" --model-root "$ROOT" --out "$OUT/stream.jsonl" \
+        2>"$OUT/stream-$p.err" | tee -a "$OUT/stream.txt"
+      tail -3 "$OUT/stream-$p.err";;
     peer-v2) peer deepseek-v2-lite;;
     peer-qwen3) peer qwen3-30b-a3b;;
     *) echo "accel.sh: unknown step $s" >&2; exit 2;;
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"; [ -f "$OUT/qmm.txt" ] && cat "$OUT/qmm.txt"
 exit 0

@@ -10,6 +10,17 @@ come out the same, and the summary says whether each acceptance bound held:
     0 lost or mixed-up responses · KV pages back to 0 · RSS within 10 % (after warm-up) ·
     /health under 100 ms throughout
 
+Each probe also records, over its own span (Linux: /proc schedstat and /proc/stat), what the
+server's event-loop thread did: CPU time, time runnable but waiting for a core (run-queue wait),
+the engine thread's same two figures, the whole server's CPU time, the prober's own run-queue
+wait and how busy the machine's CPUs were. A probe over 100 ms is then put down to one cause:
+"waiting for a CPU" (the loop or the prober was runnable but had no core: the machine was
+saturated), "event loop busy" (the loop ran ktrans code), or "blocked" (the loop neither ran
+nor waited for a core: the GIL or a lock held by another thread).
+The server and the prober run in sessions of their own: Linux's autogroup scheduler shares the
+CPU between sessions, so the clients' CPU time does not come out of the server's share (as on a
+real deployment, where clients are elsewhere).
+
     python bench/soak.py                     # 10 minutes on a generated tiny model
     python bench/soak.py --minutes 1 --json soak.json
 """
@@ -58,7 +69,10 @@ class Soak:
         self.outcomes: Counter = Counter()
         self.failures: list[str] = []
         self.health_ms: list[float] = []
+        self.probes: list[dict] = []
         self.rss: list[tuple[float, int]] = []
+        self.loadavg: list[float] = []
+        self.machine: dict = {}
         self.samples: list[tuple[dict, str]] = []
         self.t0 = time.monotonic()
 
@@ -75,12 +89,15 @@ class Soak:
         async with httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits) as c:
             deadline = self.t0 + self.seconds
             tasks = [self.worker(c, w, deadline) for w in range(self.concurrency)]
-            # The prober runs in its own process: timed from inside this busy client, /health would
-            # also measure the client's own event loop.
-            with multiprocessing.Pool(1) as pool:
-                probe = pool.apply_async(probe_health, (self.url, self.seconds))
+            # The prober runs in its own process and session: timed from inside this busy client,
+            # /health would also measure the client's own event loop and its share of the CPU.
+            with multiprocessing.Pool(1, initializer=os.setsid) as pool:
+                probe = pool.apply_async(probe_health, (self.url, self.seconds, self.pid))
+                machine0 = _machine_cpu()
                 await asyncio.gather(self.sampler(deadline), *tasks)
-                self.health_ms, bad = probe.get(timeout=self.seconds + 120)
+                self.machine = _machine_summary(machine0, _machine_cpu(), self.loadavg)
+                self.probes, bad = probe.get(timeout=self.seconds + 120)
+                self.health_ms = [p["ms"] for p in self.probes]
             for status in bad:
                 self.fail("health", f"{status}")
 
@@ -222,22 +239,110 @@ class Soak:
         while time.monotonic() < deadline:
             if self.pid is not None:
                 self.rss.append((time.monotonic() - self.t0, _rss_bytes(self.pid)))
+            self.loadavg.append(os.getloadavg()[0])
             await asyncio.sleep(2)
 
 
-def probe_health(url: str, seconds: float) -> tuple[list[float], list[int]]:
-    """GET /health every 0.25 s: latencies in ms and any status other than 200."""
-    times, bad = [], []
+def probe_health(url: str, seconds: float, pid: int | None = None) -> tuple[list[dict], list[int]]:
+    """GET /health every 0.25 s: per probe its latency in ms and what the server's threads and
+    the machine did meanwhile (ProbeClock); any status other than 200 is listed."""
+    probes, bad = [], []
+    clock = ProbeClock(pid)
     deadline = time.monotonic() + seconds
     with httpx.Client(base_url=url, timeout=30) as c:
         while time.monotonic() < deadline:
+            before = clock.read()
             t = time.perf_counter()
             r = c.get("/health")
-            times.append((time.perf_counter() - t) * 1000)
+            ms = (time.perf_counter() - t) * 1000
+            probes.append({"ms": ms, **clock.delta(before, clock.read())})
             if r.status_code != 200:
                 bad.append(r.status_code)
             time.sleep(0.25)
-    return times, bad
+    return probes, bad
+
+
+def _schedstat(path: str) -> tuple[float, float] | None:
+    """(CPU time, run-queue wait) of one thread in ms; None where the kernel does not say."""
+    try:
+        run, wait, _ = Path(path).read_text().split()
+        return int(run) / 1e6, int(wait) / 1e6
+    except (OSError, ValueError):
+        return None
+
+
+def _machine_cpu() -> tuple[int, int, int]:
+    """(busy, total) jiffies of all CPUs together, and the number of runnable tasks now."""
+    try:
+        text = Path("/proc/stat").read_text()
+    except OSError:
+        return 0, 0, 0
+    fields = [int(x) for x in text.split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]                     # idle + iowait
+    running = int(re.search(r"procs_running (\d+)", text).group(1))
+    return sum(fields[:8]) - idle, sum(fields[:8]), running
+
+
+class ProbeClock:
+    """What the server's threads and the machine did during one probe (Linux /proc; elsewhere
+    the figures are None). The event loop is the server's main thread (tid = pid); the engine
+    thread is the one named ktrans-engine."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.engine_tid: str | None = None
+
+    def _engine(self) -> str | None:
+        if self.engine_tid is None and self.pid is not None:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                try:
+                    if Path(f"/proc/{self.pid}/task/{tid}/comm").read_text().strip() == "ktrans-engine":
+                        self.engine_tid = tid
+                except OSError:
+                    pass
+        return self.engine_tid
+
+    def read(self) -> dict:
+        out = {"prober": _schedstat("/proc/thread-self/schedstat"), "machine": _machine_cpu()}
+        if self.pid is None:
+            return out
+        task = f"/proc/{self.pid}/task"
+        out["loop"] = _schedstat(f"{task}/{self.pid}/schedstat")
+        out["engine"] = _schedstat(f"{task}/{self._engine()}/schedstat") if self._engine() else None
+        try:
+            out["server_cpu"] = sum(s[0] for t in os.listdir(task) if (s := _schedstat(f"{task}/{t}/schedstat")))
+        except OSError:
+            out["server_cpu"] = None
+        return out
+
+    @staticmethod
+    def delta(a: dict, b: dict) -> dict:
+        def d(key, i):
+            return None if a.get(key) is None or b.get(key) is None else round(b[key][i] - a[key][i], 1)
+        (busy0, total0, _), (busy1, total1, running) = a["machine"], b["machine"]
+        return {"loop_cpu": d("loop", 0), "loop_wait": d("loop", 1), "engine_cpu": d("engine", 0),
+                "engine_wait": d("engine", 1), "prober_wait": d("prober", 1),
+                "server_cpu": None if a.get("server_cpu") is None or b.get("server_cpu") is None
+                else round(b["server_cpu"] - a["server_cpu"], 1),
+                "machine_busy_pct": round(100 * (busy1 - busy0) / (total1 - total0)) if total1 > total0 else None,
+                "procs_running": running}
+
+
+def slow_probe_cause(p: dict) -> str:
+    """Why a probe was slow, from its own figures (see the module's docstring)."""
+    if p.get("loop_wait") is None:
+        return "unknown (no /proc schedstat)"
+    if p["loop_wait"] + (p.get("prober_wait") or 0) >= p["ms"] / 2:
+        return "waiting for a CPU"
+    if p["loop_cpu"] >= p["ms"] / 2:
+        return "event loop busy"
+    return "blocked (GIL or lock)"
+
+
+def _machine_summary(a: tuple[int, int, int], b: tuple[int, int, int], loadavg: list[float]) -> dict:
+    return {"cpus": os.cpu_count(),
+            "busy_pct": round(100 * (b[0] - a[0]) / (b[1] - a[1])) if b[1] > a[1] else None,
+            "load_avg_1min": [min(loadavg), max(loadavg)] if loadavg else None}
 
 
 def _rss_bytes(pid: int) -> int:
@@ -275,6 +380,8 @@ def summarize(soak: Soak, end: dict) -> dict:
                       "p99": h[int(0.99 * (len(h) - 1))] if h else None, "max": h[-1] if h else None,
                       "over_100": sum(x >= 100 for x in h)},
         "rss": rss,
+        "slow_probes": _slow_probes(soak.probes),
+        "machine": {**soak.machine, "server_cpu_s": _server_cpu_s(soak.pid)},
     }
     out["pass"] = {
         "no_lost_or_mixed": failed == 0 and end["mismatched"] == 0,
@@ -283,6 +390,24 @@ def summarize(soak: Soak, end: dict) -> dict:
         "health_under_100ms": bool(h) and h[-1] < 100,
     }
     return out
+
+
+def _slow_probes(probes: list[dict]) -> dict:
+    """Probes of 100 ms or more, each with its cause and figures (the 20 slowest listed)."""
+    slow = sorted((p for p in probes if p["ms"] >= 100), key=lambda p: -p["ms"])
+    for p in slow:
+        p["cause"] = slow_probe_cause(p)
+        p["ms"] = round(p["ms"], 1)
+    return {"n": len(slow), "by_cause": dict(Counter(p["cause"] for p in slow)), "slowest": slow[:20]}
+
+
+def _server_cpu_s(pid: int | None) -> float | None:
+    """The server process's CPU time so far (user + system), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
 
 
 def launch(args) -> tuple[subprocess.Popen, str]:
@@ -296,7 +421,9 @@ def launch(args) -> tuple[subprocess.Popen, str]:
            "--chat-template", str(work / "hermes.jinja"), "--cache_lens", "4096", "--max_batch_size", "8",
            "--max-queue", "32", "--max_new_tokens", "64", "--max-body-mb", "1", "--header-timeout", "5",
            "--body-timeout", "5", "--send-timeout", "30", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # NOTE: a session of its own, so that under Linux's autogroup scheduling the clients' CPU time
+    # is not taken from the server's share of the machine.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = open(work / "server.log", "w")
     for line in proc.stderr:
         m = re.search(r"listening on (http://\S+)", line)

@@ -5,10 +5,12 @@
 #include <dlfcn.h>
 #include <link.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <atomic>
 #include <stdexcept>
+#include <mutex>
 
 namespace ktrans {
 namespace {
@@ -71,7 +73,49 @@ LaunchHostFunc launch_fn() {
   return r.fn;
 }
 
+// Stream memory operations of the driver API (libcuda, loaded by the CUDA runtime).
+using StreamValue32 = int (*)(void* stream, unsigned long long addr, uint32_t value, unsigned int flags);
+constexpr unsigned int kWaitValueEq = 0x1;        // CU_STREAM_WAIT_VALUE_EQ
+constexpr unsigned int kWriteValueDefault = 0x0;  // CU_STREAM_WRITE_VALUE_DEFAULT: after a memory barrier
+
+struct MemOps {
+  StreamValue32 write = nullptr, wait = nullptr;
+  std::string why;
+};
+
+MemOps resolve_memops() {
+  MemOps out;
+  void* h = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (!h) {
+    out.why = "no CUDA driver (libcuda.so.1) is loaded in this process";
+    return out;
+  }
+  out.write = reinterpret_cast<StreamValue32>(dlsym(h, "cuStreamWriteValue32_v2"));
+  out.wait = reinterpret_cast<StreamValue32>(dlsym(h, "cuStreamWaitValue32_v2"));
+  if (!out.write || !out.wait) {
+    out.write = out.wait = nullptr;
+    out.why = "cuStreamWriteValue32_v2 / cuStreamWaitValue32_v2 not found in libcuda.so.1";
+  }
+  return out;
+}
+
+// NOTE: as for the runtime above, a failure is not cached (the driver loads with the runtime).
+MemOps memops() {
+  static std::mutex mu;
+  static MemOps cached;
+  std::lock_guard<std::mutex> lk(mu);
+  if (!cached.write) cached = resolve_memops();
+  return cached;
+}
+
+void check_memop(int rc, const char* what) {
+  if (rc != 0) throw std::runtime_error(std::string(what) + " failed with CUDA error " + std::to_string(rc));
+}
+
 }  // namespace
+
+bool cuda_memops_available() { return memops().write != nullptr; }
+std::string cuda_memops_unavailable_reason() { return memops().why; }
 
 bool cuda_host_available() { return resolved().fn != nullptr; }
 std::string cuda_host_unavailable_reason() { return resolved().why; }
@@ -113,6 +157,57 @@ void StreamTask::launch_start(uintptr_t stream) {
 void StreamTask::launch_wait(uintptr_t stream) {
   int rc = launch_fn()(reinterpret_cast<void*>(stream), &StreamTask::wait_cb, this);
   if (rc != 0) throw std::runtime_error("cudaLaunchHostFunc failed with CUDA error " + std::to_string(rc));
+}
+
+// NOTE: a job whose start never comes (a graph replay that failed after arming) gives up after
+// this long, records the error and sets done, so neither the pool nor the stream hangs for ever.
+constexpr auto kArmTimeout = std::chrono::seconds(60);
+
+void StreamTask::arm() {
+  if (!flags_) throw std::runtime_error("StreamTask.arm: set_flags first");
+  uint32_t* flags = flags_;
+  // The flags are plain memory the GPU writes and reads over PCIe: accessed with atomic builtins.
+  ticket_ = pool_->submit([this, flags] {
+    auto t0 = std::chrono::steady_clock::now();
+    int spins = 0;
+    while (__atomic_load_n(&flags[0], __ATOMIC_ACQUIRE) != 1) {
+      if (++spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        continue;
+      }
+      spins = 0;
+      if (std::chrono::steady_clock::now() - t0 > kArmTimeout) {
+        if (error_.empty()) error_ = "stream-ordered MoE: the GPU never reached this task's start (60 s)";
+        __atomic_store_n(&flags[1], 1u, __ATOMIC_RELEASE);
+        return;
+      }
+    }
+    __atomic_store_n(&flags[0], 0u, __ATOMIC_RELAXED);
+    try {
+      fn_();
+    } catch (const std::exception& e) {
+      if (error_.empty()) error_ = e.what();
+    }
+    __atomic_store_n(&flags[1], 1u, __ATOMIC_RELEASE);
+  });
+}
+
+void StreamTask::launch_start_memop(uintptr_t stream) {
+  MemOps m = memops();
+  if (!m.write) throw std::runtime_error("memop hand-off needs CUDA stream memory operations: " + m.why);
+  check_memop(m.write(reinterpret_cast<void*>(stream), reinterpret_cast<uintptr_t>(&flags_[0]), 1,
+                      kWriteValueDefault), "cuStreamWriteValue32");
+}
+
+void StreamTask::launch_wait_memop(uintptr_t stream) {
+  MemOps m = memops();
+  if (!m.wait) throw std::runtime_error("memop hand-off needs CUDA stream memory operations: " + m.why);
+  check_memop(m.wait(reinterpret_cast<void*>(stream), reinterpret_cast<uintptr_t>(&flags_[1]), 1, kWaitValueEq),
+              "cuStreamWaitValue32");
+  check_memop(m.write(reinterpret_cast<void*>(stream), reinterpret_cast<uintptr_t>(&flags_[1]), 0,
+                      kWriteValueDefault), "cuStreamWriteValue32");
 }
 
 std::string StreamTask::take_error() {

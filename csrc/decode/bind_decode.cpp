@@ -243,6 +243,23 @@ void bind_decode(py::module_& m) {
       .def("set_moe", &set_moe)
       .def("step", &step_py, py::arg("ids"), py::arg("positions"), py::arg("pages"), py::arg("rows"),
            py::arg("logits"))
+      .def("record_routing", &PyDecoder::record_routing, py::arg("on"))
+      .def("last_routing", [](PyDecoder& d) {
+        // (logits [L, B, E] float32, ids [L, B, k] int64) of the last step's MoE layers, in order
+        std::vector<int64_t> moe;
+        for (int64_t i = 0; i < d.num_layers(); ++i)
+          if (d.layer(i).mlp.moe) moe.push_back(i);
+        const int64_t L = static_cast<int64_t>(moe.size()), B = d.last_tokens();
+        const int64_t E = L ? d.layer(moe[0]).mlp.router.E : 0, k = L ? d.layer(moe[0]).mlp.router.k : 0;
+        if (static_cast<int64_t>(d.routed_logits().size()) != L * B * E ||
+            static_cast<int64_t>(d.routed_ids().size()) != L * B * k)
+          bad("no routing recorded: record_routing(True) before the step");
+        py::array_t<float> logits({L, B, E});
+        py::array_t<int64_t> ids({L, B, k});
+        std::copy(d.routed_logits().begin(), d.routed_logits().end(), logits.mutable_data());
+        std::copy(d.routed_ids().begin(), d.routed_ids().end(), ids.mutable_data());
+        return py::make_tuple(logits, ids);
+      })
       .def_property_readonly("num_layers", &PyDecoder::num_layers)
       .def_property_readonly("max_positions", &PyDecoder::max_positions);
 }

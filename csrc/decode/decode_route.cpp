@@ -56,6 +56,7 @@ void CpuDecoder::route(const Router& r, const float* x, int64_t* ids, float* w) 
   const int64_t E = r.E, k = r.k, G = r.n_group;
   float* logits = buf(kSlotLogits, B_ * E);
   linear(*r.gate, x, logits);
+  if (record_) rec_logits_.insert(rec_logits_.end(), logits, logits + B_ * E);
   std::vector<float> choice(E), group(G);
   for (int64_t b = 0; b < B_; ++b) {
     float* s = logits + b * E;

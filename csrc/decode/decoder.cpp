@@ -61,6 +61,8 @@ void run_linears(const LinearOut* outs, int n, const float* x, int64_t T, MoeBuf
 
 void CpuDecoder::step(const DecodeArgs& a) {
   B_ = a.B;
+  rec_logits_.clear();
+  rec_ids_.clear();
   const int64_t H = H_;
   float* h = buf(kSlotH, B_ * H);      // [B, H] residual stream
   const DequantizeRowFn deq = k_dequantize_row[qi(emb_type_)].get(isa_);
@@ -112,6 +114,7 @@ void CpuDecoder::mlp(const Layer& L, const float* x, float* out) {
   int64_t ids[kMaxDecodeTokens * kMaxTopK];
   float w[kMaxDecodeTokens * kMaxTopK];
   route(m.router, x, ids, w);
+  if (record_) rec_ids_.insert(rec_ids_.end(), ids, ids + B_ * k);
   MoeArgs args;
   args.T = B_, args.k = k, args.x = x, args.x_bf16 = false, args.ids = ids, args.ids_i64 = true;
   args.weights = w, args.out = out, args.accumulate = false;

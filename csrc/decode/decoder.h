@@ -116,6 +116,12 @@ class CpuDecoder {
 
   // The step; call inside a pool task.
   void step(const DecodeArgs& a);
+  // Keep the last step's routing (every MoE layer in order: router logits [B, E] as the gate
+  // computed them, chosen ids [B, k]): what tests hold against another path's routing.
+  void record_routing(bool on) { record_ = on; }
+  const std::vector<float>& routed_logits() const { return rec_logits_; }
+  const std::vector<int64_t>& routed_ids() const { return rec_ids_; }
+  int64_t last_tokens() const { return B_; }
   // Longest position the rope tables cover (the caller checks positions against it).
   int64_t max_positions() const;
   int64_t vocab() const { return head_ ? head_->N() : 0; }
@@ -150,6 +156,9 @@ class CpuDecoder {
   std::vector<RopeTable> ropes_;
   std::vector<Layer> layers_;
   int64_t B_ = 0;  // tokens of the step in flight
+  bool record_ = false;
+  std::vector<float> rec_logits_;
+  std::vector<int64_t> rec_ids_;
 };
 
 }  // namespace ktrans

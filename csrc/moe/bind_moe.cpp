@@ -121,6 +121,8 @@ void bind_moe(py::module_& m) {
   }, "(cpu, numa node) of one hyper-thread per physical core available to this process");
   m.def("cuda_host_available", &cuda_host_available);
   m.def("cuda_host_unavailable_reason", &cuda_host_unavailable_reason);
+  m.def("cuda_memops_available", &cuda_memops_available);
+  m.def("cuda_memops_unavailable_reason", &cuda_memops_unavailable_reason);
 
   py::class_<ThreadPool, std::shared_ptr<ThreadPool>>(m, "ThreadPool")
       .def(py::init<int, int, bool, int>(), py::arg("nthreads"), py::arg("ngroups") = 0, py::arg("pin") = true,
@@ -141,7 +143,17 @@ void bind_moe(py::module_& m) {
   py::class_<StreamTask, std::shared_ptr<StreamTask>>(m, "StreamTask")
       .def("launch_start", &StreamTask::launch_start, py::arg("stream"))
       .def("launch_wait", &StreamTask::launch_wait, py::arg("stream"))
-      .def("take_error", &StreamTask::take_error);
+      .def("take_error", &StreamTask::take_error)
+      // memop hand-off: flags is a uint32 array of 2 (pinned, device-mapped host memory) that
+      // the caller keeps alive as long as the task
+      .def("set_flags", [](StreamTask& t, py::array_t<uint32_t, 0> flags) {
+        if (flags.ndim() != 1 || flags.shape(0) < 2 || !(flags.flags() & py::array::c_style) || !flags.writeable())
+          throw py::value_error("StreamTask.set_flags: expected a writable contiguous uint32 array of 2");
+        t.set_flags(flags.mutable_data());
+      }, py::arg("flags"))
+      .def("arm", &StreamTask::arm)
+      .def("launch_start_memop", &StreamTask::launch_start_memop, py::arg("stream"))
+      .def("launch_wait_memop", &StreamTask::launch_wait_memop, py::arg("stream"));
 
   py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")
       .def(py::init(&make_layer), py::arg("pool"), py::arg("E"), py::arg("H"), py::arg("I"), py::arg("types"),

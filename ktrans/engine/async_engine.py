@@ -28,6 +28,16 @@ log = logging.getLogger("ktrans.engine")
 _IDLE_WAIT_S = 0.5
 
 
+def name_os_thread(name: str) -> None:
+    """Name the calling thread for the OS too (`top -H`, `ps -L`, py-spy, /proc/PID/task/TID/comm),
+    where Python's own thread names are not seen; Linux keeps 15 bytes. Elsewhere: nothing."""
+    try:
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -118,6 +128,7 @@ class AsyncEngine:
     # -- background loop -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        name_os_thread("ktrans-engine")
         while not self._stopping:
             if not self.engine.has_unfinished():
                 self._wake.wait(_IDLE_WAIT_S)

@@ -29,6 +29,7 @@ import torch
 
 from ktrans.engine.batch import DecodeGroup, ForwardBatch, ForwardContext, scoped_context
 from ktrans.kernels import next_pow2
+from ktrans.operators.experts import arm_tasks, captured_tasks
 from ktrans.operators.model import layer_input, embed_packed, forward_hidden, module_placement
 
 log = logging.getLogger("ktrans.engine")
@@ -69,6 +70,7 @@ def graph_blockers(model: torch.nn.Module) -> list[str]:
 class _Captured:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor       # [bucket, V] float32, written by every replay
+    tasks: list                # memop hand-off tasks in the graph, armed before every replay
 
 
 class DecodeGraphs:
@@ -165,10 +167,11 @@ class DecodeGraphs:
             self._body(bucket)                          # warm-up: kernels compiled, pinned buffers made
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._body(bucket)
+        with captured_tasks() as tasks:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._body(bucket)
         self._pool = self._pool or graph.pool()
-        return _Captured(graph, logits)
+        return _Captured(graph, logits, tasks)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits [B, V] float32 of a decode-only batch, or None when graphs are (now) off and
@@ -192,5 +195,6 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 return None
             log.info("captured the decode step for batch size %d", bucket)
+        arm_tasks(captured.tasks)
         captured.graph.replay()
         return captured.logits[:bsz].clone()

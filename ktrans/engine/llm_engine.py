@@ -6,7 +6,10 @@ it directly; the AsyncEngine drives it from a background thread.
 
 Thread safety: `add_request` and `abort` may be called from another thread while `step()` runs.
 The scheduler's state is guarded by one lock, held while scheduling and while updating, but not
-while the model runs, so adding a request never waits for a forward pass.
+while the model runs, so adding a request never waits for a forward pass. `stats()` takes no
+lock: every locked section ends by publishing a fresh snapshot, which stats() copies. A server's
+health check therefore never waits for the engine thread, which may hold the lock while the OS
+has it off the CPU.
 NOTE: a request aborted during a forward keeps no pages; its rows in that forward still write KV
 into pages that are free but cannot be handed out before the next schedule(), which comes after
 the forward ends.
@@ -14,6 +17,7 @@ the forward ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -62,6 +66,7 @@ class LLMEngine:
         self.counters = {"steps": 0, "prefill_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
                          "requests_failed": 0, "requests_aborted": 0, "preemptions": 0, "step_seconds": 0.0,
                          "last_step_seconds": 0.0}
+        self._stats = self._read_stats()
 
     @classmethod
     def from_args(cls, *, max_batch_size: int = 4, chunk_size: int = 256, max_queue: int | None = None,
@@ -93,7 +98,7 @@ class LLMEngine:
                                                      skip_special_tokens=params.skip_special_tokens)
         elif params.stop:
             raise KtransError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
-        with self._lock:
+        with self._locked():
             if request_id in self.requests:
                 raise KtransError(f"request id '{request_id}' is already in use")
             self.scheduler.add(req)
@@ -102,14 +107,14 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV pages; its final output (None if it is unknown/done)."""
-        with self._lock:
+        with self._locked():
             req = self.requests.get(request_id)
             if req is None:
                 return None
             return self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        with self._lock:
+        with self._locked():
             return self.scheduler.has_unfinished()
 
     # -- one step ------------------------------------------------------------------------------
@@ -122,7 +127,7 @@ class LLMEngine:
     def _schedule(self):
         """The step's plan and its ForwardBatch (None when nothing runs), built under the lock so
         an abort cannot slip between planning and packing."""
-        with self._lock:
+        with self._locked():
             sched = self.scheduler.schedule()
             return sched, (None if sched.empty else build_forward_batch(sched, self.pool))
 
@@ -154,7 +159,7 @@ class LLMEngine:
         for s in sched.scheduled:
             out = None
             try:
-                with self._lock:
+                with self._locked():
                     batch = build_forward_batch(SchedulerOutput([s]), self.pool)
                 out = self.runner.execute(batch)
             except Exception as e:
@@ -168,7 +173,7 @@ class LLMEngine:
         return torch.stack([ok.new_zeros(ok.shape) if r is None else r for r in rows]), errors
 
     def _update(self, sched: SchedulerOutput, logits, errors: dict[Request, str]) -> list[RequestOutput]:
-        with self._lock:
+        with self._locked():
             return self._update_locked(sched, logits, errors)
 
     def _update_locked(self, sched: SchedulerOutput, logits, errors: dict[Request, str]) -> list[RequestOutput]:
@@ -246,12 +251,24 @@ class LLMEngine:
                              num_output_tokens=req.num_output_tokens, error=req.error,
                              num_cached_tokens=req.num_cached_tokens, logprobs=logprobs)
 
-    def stats(self) -> dict:
+    @contextlib.contextmanager
+    def _locked(self):
+        """The scheduler's lock; leaving it publishes the stats snapshot of the state it guarded."""
         with self._lock:
-            return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                    "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
-                    "kv_page_size": self.pool.page_size, "kv_pages_cached": self.pool.num_cached,
-                    "prefix_cached_tokens": self.scheduler.num_cached_tokens, **self.counters}
+            try:
+                yield
+            finally:
+                self._stats = self._read_stats()
+
+    def stats(self) -> dict:
+        """Queue, KV-page and step counts as of the end of the last locked section (never blocks)."""
+        return dict(self._stats)
+
+    def _read_stats(self) -> dict:
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
+                "kv_page_size": self.pool.page_size, "kv_pages_cached": self.pool.num_cached,
+                "prefix_cached_tokens": self.scheduler.num_cached_tokens, **self.counters}
 
 
 def _generation_config(model_path: str | None):

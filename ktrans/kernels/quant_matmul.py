@@ -38,26 +38,35 @@ FP8_BLOCK = 128
 QK = 256        # values per K-quant super-block (and per kernel step for every format)
 
 
-# ---- packing (host side, once at load) ----------------------------------------------------------
+# ---- packing (at load on the host; on the GPU for streamed expert blocks) ---------------------
 
-def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp's get_scale_min_k4 over every block: s [..., 12] -> (sc, m) each [..., 8] u8."""
-    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
-    m = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    m[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
-    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's get_scale_min_k4 over every block: s [..., 12] u8 -> (sc, m) each [..., 8] u8."""
+    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([lo_sc & 63, (hi & 0xF) | ((lo_sc >> 6) << 4)], -1)
+    m = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], -1)
     return sc, m
 
 
-def _f16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.float16)[..., 0]
+def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over `a` (e.g. a read-only view of a mapped weight file): the fields packed from it
+    are only ever read."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
-def pack(qtype: str, data: np.ndarray, n: int, k: int, scale: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """Stored bytes of an [n, k] tensor (uint8, [n, row bytes] or flat) -> packed CPU tensors;
-    FP8 also takes its f32 block scales [ceil(n/128), ceil(k/128)]."""
+def _f16(a: torch.Tensor) -> torch.Tensor:
+    """[..., 2] u8 (little-endian f16 bits) -> [...] float16."""
+    return a.contiguous().view(torch.float16)[..., 0]
+
+
+def pack(qtype: str, data, n: int, k: int, scale: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Stored bytes of an [n, k] tensor (uint8 numpy array or torch tensor, [n, row bytes] or flat)
+    -> packed tensors, on the tensor's device (numpy: the CPU); FP8 also takes its f32 block
+    scales [ceil(n/128), ceil(k/128)]."""
     if qtype not in FORMATS:
         raise ValueError(f"no GPU kernel for {qtype}; formats: {', '.join(FORMATS)}")
     if k % QK:
@@ -71,13 +80,15 @@ def pack(qtype: str, data: np.ndarray, n: int, k: int, scale: np.ndarray | None 
                 "s": torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))}
     nb = k // QK
     size = {"q8_0": 34 * 8, "q4_k": 144, "q5_k": 176, "q6_k": 210}[qtype]
-    b = np.ascontiguousarray(data).reshape(n, nb, size)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(n, -1))  # noqa: E731
+    if isinstance(data, np.ndarray):
+        data = _readonly_tensor(np.ascontiguousarray(data, dtype=np.uint8))
+    b = data.reshape(n, nb, size)
+    t = lambda a: a.contiguous().reshape(n, -1)  # noqa: E731
     if qtype == "q8_0":
         blocks = b.reshape(n, nb * 8, 34)
-        return {"qs": t(blocks[..., 2:].view(np.int8)), "d": t(_f16(blocks[..., 0:2]))}
+        return {"qs": t(blocks[..., 2:].view(torch.int8)), "d": t(_f16(blocks[..., 0:2]))}
     if qtype == "q6_k":
-        return {"ql": t(b[..., 0:128]), "qh": t(b[..., 128:192]), "sc": t(b[..., 192:208].view(np.int8)),
+        return {"ql": t(b[..., 0:128]), "qh": t(b[..., 128:192]), "sc": t(b[..., 192:208].view(torch.int8)),
                 "d": t(_f16(b[..., 208:210]))}
     sc, m = _scale_min_k4(b[..., 4:16])
     out = {"d": t(_f16(b[..., 0:2])), "dmin": t(_f16(b[..., 2:4])), "sc": t(sc), "m": t(m)}
@@ -197,6 +208,130 @@ def _qmm_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm,
              mask=mmask[:, None] & nmask[None, :])
 
 
+# ---- decode: a GEMV over the stored blocks (M <= 8) ----------------------------------------------
+#
+# The tiled kernel above dequantizes every value from its own byte address and feeds tl.dot,
+# which pays off for prefill tiles; for a decode step's few rows it leaves HBM mostly idle. Here
+# each program reads whole rows' fields of one super-block with wide contiguous loads (q4_k: 128
+# bytes of nibbles per row), multiplies the unpacked values by the matching slice of x (gathered
+# once per super-block, shared by all rows of the program) and reduces per scale group, applying
+# each group's scale (and min) once to the group's sum, as llama.cpp's vec_dot does. Products and
+# sums are in f32; K is split across programs (partial sums added by one torch reduction).
+
+@triton.jit
+def _gemv_superblock(X, s_xm, BM: tl.constexpr, M, A, B, C, D, E, F, s_a, s_b, s_c, s_f, rn, nmask, kb,
+                     FMT: tl.constexpr, BN: tl.constexpr):
+    """[BM, BN] partial products of rows rn with x over super-block kb."""
+    mm = tl.arange(0, BM)
+    mmask = (mm < M)[:, None]
+    r = rn[:, None]
+    m2 = nmask[:, None]
+    nb_d = kb                                             # d/dmin index within the row (x nb)
+    if FMT == 0:      # q8_0: 256 int8 values and 8 f16 scales per super-block
+        j = tl.arange(0, 256)
+        q = tl.load(A + r * s_a + kb * 256 + j[None, :], mask=m2, other=0).to(tl.float32)        # [BN, 256]
+        x = tl.load(X + mm[:, None] * s_xm + kb * 256 + j[None, :], mask=mmask, other=0.0).to(tl.float32)
+        prod = tl.reshape(q[None, :, :] * x[:, None, :], (BM, BN, 8, 32))
+        part = tl.sum(prod, 3)                                                                  # [BM, BN, 8]
+        g = tl.arange(0, 8)
+        d = tl.load(B + r * s_b + kb * 8 + g[None, :], mask=m2, other=0.0).to(tl.float32)       # [BN, 8]
+        return tl.sum(part * d[None, :, :], 2)
+    j = tl.arange(0, 128)
+    c = j // 32
+    b = j % 32
+    if FMT == 3:      # q6_k: ql 128 bytes, qh 64 bytes, 16 int8 scales, d
+        h = j // 64
+        p = (j % 64) // 32
+        ql = tl.load(A + r * s_a + kb * 128 + j[None, :], mask=m2, other=0).to(tl.int32)         # [BN, 128]
+        qh = tl.load(B + r * s_b + kb * 64 + (32 * h + b)[None, :], mask=m2, other=0).to(tl.int32)
+        q_lo = ((ql & 15) | (((qh >> (2 * p[None, :])) & 3) << 4)).to(tl.float32) - 32.0
+        q_hi = ((ql >> 4) | (((qh >> (2 * p[None, :] + 4)) & 3) << 4)).to(tl.float32) - 32.0
+        v_lo = 128 * h + 32 * p + b                                                             # value index
+        x_lo = tl.load(X + mm[:, None] * s_xm + kb * 256 + v_lo[None, :], mask=mmask, other=0.0).to(tl.float32)
+        x_hi = tl.load(X + mm[:, None] * s_xm + kb * 256 + (v_lo + 64)[None, :], mask=mmask, other=0.0).to(tl.float32)
+        s_lo = tl.sum(tl.reshape(q_lo[None, :, :] * x_lo[:, None, :], (BM, BN, 8, 16)), 3)     # [BM, BN, 8]
+        s_hi = tl.sum(tl.reshape(q_hi[None, :, :] * x_hi[:, None, :], (BM, BN, 8, 16)), 3)
+        run = tl.arange(0, 8)                                                                   # 16-value run of j
+        sc_lo = tl.load(C + r * s_c + kb * 16 + (run + 4 * (run // 4))[None, :], mask=m2, other=0).to(tl.float32)
+        sc_hi = tl.load(C + r * s_c + kb * 16 + (run + 4 * (run // 4) + 4)[None, :], mask=m2, other=0).to(tl.float32)
+        d = tl.load(D + rn * (s_c // 16) + nb_d, mask=nmask, other=0.0).to(tl.float32)          # [BN]
+        return tl.sum(s_lo * sc_lo[None, :, :] + s_hi * sc_hi[None, :, :], 2) * d[None, :]
+    # q4_k / q5_k: per 64 values 32 bytes of nibbles (low = first 32 values, high = next 32)
+    qs = tl.load(A + r * s_a + kb * 128 + j[None, :], mask=m2, other=0).to(tl.int32)             # [BN, 128]
+    q_lo = qs & 15
+    q_hi = qs >> 4
+    if FMT == 2:      # q5_k: bit g of qh byte b is the 5th bit of value 32 g + b
+        qh = tl.load(F + r * s_f + kb * 32 + b[None, :], mask=m2, other=0).to(tl.int32)
+        q_lo += ((qh >> (2 * c[None, :])) & 1) << 4
+        q_hi += ((qh >> (2 * c[None, :] + 1)) & 1) << 4
+    v_lo = 64 * c + b
+    x_lo = tl.load(X + mm[:, None] * s_xm + kb * 256 + v_lo[None, :], mask=mmask, other=0.0).to(tl.float32)
+    x_hi = tl.load(X + mm[:, None] * s_xm + kb * 256 + (v_lo + 32)[None, :], mask=mmask, other=0.0).to(tl.float32)
+    s_lo = tl.sum(tl.reshape(q_lo.to(tl.float32)[None, :, :] * x_lo[:, None, :], (BM, BN, 4, 32)), 3)   # [BM, BN, 4]
+    s_hi = tl.sum(tl.reshape(q_hi.to(tl.float32)[None, :, :] * x_hi[:, None, :], (BM, BN, 4, 32)), 3)
+    xs_lo = tl.sum(tl.reshape(x_lo, (BM, 4, 32)), 2)                                            # [BM, 4]
+    xs_hi = tl.sum(tl.reshape(x_hi, (BM, 4, 32)), 2)
+    g = 2 * tl.arange(0, 4)                                                                      # even groups
+    sc_lo = tl.load(B + r * s_b + kb * 8 + g[None, :], mask=m2, other=0).to(tl.float32)           # [BN, 4]
+    sc_hi = tl.load(B + r * s_b + kb * 8 + g[None, :] + 1, mask=m2, other=0).to(tl.float32)
+    mn_lo = tl.load(C + r * s_b + kb * 8 + g[None, :], mask=m2, other=0).to(tl.float32)
+    mn_hi = tl.load(C + r * s_b + kb * 8 + g[None, :] + 1, mask=m2, other=0).to(tl.float32)
+    d = tl.load(D + rn * (s_b // 8) + nb_d, mask=nmask, other=0.0).to(tl.float32)               # [BN]
+    dmin = tl.load(E + rn * (s_b // 8) + nb_d, mask=nmask, other=0.0).to(tl.float32)
+    qpart = tl.sum(s_lo * sc_lo[None, :, :] + s_hi * sc_hi[None, :, :], 2)                       # [BM, BN]
+    mpart = tl.sum(xs_lo[:, None, :] * mn_lo[None, :, :] + xs_hi[:, None, :] * mn_hi[None, :, :], 2)
+    return qpart * d[None, :] - mpart * dmin[None, :]
+
+
+@triton.jit(do_not_specialize=["M", "s_pk"])
+def _gemv_kernel(X, P, A, B, C, D, E, F, M, N, K, s_xm, s_pk, s_pm, s_a, s_b, s_c, s_f,
+                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(pid_k, K // 256, SPLIT):
+        acc += _gemv_superblock(X, s_xm, BM, M, A, B, C, D, E, F, s_a, s_b, s_c, s_f, rn, nmask, kb, FMT, BN)
+    mm = tl.arange(0, BM)
+    tl.store(P + pid_k * s_pk + mm[:, None] * s_pm + rn[None, :], acc.to(P.dtype.element_ty),
+             mask=(mm < M)[:, None] & nmask[None, :])
+
+
+GEMV_MAX_M = 8
+_GEMV_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
+
+
+def _gemv_shape(m: int, n: int, k: int, sm_count: int) -> tuple[int, int, int, int]:
+    """(BM, BN, K splits, warps): rows of x padded to a power of two; enough programs to give
+    every multiprocessor several (K split while super-blocks remain).
+    NOTE: not yet tuned on the GPU (bench/gpu_qmm.py measures it)."""
+    from ktrans.kernels import next_pow2
+
+    bm = next_pow2(m)
+    bn = 16 if bm <= 2 else 8
+    tiles = -(-n // bn)
+    split = 1
+    while tiles * split < 4 * sm_count and split * 2 <= k // QK and split < 32:
+        split *= 2
+    return bm, bn, split, 4
+
+
+def quant_gemv(x: torch.Tensor, qtype: str, packed: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
+    """quant_matmul for M <= GEMV_MAX_M rows of x (decode), GGUF formats."""
+    m = x.shape[0]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    bm, bn, split, warps = _gemv_shape(m, n, k, sms)
+    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    fields = [packed[f] for f in _FIELDS[qtype]]
+    fields += [fields[0]] * (6 - len(fields))
+    strides = [f.stride(0) for f in fields[:3]] + [fields[5].stride(0)]
+    grid = (triton.cdiv(n, bn), split)
+    _gemv_kernel[grid](x, out, *fields, m, n, k, x.stride(0), out.stride(0), out.stride(1), *strides,
+                       FMT=FORMATS[qtype], BM=bm, BN=bn, SPLIT=split, num_warps=warps)
+    return (out[0] if split == 1 else out.sum(0)).to(x.dtype)
+
+
 _FIELDS = {"f8_e4m3": ("w", "s"), "q8_0": ("qs", "d"), "q4_k": ("qs", "sc", "m", "d", "dmin"), "q5_k": ("qs", "sc", "m", "d", "dmin", "qh"),
            "q6_k": ("ql", "qh", "sc", "d")}
 
@@ -225,6 +360,8 @@ def quant_matmul(x: torch.Tensor, qtype: str, packed: dict[str, torch.Tensor], n
     m = x.shape[0]
     if x.shape[-1] != k or x.stride(-1) != 1:
         raise ValueError(f"quant_matmul: x must be [M, {k}] with a unit last stride, got {tuple(x.shape)}")
+    if m <= GEMV_MAX_M and qtype in _GEMV_FORMATS:
+        return quant_gemv(x, qtype, packed, n, k)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     bm, bn, split, warps, stages = _tiles(m, n, k, sms)
     out = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)

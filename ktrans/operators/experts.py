@@ -5,7 +5,9 @@
   pool. `submit`/`sync` let the MoE block overlap the shared experts on the GPU with the routed
   experts on the CPU. With CUDA inputs of up to `_STREAM_MAX_T` tokens the work is stream-ordered
   (copies to pinned buffers, the CPU task as host functions on the current stream, copy back), so
-  no host sync is needed and the step can be captured in a CUDA graph.
+  no host sync is needed and the step can be captured in a CUDA graph. A CUDA prefill chunk from
+  the layer's crossover size up (`gpu_prefill`) streams the experts to the GPU and computes them
+  there instead (ktrans.operators.expert_stream).
 - `torch_experts`: the experts dequantized as plain torch tensors on a device.
 
 Both take a negative expert id as "skip this slot". Weights come from the layer's expert stacks
@@ -37,6 +39,55 @@ KERNEL_QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "
 _STREAM_MAX_T = 128
 
 _pools: dict[tuple[int, int], Any] = {}
+
+# How a stream-ordered call hands off between the GPU and the CPU (KTRANS_HANDOFF): hostfn, two
+# host functions on the stream (CUDA's callback thread starts the task, then holds the stream
+# until it is done); memop, stream memory operations on two pinned flags (the GPU writes a start
+# flag a spinning pool job waits for, and waits on the job's done flag), no callback thread.
+HANDOFFS = ("hostfn", "memop")
+# Memop tasks captured into the CUDA graph being recorded (cuda_graphs arms them before replays).
+_capturing: list | None = None
+
+
+def handoff_mode() -> str:
+    import os
+
+    mode = os.environ.get("KTRANS_HANDOFF", "").strip() or "hostfn"
+    if mode not in HANDOFFS:
+        raise KtransError(f"KTRANS_HANDOFF must be one of {', '.join(HANDOFFS)}, got {mode!r}")
+    if mode == "memop":
+        from ktrans import _C
+
+        if not _C.cuda_memops_available():
+            import logging
+
+            logging.getLogger("ktrans").warning("KTRANS_HANDOFF=memop: %s; using host functions",
+                                                _C.cuda_memops_unavailable_reason())
+            return "hostfn"
+    return mode
+
+
+class captured_tasks:
+    """Within it, memop tasks launched while a CUDA graph is captured are collected (in launch
+    order) instead of armed: the graph's owner arms them before every replay."""
+
+    def __enter__(self) -> list:
+        global _capturing
+        self.outer, _capturing = _capturing, []
+        return _capturing
+
+    def __exit__(self, *exc) -> None:
+        global _capturing
+        _capturing = self.outer
+
+
+def arm_tasks(tasks: list) -> None:
+    """Arm captured memop tasks for one replay (an earlier run's error is raised first)."""
+    for task in tasks:
+        err = task.take_error()
+        if err:
+            raise KtransError(f"an earlier stream-ordered MoE call failed: {err}")
+        task.arm()
 
 
 DEFAULT_SPIN_US = 200
@@ -152,6 +203,11 @@ def _check_choice(key: str, name: str, value, choices) -> None:
         raise KtransError(f"{key}: {name} '{value}' is not one of {', '.join(map(str, choices))}")
 
 
+def _check_gpu_prefill(key: str, value) -> None:
+    if not (value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+        raise KtransError(f"{key}: gpu_prefill must be auto, off or a number of tokens >= 1, got {value!r}")
+
+
 def default_threads() -> int:
     """Physical cores, leaving one to the Python/GPU-driving thread on larger machines."""
     from ktrans import _C
@@ -189,13 +245,19 @@ class CPUExperts(Operator):
 
     kwargs: backend (auto | gguf | amx_bf16 | amx_int8 | amx_int4 | torch), cpu_infer (threads;
     default: physical cores), numa (auto | replicate | split), numa_nodes (force a layout of that
-    many thread groups, e.g. 2 on a one-node machine for tests), max_chunk (tokens per pass).
+    many thread groups, e.g. 2 on a one-node machine for tests), max_chunk (tokens per pass),
+    gpu_prefill (CUDA chunks of at least this many tokens stream the experts to the GPU: a
+    number, auto = the crossover from the machine profile of `ktrans probe`, or off, the
+    default until the stream is measured on a GPU; never below 129 tokens, so decode steps and
+    CUDA graphs keep the CPU path), gpu_prefill_mb (GPU memory a streamed group may use;
+    default 1024).
     """
 
     name: ClassVar[str] = "cpu_experts"
 
     def __init__(self, *, key: str, orig_module, config, device, backend: str = "auto", cpu_infer: int | None = None,
-                 numa: str = "auto", numa_nodes: int | None = None, max_chunk: int = 4096, **kwargs):
+                 numa: str = "auto", numa_nodes: int | None = None, max_chunk: int = 4096,
+                 gpu_prefill="off", gpu_prefill_mb: int = 1024, **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
         _check_choice(key, "backend", backend, BACKENDS)
         _check_choice(key, "numa", numa, NUMA_MODES)
@@ -208,11 +270,20 @@ class CPUExperts(Operator):
         self.backend, self.numa, self.numa_nodes = backend, numa, numa_nodes
         self.cpu_infer = cpu_infer or default_threads()
         self.max_chunk = int(max_chunk)
+        _check_gpu_prefill(key, gpu_prefill)
+        if not isinstance(gpu_prefill_mb, int) or isinstance(gpu_prefill_mb, bool) or gpu_prefill_mb < 1:
+            raise KtransError(f"{key}: gpu_prefill_mb must be a positive number of MiB, got {gpu_prefill_mb!r}")
+        self.gpu_prefill, self.gpu_prefill_mb = gpu_prefill, gpu_prefill_mb
+        self.streamed = None        # StreamedExperts (stored experts the GPU can stream), or None
+        self.stream_why_not = "not loaded"
+        self._stream_from: dict[int, int | None] = {}  # GPU index -> smallest streamed chunk (None: never)
         self._moe = None            # the C++ MoeLayer
         self._native = None         # (gate, up, down) f32 tensors: backend torch, forward_native
         self._source = None         # WeightSource kept for forward_native's lazy dequantization
         self._pinned: dict[tuple, tuple] = {}  # (k, dtype) -> pinned x, ids, w, out [_STREAM_MAX_T, ...]
         self._stream: dict[tuple, tuple] = {}  # (T, k, dtype) -> views of those + their StreamTask
+        self._handoff: str | None = None       # KTRANS_HANDOFF, read at the first stream-ordered call
+        self._flags: list[torch.Tensor] = []   # the memop tasks' pinned flags (kept alive)
 
     # ---- loading ----
 
@@ -254,6 +325,61 @@ class CPUExperts(Operator):
             raise KtransError(f"{self.key}: {e}") from None
         self._pool = pool
         self.numa_mode = mode
+        self._cpu_expert_bytes = copy_bytes // self.num_experts
+        self._keep_stored(raws)
+
+    def _keep_stored(self, raws) -> None:
+        """Keep the experts' stored bytes (views of the mapped file) for streamed prefill."""
+        from ktrans.operators.expert_stream import StoredExperts, StreamedExperts
+
+        self.streamed = None
+        if self.gpu_prefill == "off":
+            self.stream_why_not = "gpu_prefill: off"
+            return
+        stored = StoredExperts.of(raws, self.num_experts, self.hidden_size, self.intermediate_size)
+        if isinstance(stored, str):
+            self.stream_why_not = stored
+            return
+        self.streamed = StreamedExperts(stored, self.gpu_prefill_mb << 20)
+        self.stream_why_not = ""
+
+    def set_gpu_prefill(self, value) -> None:
+        """Change gpu_prefill after loading: auto, a number of tokens, or off."""
+        _check_gpu_prefill(self.key, value)
+        self.gpu_prefill, self._stream_from = value, {}
+        if value != "off" and self.streamed is None and self._moe is not None:
+            self._keep_stored(self._raw_experts(self._source))
+
+    def stream_from(self, device: torch.device) -> int | None:
+        """Smallest chunk (tokens) this layer streams to `device`, or None (never)."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._stream_from:
+            self._stream_from[index] = self._stream_threshold(index)
+        return self._stream_from[index]
+
+    def _stream_threshold(self, index: int) -> int | None:
+        if self.streamed is None or self.gpu_prefill == "off":
+            return None
+        if self.gpu_prefill != "auto":
+            return max(int(self.gpu_prefill), _STREAM_MAX_T + 1)
+        from ktrans.fit.prefill import LayerShape, layer_crossover
+        from ktrans.fit.profile import load_cached, profile_path
+
+        profile = load_cached(profile_path())
+        if profile is None:
+            self.stream_why_not = "gpu_prefill: auto needs the machine profile (run `ktrans probe`)"
+            return None
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        top_k = int(getattr(self.config, "num_experts_per_tok", 0) or 0) or 8
+        shape = LayerShape(e, h, i, top_k, self._cpu_expert_bytes, self.streamed.stored.expert_bytes())
+        choice = layer_crossover(shape, profile, gpu_index=index, cpu_format=self.streamed.stored.qtypes[0])
+        if choice is None:
+            self.stream_why_not = "gpu_prefill: auto needs measured GPU and CPU rates in the machine profile"
+            return None
+        if choice.crossover is None:
+            self.stream_why_not = "streaming never beats the CPU on this machine (machine profile)"
+            return None
+        return max(choice.crossover, _STREAM_MAX_T + 1)
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
@@ -289,6 +415,10 @@ class CPUExperts(Operator):
             raise KtransError(f"{self.key}: cpu_experts used before load_weights()")
         if dev.type == "cuda" and x.shape[0] <= _STREAM_MAX_T:
             return self._submit_stream(x, top_k_index, top_k_weights)
+        if dev.type == "cuda" and self.streamed is not None:
+            start = self.stream_from(dev)
+            if start is not None and x.shape[0] >= start:
+                return Pending(None, self.streamed.run(x, top_k_index, top_k_weights), (), dev, dt)
         xc = x.detach().to("cpu")
         xc = (xc if xc.dtype in (torch.bfloat16, torch.float32) else xc.float()).contiguous()
         ids = top_k_index.to("cpu", torch.int64).contiguous()
@@ -325,10 +455,16 @@ class CPUExperts(Operator):
                                           torch.empty(n, h, dtype=cdt, pin_memory=True))
             x, ids, w, out = (b[:t] for b in self._pinned[(k, cdt)])
             task = self._moe.stream_task(_np(x), _np(ids), _np(w), _np(out), False)
+            if self._handoff == "memop":
+                flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+                task.set_flags(flags.numpy().view(np.uint32))
+                self._flags.append(flags)
             self._stream[key] = (x, ids, w, out, task)
         return self._stream[key]
 
     def _submit_stream(self, x, idx, w) -> Pending:
+        if self._handoff is None:
+            self._handoff = handoff_mode()
         xb, ib, wb, ob, task = self._stream_buffers(x.shape[0], idx.shape[1], x.dtype)
         err = task.take_error()
         if err:
@@ -340,13 +476,33 @@ class CPUExperts(Operator):
         ib.copy_(idx, non_blocking=True)
         wb.copy_(w, non_blocking=True)
         try:
-            task.launch_start(stream)
+            if self._handoff == "memop":
+                # NOTE: the start write is queued before the job is armed (the job waits for the
+                # flag either way), so a launch that fails leaves no job waiting for a start
+                # that never comes.
+                capturing = torch.cuda.is_current_stream_capturing()
+                if capturing and _capturing is None:
+                    raise KtransError(f"{self.key}: a memop hand-off captured outside captured_tasks()")
+                task.launch_start_memop(stream)
+                if capturing:
+                    _capturing.append(task)
+                else:
+                    task.arm()
+            else:
+                task.launch_start(stream)
         except RuntimeError as e:
             raise KtransError(f"{self.key}: {e}") from None
         return Pending(None, ob, (xb, ib, wb), x.device, x.dtype, stream_task=task)
 
     def _sync_stream(self, handle: Pending) -> torch.Tensor:
-        handle.stream_task.launch_wait(torch.cuda.current_stream(handle.device).cuda_stream)
+        stream = torch.cuda.current_stream(handle.device).cuda_stream
+        try:
+            if self._handoff == "memop":
+                handle.stream_task.launch_wait_memop(stream)
+            else:
+                handle.stream_task.launch_wait(stream)
+        except RuntimeError as e:
+            raise KtransError(f"{self.key}: {e}") from None
         return handle.out.to(handle.device, non_blocking=True).to(handle.dtype)
 
     def forward_native(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:

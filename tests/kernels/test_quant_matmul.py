@@ -1,6 +1,7 @@
 """GGUF weights on the GPU (ktrans.kernels.quant_matmul): the packed layout dequantizes
-bit-exactly like gguf-py, and the Triton matmul over it equals x · Wᵀ on those dequantized
-weights, for every format, every tiling (decode with split K, prefill tiles) and ragged M/N.
+bit-exactly like gguf-py, and the Triton kernels over it (the decode GEMV for M <= 8, the tiled
+matmul above) equal x · Wᵀ on those dequantized weights, for every format, every tiling (split
+K, prefill tiles) and ragged M/N.
 Then the `linear` operator with `weights: stored` against its dense twin on the same GGUF file.
 On a CPU-only machine the kernel runs under Triton's interpreter (tests/conftest.py)."""
 
@@ -61,11 +62,12 @@ def _pack(qtype, data, n, k):
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 5, 20, 130])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 20, 130])
 def test_quant_matmul_matches_dequantized_weights(qtype, m):
     from ktrans.kernels.quant_matmul import quant_matmul
 
-    # ragged N tiles (and FP8 scale rows), 4 super-blocks; a narrow output at M = 1 splits K
+    # ragged N tiles (and FP8 scale rows), 4 super-blocks; a narrow output at M = 1 splits K;
+    # M <= 8 runs the decode GEMV for the GGUF formats, larger M the tiled kernel
     n, k = (136 if m > 1 else 40), 1024
     data, ref = _weights(qtype, n, k)
     packed = {f: t.to(DEV) for f, t in _pack(qtype, data, n, k).items()}

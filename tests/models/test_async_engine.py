@@ -1,7 +1,8 @@
 """AsyncEngine on a tiny model: concurrent requests (more than the batch holds, so requests join
 and leave the running batch every step) each get exactly the greedy tokens they get alone;
 leaving the stream early, cancelling the task or abort() frees the KV pages (checked with the
-model held mid-forward, so only the abort can have freed them); queue limit,
+model held mid-forward, so only the abort can have freed them); stats() answers while the engine
+thread holds the scheduler's lock (and the OS knows that thread by name); queue limit,
 over-long prompts and bad token ids are refused up front; a request whose forward fails ends with
 an error while the requests batched with it go on unharmed."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +143,61 @@ def test_leaving_early_cancel_and_abort_free_the_kv(runner):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+class GatedSampler:
+    """The real sampler behind a gate: while shut, the engine thread waits inside its update, with
+    the scheduler's lock held (as when the OS takes it off the CPU there)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.opened, self.blocked = threading.Event(), threading.Event()
+        self.opened.set()
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+    def __call__(self, logits, requests):
+        if not self.opened.is_set():
+            self.blocked.set()
+            self.opened.wait()
+        return self.sampler(logits, requests)
+
+
+def test_stats_never_wait_for_the_engine_thread(runner):
+    """stats() (what /health reports) answers while the engine thread holds the scheduler's lock,
+    with the state as that lock last left it."""
+    prompt = torch.randint(0, runner.config.vocab_size, (30,)).tolist()
+
+    async def main():
+        core = LLMEngine(runner, max_batch_size=4, chunk_size=64)
+        core.sampler = gated = GatedSampler(core.sampler)
+        engine = AsyncEngine(core)
+        await engine.start()
+        gated.opened.clear()
+        task = asyncio.create_task(_collect(engine, "held", prompt))
+        await _until("the update to reach the gate", gated.blocked.is_set)
+        comm = Path(f"/proc/self/task/{engine._thread.native_id}/comm")
+        if comm.exists():                                  # Linux: the OS knows the engine thread by name
+            assert comm.read_text().strip() == "ktrans-engine"
+        assert not core._lock.acquire(blocking=False) or core._lock.release()   # the engine thread holds it
+        held = []
+        reader = threading.Thread(target=lambda: held.append(engine.stats()), daemon=True)
+        reader.start()
+        reader.join(30)          # bounded: a stats() that waited for the lock would still be waiting
+        answered = list(held)
+        gated.opened.set()
+        tokens, _ = await task
+        await engine.shutdown()
+        return answered, tokens, engine.stats()
+
+    answered, tokens, after = asyncio.run(main())
+    assert answered, "stats() waited for the engine thread's lock"
+    held = answered[0]
+    # As scheduling left it: the request runs, its prompt's pages are in use, nothing sampled yet.
+    assert held["running"] == 1 and held["waiting"] == 0 and held["kv_pages_used"] > 0
+    assert held["generation_tokens"] == 0
+    assert len(tokens) == 12 and after["kv_pages_used"] == 0 and after["generation_tokens"] == 12
 
 
 def test_refusals_come_before_any_output(runner):

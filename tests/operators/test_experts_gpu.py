@@ -102,3 +102,46 @@ def test_stream_task_error_is_raised_by_the_next_call_then_cleared():
     torch.cuda.synchronize()
     with torch.no_grad():
         torch.testing.assert_close(got.cpu(), hf(x, ids, w), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+@pytest.mark.parametrize("handoff", ["hostfn", "memop"])
+def test_stream_ordered_and_cuda_graph_each_handoff(handoff, monkeypatch):
+    """The same GPU op / CPU MoE / GPU op step, eager then captured and replayed, under each
+    KTRANS_HANDOFF (host functions; stream writes and waits on pinned flags)."""
+    monkeypatch.setenv("KTRANS_HANDOFF", handoff)
+    config, hf, op = make("qwen3_moe", backend="gguf")
+    dev = torch.device("cuda")
+    t = 3
+    x = torch.randn(t, config.hidden_size, device=dev)
+    ids, w = (v.to(dev) for v in routing(config, hf, t))
+
+    def step():
+        a = x * 2 + 1
+        handle = op.submit(a, ids, w)
+        shared = a.sin()
+        return op.sync(handle) * 3 + shared
+
+    from ktrans.operators.experts import arm_tasks, captured_tasks
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = step()
+        stream.synchronize()
+        assert op._handoff == handoff
+        torch.testing.assert_close(out.cpu(), reference(hf, x, ids, w), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+        graph = torch.cuda.CUDAGraph()
+        with captured_tasks() as tasks:
+            with torch.cuda.graph(graph):
+                static_out = step()
+        assert len(tasks) == (1 if handoff == "memop" else 0)
+    for _ in range(3):
+        new_ids, new_w = routing(config, hf, t)
+        x.copy_(torch.randn(t, config.hidden_size))
+        ids.copy_(new_ids)
+        w.copy_(new_w)
+        arm_tasks(tasks)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out.cpu(), reference(hf, x, ids, w), rtol=F32_RTOL * 10,
+                                   atol=F32_ATOL * 10)

@@ -11,7 +11,7 @@ import pytest
 from ktrans.fit.model_bytes import LayerBytes, ModelBytes
 from ktrans.fit.numa import choose_numa
 from ktrans.fit.placement import FitError, FitOptions, check_fits, decide, gpu_budget
-from ktrans.fit.prefill import cpu_seconds, prefill_crossover, streamed_seconds
+from ktrans.fit.prefill import LayerShape, cpu_seconds, prefill_crossover, streamed_seconds
 from ktrans.fit.profile import GpuInfo, NumaNode, Profile
 from ktrans.fit.rulegen import render_rules
 from ktrans.rules.files import shipped_rules
@@ -133,8 +133,9 @@ def test_prefill_crossover_from_measured_rates():
     prof = machine(h2d=50.0, gpu_tflops=400.0, read=200.0, cpu_tflops=2.0)
     c = prefill_crossover(mb, prof)
     lb = mb.moe_layers()[0]
+    shape = LayerShape(lb.num_experts, mb.hidden_size, mb.moe_intermediate, mb.top_k, lb.expert_cpu, lb.expert_stored)
     assert c.crossover is not None and c.crossover > 1
-    at = lambda t: (streamed_seconds(t, mb, c.stream_s, 400.0), cpu_seconds(t, lb, mb, 2.0, 200.0))  # noqa: E731
+    at = lambda t: (streamed_seconds(t, shape, c.stream_s, 400.0), cpu_seconds(t, shape, 2.0, 200.0))  # noqa: E731
     assert at(c.crossover)[0] < at(c.crossover)[1] and at(c.crossover - 1)[0] >= at(c.crossover - 1)[1]
     assert c.stream_s == pytest.approx(64 * (8 << 20) / 50e9)
     slower_link = prefill_crossover(mb, machine(h2d=5.0, gpu_tflops=400.0, read=200.0, cpu_tflops=2.0))
