@@ -1,15 +1,19 @@
-"""One CPU MoE layer at DeepSeek-V3 and Qwen3-30B-A3B shapes, ktrans vs kt-kernel 0.7.2.
+"""One CPU MoE layer at DeepSeek-V3, Qwen3-30B-A3B and gpt-oss-120b shapes, ktrans vs kt-kernel 0.7.2.
 
 For each weight format and T: µs per layer call (submit + sync, routing new every call, layers
 cycled so the weights stream from DRAM), GB/s of expert weights read, TFLOP/s, and the fraction
 of the roofline max(FLOPs / AMX peak, bytes / bandwidth); the machine's read bandwidth and AMX
 peak are measured in the same run. kt-kernel runs the comparable format (AMXINT8, AMXINT4, BF16,
 LLAMAFILE Q4_K) on the same bytes and threads; `ratio` = its time / ours (> 1: ktrans faster).
+gpt-oss's shape runs its expert MLP (clamped SwiGLU); its released format is mxfp4 (kt-kernel has
+none), and its H = I = 2880 is not a multiple of q4_k's 256-value blocks: q4_0 is the 4-bit
+GGUF format to compare with there.
 
   python bench/moe.py --quick                       # small machine: fewer experts and cases
   python bench/moe.py --json moe.json               # the full table (16-core machine)
   python bench/moe.py --shapes qwen3 --formats q4_k,amx_int8 --T 1,512
   python bench/moe.py --repeat 5 ...                # each case 5 times, interleaved; the best counts
+  python bench/moe.py --shapes gptoss --formats mxfp4,q4_0,q8_0,amx_int8 --T 1,32,512
 
 On a shared machine one timing (and one AMX peak probe) moves by 2-3x: --repeat N times each
 case N times (ours and the peer alternating) and keeps the fastest of each, and re-probes the
@@ -37,13 +41,14 @@ from ktrans import _C, cpu  # noqa: E402
 from ktrans.weights import quant  # noqa: E402
 
 SHAPES = {"dsv3": dict(E=256, k=8, H=7168, I=2048, layers=1),
-          "qwen3": dict(E=128, k=8, H=2048, I=768, layers=16)}
+          "qwen3": dict(E=128, k=8, H=2048, I=768, layers=16),
+          "gptoss": dict(E=128, k=4, H=2880, I=2880, layers=1, act="swiglu_oai")}
 # format -> (ktrans backend, stored type of the source bytes)
 FORMATS = {"q4_k": ("gguf", "q4_k"), "q6_k": ("gguf", "q6_k"), "q8_0": ("gguf", "q8_0"), "bf16": ("gguf", "bf16"),
            "amx_bf16": ("amx_bf16", "bf16"), "amx_int8": ("amx_int8", "bf16"), "amx_int4": ("amx_int4", "bf16")}
 DEFAULT_FORMATS = list(FORMATS)
 # Further GGUF block formats, on request (--formats q5_k,...).
-FORMATS.update({q: ("gguf", q) for q in ("q5_k", "q4_0", "q5_0", "q2_k", "q3_k", "iq4_xs")})
+FORMATS.update({q: ("gguf", q) for q in ("q5_k", "q4_0", "q5_0", "q2_k", "q3_k", "iq4_xs", "mxfp4")})
 TS = (1, 4, 32, 512, 2048, 8192)
 NPOOL = 4        # distinct random experts, tiled over E (same bytes, separate memory)
 ROUTINGS = 61    # prime: a layer never sees the same routing twice in a row
@@ -112,7 +117,7 @@ def build_ours(fmt, shape, pool, src, max_len, gemm_min_tokens=-1, fused_max_tok
     E, H, I = shape["E"], shape["H"], shape["I"]
     raws = stored(src, qtype)
     layers = [_C.MoeLayer(pool, E, H, I, [qtype] * 3, backend=backend, max_chunk=max(max_len, 1),
-                          gemm_min_tokens=gemm_min_tokens)
+                          gemm_min_tokens=gemm_min_tokens, act=shape.get("act", "silu"))
               for _ in range(shape["layers"])]
     if fused_max_tokens >= 0:
         for m in layers:

@@ -5,7 +5,8 @@ Such a run may pick a different expert where two router scores nearly tie; the t
 legitimately far off, and through attention so is every later token of its request. Instead of
 tolerating a share of badly-off tokens, the tests:
 1. record the reference's router at every (MoE layer, request, position): `Reference`, forward
-   hooks on transformers' router modules (`mlp.gate`, which return logits, top-k weights, ids);
+   hooks on transformers' router modules (`mlp.gate`, gpt-oss's `mlp.router`, which return
+   logits, top-k weights, ids);
 2. run ours with `force_reference_routing`: each MoE block's own choice is kept where it picks
    the reference's experts, and where it does not (a flip) it is recorded and replaced by the
    reference's experts and weights, so later layers and tokens see no trace of it;
@@ -80,7 +81,8 @@ class Reference:
 
             def route(x):
                 w, idx = own(x)
-                logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight)   # [T, E]
+                logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight,
+                                  block.router_bias)                                          # [T, E]
                 for i, row in enumerate(rows_of_step()):
                     self.logits[(layer, row)] = logits[i].detach().float().cpu()
                     self.ids[(layer, row)] = idx[i].detach().cpu()
@@ -105,7 +107,8 @@ class Reference:
 @contextlib.contextmanager
 def _gate_hooks(model, hook):
     handles = [mod.register_forward_hook(lambda m, a, o, layer=_layer(name): hook(m, a, o, layer))
-               for name, mod in model.named_modules() if name.endswith(".mlp.gate") and hasattr(mod, "top_k")]
+               for name, mod in model.named_modules()
+               if name.endswith((".mlp.gate", ".mlp.router")) and hasattr(mod, "top_k")]
     try:
         yield
     finally:
@@ -138,7 +141,8 @@ def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, dr
             w, idx = own(x)
             rows = rows_of_step()
             assert len(rows) == idx.shape[0]
-            logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight).cpu()  # [T, E]
+            logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight,
+                              block.router_bias).cpu()                                    # [T, E]
             w, idx = w.clone(), idx.clone()
             for i, row in enumerate(rows):
                 if routed is not None:

@@ -14,7 +14,8 @@ F32_ATOL = 1e-6
 # --- Quant formats (Q) -------------------------------------------------------------------------
 # Quantization error, NMSE of dequantize(quantize(x)) vs x on x ~ N(0, 1) (blocks of 128 rows x
 # 1024). Measured (docs/quant.md): f16 4.4e-8, bf16 2.8e-6, q8_0 2.9e-5, q4_0 7.4e-3,
-# q5_0 1.8e-3, q4_k 5.2e-3, q5_k 1.3e-3, q6_k 3.2e-4, q3_k 2.3e-2, q2_k 9.0e-2, iq4_xs 5.9e-3;
+# q5_0 1.8e-3, q4_k 5.2e-3, q5_k 1.3e-3, q6_k 3.2e-4, q3_k 2.3e-2, q2_k 9.0e-2, iq4_xs 5.9e-3,
+# mxfp4 1.3e-2 (power-of-two block scales and 15 E2M1 levels: coarser than q4_0's fp16 scale);
 # bounds add ~30%.
 QUANT_NMSE = {
     "f32": 0.0,
@@ -29,6 +30,7 @@ QUANT_NMSE = {
     "q3_k": 3.0e-2,
     "q2_k": 0.115,
     "iq4_xs": 7.7e-3,
+    "mxfp4": 1.75e-2,
 }
 # vec_dot (weights as stored, activations quantized to q8_0 / q8_K) vs a float64 dot of the
 # dequantized weights with the original float activations: the activation rounding alone
@@ -48,6 +50,7 @@ VEC_DOT_NMSE = {
     "q2_k": 6e-4,
     "q3_k": 6e-4,
     "iq4_xs": 6e-4,
+    "mxfp4": 4e-4,
 }
 # An ISA variant vs the generic reference: same integer sums, different float summation order.
 VEC_DOT_ISA_NMSE = 1e-10
@@ -100,6 +103,7 @@ MOE_NMSE = {
     "f32": 1e-5, "f16": 1e-5, "bf16": 1e-5,
     "q8_0": 6e-4, "q4_0": 6e-4, "q5_0": 6e-4,
     "q4_k": 1.5e-3, "q5_k": 1.5e-3, "q6_k": 1.5e-3, "q2_k": 1.5e-3, "q3_k": 1.5e-3, "iq4_xs": 1.5e-3,
+    "mxfp4": 6e-4,
 }
 # forward_native (ktrans's dequantization, f32 torch) vs plain float64 torch on gguf-py's
 # dequantization of the same bytes: identical weights, only f32 rounding of the sums (measured
@@ -125,3 +129,14 @@ MOE_PACKED_NMSE = {"amx_bf16": 5e-5, "amx_int8": 1.5e-3, "amx_int4": 6e-2}
 # weights run through different kernels and summation orders, so logits differ by up to
 # FIDELITY_F32_ATOL each side; random tiny models do produce top-2 gaps that small.
 GREEDY_TIE_ATOL = 2e-4
+# llama.cpp (tests/models/test_llamacpp_peer.py) vs ktrans on the same GGUF file: log-prob of
+# each greedy token; a differing greedy token must be a near-tie of ours (log-prob gap below TIE);
+# the comparison ends at the first step where one of our routers' k-th and next scores are closer
+# than ROUTER_TIE (llama.cpp may choose the other expert there: seen in f32 at a gap of 1e-4).
+# f32: both compute in f32 (llama.cpp's KV cache set to f32): measured up to 4.3e-4 on tiny
+# gpt-oss. mxfp4 files (q8_0 outside the experts): both quantize activations to 8 bits for the
+# dots, with their own rounding of what goes in: measured up to 0.065 (qwen2, all q8_0); a wrong
+# block layout moves them by O(1).
+LLAMA_CPP_LOGPROB_ATOL = {"f32": 3e-3, "mxfp4": 0.12}
+LLAMA_CPP_TIE = {"f32": 3e-3, "mxfp4": 0.12}
+LLAMA_CPP_ROUTER_TIE = {"f32": 1e-3, "mxfp4": 1e-3}

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -82,15 +83,27 @@ MoeShape shape_arg(int64_t E, int64_t H, int64_t I, const std::vector<std::strin
   return s;
 }
 
+MoeGating gating_arg(const std::string& act, float alpha, float limit) {
+  MoeGating g;
+  if (act == "silu") return g;
+  if (act != "swiglu_oai") bad("unknown MoE activation '" + act + "' (expected silu or swiglu_oai)");
+  if (!(limit > 0.0f) || !std::isfinite(alpha)) bad("swiglu_oai needs a positive limit and a finite alpha");
+  g.act = MoeAct::swiglu_oai;
+  g.alpha = alpha;
+  g.limit = limit;
+  return g;
+}
+
 std::shared_ptr<MoeLayer> make_layer(std::shared_ptr<ThreadPool> pool, int64_t E, int64_t H, int64_t I,
                                      const std::vector<std::string>& types, const std::string& backend,
                                      const std::string& numa, const std::string& isa, int64_t max_chunk,
-                                     int64_t gemm_min_tokens) {
+                                     int64_t gemm_min_tokens, const std::string& act, float alpha, float limit) {
   Isa level = isa.empty() ? selected_isa() : parse_isa(isa);
   if (static_cast<int>(level) > static_cast<int>(best_isa()))
     bad(std::string("ISA '") + isa_name(level) + "' is not supported by this CPU");
-  auto layer = std::make_shared<MoeLayer>(pool, shape_arg(E, H, I, types), backend_arg(backend), numa_arg(numa),
-                                          level, max_chunk);
+  MoeShape shape = shape_arg(E, H, I, types);
+  shape.gating = gating_arg(act, alpha, limit);
+  auto layer = std::make_shared<MoeLayer>(pool, shape, backend_arg(backend), numa_arg(numa), level, max_chunk);
   if (gemm_min_tokens >= 0) layer->set_gemm_min_tokens(gemm_min_tokens);
   return layer;
 }
@@ -109,6 +122,16 @@ void load_py(MoeLayer& layer, int proj, int64_t e_begin, py::array_t<uint8_t, py
   const uint8_t* p = src.data();
   py::gil_scoped_release release;
   layer.pool()->run([&] { layer.load(proj, e_begin, e_begin + n, p); });
+}
+
+void load_bias_py(MoeLayer& layer, int proj, py::array_t<float, py::array::c_style> src) {
+  if (proj < 0 || proj > 2) bad("projection must be 0 (gate), 1 (up) or 2 (down)");
+  const MoeShape& s = layer.shape();
+  const int64_t rows = proj < 2 ? s.I : s.H;
+  if (src.ndim() != 2 || src.shape(0) != s.E || src.shape(1) != rows)
+    bad("biases of projection " + std::to_string(proj) + " must be float32 [" + std::to_string(s.E) + ", " +
+        std::to_string(rows) + "]");
+  layer.load_bias(proj, src.data());
 }
 
 }  // namespace
@@ -158,8 +181,11 @@ void bind_moe(py::module_& m) {
   py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")
       .def(py::init(&make_layer), py::arg("pool"), py::arg("E"), py::arg("H"), py::arg("I"), py::arg("types"),
            py::arg("backend") = "gguf", py::arg("numa") = "replicate", py::arg("isa") = "",
-           py::arg("max_chunk") = 4096, py::arg("gemm_min_tokens") = -1)
+           py::arg("max_chunk") = 4096, py::arg("gemm_min_tokens") = -1, py::arg("act") = "silu",
+           py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f)
       .def("load", &load_py, py::arg("proj"), py::arg("e_begin"), py::arg("src"))
+      .def("load_bias", &load_bias_py, py::arg("proj"), py::arg("src"),
+           "float32 biases [E, I] (gate 0, up 1) or [E, H] (down 2) of every expert")
       .def_property_readonly("weight_bytes", &MoeLayer::weight_bytes)
       .def_property_readonly("buffer_bytes", &MoeLayer::buffer_bytes)
       .def_property_readonly("gemm_min_tokens", &MoeLayer::gemm_min_tokens)

@@ -1,11 +1,12 @@
-// CPU MoE layer: out[T, H] (+)= sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+// CPU MoE layer: out[T, H] (+)= sum_j w[t, j] * (down_e(act(gate_e(x_t), up_e(x_t))) + b_down_e),
+// e = ids[t, j], act being SiLU gating or gpt-oss's clamped SwiGLU (MoeGating), biases optional.
 //
 // Tokens are grouped per expert: a "position" p is one (token, slot) pair routed to an active
 // expert, and the positions of one expert are contiguous (moe_plan.h). One forward call runs
 // these phases on the pool, each one parallel() fan-out:
 //   1. activations: x rows -> the activation format of the weights (f32 / q8_0 / q8_K, or bf16
 //      rows gathered per expert for the packed AMX formats)
-//   2. gate/up: work items (active expert, block of I rows), h[p, i] = silu(g) * u
+//   2. gate/up: work items (active expert, block of I rows), h[p, i] = act(g, u)
 //   3. h rows -> the down projection's activation format
 //   4. down: each thread owns a range of the H output rows for every active expert, so it adds
 //      w * down(h) into its own columns of the f32 accumulator: no reduction pass, no atomics.
@@ -23,8 +24,10 @@
 //   split:     group g holds I-slice g of every expert (gate/up rows, down columns; cut at block
 //              boundaries); each group computes a partial down output, summed at the end.
 #pragma once
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -43,9 +46,28 @@ enum class NumaMode { replicate, split };
 // packed formats of csrc/packed/ (bf16, int8 per-channel, int4 group scales).
 enum class MoeBackend { gguf, amx_bf16, amx_int8, amx_int4 };
 
+// The gating h = act(g, u) of the expert MLP, g and u with their biases added where loaded:
+//   silu        h = silu(g) * u                                        (every arch but gpt-oss)
+//   swiglu_oai  g' = min(g, limit), u' = clamp(u, -limit, limit),      (gpt-oss)
+//               h = g' * sigmoid(alpha * g') * (u' + 1)
+enum class MoeAct { silu, swiglu_oai };
+struct MoeGating {
+  MoeAct act = MoeAct::silu;
+  float alpha = 1.702f;
+  float limit = 7.0f;
+};
+
+inline float moe_gate(const MoeGating& m, float g, float u) {
+  if (m.act == MoeAct::silu) return g / (1.0f + std::exp(-g)) * u;
+  g = std::min(g, m.limit);
+  u = std::min(std::max(u, -m.limit), m.limit);
+  return g / (1.0f + std::exp(-m.alpha * g)) * (u + 1.0f);
+}
+
 struct MoeShape {
   int64_t E = 0, H = 0, I = 0;
   std::array<QType, 3> types{QType::bf16, QType::bf16, QType::bf16};  // gate, up, down as loaded
+  MoeGating gating;
 };
 
 // One forward call: raw pointers, checked at the binding boundary.
@@ -79,6 +101,9 @@ class MoeLayer {
   // ([e_end - e_begin, rows, row_bytes] in shape.types[proj]); repacks for the amx backends.
   // Runs fan-outs on the pool: call from inside a pool task.
   void load(int proj, int64_t e_begin, int64_t e_end, const uint8_t* src);
+  // Biases of projection proj for every expert: float32 [E, I] (gate, up) or [E, H] (down),
+  // copied. A layer without them computes none.
+  void load_bias(int proj, const float* src);
   // One forward; call from inside a pool task.
   void forward(const MoeArgs& a);
 
@@ -134,6 +159,17 @@ class MoeLayer {
     });
   }
   void down_rows_packed(int slice, int copy, int64_t r0, int64_t r1, float* acc, int ith);
+  // Gating (moe_gating.cpp): h of gate/up row r of expert e, and of n consecutive rows r0.. of
+  // one position (out may alias g); the down biases of output rows [r0, r1) into acc [tc, H].
+  float gate_one(int64_t e, int64_t r, float g, float u) const {
+    if (!bias_[0].empty()) {
+      g += bias_[0][e * shape_.I + r];
+      u += bias_[1][e * shape_.I + r];
+    }
+    return moe_gate(shape_.gating, g, u);
+  }
+  void gate_rows(int64_t e, int64_t r0, const float* g, const float* u, float* out, int64_t n) const;
+  void add_down_bias(const MoeArgs& a, int64_t t0, int64_t tc, int64_t r0, int64_t r1, float* acc) const;
   // Pieces of the phases, shared by the phased and the fused forward.
   void act_rows(const MoeArgs& a, int64_t t0, int64_t b, int64_t e, float* row);
   void quantize_h(int64_t p0, int64_t p1);
@@ -160,6 +196,7 @@ class MoeLayer {
   int64_t max_chunk_;
   std::vector<int64_t> row_begin_;  // [G+1] I-rows of group g's gate/up work (slice in split mode)
   std::vector<ProjStore> store_[3];  // [proj][group]
+  std::vector<float> bias_[3];       // [E, I] gate, [E, I] up, [E, H] down; empty: no bias
   VecDotFn dot_[3] = {};
   MoeDotMultiFn multi_[3] = {};      // several tokens per weight row, where the format has one
   // out[j] = dot(k, w, acts[j]) for j < nt, with the multi-token kernel when there is one.
@@ -178,7 +215,7 @@ class MoeLayer {
   // Buffers of the chunk in flight (set by forward_chunk).
   struct Chunk {
     const uint8_t* xq[2] = {};  // [tc, act_bytes] activations of gate (0) and up (1)
-    float* h = nullptr;         // [P, I] silu(gate) * up
+    float* h = nullptr;         // [P, I] act(gate, up)
     uint8_t* hq = nullptr;      // [slices][P, act_bytes_[2]] h in the down activation format
     float* acc = nullptr;       // [slices][tc, H] f32 accumulators
     float* scratch = nullptr;   // [nthreads][max(H, I)] per-thread f32 row

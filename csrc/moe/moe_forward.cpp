@@ -1,5 +1,5 @@
 // Forward phases of the gguf MoE backend (see moe.h): activation quantization, gate/up with the
-// SiLU gating, h quantization, down with per-thread output rows, and the NUMA-split reduction.
+// gating (moe_gating.cpp), h quantization, down with per-thread output rows, and the NUMA-split reduction.
 //
 // Dot products are the quant formats' own k_vec_dot kernels (csrc/quant/), one weight row against
 // one activation row; loops keep a block of weight rows hot in L1/L2 while a tile of positions
@@ -18,8 +18,6 @@ constexpr int64_t kRowBlock = 32;  // gate/up rows per work item
 constexpr int64_t kTokTile = 16;   // positions per pass over a block of weight rows
 
 enum Slot { kXq0, kXq1, kH, kHq, kAcc, kScratch };
-
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 inline void split_range(int64_t len, int i, int n, int64_t* b, int64_t* e) {
   *b = len * i / n;
@@ -138,7 +136,7 @@ void MoeLayer::gate_up_item(int g, int64_t a, int64_t r0, int64_t r1, int ith) {
         float gv[kMoeDotTokens], uv[kMoeDotTokens];
         dot_tokens(0, H, wg, xg, nt, gv);
         dot_tokens(1, H, wu, xu, nt, uv);
-        for (int j = 0; j < nt; ++j) c_.h[(p + j) * I + r] = silu(gv[j]) * uv[j];  // [P, I]
+        for (int j = 0; j < nt; ++j) c_.h[(p + j) * I + r] = gate_one(e, r, gv[j], uv[j]);  // [P, I]
       }
     }
   }
@@ -230,6 +228,7 @@ void MoeLayer::down_thread(const MoeArgs& a, int64_t t0, int64_t tc, int ith, in
     down_rows(s, copy, r0, r1, acc, ith);
   else
     down_rows_packed(s, copy, r0, r1, acc, ith);
+  if (s == 0 && !bias_[2].empty()) add_down_bias(a, t0, tc, r0, r1, acc);
   if (S > 1) return;
   for (int64_t t = 0; t < tc; ++t) {
     if (a.x_bf16)

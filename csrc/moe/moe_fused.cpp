@@ -11,7 +11,9 @@
 // NOTE (progress): a waiting thread only ever waits for work that a running thread has claimed
 // (an item, an expert's x), never for an index of the fan-out that may not have started, so the
 // pool's rule that thread 0 runs unclaimed indices after its own cannot deadlock it.
-// The arithmetic is the phased forward's, item for item: results are bit-identical.
+// The arithmetic is the phased forward's, item for item: results are bit-identical. That includes
+// the layer's gating and expert biases (moe_gating.cpp): the shared pieces apply them (gate_up_item
+// and gate_up_block_packed through gate_one / gate_rows, down_thread adds the down bias).
 #include <immintrin.h>
 
 #include <algorithm>

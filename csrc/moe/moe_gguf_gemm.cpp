@@ -9,7 +9,7 @@
 //   acts:    bf16 x rows of each big expert's positions, gathered and prepared once
 //            (packed_prepare_acts) for all its gate/up column blocks and threads.
 //   gate/up: a work item (expert, 32 I-rows) packs its gate rows then its up rows into one
-//            [64, H] panel matrix, so one product serves both: y [m, 64] -> h = silu(g) * u.
+//            [64, H] panel matrix, so one product serves both: y [m, 64] -> h = act(g, u).
 //   down:    h rows of big experts rounded to bf16 and prepared per NUMA slice; each thread packs
 //            kDownRows of its own H output rows at a time and adds w * y into its accumulator.
 // NOTE (numerics): x and h enter the product as bf16 and the weights as bf16 roundings of their
@@ -94,8 +94,7 @@ void MoeLayer::gate_up_gemm(int g, int64_t a, int64_t r0, int64_t r1, int ith) {
   float* y = gy_ + ith * gy_floats_;  // [m, 2 nr]: gate columns, then up columns
   packed_gemm_prepared(xacts_[a], w, 2 * nr, y, 2 * nr, 0, 2 * nr, false);
   const int64_t p0 = plan_.offset[a], m = plan_.offset[a + 1] - p0;
-  const MoeSiluMulFn silu_mul = k_moe_silu_mul.get(isa_);
-  for (int64_t i = 0; i < m; ++i) silu_mul(y + i * 2 * nr, y + i * 2 * nr + nr, c_.h + (p0 + i) * I + r0, nr);  // [P, I]
+  for (int64_t i = 0; i < m; ++i) gate_rows(e, r0, y + i * 2 * nr, y + i * 2 * nr + nr, c_.h + (p0 + i) * I + r0, nr);  // [P, I]
 }
 
 void MoeLayer::phase_down_act_gemm() {

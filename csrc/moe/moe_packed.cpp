@@ -5,7 +5,7 @@
 // Phases (see moe.h for the common structure): 1. gather each position's x row as bf16, grouped
 // per expert ([P, H]), and prepare it once per expert (packed_prepare_acts: the AMX blocked copy,
 // int8: quantized) for every column block and thread; 2. per (expert, block of 64..256 I-columns):
-// gate and up GEMMs into per-thread f32 scratch, h = silu(g) * u stored as bf16 [P, I], then h
+// gate and up GEMMs into per-thread f32 scratch, h = act(g, u) stored as bf16 [P, I], then h
 // prepared once per expert and NUMA slice; 3. down: each thread owns a 16-aligned range of H output
 // columns, runs the GEMM of every active expert on it and adds w * y into the f32 accumulator.
 // NOTE: preparing once matters most for down, where every thread multiplies every expert's h:
@@ -161,13 +161,12 @@ void MoeLayer::phase_gate_up_packed() {
   });
 }
 
-// Gate and up columns [n0, n1) (local to group g's copy) of active expert ai: h = silu(g) * u
-// as bf16 into hb_ [P, I].
+// Gate and up columns [n0, n1) (local to group g's copy) of active expert ai: h = act(g, u)
+// (gate_rows: the layer's gating and gate/up biases) as bf16 into hb_ [P, I].
 void MoeLayer::gate_up_block_packed(int g, int64_t ai, int64_t n0, int64_t n1, int ith) {
   const int64_t H = shape_.H, I = shape_.I, cb = col_block_;
   const int64_t lo = numa_ == NumaMode::split ? row_begin_[g] : 0;  // global col = local + lo
   const PackedFormat pf = packed_format(backend_);
-  const MoeSiluMulFn silu_mul = k_moe_silu_mul.get(isa_);
   const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
   const int64_t e = plan_.active[ai], p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
   const ProjStore& sg = store_[0][g];
@@ -180,7 +179,7 @@ void MoeLayer::gate_up_block_packed(int g, int64_t ai, int64_t n0, int64_t n1, i
   packed_gemm_prepared(xacts_[ai], sg.expert(e) + skip, n1 - n0, gs, cb, 0, n1 - n0, false);
   packed_gemm_prepared(xacts_[ai], su.expert(e) + skip, n1 - n0, us, cb, 0, n1 - n0, false);
   for (int64_t i = 0; i < m; ++i) {
-    silu_mul(gs + i * cb, us + i * cb, gs + i * cb, n1 - n0);
+    gate_rows(e, n0 + lo, gs + i * cb, us + i * cb, gs + i * cb, n1 - n0);
     to_bf16(gs + i * cb, hb_ + (p0 + i) * I + n0 + lo, n1 - n0);  // [P, I]
   }
 }

@@ -20,6 +20,7 @@ const QTypeTraits kTraits[kNumQTypes] = {
     {"q2_k", 10, kQK_K, sizeof(BlockQ2_K), QType::q8_k},
     {"q3_k", 11, kQK_K, sizeof(BlockQ3_K), QType::q8_k},
     {"iq4_xs", 23, kQK_K, sizeof(BlockIQ4_XS), QType::q8_k},
+    {"mxfp4", 39, kQK, sizeof(BlockMXFP4), QType::q8_0},
     {"q8_k", 15, kQK_K, sizeof(BlockQ8_K), QType::q8_k},
 };
 
@@ -30,7 +31,7 @@ const QTypeTraits kTraits[kNumQTypes] = {
     {prefix "_f32", {}}, {prefix "_f16", {}}, {prefix "_bf16", {}}, {prefix "_q8_0", {}},         \
         {prefix "_q4_0", {}}, {prefix "_q5_0", {}}, {prefix "_q4_k", {}}, {prefix "_q5_k", {}},   \
         {prefix "_q6_k", {}}, {prefix "_q2_k", {}}, {prefix "_q3_k", {}}, {prefix "_iq4_xs", {}}, \
-        {prefix "_q8_k", {}},                                                                     \
+        {prefix "_mxfp4", {}}, {prefix "_q8_k", {}},                                              \
   }
 // NOTE: constant-initialised (names only), so the static RegisterKernel calls of the generic and
 // ISA files can fill them in any order.

@@ -9,7 +9,8 @@
 //   k_quantize_row[t]        void(const float* src, void* dst, int64_t n): llama.cpp-compatible
 //                            bytes. For q8_k (activations only) this is the activation quantizer.
 //   vec_dot_type(t)          format the activations must be in for vec_dot of weight type t:
-//                            q8_0 for q4_0/q5_0/q8_0, q8_k for the K-quants, f32 for f32/f16/bf16.
+//                            q8_0 for q4_0/q5_0/q8_0/mxfp4, q8_k for the K-quants, f32 for
+//                            f32/f16/bf16.
 //   k_vec_dot[t]             float(int64_t n, const void* w_row, const void* act_row): the dot
 //                            product of one weight row of type t with one activation row already
 //                            quantized by k_quantize_row[vec_dot_type(t)].
@@ -33,7 +34,7 @@ constexpr int kKScaleSize = 12;  // packed 6-bit scales + mins of q4_K / q5_K
 // Dense ids; the order is the index into the k_* kernel tables. A slot a format lacks (e.g.
 // quantize for iq4_xs, vec_dot for q8_k) has no generic impl: check Kernel::get() for nullptr.
 enum class QType : int {
-  f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q5_k, q6_k, q2_k, q3_k, iq4_xs, q8_k, count
+  f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q5_k, q6_k, q2_k, q3_k, iq4_xs, mxfp4, q8_k, count
 };
 constexpr int kNumQTypes = static_cast<int>(QType::count);
 constexpr int qi(QType t) { return static_cast<int>(t); }  // index into the k_* tables
@@ -76,6 +77,19 @@ struct BlockIQ4_XS {
   uint8_t scales_l[kQK_K / 64];  // nibbles: low 4 bits of the scales (offset 32)
   uint8_t qs[kQK_K / 2];        // per 32 values: 16 bytes, low nibbles first, indices into kIQ4NL
 };
+// mxfp4 (OCP microscaling, gpt-oss's experts): one E8M0 exponent byte per 32 values, values are
+// E2M1 codes. Element j: low nibble of qs[j], element j+16: high nibble (as q4_0).
+// value = kMXFP4[code] * e8m0_to_fp32_half(e), kMXFP4 being the E2M1 values doubled.
+struct BlockMXFP4 { uint8_t e; uint8_t qs[kQK / 2]; };
+constexpr int8_t kMXFP4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// 2^(e - 128) = half of the E8M0 scale 2^(e - 127), exactly as ggml_e8m0_to_fp32_half (e < 2
+// gives the two subnormal patterns).
+inline float e8m0_to_fp32_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 // Non-linear 4-bit codebook of iq4_nl / iq4_xs.
 constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 // Activation format of the K-quant dot products (never stored in GGUF files by us).
@@ -88,7 +102,7 @@ struct BlockQ8_K {
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ5_0) == 22, "layout");
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "layout");
 static_assert(sizeof(BlockQ2_K) == 84 && sizeof(BlockQ3_K) == 110 && sizeof(BlockQ8_K) == 292, "layout");
-static_assert(sizeof(BlockIQ4_XS) == 136, "layout");
+static_assert(sizeof(BlockIQ4_XS) == 136 && sizeof(BlockMXFP4) == 17, "layout");
 
 struct QTypeTraits {
   const char* name;   // ktrans name: "q4_k", ...

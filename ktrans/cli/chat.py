@@ -1,8 +1,8 @@
 """`ktrans chat` and local_chat.py: a terminal chat with a model, streamed, multi-turn.
 
 The conversation is kept as chat messages and rendered with the model's chat template each turn.
-Replies stream as they are generated; text inside <think>...</think> is shown dimmed and is not
-fed back into the history. After each reply one line gives the prompt tokens, prefill and decode
+Replies stream as they are generated; text inside <think>...</think> (gpt-oss: its harmony
+`analysis` channel) is shown dimmed and is not fed back into the history. After each reply one line gives the prompt tokens, prefill and decode
 speed and the time to the first token. Ctrl+C stops the current reply (the program goes on);
 at the prompt, Ctrl+C twice or Ctrl+D leaves.
 
@@ -12,6 +12,7 @@ The chat is one client of the same LLMEngine the server uses, stepped synchronou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ import time
 
 from ktrans.cli import model_args
 from ktrans.cli.generate import add_sampling_args, chat_prompt, encode, run_request, sampling_params
+from ktrans.engine.harmony import HarmonySplitter, is_harmony
 from ktrans.errors import KtransError, UsageError
 from ktrans.fit import counts as expert_counts
 
@@ -73,6 +75,33 @@ class ThinkSplitter:
             out.append((text, THINK_STYLE if self.thinking else None))
             if not self.thinking:
                 self.answer += text
+
+
+class HarmonyPieces:
+    """gpt-oss's harmony reply as the chat shows it: the analysis channel styled as thinking, the
+    final channel as the answer (the only part kept in the history), headers and markers dropped."""
+
+    def __init__(self):
+        self._split = HarmonySplitter()
+        self.answer = ""
+
+    def feed(self, text: str) -> list[tuple[str, str | None]]:
+        return self._pieces(*self._split.feed(text))
+
+    def flush(self) -> list[tuple[str, str | None]]:
+        return self._pieces(*self._split.flush())
+
+    def _pieces(self, reasoning: str, content: str) -> list[tuple[str, str | None]]:
+        self.answer += content
+        return [(t, style) for t, style in ((reasoning, THINK_STYLE), (content, None)) if t]
+
+
+def reply_splitter(tokenizer, params, thinking: bool):
+    """(splitter, sampling params) of one reply: harmony's for gpt-oss (decoded with its markers,
+    which are special tokens), else the <think> splitter."""
+    if is_harmony(tokenizer.get_vocab()):
+        return HarmonyPieces(), dataclasses.replace(params, skip_special_tokens=False)
+    return ThinkSplitter(thinking), params
 
 
 class ChatSession:
@@ -202,10 +231,10 @@ class ChatSession:
         if prepared is None:
             return
         ids, thinking = prepared
-        splitter = ThinkSplitter(thinking)
-        if thinking:
+        splitter, params = reply_splitter(self.engine.tokenizer, self.params, thinking)
+        if thinking and isinstance(splitter, ThinkSplitter):
             self._show([(ThinkSplitter.OPEN + "\n", TAG_STYLE)])
-        gen = run_request(self.engine, ids, self.params, on_text=lambda s: self._show(splitter.feed(s)),
+        gen = run_request(self.engine, ids, params, on_text=lambda s: self._show(splitter.feed(s)),
                           should_stop=lambda: self._interrupted)
         self._show(splitter.flush())
         self.console.print()

@@ -19,18 +19,30 @@ class ArchSpec:
     gguf_arch: str     # llama.cpp's general.architecture
     is_moe: bool       # has routed experts (model.layers.N.mlp.experts)
     mla: bool          # DeepSeek multi-head latent attention (else GQA/MHA)
+    # How the router picks experts and weighs them (moe_block.route):
+    #   softmax_topk  softmax over all experts, then top-k (renormalised per config / arch)
+    #   topk_softmax  top-k of the raw logits (router bias included), softmax over those k (gpt-oss)
+    #   deepseek_v3 / deepseek_v2  their own group-limited schemes
+    routing: str = "softmax_topk"
+    # The experts' MLP gating: silu (silu(g) * u) or swiglu_oai (gpt-oss's clamped SwiGLU with
+    # config.swiglu_alpha / swiglu_limit, and expert biases).
+    expert_gating: str = "silu"
+    # The HF decoder layer unpacks (hidden, router_scores) from its MLP (gpt-oss) instead of
+    # taking one tensor: the MoE block returns what the layer expects.
+    mlp_returns_pair: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
     a.name: a
     for a in [
-        ArchSpec("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", "deepseek2", True, True),
-        ArchSpec("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", "deepseek2", True, True),
+        ArchSpec("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", "deepseek2", True, True, "deepseek_v3"),
+        ArchSpec("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", "deepseek2", True, True, "deepseek_v2"),
         ArchSpec("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3moe", True, False),
         ArchSpec("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe", True, False),
         ArchSpec("mixtral", "mixtral", "MixtralForCausalLM", "llama", True, False),
         ArchSpec("qwen2", "qwen2", "Qwen2ForCausalLM", "qwen2", False, False),
         ArchSpec("llama", "llama", "LlamaForCausalLM", "llama", False, False),
+        ArchSpec("gpt_oss", "gpt_oss", "GptOssForCausalLM", "gpt-oss", True, False, "topk_softmax", "swiglu_oai", True),
     ]
 }
 

@@ -101,7 +101,7 @@ def _write_tensors(units, gg: GGUFStream, st: SafetensorsStream | None, *, seed:
                     gg.write(raw)
                     if on_bytes:
                         on_bytes(raw.nbytes)
-                if st is not None:
+                if st is not None and st_data is not None:   # (an expert half that only feeds GGUF)
                     st.write(st_data)
         except BaseException:
             for f in pending:           # Ctrl+C / error: drop queued chunks, wait only for running ones

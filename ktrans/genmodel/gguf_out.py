@@ -28,7 +28,9 @@ _FILE_TYPE = {
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
     "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S, "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
     "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "mxfp4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
 }
+_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight$")
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -59,14 +61,19 @@ def _q4_k_m(name: str, n_layer: int, n_expert: int, tied: bool) -> str:
 
 def tensor_qtype(name: str, shape: tuple[int, ...], quant_name: str, config) -> str:
     """Storage type of GGUF tensor `name` for a --quant choice (a type or the q4_k_m recipe)."""
-    # NOTE: as llama.cpp: 1-D tensors and the routers stay f32 (tiny, and routing is sensitive).
-    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
+    # NOTE: as llama.cpp: 1-D tensors, biases (gpt-oss's expert biases are 2-D) and the routers
+    # stay f32 (tiny, and routing is sensitive).
+    if len(shape) == 1 or name.endswith((".bias", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
         return "f32"
     if quant_name in FLOAT_TYPES:
         return quant_name
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    t = (_q4_k_m(name, config.num_hidden_layers, names.num_experts(config), tied)
-         if quant_name == "q4_k_m" else quant_name)
+    if quant_name == "q4_k_m":
+        t = _q4_k_m(name, config.num_hidden_layers, names.num_experts(config), tied)
+    elif quant_name == "mxfp4":
+        t = "mxfp4" if _EXPERTS.match(name) else "q8_0"
+    else:
+        t = quant_name
     cols = shape[-1]
     if cols % quant.QTYPES[t].block_size:
         t = _FALLBACK.get(t, "f16")

@@ -9,6 +9,11 @@ tensor(s):
           permutation, qwen2moe's flattened shared-expert gate): generated whole (all are small),
           transformed with names.hf_to_gguf, and its safetensors copy rebuilt with names.gguf_to_hf
           from the GGUF data, so both files hold the same numbers.
+  stream with a `layout`: gpt-oss's experts, whose HF tensors are input-major (transpose) and
+          interleave gate and up columns (gate_up_oai): the GGUF tensors stream one expert per
+          chunk, and the safetensors tensor gets that expert's slab in the HF layout; for
+          gate_up_oai the up half's chunk regenerates the gate half of the same expert (the
+          generator depends only on seed, name, expert and rows) to build [H, 2I].
 
 Safetensors data is the GGUF data read back: the raw bytes for f32/f16/bf16 tensors, the
 dequantized float32 values for quantized ones.
@@ -38,6 +43,8 @@ class Unit:
     transform: str = "copy"
     gguf: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)  # (name, shape, qtype)
     st: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)    # (name, shape, dtype)
+    layout: str = ""                            # "" | "transpose" | "oai_gate" | "oai_up" (see above)
+    partner: "Unit | None" = None               # oai_up: the gate half's unit
 
 
 def st_dtype(qtypes: list[str]) -> str:
@@ -72,6 +79,18 @@ def build_plan(config, gguf_arch: str, quant_name: str, shapes: dict[str, tuple[
             for half, gname in zip(("gate", "up"), gnames):
                 units.append(_stream(f"{hf}:{half}", hf, gname, (e, two_i // 2, h), quant_name, config,
                                      _expert_names(hf, half, e), L))
+        elif transform == "gate_up_oai":                # [E, H, 2I] <- gate and up [E, I, H]
+            e, h, two_i = shape
+            gate = _stream(f"{hf}:gate", hf, gnames[0], (e, two_i // 2, h), quant_name, config, [], L)
+            up = _stream(f"{hf}:up", hf, gnames[1], (e, two_i // 2, h), quant_name, config, [], L)
+            gate.layout, up.layout, up.partner = "oai_gate", "oai_up", gate
+            up.st = [(hf, shape, st_dtype([gate.gguf[0][2], up.gguf[0][2]]))]
+            units += [gate, up]
+        elif transform == "transpose":                  # [E, I, H] <- [E, H, I]
+            e, i, h = shape
+            u = _stream(hf, hf, gnames[0], (e, h, i), quant_name, config, [hf], L)
+            u.layout, u.st = "transpose", [(hf, shape, u.st[0][2])]
+            units.append(u)
         elif transform == "copy" and len(shape) == 3:   # experts.down_proj [E, H, I]
             units.append(_stream(hf, hf, gnames[0], shape, quant_name, config,
                                  _expert_names(hf, "down", shape[0]), L))
@@ -91,6 +110,8 @@ def chunks(u: Unit) -> list[tuple[int, int, int]]:
     """(expert, row0, rows) pieces of a unit, in write order (expert -1: not an expert tensor)."""
     if u.kind == "whole" or len(u.hf_shape) == 1:
         return [(-1, 0, u.hf_shape[0] if u.kind == "stream" else 0)]
+    if u.layout:                                        # one whole expert per chunk
+        return [(e, 0, u.hf_shape[1]) for e in range(u.hf_shape[0])]
     per = init.block_rows(u.hf_shape[-1])
     experts = range(u.hf_shape[0]) if len(u.hf_shape) == 3 else [-1]
     rows = u.hf_shape[-2]
@@ -113,7 +134,18 @@ def produce(u: Unit, piece: tuple[int, int, int], seed: int, config,
         x = init.generate(seed, u.key, e, row0, shape, u.mean, u.std)
         qt = u.gguf[0][2]
         raw = quant.quantize(x, qt, nthreads=1)
-        return [raw], (_readback(raw, qt, shape, u.st[0][2]) if with_st else None)
+        if not with_st or u.layout == "oai_gate":
+            return [raw], None
+        if u.layout == "transpose":                     # GGUF [H, I] -> HF [I, H]
+            return [raw], np.ascontiguousarray(_readback(raw, qt, shape, u.st[0][2]).T)
+        if u.layout == "oai_up":                        # gate and up [I, H] -> HF [H, 2I], interleaved
+            p = u.partner
+            g = init.generate(seed, p.key, e, row0, shape, p.mean, p.std)
+            gq = p.gguf[0][2]
+            return [raw], names.gguf_to_hf("gate_up_oai", [
+                _readback(quant.quantize(g, gq, nthreads=1), gq, shape, u.st[0][2])[None],
+                _readback(raw, qt, shape, u.st[0][2])[None]], config)[0]
+        return [raw], _readback(raw, qt, shape, u.st[0][2])
     x = init.generate(seed, u.key, -1, 0, u.hf_shape, u.mean, u.std)
     parts = names.hf_to_gguf(u.transform, x, config)
     raws = [quant.quantize(np.ascontiguousarray(p), qt, nthreads=1) for p, (_, _, qt) in zip(parts, u.gguf)]

@@ -17,7 +17,8 @@ from ktrans.config.arch import get_arch
 from ktrans.errors import KtransError
 
 # --quant choices: GGUF tensor types, plus llama.cpp's q4_k_m mixture recipe.
-QUANT_CHOICES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
+# mxfp4: the routed experts in mxfp4 (as gpt-oss is released), the other matrices q8_0.
+QUANT_CHOICES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "mxfp4")
 
 _YARN_V3 = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
             "original_max_position_embeddings": 4096, "type": "yarn"}
@@ -85,6 +86,20 @@ _LLAMA = {
     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
     "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+}
+
+_YARN_OSS = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+             "original_max_position_embeddings": 4096}
+# gpt-oss-120b; gpt-oss-20b differs in layers (24) and experts (32). layer_types is left to the
+# config's default (sliding window on even layers, full attention on odd ones), as both ship.
+# (The real config.json's training-only keys -- router_aux_loss_coef, experts_per_token,
+# initial_context_length -- are left out: single-file mode cannot rebuild them from GGUF.)
+_GPT_OSS = {
+    "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 128, "num_experts_per_tok": 4,
+    "vocab_size": 201088, "max_position_embeddings": 131072, "rope_theta": 150000, "rope_scaling": _YARN_OSS, "rms_norm_eps": 1e-5, "sliding_window": 128,
+    "swiglu_limit": 7.0, "attention_bias": True, "attention_dropout": 0.0, "hidden_act": "silu",
+    "tie_word_embeddings": False,
 }
 
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
@@ -175,6 +190,20 @@ PRESETS: dict[str, dict[str, dict]] = {
                       num_attention_heads=16, num_key_value_heads=4, vocab_size=None),
         "llama-3-8b": _LLAMA,
         "mistral-7b": dict(_LLAMA, vocab_size=32768, max_position_embeddings=32768, rope_theta=1000000.0),
+    },
+    # NOTE: tiny's window (8 tokens) is shorter than the tests' prompts, so the sliding layers
+    # really slide there; small keeps the real 128.
+    "gpt_oss": {
+        "tiny": dict(_GPT_OSS, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+                     vocab_size=None, max_position_embeddings=1024, sliding_window=8,
+                     rope_scaling=dict(_YARN_OSS, factor=4.0, original_max_position_embeddings=256)),
+        "small": dict(_GPT_OSS, hidden_size=1024, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                      vocab_size=None, max_position_embeddings=8192,
+                      rope_scaling=dict(_YARN_OSS, factor=4.0, original_max_position_embeddings=2048)),
+        "gpt-oss-20b": dict(_GPT_OSS, num_hidden_layers=24, num_local_experts=32),
+        "gpt-oss-120b": _GPT_OSS,
     },
 }
 

@@ -85,16 +85,37 @@ _FAMILIES = {
             "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
             "{% endif %}{% endfor %}"),
     },
+    # gpt-oss's harmony format, a compact form of the real template: the system header with the
+    # reasoning effort and the channels, developer instructions, user turns, assistant turns on the
+    # final channel (earlier turns' analysis is dropped, as the real template does).
+    "harmony": {
+        "specials": ["<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                     "<|constrain|>", "<|return|>", "<|call|>"],
+        "bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>", "add_bos": False,
+        "template": (
+            "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n' -}}"
+            "{{- 'Reasoning: ' + (reasoning_effort | default('medium')) + '\\n\\n' -}}"
+            "{{- '# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>' -}}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] in ('system', 'developer') -%}"
+            "{{- '<|start|>developer<|message|># Instructions\\n\\n' + m['content'] + '<|end|>' -}}"
+            "{%- elif m['role'] == 'user' -%}{{- '<|start|>user<|message|>' + m['content'] + '<|end|>' -}}"
+            "{%- elif m['role'] == 'assistant' -%}"
+            "{{- '<|start|>assistant<|channel|>final<|message|>' + m['content'] + '<|end|>' -}}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"),
+    },
 }
 
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
-                "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3"}
+                "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3",
+                "gpt_oss": "harmony"}
 
 # Arch -> llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), as convert_hf_to_gguf writes for the
 # real models. NOTE: real Mixtral files hold a sentencepiece ("llama") vocab; ours is a byte-level
 # BPE stand-in, so it names the split it really uses (GPT-2's).
 _ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
-             "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe"}
+             "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o"}
 
 # tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
 # pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).

@@ -3,8 +3,9 @@
 
 What it computes, per request b and query head h (kv head g = h // group):
     out[b, h] = softmax_j(scale * (q_a[b, h] · k_a[j, g] + q_b[b, h] · k_b[j, g])) · v[j, g]
-over the request's first seq_lens[b] tokens j, whose KV slot is
-    page_table[b, j // page] * page + j % page.
+over the request's first seq_lens[b] tokens j (the last `window` of them on a sliding layer),
+whose KV slot is page_table[b, j // page] * page + j % page. With sinks (gpt-oss), one more
+logit sinks[h] per query head joins the softmax's denominator (it has no value).
 - GQA: q_a = q [B, Hq, D], k_a = K cache [slots, Hkv, D], v = V cache, no q_b/k_b.
 - MLA (absorbed): q_a = q_nope · W_UK [B, H, r], q_b = rotated q_pe [B, H, dr]; the cache row is
   [latent (r) | k_pe (dr)] with one "kv head": k_a = v = latent, k_b = k_pe (strided views of the
@@ -13,7 +14,8 @@ over the request's first seq_lens[b] tokens j, whose KV slot is
 Layout and work split: grid (B, Hkv x head blocks, NUM_SPLITS). Each program takes up to BLOCK_H
 query heads sharing one kv head and 1/NUM_SPLITS of the request's tokens (rounded to BLOCK_N),
 keeps a running max / sum / weighted V in f32 (online softmax), and writes a partial result and
-its log-sum-exp; a second kernel merges the splits. Every length is read on the device
+its log-sum-exp; a second kernel merges the splits (and adds the sink's exp to the denominator).
+A window moves the range the splits share to the last `window` tokens. Every length is read on the device
 (seq_lens, page_table), and the grid depends only on B and the model, so a launch can be captured
 in a CUDA graph once and replayed for any sequence lengths.
 
@@ -37,7 +39,7 @@ def _decode_split_kernel(
     s_qa_b, s_qa_h, s_qb_b, s_qb_h,
     s_ka_slot, s_ka_head, s_kb_slot, s_kb_head, s_v_slot, s_v_head,
     s_pt_b, s_mid_b, s_mid_h, s_mid_s, s_lse_b, s_lse_h,
-    scale, num_q_heads, group, head_blocks,
+    scale, num_q_heads, group, head_blocks, window,
     DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -60,8 +62,9 @@ def _decode_split_kernel(
                       mask=hmask[:, None] & (db[None, :] < DB), other=0.0)  # [BH, DB]
 
     seq_len = tl.load(SL + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)          # first visible token
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -100,17 +103,25 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(MID, LSE, OUT, s_mid_b, s_mid_h, s_mid_s, s_lse_b, s_lse_h, s_out_b, s_out_h,
-                         DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _merge_splits_kernel(MID, LSE, OUT, SINKS, s_mid_b, s_mid_h, s_mid_s, s_lse_b, s_lse_h, s_out_b, s_out_h,
+                         DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         HAS_SINKS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
     dv = tl.arange(0, BLOCK_DV)
     lse = tl.load(LSE + b * s_lse_b + h * s_lse_h + s)                      # [S]
-    w = tl.exp(lse - tl.max(lse, 0))                                        # [S], 0 for empty splits
+    m = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h).to(tl.float32)
+        m = tl.maximum(m, sink)
+    w = tl.exp(lse - m)                                                     # [S], 0 for empty splits
     mid = tl.load(MID + b * s_mid_b + h * s_mid_h + s[:, None] * s_mid_s + dv[None, :],
                   mask=(w[:, None] > 0) & (dv[None, :] < DV), other=0.0)    # [S, DV]
-    out = tl.sum(mid * w[:, None], 0) / tl.sum(w, 0)
+    den = tl.sum(w, 0)
+    if HAS_SINKS:
+        den += tl.exp(sink - m)
+    out = tl.sum(mid * w[:, None], 0) / den
     tl.store(OUT + b * s_out_b + h * s_out_h + dv, out.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
@@ -131,12 +142,15 @@ def _sm_count(device: torch.device) -> int:
 def paged_decode_attention(q_a: torch.Tensor, k_a: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor,
                            seq_lens: torch.Tensor, page_size: int, scale: float,
                            q_b: torch.Tensor | None = None, k_b: torch.Tensor | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, window: int | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """out [B, Hq, DV] (q_a's dtype) — see the module docstring.
 
     q_a [B, Hq, DA], q_b [B, Hq, DB] (optional); k_a [slots, Hkv, DA], k_b [slots, Hkv, DB],
     v [slots, Hkv, DV] (any strides with a unit last stride: views into one cache buffer are
-    fine); page_table [B, max_pages] int32/int64; seq_lens [B] int32/int64, each >= 1."""
+    fine); page_table [B, max_pages] int32/int64; seq_lens [B] int32/int64, each >= 1;
+    window: attend over the last `window` tokens only (sliding layers); sinks [Hq]: gpt-oss's
+    per-head sink logits."""
     bsz, hq, da = q_a.shape
     hkv, dvd = v.shape[1], v.shape[2]
     if hq % hkv:
@@ -163,11 +177,14 @@ def paged_decode_attention(q_a: torch.Tensor, k_a: torch.Tensor, v: torch.Tensor
         q_a.stride(0), q_a.stride(1), qb.stride(0), qb.stride(1),
         k_a.stride(0), k_a.stride(1), kb.stride(0), kb.stride(1), v.stride(0), v.stride(1),
         page_table.stride(0), mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        float(scale), hq, group, head_blocks,
+        float(scale), hq, group, head_blocks, int(window or 0),
         DA=da, DB=db, DV=dvd, BLOCK_DA=block_da, BLOCK_DB=max(16, next_pow2(db)), BLOCK_DV=block_dv,
         PAGE=int(page_size), BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         num_warps=8 if big else 4, num_stages=1 if big else 2)
+    if sinks is not None and (sinks.shape != (hq,) or sinks.device != dev):
+        raise ValueError(f"paged_decode_attention: sinks must be [{hq}] on {dev}, got {list(sinks.shape)} on {sinks.device}")
     _merge_splits_kernel[(bsz, hq)](
-        mid, lse, out, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), DV=dvd, BLOCK_DV=block_dv, NUM_SPLITS=num_splits, num_warps=4)
+        mid, lse, out, sinks if sinks is not None else lse, mid.stride(0), mid.stride(1), mid.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), DV=dvd, BLOCK_DV=block_dv,
+        NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None, num_warps=4)
     return out

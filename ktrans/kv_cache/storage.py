@@ -8,6 +8,9 @@ Layouts (flat over slots, so a write is one index_copy_ per layer):
 - MLA (DeepSeek): one tensor per layer [num_slots, kv_lora_rank + qk_rope_head_dim] holding the
   normalised compressed latent then the rotated rope key (576 values per token for V3).
 - GQA: K [num_slots, n_kv_heads, head_dim] and V [num_slots, n_kv_heads, v_head_dim] per layer.
+
+Each layer also has a kind (kv_cache/layers.py: full, or sliding with its window), which the
+attention operators read from here.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import torch
 
 from ktrans.errors import KtransError
+from ktrans.kv_cache.layers import FULL, LayerKind, layer_kinds
 
 
 class KVStorage:
     def __init__(self, *, num_layers: int, num_pages: int, page_size: int, mla: bool,
                  dims: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
-                 layer_devices: list | None = None, layer_dtypes: list | None = None):
+                 layer_devices: list | None = None, layer_dtypes: list | None = None,
+                 kinds: list[LayerKind] | None = None):
         if num_pages <= 0 or page_size <= 0:
             raise KtransError(f"KV cache needs a positive page count and page size, got {num_pages} x {page_size}")
         self.num_layers = num_layers
@@ -39,6 +44,9 @@ class KVStorage:
         dts = list(layer_dtypes) if layer_dtypes else [dtype] * num_layers
         if len(dts) != num_layers:
             raise KtransError(f"KV cache: {len(dts)} layer dtypes for {num_layers} layers")
+        self.kinds = list(kinds) if kinds else [LayerKind(FULL)] * num_layers
+        if len(self.kinds) != num_layers:
+            raise KtransError(f"KV cache: {len(self.kinds)} layer kinds for {num_layers} layers")
         slots = num_pages * page_size
         if mla:
             (width,) = dims                   # kv_lora_rank + qk_rope_head_dim
@@ -53,12 +61,17 @@ class KVStorage:
                    layer_devices: list | None = None, layer_dtypes: list | None = None) -> "KVStorage":
         """Shapes from a transformers config (MLA when it has kv_lora_rank)."""
         common = dict(num_layers=config.num_hidden_layers, num_pages=num_pages, page_size=page_size,
-                      dtype=dtype, device=device, layer_devices=layer_devices, layer_dtypes=layer_dtypes)
+                      dtype=dtype, device=device, layer_devices=layer_devices, layer_dtypes=layer_dtypes,
+                      kinds=layer_kinds(config))
         if getattr(config, "kv_lora_rank", None):
             return cls(mla=True, dims=(config.kv_lora_rank + config.qk_rope_head_dim,), **common)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(mla=False, dims=(n_kv, head_dim, head_dim), **common)
+
+    def window(self, layer: int) -> int | None:
+        """How many most recent tokens a query of `layer` sees (None: all of them)."""
+        return self.kinds[layer].window
 
     @property
     def bytes_per_token(self) -> int:

@@ -1,12 +1,16 @@
-"""`gqa_attention`: grouped-query attention (Qwen2/Qwen2-MoE/Qwen3-MoE/Mixtral) over the paged
-KV cache.
+"""`gqa_attention`: grouped-query attention (Qwen2/Qwen2-MoE/Qwen3-MoE/Mixtral/gpt-oss) over the
+paged KV cache.
 
 Per step: project the packed tokens, apply Qwen3's per-head q/k RMSNorm where the config has
 it, rotate with the model's own rotary tables, write K/V of the new tokens into their slots,
 then let each request attend causally to its own cached + new tokens. `forward` batches all
-single-token (decode) requests into one padded gather and runs multi-token chunks through
-torch's fused SDPA; `forward_native` (the oracle) walks the requests one by one with an explicit
-softmax.
+single-token (decode) requests into one padded gather (or the paged Triton kernel on CUDA) and
+runs multi-token chunks through torch's fused SDPA; `forward_native` (the oracle) walks the
+requests one by one with an explicit softmax.
+
+A sliding layer (its kind in the KV cache: kv_cache/layers.py) sees only the last `window`
+tokens; gpt-oss's attention sinks add one learned logit per head to the softmax. Every path
+(padded, paged kernel, SDPA, oracle) applies both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from ktrans.engine.batch import current_forward
 from ktrans.errors import KtransError
+from ktrans.kv_cache.layers import layer_kinds
 from ktrans.operators.attention_mla import _strip_batch, choose_kernels, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
 from ktrans.operators.linear import ProjectionOwner, resolve_dtype, rms_norm
@@ -47,13 +52,16 @@ class GQAAttention(ProjectionOwner, Operator):
         self.dtype = resolve_dtype(dtype, torch.device(device))
         self._set_weights_mode(key, weights)
         choose_kernels(self, key, attn_backend)
-        # NOTE: Mixtral keeps its window on the config, the Qwen attentions on the module (set
-        # only for layers that really slide).
+        self.has_sinks = getattr(orig_module, "sinks", None) is not None               # gpt-oss
+        # NOTE: the window is the KV cache's layer kind (read per step); the HF module's own must
+        # agree. Mixtral keeps its window on the config, the others on the module (set only for
+        # layers that really slide).
         window = getattr(orig_module, "sliding_window", None) or (
             getattr(config, "sliding_window", None) if config.model_type == "mixtral" else None)
-        if window:
-            raise KtransError(f"{key}: sliding-window attention (window {window}) is not supported; "
-                              f"set use_sliding_window/sliding_window off in the config")
+        kind = layer_kinds(config)[self.layer_idx]
+        if (window or None) != kind.window:
+            raise KtransError(f"{key}: the attention module slides over {window} tokens, but the config's "
+                              f"layer kind is {kind.attention} (window {kind.window})")
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         h, q, kv = self.config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -63,9 +71,10 @@ class GQAAttention(ProjectionOwner, Operator):
         return ({"q_proj", "k_proj", "v_proj"} if self.has_qkv_bias else set()) | ({"o_proj"} if self.has_o_bias else set())
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
-        if not self.qk_norm:
-            return {}
-        return {"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)}
+        shapes = {"sinks": (self.num_heads,)} if self.has_sinks else {}
+        if self.qk_norm:
+            shapes.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
+        return shapes
 
     def load_weights(self, weights) -> None:
         self._load_owned(weights)
@@ -73,7 +82,7 @@ class GQAAttention(ProjectionOwner, Operator):
     def _proj(self, x: torch.Tensor, proj: str, heads: int, native: bool) -> torch.Tensor:
         return self._linear(x, proj, native).view(x.shape[0], heads, self.head_dim)
 
-    def _attend(self, q, k, v, q_pos, hidden=None) -> torch.Tensor:
+    def _attend(self, q, k, v, q_pos, window, hidden=None) -> torch.Tensor:
         """B requests: q [B, n, Hq, d], k/v [B, L, Hkv, d], q_pos [B, n] -> [B, n, Hq, d].
         Query head h reads KV head h // group: q is viewed as [B, n, Hkv, group, d] so K/V are
         never repeated per query head."""
@@ -86,20 +95,21 @@ class GQAAttention(ProjectionOwner, Operator):
             p = p.to(v.dtype).view(b, hkv, hq // hkv, n, -1)
             return torch.einsum("bkgnl,blkd->bnkgd", p, v).reshape(b, n, hq, d)
 
-        return masked_attention(scores, q_pos, values, hidden)
+        return masked_attention(scores, q_pos, values, hidden, window=window, sinks=self._p("sinks"))
 
     def _decode_padded(self, q, group, kv) -> torch.Tensor:
         """Decode rows through a padded gather of the cache and torch: q [B, Hq, d] -> [B, Hq, d]."""
         slots, hidden = group.padded(kv)
         kc, vc = kv.gather_slots(self.layer_idx, slots)                                  # [B, L, Hkv, d]
-        return self._attend(q[:, None], kc, vc, group.q_pos, hidden)[:, 0]
+        return self._attend(q[:, None], kc, vc, group.q_pos, kv.window(self.layer_idx), hidden)[:, 0]
 
     def _decode_paged(self, q, group, kv) -> torch.Tensor:
         """Decode rows through the paged kernel: q [B, Hq, d] -> [B, Hq, d]."""
         from ktrans.kernels.paged_decode import paged_decode_attention
 
         kc, vc = kv.layer_tensors(self.layer_idx)                                        # [slots, Hkv, d]
-        return paged_decode_attention(q, kc, vc, group.page_table, group.seq_lens, kv.page_size, self.scale)
+        return paged_decode_attention(q, kc, vc, group.page_table, group.seq_lens, kv.page_size, self.scale,
+                                      window=kv.window(self.layer_idx), sinks=self._p("sinks"))
 
     def _run(self, hidden_states, position_embeddings, batch_decode: bool):
         ctx = current_forward().on(self.device)
@@ -132,10 +142,11 @@ class GQAAttention(ProjectionOwner, Operator):
                 continue
             sl = slice(qs[r], qs[r + 1])
             kc, vc = ctx.kv.gather(self.layer_idx, ctx.page_table[r], ctx.seq_lens[r])   # [L, Hkv, d]
+            window = ctx.kv.window(self.layer_idx)
             if batch_decode:
-                out[sl] = sdpa_prefill(q[sl], kc, vc, pos[sl], self.scale)
+                out[sl] = sdpa_prefill(q[sl], kc, vc, pos[sl], self.scale, window=window, sinks=self._p("sinks"))
             else:
-                out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None])[0]
+                out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None], window)[0]
         o = self._linear(out.reshape(x.shape[0], -1), "o_proj", native)
         return o.view(*shape[:-1], -1), None
 

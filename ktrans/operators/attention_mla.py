@@ -32,31 +32,60 @@ from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, mla_softmax_scale, rope_for, rope_style
 
 
-def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn, hidden=None) -> torch.Tensor:
+def masked_attention(scores: torch.Tensor, q_pos: torch.Tensor, values_fn, hidden=None, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """softmax over keys with causal masking by position: key j is visible to a query at
     position p iff j <= p (keys are the request's tokens in position order; padded keys past
     the request's length lie beyond every query position, so they are masked too).
     scores [B, H, n, L] (already scaled), q_pos [B, n]; returns values_fn(probs). `hidden`
-    [B, 1, n, L] is that mask negated, when the caller has it already (DecodeGroup.padded)."""
+    [B, 1, n, L] is that mask negated, when the caller has it already (DecodeGroup.padded).
+    window (sliding layers): keys j <= p - window are hidden too. sinks [H] (gpt-oss): one more
+    logit per head in the softmax, which takes probability mass but adds no value."""
+    L = scores.shape[-1]
+    keys = torch.arange(L, device=scores.device)
     if hidden is None:
-        L = scores.shape[-1]
-        hidden = (torch.arange(L, device=scores.device)[None, None, :] > q_pos[:, :, None])[:, None]  # [B, 1, n, L]
+        hidden = (keys[None, None, :] > q_pos[:, :, None])[:, None]                          # [B, 1, n, L]
+    if window:
+        hidden = hidden | (keys[None, None, :] <= q_pos[:, :, None] - window)[:, None]
     scores = scores.float().masked_fill(hidden, float("-inf"))
-    return values_fn(torch.softmax(scores, dim=-1))
+    if sinks is None:
+        return values_fn(torch.softmax(scores, dim=-1))
+    b, h, n, _ = scores.shape
+    sink = sinks.float().view(1, h, 1, 1).expand(b, h, n, 1)
+    return values_fn(torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1])
 
 
-def sdpa_prefill(q, k, v, q_pos, scale: float) -> torch.Tensor:
+def sdpa_prefill(q, k, v, q_pos, scale: float, window: int | None = None,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One request's multi-token chunk through torch's fused attention (flash / memory-efficient
     kernels on CUDA, the fused CPU kernel otherwise): q [n, Hq, d], k [L, Hkv, d], v [L, Hkv, dv],
     q_pos [n] -> [n, Hq, dv]. A chunk that starts its sequence (L == n) is plain causal; a later
-    chunk gets the explicit mask "key position <= query position"."""
+    chunk, a sliding window or sinks get the explicit mask "p - window < key position <= p".
+    Sinks [Hq] (gpt-oss) enter as one more key per kv head with a zero value: queries get 8 more
+    coordinates (the first one sinks[h] / scale, so that the scaled logit is sinks[h]), real keys
+    zeros there and the sink key a one (8: fused kernels want head dims in multiples of 8)."""
     n, length = q.shape[0], k.shape[0]
-    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))                          # [1, H, ., d]
     gqa = q.shape[1] != k.shape[1]
-    if n == length:
+    plain = n == length and not window and sinks is None
+    keep = None
+    if not plain:
+        keys = torch.arange(length, device=q.device)
+        keep = keys[None, :] <= q_pos[:, None]                                              # [n, L]
+        if window:
+            keep = keep & (keys[None, :] > q_pos[:, None] - window)
+    if sinks is not None:
+        extra = q.new_zeros(n, q.shape[1], 8)
+        extra[:, :, 0] = (sinks.float() / scale).to(q.dtype)
+        q = torch.cat([q, extra], dim=-1)                                                   # [n, Hq, d + 8]
+        sink_key = k.new_zeros(1, k.shape[1], k.shape[2] + 8)
+        sink_key[..., k.shape[2]] = 1
+        k = torch.cat([torch.cat([k, k.new_zeros(length, k.shape[1], 8)], dim=-1), sink_key])  # [L + 1, Hkv, d + 8]
+        v = torch.cat([v, v.new_zeros(1, *v.shape[1:])])                                    # [L + 1, Hkv, dv]
+        keep = torch.cat([keep, keep.new_ones(n, 1)], dim=-1)                               # [n, L + 1]
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))                          # [1, H, ., d]
+    if plain:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        keep = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]          # [n, L]
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep, scale=scale, enable_gqa=gqa)
     return o[0].transpose(0, 1)                                                           # [n, Hq, dv]
 

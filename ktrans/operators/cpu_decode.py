@@ -111,6 +111,8 @@ class CpuDecodeStep:
             _need(style in _STYLES, f"layer {i} attention is not a cpu_ attention operator")
             if style not in ropes:
                 ropes[style] = dec.add_rope(*_rope_tables(rotary, style, num_slots))
+            _need(not getattr(attn, "has_sinks", False) and kv.window(i) is None,
+                  f"layer {i} attention has sinks or a sliding window (gpt-oss)")
             idx = _add_attention(dec, layer, attn, kv.layers[i], ropes[style], i)
             _add_mlp(dec, idx, layer.mlp, keep, i, pool)
         return cls(dec, kv, head.N, keep)
@@ -189,6 +191,8 @@ def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool) -> None:
         return
     moe = getattr(mlp.experts, "_moe", None)
     _need(moe is not None, f"layer {i} experts are not cpu_experts on a C++ backend")
+    _need(mlp.routing != "topk_softmax" and mlp.experts.gating.act == "silu" and mlp.experts.bias_layout is None,
+          f"layer {i} routes or gates its experts as gpt-oss does")
     c, e, h = mlp.config, mlp.num_experts, mlp.config.hidden_size
     gate_w = _f32(mlp.gate_weight)                                                       # [E, H]
     router = _C.Linear(pool, "f32", e, h, gate_w.view(np.uint8).reshape(-1))

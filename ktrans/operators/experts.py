@@ -13,6 +13,11 @@
 Both take a negative expert id as "skip this slot". Weights come from the layer's expert stacks
 (`WeightSource.expert_stack`): GGUF blocks are used as stored; formats the kernels lack
 (e.g. FP8 safetensors) are dequantized to bf16 at load.
+
+The expert MLP's gating is the arch entry's `expert_gating` (SiLU, or gpt-oss's clamped SwiGLU
+with the HF module's alpha / limit), with the gate/up/down biases of HF modules that have them
+(`has_bias`; gate_up_proj_bias interleaved or concatenated as the module's `is_concatenated`
+says). The C++ layer applies both (csrc/moe/moe_gating.cpp), the torch paths here too.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ BACKENDS = ("auto", "gguf", "amx_bf16", "amx_int8", "amx_int4", "torch")
 NUMA_MODES = ("auto", "replicate", "split")
 PROJS = ("gate", "up", "down")
 # Formats the gguf backend computes from directly (the others are dequantized to bf16 at load).
-KERNEL_QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs")
+KERNEL_QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs",
+                 "mxfp4")
 # Largest T that goes through the stream-ordered path (decode, small batches, CUDA-graph sizes);
 # each layer pins buffers for this many tokens. Larger CUDA batches copy synchronously.
 _STREAM_MAX_T = 128
@@ -133,26 +139,80 @@ def layer_index(key: str) -> int:
 
 
 def expert_dims(orig_module) -> tuple[int, int, int]:
-    """(E, H, I) from the fused HF experts module (gate_up_proj [E, 2I, H])."""
+    """(E, H, I) from the fused HF experts module (gate_up_proj [E, 2I, H], or [E, H, 2I] where
+    the module says is_transposed: gpt-oss)."""
     gu = getattr(orig_module, "gate_up_proj", None)
     if gu is None or gu.dim() != 3:
         raise KtransError(f"experts operators replace a fused experts module with gate_up_proj [E, 2I, H], "
                           f"got {type(orig_module).__name__}")
-    e, two_i, h = gu.shape
+    if getattr(orig_module, "is_transposed", False):
+        e, h, two_i = gu.shape
+    else:
+        e, two_i, h = gu.shape
     return int(e), int(h), int(two_i) // 2
 
 
-def torch_moe(x, ids, w, gate, up, down) -> torch.Tensor:
+@dataclass(frozen=True)
+class Gating:
+    """h = act(g, u) of the expert MLP (see moe.h's MoeGating)."""
+    act: str = "silu"          # silu | swiglu_oai
+    alpha: float = 1.702       # swiglu_oai: sigmoid gain
+    limit: float = 7.0         # swiglu_oai: clamp of g (above) and u (both sides)
+
+    def __call__(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.act == "silu":
+            return F.silu(g) * u
+        g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        return g * torch.sigmoid(g * self.alpha) * (u + 1)
+
+
+def gating_of(config, orig_module) -> Gating:
+    """The arch entry's gating, with the numbers the HF module computes with."""
+    from ktrans.config.arch import arch_from_config
+
+    act = arch_from_config(config).expert_gating
+    if act == "silu":
+        return Gating()
+    return Gating(act, float(getattr(orig_module, "alpha", 1.702)), float(getattr(orig_module, "limit", 7.0)))
+
+
+def bias_layout(orig_module) -> str | None:
+    """How an HF experts module's gate_up_proj_bias holds gate and up: "concatenated",
+    "interleaved" (gpt-oss), or None when the module has no biases."""
+    if not getattr(orig_module, "has_bias", False):
+        return None
+    return "concatenated" if getattr(orig_module, "is_concatenated", True) else "interleaved"
+
+
+def expert_biases(weights, key: str, layout: str | None, dtype, device) -> tuple[torch.Tensor, ...] | None:
+    """(gate [E, I], up [E, I], down [E, H]) biases of an experts module (bias_layout), or None."""
+    if layout is None:
+        return None
+    gu = weights.tensor(f"{key}.gate_up_proj_bias", dtype=dtype, device=device)          # [E, 2I]
+    if layout == "concatenated":
+        g, u = gu.chunk(2, dim=-1)
+    else:                                                                                 # gate 0, up 0, gate 1, ...
+        g, u = gu[:, 0::2], gu[:, 1::2]
+    down = weights.tensor(f"{key}.down_proj_bias", dtype=dtype, device=device)           # [E, H]
+    return g.contiguous(), u.contiguous(), down.contiguous()
+
+
+def torch_moe(x, ids, w, gate, up, down, gating: Gating = Gating(), biases=None) -> torch.Tensor:
     """Plain-torch MoE: x [T, H], ids [T, k] (negative = skip), w [T, k], gate/up [E, I, H],
-    down [E, H, I] -> [T, H] in float32 (computed in the weights' dtype, accumulated in f32)."""
+    down [E, H, I], biases (gate [E, I], up [E, I], down [E, H]) or None -> [T, H] in float32
+    (computed in the weights' dtype, accumulated in f32)."""
     out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
     xw = x.to(gate.dtype)
     for e in torch.unique(ids[ids >= 0]).tolist():
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         xe = xw[tok]                                                                     # [m, H]
-        h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)                                      # [m, I]
-        y = (h @ down[e].T).float() * w[tok, slot, None].float()                         # [m, H]
-        out.index_add_(0, tok, y)
+        g, u = xe @ gate[e].T, xe @ up[e].T                                              # [m, I]
+        if biases is not None:
+            g, u = g + biases[0][e], u + biases[1][e]
+        y = gating(g, u) @ down[e].T                                                     # [m, H]
+        if biases is not None:
+            y = y + biases[2][e]
+        out.index_add_(0, tok, y.float() * w[tok, slot, None].float())
     return out
 
 
@@ -267,6 +327,9 @@ class CPUExperts(Operator):
             raise KtransError(f"{key}: numa_nodes must be a positive int, got {numa_nodes!r}")
         self.num_experts, self.hidden_size, self.intermediate_size = expert_dims(orig_module)
         self.layer = layer_index(key)
+        self.gating = gating_of(config, orig_module)
+        self.bias_layout = bias_layout(orig_module)
+        self._biases = None         # (gate, up, down) f32 biases for the torch paths
         self.backend, self.numa, self.numa_nodes = backend, numa, numa_nodes
         self.cpu_infer = cpu_infer or default_threads()
         self.max_chunk = int(max_chunk)
@@ -306,6 +369,7 @@ class CPUExperts(Operator):
         from ktrans import _C
 
         self._source = weights
+        self._biases = expert_biases(weights, self.key, self.bias_layout, torch.float32, "cpu")
         if self.backend == "torch":
             self._native = expert_tensors(weights, self.layer, torch.float32, "cpu")
             return
@@ -316,11 +380,15 @@ class CPUExperts(Operator):
                                          "split", 1)
         mode, groups = numa_layout(self.numa, self.numa_nodes, copy_bytes, self.config)
         pool = shared_pool(self.cpu_infer, groups if self.numa_nodes else 0)
+        g = self.gating
         try:
             self._moe = _C.MoeLayer(pool, self.num_experts, self.hidden_size, self.intermediate_size, types,
-                                    backend=backend, numa=mode, max_chunk=self.max_chunk)
+                                    backend=backend, numa=mode, max_chunk=self.max_chunk, act=g.act, alpha=g.alpha,
+                                    limit=g.limit)
             for p, (_, data) in enumerate(raws):
                 self._moe.load(p, 0, data)
+            for p, b in enumerate(self._biases or ()):
+                self._moe.load_bias(p, b.numpy())
         except ValueError as e:
             raise KtransError(f"{self.key}: {e}") from None
         self._pool = pool
@@ -335,6 +403,10 @@ class CPUExperts(Operator):
         self.streamed = None
         if self.gpu_prefill == "off":
             self.stream_why_not = "gpu_prefill: off"
+            return
+        if self.gating.act != "silu" or self.bias_layout is not None:
+            self.stream_why_not = (f"the streamed path computes SiLU experts without biases; this layer's are "
+                                   f"{self.gating.act}{' with biases' if self.bias_layout else ''} (gpt-oss)")
             return
         stored = StoredExperts.of(raws, self.num_experts, self.hidden_size, self.intermediate_size)
         if isinstance(stored, str):
@@ -409,7 +481,8 @@ class CPUExperts(Operator):
         """Start the routed experts; returns a handle for sync()."""
         x, dev, dt = hidden_states, hidden_states.device, hidden_states.dtype
         if self._native is not None:
-            out = torch_moe(x.to("cpu", torch.float32), top_k_index.to("cpu"), top_k_weights.to("cpu"), *self._native)
+            out = torch_moe(x.to("cpu", torch.float32), top_k_index.to("cpu"), top_k_weights.to("cpu"), *self._native,
+                            gating=self.gating, biases=self._biases)
             return Pending(None, out, (), dev, dt)
         if self._moe is None:
             raise KtransError(f"{self.key}: cpu_experts used before load_weights()")
@@ -512,7 +585,8 @@ class CPUExperts(Operator):
                 raise KtransError(f"{self.key}: forward_native needs load_weights() first")
             self._native = expert_tensors(self._source, self.layer, torch.float32, "cpu")
         x = hidden_states
-        out = torch_moe(x.to("cpu", torch.float32), top_k_index.to("cpu"), top_k_weights.to("cpu"), *self._native)
+        out = torch_moe(x.to("cpu", torch.float32), top_k_index.to("cpu"), top_k_weights.to("cpu"), *self._native,
+                        gating=self.gating, biases=self._biases)
         return out.to(x.device, x.dtype)
 
 
@@ -529,12 +603,17 @@ class TorchExperts(Operator):
         self.num_experts, self.hidden_size, self.intermediate_size = expert_dims(orig_module)
         self.layer = layer_index(key)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.gating = gating_of(config, orig_module)
+        self.bias_layout = bias_layout(orig_module)
 
     def load_weights(self, weights) -> None:
         gate, up, down = expert_tensors(weights, self.layer, self.dtype, self.device)
         self.gate_proj = torch.nn.Parameter(gate, requires_grad=False)                  # [E, I, H]
         self.up_proj = torch.nn.Parameter(up, requires_grad=False)                      # [E, I, H]
         self.down_proj = torch.nn.Parameter(down, requires_grad=False)                  # [E, H, I]
+        biases = expert_biases(weights, self.key, self.bias_layout, self.dtype, self.device)
+        self.biases = None if biases is None else torch.nn.ParameterList(
+            torch.nn.Parameter(b, requires_grad=False) for b in biases)                 # [E, I], [E, I], [E, H]
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
@@ -547,11 +626,13 @@ class TorchExperts(Operator):
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         x = hidden_states
         out = torch_moe(x.to(self.device), top_k_index.to(self.device), top_k_weights.to(self.device),
-                        self.gate_proj, self.up_proj, self.down_proj)
+                        self.gate_proj, self.up_proj, self.down_proj, gating=self.gating, biases=self.biases)
         return out.to(x.device, x.dtype)
 
     def forward_native(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         x = hidden_states
         w = [p.float() for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        out = torch_moe(x.to(self.device, torch.float32), top_k_index.to(self.device), top_k_weights.to(self.device), *w)
+        b = None if self.biases is None else [t.float() for t in self.biases]
+        out = torch_moe(x.to(self.device, torch.float32), top_k_index.to(self.device), top_k_weights.to(self.device), *w,
+                        gating=self.gating, biases=b)
         return out.to(x.device, x.dtype)

@@ -7,7 +7,8 @@ top_k_weights [T, k]) -> [T, H]`, negative ids skipped, `submit`/`sync` for the 
 overlap). Each slot goes to the part that holds its expert: two lookup tables turn global expert
 ids into each part's local ids (-1 where the other part owns it), so the split needs no host
 sync. `submit` starts the CPU part first, then queues the GPU part on the device, and `sync`
-adds the two.
+adds the two. Both parts compute the layer's gating and biases (gpt-oss's clamped SwiGLU, its
+gate/up/down biases) as the experts operators do.
 
 The GPU part is a grouped matmul (`torch._grouped_mm`): slots sorted by expert, one product per
 expert over its rows, reading only the experts that were chosen, with no host sync (so a decode
@@ -24,11 +25,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
-from ktrans.operators.experts import CPUExperts, expert_dims, expert_tensors, layer_index, torch_moe
+from ktrans.operators.experts import (CPUExperts, Gating, bias_layout, expert_biases, expert_dims, expert_tensors,
+                                      gating_of, layer_index, torch_moe)
 from ktrans.operators.registry import register_operator
 from ktrans.weights.source import RawTensor
 
@@ -65,9 +66,12 @@ class ExpertSubset:
         return getattr(self.weights, name)
 
 
-def _shape_of(num_experts: int, hidden: int, inter: int):
-    """What expert_dims() reads from an HF experts module, for a part of `num_experts` experts."""
-    return types.SimpleNamespace(gate_up_proj=torch.empty(num_experts, 2 * inter, hidden, device="meta"))
+def _shape_of(orig_module, num_experts: int, hidden: int, inter: int):
+    """What the experts operators read from an HF experts module (expert_dims, gating_of,
+    bias_layout), for a part of `num_experts` of its experts."""
+    like = {a: getattr(orig_module, a) for a in ("alpha", "limit", "has_bias", "is_concatenated")
+            if hasattr(orig_module, a)}
+    return types.SimpleNamespace(gate_up_proj=torch.empty(num_experts, 2 * inter, hidden, device="meta"), **like)
 
 
 def _lookup(ids: tuple[int, ...], num_experts: int) -> torch.Tensor:
@@ -77,9 +81,10 @@ def _lookup(ids: tuple[int, ...], num_experts: int) -> torch.Tensor:
     return lut
 
 
-def grouped_moe(x, ids, w, gate_up_t, down_t) -> torch.Tensor:
+def grouped_moe(x, ids, w, gate_up_t, down_t, gating: Gating = Gating(), biases=None) -> torch.Tensor:
     """x [T, H], ids [T, k] local (negative = not here), w [T, k]; gate_up_t [G, H, 2I] and down_t
-    [G, I, H] (transposed views of contiguous stacks) -> [T, H] float32. No host sync."""
+    [G, I, H] (transposed views of contiguous stacks); biases (gate_up [G, 2I], down [G, H]) or
+    None -> [T, H] float32. No host sync."""
     t, k = ids.shape
     g = gate_up_t.shape[0]
     flat = ids.reshape(-1)                                                               # [S]
@@ -90,9 +95,14 @@ def grouped_moe(x, ids, w, gate_up_t, down_t) -> torch.Tensor:
     tok = order // k                                                                     # [S] token of each row
     xs = x.to(gate_up_t.dtype).index_select(0, tok)                                      # [S, H]
     gu = torch._grouped_mm(xs, gate_up_t, offs=offs)                                     # [S, 2I]
+    row_expert = key.index_select(0, order).clamp(max=g - 1)                             # [S] (skipped: any)
+    if biases is not None:
+        gu = gu + biases[0].index_select(0, row_expert)
     inter = gu.shape[1] // 2
-    h = (F.silu(gu[:, :inter]) * gu[:, inter:]).contiguous()                             # [S, I]
+    h = gating(gu[:, :inter], gu[:, inter:]).contiguous()                                # [S, I]
     y = torch._grouped_mm(h, down_t, offs=offs).float()                                  # [S, H]
+    if biases is not None:
+        y = y + biases[1].index_select(0, row_expert).float()
     ws = w.reshape(-1).index_select(0, order).float()                                    # [S]
     # NOTE: rows past the last group's end are left unwritten by _grouped_mm (garbage, maybe NaN):
     # where(), not a multiply by zero, drops them.
@@ -141,23 +151,30 @@ class HybridExperts(Operator):
         self.num_experts, self.hidden_size, self.intermediate_size = expert_dims(orig_module)
         self.layer = layer_index(key)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.gating, self.bias_layout = gating_of(config, orig_module), bias_layout(orig_module)
         self.gpu_ids = parse_expert_ids(gpu_experts, self.num_experts, key)
         self.cpu_ids = tuple(e for e in range(self.num_experts) if e not in set(self.gpu_ids))
         self.register_buffer("lut_gpu", _lookup(self.gpu_ids, self.num_experts).to(self.device), persistent=False)
         self.register_buffer("lut_cpu", _lookup(self.cpu_ids, self.num_experts).to(self.device), persistent=False)
         self.cpu_part = None
         if self.cpu_ids:
-            self.cpu_part = CPUExperts(key=key, orig_module=_shape_of(len(self.cpu_ids), self.hidden_size,
-                                                                  self.intermediate_size),
+            self.cpu_part = CPUExperts(key=key, orig_module=_shape_of(orig_module, len(self.cpu_ids),
+                                                                  self.hidden_size, self.intermediate_size),
                                   config=config, device="cpu", backend=backend, cpu_infer=cpu_infer, numa=numa,
                                   numa_nodes=numa_nodes, max_chunk=max_chunk)
 
     def load_weights(self, weights) -> None:
         if self.cpu_part is not None:
             self.cpu_part.load_weights(ExpertSubset(weights, self.layer, self.cpu_ids))
-        gate, up, down = expert_tensors(ExpertSubset(weights, self.layer, self.gpu_ids), self.layer, self.dtype, "cpu")
+        mine = ExpertSubset(weights, self.layer, self.gpu_ids)
+        gate, up, down = expert_tensors(mine, self.layer, self.dtype, "cpu")
         self.gate_up = torch.nn.Parameter(torch.cat([gate, up], 1).to(self.device), requires_grad=False)  # [G, 2I, H]
         self.down = torch.nn.Parameter(down.to(self.device), requires_grad=False)                         # [G, H, I]
+        self.biases = None          # (gate_up [G, 2I], down [G, H]) in the GPU part's dtype
+        b = expert_biases(mine, self.key, self.bias_layout, self.dtype, "cpu")
+        if b is not None:
+            self.biases = torch.nn.ParameterList(torch.nn.Parameter(t.to(self.device), requires_grad=False)
+                                                 for t in (torch.cat([b[0], b[1]], 1), b[2]))
         self._grouped = grouped_supported(str(self.device), self.dtype)
 
     @classmethod
@@ -170,7 +187,8 @@ class HybridExperts(Operator):
         out = {str(torch.device(device)): size * n_gpu * 3 * h * i}
         if n_gpu < e:
             cpu_kw = {k: v for k, v in kwargs.items() if k in CPUExperts.accepted_kwargs()}
-            for dev, n in CPUExperts.planned_bytes(key=key, orig_module=_shape_of(e - n_gpu, h, i), config=config,
+            for dev, n in CPUExperts.planned_bytes(key=key, orig_module=_shape_of(orig_module, e - n_gpu, h, i),
+                                                   config=config,
                                                    device=torch.device("cpu"), kwargs=cpu_kw, weights=weights).items():
                 out[dev] = out.get(dev, 0) + n
         return out
@@ -181,10 +199,24 @@ class HybridExperts(Operator):
         """[T, H] float32 on self.device: the slots whose experts are held here."""
         x, w = x.to(self.device), w.to(self.device)
         local = self.lut_gpu[ids.to(self.device)]                                      # [T, k]
-        inter = self.intermediate_size
         if self._grouped:
-            return grouped_moe(x, local, w, self.gate_up.transpose(1, 2), self.down.transpose(1, 2))
-        return torch_moe(x, local, w, self.gate_up[:, :inter], self.gate_up[:, inter:], self.down)
+            return grouped_moe(x, local, w, self.gate_up.transpose(1, 2), self.down.transpose(1, 2), self.gating,
+                               self.biases)
+        return torch_moe(x, local, w, *self._gpu_stacks(lambda t: t), gating=self.gating,
+                         biases=self._gpu_biases(lambda t: t))
+
+    def _gpu_stacks(self, to) -> tuple[torch.Tensor, ...]:
+        """The GPU part's (gate [G, I, H], up [G, I, H], down [G, H, I]), each through `to`."""
+        inter = self.intermediate_size
+        return to(self.gate_up[:, :inter]), to(self.gate_up[:, inter:]), to(self.down)
+
+    def _gpu_biases(self, to) -> tuple[torch.Tensor, ...] | None:
+        """The GPU part's biases as torch_moe takes them (gate [G, I], up [G, I], down [G, H])."""
+        if self.biases is None:
+            return None
+        inter = self.intermediate_size
+        gu, down = to(self.biases[0]), to(self.biases[1])
+        return gu[:, :inter], gu[:, inter:], down
 
     def submit(self, hidden_states, top_k_index, top_k_weights) -> HybridPending:
         x = hidden_states
@@ -205,10 +237,9 @@ class HybridExperts(Operator):
     def forward_native(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """f32 torch oracle: both parts with the plain per-expert loop."""
         x, idx, w = hidden_states, top_k_index.to("cpu"), top_k_weights.to("cpu")
-        inter = self.intermediate_size
-        gu = self.gate_up.float().cpu()
-        out = torch_moe(x.to("cpu", torch.float32), self.lut_gpu.cpu()[idx], w, gu[:, :inter], gu[:, inter:],
-                        self.down.float().cpu())
+        f32 = lambda t: t.float().cpu()  # noqa: E731
+        out = torch_moe(x.to("cpu", torch.float32), self.lut_gpu.cpu()[idx], w, *self._gpu_stacks(f32),
+                        gating=self.gating, biases=self._gpu_biases(f32))
         if self.cpu_part is not None:
             out += self.cpu_part.forward_native(x.to("cpu", torch.float32), self.lut_cpu.cpu()[idx], w).float()
         return out.to(x.device, x.dtype)

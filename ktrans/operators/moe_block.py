@@ -9,8 +9,11 @@ Routing follows each architecture exactly as transformers computes it:
   × routed_scaling_factor;
 - Qwen2-MoE / Qwen3-MoE: softmax top-k, renormalised when norm_topk_prob; Qwen2-MoE adds a
   shared expert scaled by sigmoid(shared_expert_gate(x));
-- Mixtral: softmax top-k, always renormalised.
-The router runs in f32 (its logits decide discrete choices; bf16 would flip near-ties).
+- Mixtral: softmax top-k, always renormalised;
+- gpt-oss: biased router logits, top-k of the logits, softmax over those k.
+Which one is the arch entry's `routing` (ktrans/config/arch.py). The router runs in f32 (its
+logits decide discrete choices; bf16 would flip near-ties). The router is the HF block's `gate`
+(`router` in gpt-oss, whose decoder layer also expects (hidden, router scores) back).
 
 Overlap: when the block runs on the GPU and the experts operator has submit/sync (the CPU
 experts), the routed work is submitted first, the shared experts run on the GPU meanwhile, then
@@ -24,12 +27,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ktrans.config.arch import arch_from_config
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
 from ktrans.operators.linear import load_param
 from ktrans.operators.registry import register_operator
 
-_ROUTED_TYPES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral")
+_ROUTED_TYPES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss")
 
 
 def _group_mask(choice: torch.Tensor, group_scores: torch.Tensor, topk_group: int) -> torch.Tensor:
@@ -72,6 +76,20 @@ def route_softmax_topk(logits, *, top_k, norm):
     return w, idx
 
 
+def route_topk_softmax(logits, *, top_k):
+    top, idx = torch.topk(logits, k=top_k, dim=-1)                                       # [T, k]
+    return torch.softmax(top, dim=-1), idx
+
+
+def router_of(orig_module) -> tuple[str, torch.nn.Module]:
+    """(child name, module) of a sparse MoE block's router: `gate`, or gpt-oss's `router`."""
+    for name in ("gate", "router"):
+        child = getattr(orig_module, name, None)
+        if isinstance(child, torch.nn.Module):
+            return name, child
+    raise KtransError(f"{type(orig_module).__name__} has no router (expected a 'gate' or 'router' child)")
+
+
 def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
     for t in module.parameters():
         return t.device
@@ -83,7 +101,7 @@ def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
 @register_operator("moe_block")
 class MoEBlock(Operator):
     name: ClassVar[str] = "moe_block"
-    owned_children: ClassVar[tuple[str, ...]] = ("gate",)   # the router weights are loaded here, in f32
+    owned_children: ClassVar[tuple[str, ...]] = ("gate", "router")   # the router is loaded here, in f32
 
     def __init__(self, *, key: str, orig_module, config, device, **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
@@ -98,29 +116,38 @@ class MoEBlock(Operator):
             if getattr(orig_module, child, None) is not None:
                 setattr(self, child, getattr(orig_module, child))
         self.model_type = config.model_type
+        spec = arch_from_config(config)
+        self.routing, self.returns_pair = spec.routing, spec.mlp_returns_pair
         self.top_k = config.num_experts_per_tok
-        self.num_experts = orig_module.gate.weight.shape[0]
+        self.router_name, router = router_of(orig_module)
+        self.num_experts = router.weight.shape[0]
+        self.has_router_bias = getattr(router, "bias", None) is not None
 
     def load_weights(self, weights) -> None:
-        e, h = self.num_experts, self.config.hidden_size
-        self.gate_weight = load_param(weights, f"{self.key}.gate.weight", torch.float32, self.device, (e, h))  # [E, H]
-        self.gate_bias = None
+        e, h, r = self.num_experts, self.config.hidden_size, f"{self.key}.{self.router_name}"
+        self.gate_weight = load_param(weights, f"{r}.weight", torch.float32, self.device, (e, h))  # [E, H]
+        self.gate_bias = None          # DeepSeek-V3's correction bias: for the choice only
         if self.model_type == "deepseek_v3":
-            self.gate_bias = load_param(weights, f"{self.key}.gate.e_score_correction_bias", torch.float32,
-                                        self.device, (e,))
+            self.gate_bias = load_param(weights, f"{r}.e_score_correction_bias", torch.float32, self.device, (e,))
+        self.router_bias = None        # gpt-oss: added to the logits
+        if self.has_router_bias:
+            self.router_bias = load_param(weights, f"{r}.bias", torch.float32, self.device, (e,))
         # How often each expert was chosen (ktrans.fit.counts reads it: hot experts go to the GPU).
         self.expert_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
-        e, h = orig_module.gate.weight.shape
-        extra = e if config.model_type == "deepseek_v3" else 0
+        router = router_of(orig_module)[1]
+        e, h = router.weight.shape
+        extra = e if config.model_type == "deepseek_v3" or getattr(router, "bias", None) is not None else 0
         return {str(torch.device(device)): 4 * (e * h + extra)}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (top_k_weights [T, k] f32, top_k_index [T, k] int64)."""
         c = self.config
-        logits = F.linear(x.to(self.device, torch.float32), self.gate_weight)              # [T, E]
+        logits = F.linear(x.to(self.device, torch.float32), self.gate_weight, self.router_bias)  # [T, E]
+        if self.routing == "topk_softmax":
+            return route_topk_softmax(logits, top_k=self.top_k)
         if self.model_type == "deepseek_v3":
             return route_deepseek_v3(logits, self.gate_bias, top_k=self.top_k, n_group=c.n_group,
                                      topk_group=c.topk_group, norm=c.norm_topk_prob, scale=c.routed_scaling_factor)
@@ -161,7 +188,7 @@ class MoEBlock(Operator):
         else:
             routed, shared = self._routed_sync(x, idx, w), self._shared(x)
         out = routed if shared is None else routed + shared
-        return out.view(shape)
+        return self._output(out.view(shape), w)
 
     def forward_native(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -169,4 +196,8 @@ class MoEBlock(Operator):
         w, idx = self.route(x)
         out = self._routed_sync(x, idx, w)
         shared = self._shared(x)
-        return (out if shared is None else out + shared).view(shape)
+        return self._output((out if shared is None else out + shared).view(shape), w)
+
+    def _output(self, out: torch.Tensor, w: torch.Tensor):
+        """What the HF decoder layer takes from its MLP: the output, or (output, router scores)."""
+        return (out, w) if self.returns_pair else out

@@ -40,7 +40,14 @@ def rotary_embeddings(rotary: torch.nn.Module, positions: torch.Tensor, dtype: t
     probe = torch.empty(0, dtype=dtype, device=positions.device)
     emb = rotary(probe, positions[None, :])
     if isinstance(emb, tuple):
-        return emb[0][0], emb[1][0]
+        cos, sin = emb[0][0], emb[1][0]
+        # NOTE: gpt-oss's rotary returns one value per frequency ([T, d/2]) and rotates the halves
+        # with it; repeated to [T, d] it is the HALF layout's table (x1 * c - x2 * s is the same
+        # float operation as x1 * c + (-x2) * s, so results are bit-identical).
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is not None and cos.shape[-1] == inv_freq.numel():
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+        return cos, sin
     return emb[0]
 
 

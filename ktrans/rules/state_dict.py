@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ktrans.errors import KtransError
+from ktrans.weights import names
 from ktrans.weights.source import RawTensor, TensorInfo, WeightSource
 
 _QTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -20,8 +21,9 @@ _QTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 class StateDictSource(WeightSource):
     """Weights from a mapping of parameter name -> CPU tensor (float32, float16 or bfloat16)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], path: str = "<state dict>"):
+    def __init__(self, tensors: dict[str, torch.Tensor], path: str = "<state dict>", config=None):
         self.path = path
+        self._config = config      # the model's config, where its fused experts are not [E, 2I, H] (gpt-oss)
         self._tensors: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             if t.dtype not in _QTYPES or t.is_meta:
@@ -57,14 +59,14 @@ class StateDictSource(WeightSource):
         """[E, rows, cols] slice of the fused transformers-5 expert tensors of `layer`."""
         self.check_expert_proj(layer, proj)
         prefix = f"model.layers.{layer}.mlp.experts"
-        if proj == "down":
-            t = self._get(f"{prefix}.down_proj")                       # [E, H, I]
-        else:
-            gate_up = self._get(f"{prefix}.gate_up_proj")              # [E, 2I, H], gate rows first
-            half = gate_up.shape[1] // 2
-            t = gate_up[:, :half] if proj == "gate" else gate_up[:, half:]  # [E, I, H]
-            t = t.contiguous()
-        return self.note_raw(RawTensor(_QTYPES[t.dtype], tuple(t.shape), _bytes(t)))
+        fused = self._get(f"{prefix}.{'down_proj' if proj == 'down' else 'gate_up_proj'}")
+        t = torch.from_numpy(names.stored_experts(proj, fused.numpy() if fused.dtype != torch.bfloat16 else
+                                                  fused.view(torch.int16).numpy(), self._config))
+        t = t.view(torch.bfloat16) if fused.dtype == torch.bfloat16 else t            # [E, I, H] / [E, H, I]
+        return self.note_raw(RawTensor(_QTYPES[t.dtype], tuple(t.shape), _bytes(t.contiguous())))
+
+    def config(self):
+        return self._config
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

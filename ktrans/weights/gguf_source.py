@@ -180,10 +180,12 @@ class GGUFSource(WeightSource):
                 self._resolve(fused)                      # raises, naming the missing GGUF tensors
             raise KtransError(f"{self.path}: layer {layer} has no routed experts (no parameter '{fused}')")
         r = self._map[fused]
-        hf = self._hf_shape(r)                            # [E, 2I, H] or [E, H, I]
-        if r.transform == "copy":                         # stacked down_proj: zero-copy
+        hf = self._hf_shape(r)                            # [E, 2I, H] / [E, H, I] (gpt-oss: [E, H, 2I] / [E, I, H])
+        # NOTE: the stored tensors are the kernels' layout whatever the HF one is (gpt-oss keeps its
+        # experts input-major and gate/up interleaved: transforms gate_up_oai / transpose).
+        if r.transform in ("copy", "transpose"):          # stacked down_proj: zero-copy
             return self.note_raw(r.parts[0].raw())
-        if r.transform == "gate_up":                      # stacked gate/up: zero-copy
+        if r.transform in ("gate_up", "gate_up_oai"):     # stacked gate/up: zero-copy
             part = r.parts[0 if proj == "gate" else 1]
             return self.note_raw(part.raw())
         # Legacy per-expert tensors: stack the E expert matrices (one copy).

@@ -23,6 +23,11 @@ the reshuffle itself):
   kv_b          DeepSeek MLA: HF `kv_b_proj` [nH*(nope+v), r]
                 <-> (`attn_k_b` [nH, r, nope] (transposed per head), `attn_v_b` [nH, v, r])
   flat          HF [1, H] <-> GGUF [H] (qwen2moe's shared-expert gate)
+  gate_up_oai   gpt-oss: HF `experts.gate_up_proj` [E, H, 2I] (input-major, gate and up columns
+                interleaved: gate 0, up 0, gate 1, ...) <-> (`ffn_gate_exps` [E, I, H], `ffn_up_exps`)
+  interleave    gpt-oss: HF `experts.gate_up_proj_bias` [E, 2I] (interleaved as above)
+                <-> (`ffn_gate_exps.bias` [E, I], `ffn_up_exps.bias` [E, I])
+  transpose     gpt-oss: HF `experts.down_proj` [E, I, H] <-> `ffn_down_exps` [E, H, I]
 
 Entries may carry a `needs` condition on the config (see `_NEEDS`); `layers` says which
 layers hold the tensor: "all", "dense" (plain MLP) or "moe" (router + experts).
@@ -97,6 +102,26 @@ _EXPERTS = [
     TensorMap("model.layers.{i}.mlp.experts.down_proj", ("blk.{i}.ffn_down_exps.weight",), "copy", "moe"),
 ]
 
+_GPT_OSS = [
+    TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
+    TensorMap("model.norm.weight", ("output_norm.weight",)),
+    TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
+    TensorMap("model.layers.{i}.input_layernorm.weight", ("blk.{i}.attn_norm.weight",), "copy", "all"),
+    TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("blk.{i}.post_attention_norm.weight",), "copy",
+              "all"),
+] + _attn_gqa(bias=True) + [
+    TensorMap("model.layers.{i}.self_attn.o_proj.bias", ("blk.{i}.attn_output.bias",), "copy", "all"),
+    TensorMap("model.layers.{i}.self_attn.sinks", ("blk.{i}.attn_sinks.weight",), "copy", "all"),
+    TensorMap("model.layers.{i}.mlp.router.weight", ("blk.{i}.ffn_gate_inp.weight",), "copy", "moe"),
+    TensorMap("model.layers.{i}.mlp.router.bias", ("blk.{i}.ffn_gate_inp.bias",), "copy", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.gate_up_proj",
+              ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"), "gate_up_oai", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.gate_up_proj_bias",
+              ("blk.{i}.ffn_gate_exps.bias", "blk.{i}.ffn_up_exps.bias"), "interleave", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.down_proj", ("blk.{i}.ffn_down_exps.weight",), "transpose", "moe"),
+    TensorMap("model.layers.{i}.mlp.experts.down_proj_bias", ("blk.{i}.ffn_down_exps.bias",), "copy", "moe"),
+]
+
 TENSORS: dict[str, list[TensorMap]] = {
     "deepseek2": _COMMON + _MLA + _dense_mlp() + _EXPERTS + _dense_mlp("mlp.shared_experts", "_shexp", "moe") + [
         TensorMap("model.layers.{i}.mlp.gate.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe",
@@ -111,6 +136,7 @@ TENSORS: dict[str, list[TensorMap]] = {
     "llama": _COMMON + _attn_gqa(rope_perm=True) + _dense_mlp() + _EXPERTS,
     "qwen2": _COMMON + _attn_gqa(bias=True) + _dense_mlp(),
     "qwen3": _COMMON + _attn_gqa(qk_norm=True) + _dense_mlp(),
+    "gpt-oss": _GPT_OSS,
 }
 
 # Conditions an entry may require of the transformers config.
@@ -141,6 +167,28 @@ def layer_kind(config, i: int) -> str:
         return "dense"
     step = getattr(config, "decoder_sparse_step", 1) or 1
     return "moe" if (i + 1) % step == 0 else "dense"
+
+
+def expert_transform(config, suffix: str) -> str:
+    """names.py's transform of a fused experts parameter (`gate_up_proj` or `down_proj`) of the
+    config's architecture: gate_up / copy for most, gpt-oss's gate_up_oai / transpose."""
+    from ktrans.config.arch import arch_from_config
+
+    default = "gate_up" if suffix == "gate_up_proj" else "copy"
+    if config is None:
+        return default
+    for m in tensor_table(arch_from_config(config).gguf_arch):
+        if m.hf.endswith(f".mlp.experts.{suffix}"):
+            return m.transform
+    return default
+
+
+def stored_experts(proj: str, hf: np.ndarray, config) -> np.ndarray:
+    """The [E, rows, cols] stack of one projection (gate/up: [E, I, H], down: [E, H, I], the CPU
+    kernels' and llama.cpp's layout) from the HF fused tensor `hf` (gate_up_proj for gate/up,
+    down_proj for down) of the config's architecture."""
+    parts = hf_to_gguf(expert_transform(config, "down_proj" if proj == "down" else "gate_up_proj"), hf, config)
+    return parts[1 if proj == "up" else 0]
 
 
 def tensor_table(gguf_arch: str) -> list[TensorMap]:
@@ -196,6 +244,13 @@ def hf_to_gguf(transform: str, w: np.ndarray, config) -> list[np.ndarray]:
                 np.ascontiguousarray(kv[:, nope:])]                     # [nH, v, r]
     if transform == "flat":
         return [w.reshape(-1)]
+    if transform == "gate_up_oai":                      # [E, H, 2I] -> 2 x [E, I, H]
+        return [np.ascontiguousarray(w[:, :, 0::2].transpose(0, 2, 1)),
+                np.ascontiguousarray(w[:, :, 1::2].transpose(0, 2, 1))]
+    if transform == "interleave":                       # [E, 2I] -> 2 x [E, I]
+        return [np.ascontiguousarray(w[:, 0::2]), np.ascontiguousarray(w[:, 1::2])]
+    if transform == "transpose":                        # [E, I, H] -> [E, H, I]
+        return [np.ascontiguousarray(w.transpose(0, 2, 1))]
     raise KtransError(f"unknown tensor transform '{transform}'")
 
 
@@ -215,6 +270,13 @@ def gguf_to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
         return np.ascontiguousarray(kv.reshape(-1, kv.shape[-1]))
     if transform == "flat":
         return parts[0].reshape(1, -1)
+    if transform in ("gate_up_oai", "interleave"):      # 2 x [E, I, H] -> [E, H, 2I]; 2 x [E, I] -> [E, 2I]
+        g, u = (p.transpose(0, 2, 1) if transform == "gate_up_oai" else p for p in parts)
+        out = np.empty(g.shape[:-1] + (2 * g.shape[-1],), dtype=g.dtype)
+        out[..., 0::2], out[..., 1::2] = g, u
+        return out
+    if transform == "transpose":                        # [E, H, I] -> [E, I, H]
+        return np.ascontiguousarray(parts[0].transpose(0, 2, 1))
     raise KtransError(f"unknown tensor transform '{transform}'")
 
 
@@ -274,6 +336,14 @@ METADATA: dict[str, list[MetaKey]] = {
         MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
     ],
     "qwen2": _BASE_META + _GQA_META,
+    "gpt-oss": _BASE_META + _GQA_META + [
+        MetaKey("expert_count", "num_local_experts", "u32"),
+        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+        MetaKey("expert_feed_forward_length", "intermediate_size", "u32"),
+        MetaKey("attention.key_length", "head_dim", "u32"),
+        MetaKey("attention.value_length", "head_dim", "u32"),
+        MetaKey("attention.sliding_window", "sliding_window", "u32"),
+    ],
     "qwen3": _BASE_META + _GQA_META + [MetaKey("attention.key_length", "head_dim", "u32"),
                                        MetaKey("attention.value_length", "head_dim", "u32")],
 }

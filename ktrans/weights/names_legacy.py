@@ -60,8 +60,9 @@ def to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
 def hf_shape(transform: str, shapes: list[tuple[int, ...]], config) -> tuple[int, ...]:
     """The HF shape `to_hf` produces from parts of these shapes (without touching data);
     ValueError when the parts do not fit together."""
-    same = transform in ("gate_up", "experts_stack", "experts_gate_up")
-    if same and len(set(map(tuple, shapes))) != 1 or transform == "gate_up" and len(shapes[0]) != 3:
+    same = transform in ("gate_up", "experts_stack", "experts_gate_up", "gate_up_oai", "interleave")
+    if same and len(set(map(tuple, shapes))) != 1 or transform in ("gate_up", "gate_up_oai", "transpose") \
+            and len(shapes[0]) != 3 or transform == "interleave" and len(shapes[0]) != 2:
         raise ValueError(f"parts have shapes {[list(s) for s in shapes]}, expected equal [E, I, H] / [rows, cols]")
     if transform == "kv_b" and (len(shapes[0]) != 3 or len(shapes[1]) != 3 or shapes[0][0] != shapes[1][0]
                                 or shapes[0][1] != shapes[1][2]):
@@ -77,6 +78,14 @@ def hf_shape(transform: str, shapes: list[tuple[int, ...]], config) -> tuple[int
     if transform == "kv_b":                                  # [nH, r, nope], [nH, v, r]
         nh, r, nope = shapes[0]
         return (nh * (nope + shapes[1][1]), r)
+    if transform == "gate_up_oai":                           # 2 x [E, I, H] -> [E, H, 2I]
+        e, i, h = shapes[0]
+        return (e, h, 2 * i)
+    if transform == "interleave":                            # 2 x [E, I] -> [E, 2I]
+        return (shapes[0][0], 2 * shapes[0][1])
+    if transform == "transpose":                             # [E, H, I] -> [E, I, H]
+        e, a, b = shapes[0]
+        return (e, b, a)
     if transform == "experts_stack":
         return (len(shapes), *shapes[0])
     if transform == "experts_gate_up":

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ktrans.errors import KtransError
-from ktrans.weights.source import RawTensor, TensorInfo, WeightSource, load_hf_config, raw_to_torch
+from ktrans.weights import names
+from ktrans.weights.source import _PLAIN_TYPES, RawTensor, TensorInfo, WeightSource, load_hf_config, raw_to_torch
 
 # safetensors dtype -> (ktrans qtype, bytes per element)
 _DTYPES = {"F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F8_E4M3": ("f8_e4m3", 1)}
@@ -195,6 +196,10 @@ class SafetensorsSource(WeightSource):
         if fused not in self._plain:
             raise KtransError(f"{self.path}: no routed experts for layer {layer} ({pre}.*)")
         raw = self._plain[fused].raw()                  # [E, 2I, H] or [E, H, I]
+        if names.expert_transform(self.config(), fused.rsplit(".", 1)[-1]) in ("gate_up_oai", "transpose"):
+            # gpt-oss: input-major, gate/up interleaved; the kernels take llama.cpp's layout
+            part = names.stored_experts(proj, raw.data.view(_PLAIN_TYPES[raw.qtype][0]).reshape(raw.shape), self.config())
+            return self.note_raw(RawTensor(raw.qtype, part.shape, part.view(np.uint8).reshape(part.shape[:-1] + (-1,))))
         if proj != "down":
             half = raw.shape[1] // 2
             rows = slice(0, half) if proj == "gate" else slice(half, 2 * half)

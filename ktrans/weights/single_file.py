@@ -104,6 +104,30 @@ def _deepseek(r: GGUFReader, cfg: dict, model_type: str) -> None:
         cfg["num_nextn_predict_layers"] = int(r.get(f"{a}.nextn_predict_layers", 0))
 
 
+def _gpt_oss(r: GGUFReader, cfg: dict) -> None:
+    """gpt-oss: biased attention, sliding-window layers, HF's un-truncated YaRN."""
+    a = "gpt-oss"
+    cfg["attention_bias"] = True
+    n = cfg["num_hidden_layers"]
+    # llama.cpp: attention.sliding_window_pattern is a per-layer bool array, or a period n (layer i
+    # slides unless i % n == n - 1); absent, the period is 2 (even layers slide), as gpt-oss ships.
+    pattern = r.get(f"{a}.attention.sliding_window_pattern", 2)
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != n:
+            raise KtransError(f"{r.path}: {a}.attention.sliding_window_pattern has {len(pattern)} entries for {n} layers")
+        slides = [bool(x) for x in pattern]
+    else:
+        slides = [i % int(pattern) < int(pattern) - 1 for i in range(n)]
+    cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in slides]
+    if cfg.get("rope_scaling"):
+        # NOTE: gpt-oss's checkpoints use YaRN without rounding the correction range (truncate
+        # false) and without mscale overrides; llama.cpp keeps neither.
+        rs = cfg["rope_scaling"]
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": rs["factor"], "beta_fast": rs["beta_fast"],
+                               "beta_slow": rs["beta_slow"], "truncate": False,
+                               "original_max_position_embeddings": rs["original_max_position_embeddings"]}
+
+
 def _check_against_tensors(r: GGUFReader, cfg: dict) -> None:
     """Sizes from metadata must match the tensors, so a corrupt key cannot make ktrans build a model
     of billions of layers or experts."""
@@ -151,6 +175,8 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
         cfg[f"{role}_token_id"] = int(tid) if tid is not None else None
     if model_type.startswith("deepseek"):
         _deepseek(r, cfg, model_type)
+    elif model_type == "gpt_oss":
+        _gpt_oss(r, cfg)
     elif model_type in ("qwen3_moe", "qwen2_moe"):
         # NOTE: llama.cpp hard-codes the top-k renormalisation per arch: on for qwen3moe, off for qwen2moe.
         cfg.update(norm_topk_prob=model_type == "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[])

@@ -22,6 +22,11 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
           r"|\s+(?!\S)|\s+")
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
+# o200k (gpt-oss's o200k_harmony, GPT-4o; llama.cpp's "gpt-4o"): cased word pieces with an optional
+# contraction, digit runs of up to 3, punctuation runs (with trailing newlines and slashes).
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DEEPSEEK_V3 = [
     r"\p{N}{1,3}",
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
@@ -75,6 +80,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "llama3": PreTokenizer((_LLAMA3,), ignore_merges=True),
     "deepseek-v3": PreTokenizer(tuple(_DEEPSEEK_V3)),
     "deepseek-llm": PreTokenizer(tuple(_DEEPSEEK_LLM)),
+    "gpt-4o": PreTokenizer((_GPT4O,)),
 }
 
 

@@ -1,8 +1,8 @@
 """Output processors: one generated choice's engine outputs turned into what the APIs render.
 
 Each processor is a small class with `feed(text)` and `finish()`, chained per choice:
-special-token filter -> <think> splitter (reasoning vs content) -> tool-call parser (calls vs
-content). `ChoiceProcessor` runs the chain on every RequestOutput and hands back a `Delta`; the
+special-token filter -> reasoning splitter (<think> tags, or gpt-oss's harmony channels:
+reasoning vs content) -> tool-call parser (calls vs content). `ChoiceProcessor` runs the chain on every RequestOutput and hands back a `Delta`; the
 routes only render deltas (OpenAI chunks or messages, Ollama lines).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ktrans.engine import RequestOutput
-from ktrans_server.reasoning import ThinkSplitter, held_tail
+from ktrans_server.reasoning import HarmonySplitter, ThinkSplitter, held_tail
 from ktrans_server.tools import PYTHON_TAG, ToolCall, ToolFormat
 
 
@@ -128,9 +128,9 @@ class ChoiceProcessor:
     """The chain for one choice."""
 
     def __init__(self, *, in_thinking: bool | None, tool_format: ToolFormat | None,
-                 strip_specials: set[str] | None = None):
+                 strip_specials: set[str] | None = None, harmony: bool = False):
         self.filter = SpecialTokenFilter(strip_specials) if strip_specials else None
-        self.think = ThinkSplitter(in_thinking) if in_thinking is not None else None
+        self.think = HarmonySplitter() if harmony else ThinkSplitter(in_thinking) if in_thinking is not None else None
         self.tools = ToolCallParser(tool_format) if tool_format is not None else None
 
     def feed(self, out: RequestOutput) -> Delta:

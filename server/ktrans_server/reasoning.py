@@ -1,12 +1,20 @@
-"""Split a model's streamed text into reasoning (<think>...</think>) and visible content.
+"""Split a model's streamed text into reasoning and visible content.
 
 Reasoning models (DeepSeek-R1/V3 chat templates, Qwen3) write their thinking between <think> and
 </think>. With R1-style templates the prompt already ends in "<think>\\n", so the model only
 emits the closing tag: the splitter then starts inside the reasoning. Tags may arrive split
 across deltas, so a tail that could be the start of a tag is held back until it is decided.
+
+gpt-oss speaks OpenAI's harmony format instead: its `analysis` channel is the reasoning
+(ktrans.engine.harmony's HarmonySplitter, shared with the terminal chat).
 """
 
 from __future__ import annotations
+
+from ktrans.engine.harmony import HARMONY_MARKERS, HarmonySplitter, held_tail, is_harmony
+
+__all__ = ["CLOSE", "HARMONY_MARKERS", "OPEN", "HarmonySplitter", "ThinkSplitter", "held_tail", "is_harmony",
+           "prompt_opens_thinking"]
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -15,14 +23,6 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
     """True when the rendered prompt ends inside an open <think> block."""
     i, j = prompt_text.rfind(OPEN), prompt_text.rfind(CLOSE)
     return i >= 0 and i > j
-
-
-def held_tail(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 class ThinkSplitter:
@@ -56,3 +56,4 @@ class ThinkSplitter:
     def flush(self) -> tuple[str, str]:
         rest, self._buf = self._buf, ""
         return (rest, "") if self.in_thinking else ("", rest)
+

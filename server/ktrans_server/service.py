@@ -26,7 +26,7 @@ from ktrans_server.http_guard import Limits
 from ktrans_server.model_info import ModelFacts, model_facts
 from ktrans_server.outputs import ChoiceProcessor
 from ktrans_server.protocol import GenerationSpec
-from ktrans_server.reasoning import CLOSE, OPEN, prompt_opens_thinking
+from ktrans_server.reasoning import CLOSE, HARMONY_MARKERS, OPEN, is_harmony, prompt_opens_thinking
 from ktrans_server.tools import ToolFormat, detect_format, forced_grammar, markers
 
 log = logging.getLogger("ktrans.server")
@@ -59,6 +59,7 @@ class Prepared:
     choice_params: list = field(default_factory=list)   # SamplingParams per choice (own seed, grammar state)
     tool_format: ToolFormat | None = None
     keep_specials: bool = False      # decode special tokens (markers) and filter the rest out
+    harmony: bool = False            # gpt-oss's harmony channels: `analysis` is the reasoning
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Service:
         self.tool_format: ToolFormat | None = None
         self.special_ids: set[int] = set()
         self.special_strings: set[str] = set()
+        self.harmony = False                # the vocabulary speaks harmony (gpt-oss)
         self._max_token_bytes = 1 << 10
         self._ids = itertools.count()
 
@@ -100,6 +102,7 @@ class Service:
         added = getattr(tok, "added_tokens_decoder", {}) or {}
         self.special_ids = set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
         self.special_strings = {tok.convert_ids_to_tokens(i) for i in self.special_ids}
+        self.harmony = is_harmony(tok.get_vocab())
         # NOTE: no token covers more UTF-8 bytes than its vocabulary string's encoding (byte-level
         # BPE spells each byte with one 1- or 2-byte character), so text longer than
         # context x this bound cannot fit and is refused before tokenizing.
@@ -150,8 +153,9 @@ class Service:
         in_thinking = prompt_opens_thinking(text) if spec.messages is not None else False
         prep = Prepared(self.new_id(prefix), text, ids, in_thinking, tool_format=fmt)
         prep.grammar = self._grammar(spec, fmt)
+        prep.harmony = spec.messages is not None and self.harmony
         prep.keep_specials = spec.messages is not None and spec.params.skip_special_tokens and (
-            fmt is not None or OPEN in tok.get_vocab())
+            fmt is not None or prep.harmony or OPEN in tok.get_vocab())
         # NOTE: here, off the event loop: building a grammar's matcher can take a while.
         prep.choice_params = [self._choice_params(prep, spec, i) for i in range(spec.n)]
         return prep
@@ -232,9 +236,11 @@ class Service:
             return ChoiceProcessor(in_thinking=None, tool_format=None)
         strip = None
         if prep.keep_specials:
-            keep = {OPEN, CLOSE, *(markers(prep.tool_format) if prep.tool_format else [])}
+            keep = {OPEN, CLOSE, *(markers(prep.tool_format) if prep.tool_format else []),
+                    *(HARMONY_MARKERS if prep.harmony else [])}
             strip = self.special_strings - keep
-        return ChoiceProcessor(in_thinking=prep.in_thinking, tool_format=prep.tool_format, strip_specials=strip)
+        return ChoiceProcessor(in_thinking=prep.in_thinking, tool_format=prep.tool_format, strip_specials=strip,
+                               harmony=prep.harmony)
 
     def _choice_params(self, prep: Prepared, spec: GenerationSpec, index: int):
         """Sampling parameters of choice `index`: its own seed and its own grammar state."""

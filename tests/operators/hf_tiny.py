@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import transformers
 
+from ktrans.weights import names
 from ktrans.weights.source import RawTensor, TensorInfo, WeightSource
 
 _COMMON = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -37,6 +38,10 @@ CONFIGS = {
         **_COMMON, num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, num_key_value_heads=2, intermediate_size=96),
     "llama": lambda: transformers.LlamaConfig(**_COMMON, num_key_value_heads=2, intermediate_size=96),
+    # gpt-oss: layer 0 slides over 3 tokens, layer 1 is full; attention sinks, expert biases.
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **_COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=48, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=3),
 }
 
 
@@ -66,9 +71,10 @@ def _init_scale(name: str) -> float:
 class StateDictSource(WeightSource):
     """A WeightSource over in-memory f32 tensors named as transformers names them."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], config=None):
         self.path = "<state dict>"
         self._t = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+        self._config = config       # for layouts of the fused experts other than [E, 2I, H] (gpt-oss)
 
     def names(self):
         return sorted(self._t)
@@ -87,14 +93,10 @@ class StateDictSource(WeightSource):
     def expert_stack(self, layer, proj):
         self.check_expert_proj(layer, proj)
         prefix = f"model.layers.{layer}.mlp.experts"
-        if proj == "down":
-            t = self._t[f"{prefix}.down_proj"]                       # [E, H, I]
-        else:
-            gate_up = self._t[f"{prefix}.gate_up_proj"]              # [E, 2I, H], gate rows first
-            half = gate_up.shape[1] // 2
-            t = (gate_up[:, :half] if proj == "gate" else gate_up[:, half:]).contiguous()
-        return RawTensor("f32", tuple(t.shape), t.numpy().view(np.uint8).reshape(-1))
+        fused = self._t[f"{prefix}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"].numpy()
+        t = np.ascontiguousarray(names.stored_experts(proj, fused, self._config))   # [E, I, H] / [E, H, I]
+        return RawTensor("f32", tuple(t.shape), t.view(np.uint8).reshape(-1))
 
 
 def model_source(model) -> StateDictSource:
-    return StateDictSource(dict(model.state_dict()))
+    return StateDictSource(dict(model.state_dict()), model.config)

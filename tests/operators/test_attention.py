@@ -1,6 +1,7 @@
 """MLA and GQA attention operators vs the transformers attention modules they replace, on the
 same random weights: packed requests, chunked prefill and decode steps over the paged cache
-must reproduce each request's full-sequence HF output."""
+must reproduce each request's full-sequence HF output (gpt-oss: its sliding layer too, whose
+window the KV cache's layer kind gives, and its attention sinks)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ktrans.operators.rope import materialize_rotary, rotary_embeddings
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss"]
 PAGE = 4
 # Each request's tokens, split into the chunks scheduled at each of three steps (0 = idle).
 SCHEDULE = {0: [5, 1, 1], 1: [3, 4, 1], 2: [0, 6, 2]}
@@ -26,7 +27,11 @@ def _hf_reference(model, attn, x):
     s = x.shape[0]
     pos = torch.arange(s)[None]
     emb = model.model.rotary_emb(x[None], pos)
-    mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+    mask = torch.full((s, s), float("-inf")).triu(1)
+    window = getattr(attn, "sliding_window", None)
+    if window:                                                  # key j visible iff i - window < j <= i
+        mask = mask + torch.full((s, s), float("-inf")).tril(-window)
+    mask = mask[None, None]
     with torch.no_grad():
         return attn(hidden_states=x[None], position_embeddings=emb, attention_mask=mask)[0][0]
 
@@ -76,6 +81,26 @@ def test_attention_matches_hf_over_packed_chunked_steps(arch, native, backend):
     op = cls(key=f"model.layers.{layer}.self_attn", orig_module=attn, config=config, device="cpu",
              attn_backend=backend)
     assert op.decode_kernel == (backend == "triton")
+    op.load_weights(model_source(model))
+    xs = [torch.randn(sum(SCHEDULE[r]), config.hidden_size) for r in range(3)]
+    got = _run_schedule(op, model, config, xs, native)
+    for r in range(3):
+        torch.testing.assert_close(got[r], _hf_reference(model, attn, xs[r]), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
+
+
+@pytest.mark.parametrize("native,backend", [(False, "torch"), (False, "triton"), (True, "torch")])
+def test_gpt_oss_sliding_layer_with_sinks_matches_hf(native, backend):
+    """Layer 0 of the tiny gpt-oss slides over 3 tokens (requests of 7 and 8 tokens leave it);
+    its sinks are scaled up so that they take a visible share of the softmax."""
+    if backend == "triton" and not _has_triton():
+        pytest.skip("needs Triton")
+    config, model = tiny_hf_model("gpt_oss")
+    attn = model.model.layers[0].self_attn
+    assert attn.sliding_window == 3
+    with torch.no_grad():
+        attn.sinks.mul_(20)
+    op = GQAAttention(key="model.layers.0.self_attn", orig_module=attn, config=config, device="cpu",
+                      attn_backend=backend)
     op.load_weights(model_source(model))
     xs = [torch.randn(sum(SCHEDULE[r]), config.hidden_size) for r in range(3)]
     got = _run_schedule(op, model, config, xs, native)

@@ -126,6 +126,22 @@ def test_operator_keeps_what_it_streams(tiny_model):
     assert later.streamed is None and "second copy" in later.stream_why_not
 
 
+def test_gpt_oss_experts_do_not_stream(tiny_model):
+    """Its clamped SwiGLU and expert biases are not in the streamed path: its layers stay on the
+    CPU kernels for every chunk, and say why (q8_0 experts, a streamed format, stored stacked)."""
+    from ktrans.engine.model_runner import ModelRunner
+
+    d = tiny_model("gpt_oss", "q8_0", with_safetensors=False)
+    rules = d / "stream.yaml"
+    rules.write_text("default_device: cpu\nrules:\n  - match: {name: '\\.mlp\\.experts$'}\n"
+                     "    replace: {class: cpu_experts, kwargs: {gpu_prefill: 512}}\n")
+    runner = ModelRunner(model_path=str(d), gguf_path=str(d / "model.gguf"), device="cpu", cache_lens=64,
+                         page_size=16, progress=False, optimize_config_path=str(rules))
+    ops = [m for m in runner.model.modules() if type(m).__name__ == "CPUExperts"]
+    assert ops and all(o.streamed is None and "swiglu_oai with biases" in o.stream_why_not for o in ops)
+    assert ops[0].stream_from(torch.device("cuda", 0)) is None
+
+
 @pytest.mark.gpu
 def test_stream_on_cuda_matches_cpu_experts(tiny_model):
     """cpu_experts over a GGUF file: a CUDA chunk above the threshold is streamed and computed on

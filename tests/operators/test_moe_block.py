@@ -11,7 +11,7 @@ from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral"]
+MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
 
 
 def _block(arch):
@@ -27,7 +27,7 @@ def test_routing_matches_hf_router(arch):
     config, mlp, op = _block(arch)
     x = torch.randn(256, config.hidden_size)
     with torch.no_grad():
-        _, ref_w, ref_idx = mlp.gate(x)
+        _, ref_w, ref_idx = (mlp.router if arch == "gpt_oss" else mlp.gate)(x)
         w, idx = op.route(x)
         if arch == "deepseek_v3":   # the draw exercises the score bias: without it choices change
             bias = mlp.gate.e_score_correction_bias.clone()
@@ -49,6 +49,9 @@ def test_moe_block_matches_hf_block(arch, native):
     with torch.no_grad():
         ref = mlp(x)
         got = op.forward_native(x) if native else op(x)
+    if arch == "gpt_oss":          # its decoder layer takes (output, router scores) from the block
+        (ref, ref_w), (got, w) = ref, got
+        torch.testing.assert_close(w, ref_w, rtol=F32_RTOL, atol=F32_ATOL)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
 

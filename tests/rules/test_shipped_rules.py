@@ -43,6 +43,9 @@ CONFIGS = {
                                               num_key_value_heads=2),
     "llama": lambda: transformers.LlamaConfig(**_COMMON, intermediate_size=96, num_hidden_layers=5,
                                               num_key_value_heads=2),
+    "gpt_oss": lambda: transformers.GptOssConfig(**_COMMON, intermediate_size=32, num_hidden_layers=6,
+                                                 num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+                                                 head_dim=16, sliding_window=4),
 }
 SHIPPED = [(p.stem.split("-", 1)[0], p.stem.split("-", 1)[1] if "-" in p.stem else "") for p in list_shipped()]
 
@@ -100,7 +103,7 @@ def test_shipped_file_plans(arch, variant):
 
 def _weights(config) -> StateDictSource:
     model = getattr(transformers, ARCHS[config.model_type].hf_class)(config)
-    return StateDictSource(model.state_dict())
+    return StateDictSource(model.state_dict(), config=config)
 
 
 APPLY = [pytest.param(a, v, id=f"{a}-{v or 'default'}") for a, v in SHIPPED]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ktrans.cli.chat import THINK_STYLE, ThinkSplitter
+from ktrans.cli.chat import THINK_STYLE, HarmonyPieces, ThinkSplitter, reply_splitter
 from tests.seeds import py_rng
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,3 +205,27 @@ def test_think_splitter_styles_thinking_across_chunk_boundaries():
         thought = "".join(t for t, style in pieces if style == THINK_STYLE)
         assert thought == "\nweighing 🙂 optionsmore"
         assert splitter.answer == "intro \nThe answer <thi is 42. done"
+
+
+def test_harmony_reply_styles_analysis_as_thinking(tiny_model):
+    """gpt-oss: the reply is decoded with its markers (special tokens) and split by channel; only
+    the final channel goes into the history."""
+    import transformers
+
+    from ktrans.engine.detokenizer import IncrementalDetokenizer
+    from ktrans.engine.request import SamplingParams
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model("gpt_oss", "f32", with_safetensors=False))
+    splitter, params = reply_splitter(tok, SamplingParams(), thinking=False)
+    assert isinstance(splitter, HarmonyPieces) and not params.skip_special_tokens
+    reply = ("<|channel|>analysis<|message|>weighing 🙂 options<|end|><|start|>assistant<|channel|>final"
+             "<|message|>The answer is 42.<|return|>")
+    detok = IncrementalDetokenizer(tok, tok.encode("<|start|>assistant", add_special_tokens=False),
+                                   skip_special_tokens=params.skip_special_tokens)
+    pieces = [p for i in tok.encode(reply, add_special_tokens=False) for p in splitter.feed(detok.add(i))]
+    pieces += splitter.feed(detok.flush()) + splitter.flush()
+    assert "".join(t for t, style in pieces if style == THINK_STYLE) == "weighing 🙂 options"
+    assert "".join(t for t, style in pieces if style is None) == splitter.answer == "The answer is 42."
+    other, same = reply_splitter(transformers.AutoTokenizer.from_pretrained(
+        tiny_model("qwen3_moe", "f32", with_safetensors=False)), params, thinking=True)
+    assert isinstance(other, ThinkSplitter) and other.thinking and same is params
