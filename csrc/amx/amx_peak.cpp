@@ -34,6 +34,7 @@ void peak_loop(bool int8, int64_t iters, int accumulators) {
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  __asm__ volatile("" : : "r"(&cfg) : "memory");  // GCC may sink the stores below ldtilecfg otherwise
   _tile_loadconfig(&cfg);
   alignas(64) static const uint8_t zeros[1024] = {};
   _tile_loadd(6, zeros, 64);

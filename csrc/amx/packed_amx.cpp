@@ -9,6 +9,10 @@
 // Blocking (see drive): super-blocks of 256 columns x chunks of 256 rows x K slices, so the B
 // and A blocks in use stay in L2; B is read from memory once per row chunk, A once per
 // super-block.
+// NOTE: 1x4 passes for row blocks of <= 16 rows (one A tile reused by four B tiles, 1.25 tile
+// loads per TDP instead of 1.5) measured 0.82-0.89x of the 1x2 passes at M 8-16 on one core
+// (2026-12-08): there the product is bound by the B stream from L3, which four concurrent panel
+// streams fetch worse than two; they are not used.
 // int4: each super-block is first expanded to a bf16 panel in a thread-local buffer (q * scale,
 // rounded to bf16) and then runs as bf16, so the group scales cost nothing inside the tile loop
 // and x stays bf16 (more exact than the int8-activation reference; tests bound the difference).
@@ -38,7 +42,14 @@ constexpr int64_t kTileBytes = 1024;       // one B tile: 16 rows x 64 bytes
 constexpr int64_t kSuperPanels = 16;       // panels per super-block (256 columns)
 constexpr int64_t kChunkRows = 256;        // rows per M chunk
 constexpr int64_t kSliceKb = 32;           // k-blocks per K slice (B block = 16 panels x 32 KB)
-constexpr int64_t kKChunk = 8;             // k-blocks per piece (A piece = 16 KB, stays in L1)
+// k-blocks per piece (A piece 16 KB, in L1); bf16 tiles from kWideChunkRows rows on: 16 (half
+// the C tile spills per k, A piece 32 KB). NOTE: measured on one core (2026-12-07, each build in
+// its own process, alternating, best of 4-6, four runs; qwen3 and dsv3 gate+up and down): bf16 at
+// M 128-256 1.03-1.28x in 23 of 24 cases (0.96x once), M 64 within the noise (0.91-1.20x, as
+// for identical code), int4 (expanded to bf16 tiles) at M 256 0.96-1.05x; int8 with 16 moved
+// 0.79-1.16x between runs, so it keeps 8.
+constexpr int64_t kKChunk = 8, kKChunkWide = 16, kWideChunkRows = 128;
+constexpr int64_t kPrefetchMinKb = 112;    // panels of >= 112 KB (bf16 K >= 3584): B from L3/DRAM
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -56,6 +67,10 @@ void load_tile_config() {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
+  // NOTE: GCC does not treat ldtilecfg as a read of cfg and may sink the stores above below it
+  // (seen: a #GP from a half-written config once the tile loops inlined differently); the
+  // compiler barrier keeps them first.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -65,11 +80,19 @@ void load_tile_config() {
   else                             \
     _tile_dpbf16ps(d, a, b)
 
+// Software prefetch (into L2) of B tile kb of the next piece of each panel: the row block that
+// reads B first (from L3/DRAM) asks for the next piece of its panels while it multiplies this one.
+inline void prefetch_tile(const uint8_t* t) {
+  for (int l = 0; l < 16; ++l) _mm_prefetch(reinterpret_cast<const char*>(t + l * 64), _MM_HINT_T1);
+}
+
 // C (32 x 32, row stride 128 bytes) = A block x B panels over nkb k-blocks, all in tiles. The A
 // block is blocked (block_a): k-block kb of its rows 0-15 is the 1 KB at a + kb * 2048, rows
-// 16-31 the next 1 KB.
+// 16-31 the next 1 KB. Panel 1 lies bs bytes after panel 0; the first npf k-blocks also
+// prefetch the tiles nkb k-blocks further on.
 template <bool kInt8, int MT, int NT>
-void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t nkb, uint8_t* c, bool load_c) {
+void tile_block(const uint8_t* a, const uint8_t* b0, int64_t bs, int64_t nkb, uint8_t* c, bool load_c, int64_t npf) {
+  const uint8_t* b1 = b0 + bs;
   if (load_c) {
     _tile_loadd(0, c, 128);
     if constexpr (NT == 2) _tile_loadd(1, c + 64, 128);
@@ -84,6 +107,10 @@ void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t 
   // NOTE: B tiles load with the streaming hint (tileloaddt1): each is used once per 32-row block,
   // so keeping it out of L1 leaves L1 to the A chunk that every panel pair re-reads.
   for (int64_t kb = 0; kb < nkb; ++kb) {
+    if (kb < npf) {
+      prefetch_tile(b0 + (nkb + kb) * kTileBytes);
+      if constexpr (NT == 2) prefetch_tile(b1 + (nkb + kb) * kTileBytes);
+    }
     _tile_stream_loadd(6, b0 + kb * kTileBytes, 64);
     _tile_loadd(4, a + kb * 2 * kTileBytes, 64);
     KT_TDP(0, 4, 6);
@@ -105,12 +132,12 @@ void tile_block(const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t 
 #undef KT_TDP
 
 template <bool kInt8>
-void run_block(int mt, int nt, const uint8_t* a, const uint8_t* b0, const uint8_t* b1, int64_t nkb, uint8_t* c,
-               bool load_c) {
-  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a, b0, b1, nkb, c, load_c);
-  if (mt == 2) return tile_block<kInt8, 2, 1>(a, b0, b1, nkb, c, load_c);
-  if (nt == 2) return tile_block<kInt8, 1, 2>(a, b0, b1, nkb, c, load_c);
-  tile_block<kInt8, 1, 1>(a, b0, b1, nkb, c, load_c);
+void run_block(int mt, int nt, const uint8_t* a, const uint8_t* b, int64_t bs, int64_t nkb, uint8_t* c, bool load_c,
+               int64_t npf) {
+  if (mt == 2 && nt == 2) return tile_block<kInt8, 2, 2>(a, b, bs, nkb, c, load_c, npf);
+  if (mt == 2) return tile_block<kInt8, 2, 1>(a, b, bs, nkb, c, load_c, npf);
+  if (nt == 2) return tile_block<kInt8, 1, 2>(a, b, bs, nkb, c, load_c, npf);
+  tile_block<kInt8, 1, 1>(a, b, bs, nkb, c, load_c, npf);
 }
 
 // Row-major A (M rows of row_bytes, lda bytes apart) -> dst (blocked_bytes) as 32-row blocks of
@@ -159,7 +186,7 @@ struct Epilogue {
 // and K slices of kSliceKb k-blocks, so one slice's B block (<= 512 KB), the chunk's A block
 // (<= 512 KB) and its C blocks (256 KB, in cbuf between slices) stay in L2 together. Inside,
 // every 32-row block walks its slice in kKChunk pieces against each panel pair: the A piece
-// (16 KB) is read from L1 by all pairs. Without the K slices A or B would be re-read from L3
+// (16-32 KB) is read from L1 by all pairs. Without the K slices A or B would be re-read from L3
 // for every super-block / row block once M * K or N * K outgrows L2 (measured: bf16 at M 2048,
 // K 7168 fell to half the M 512 rate).
 template <bool kInt8, class BPrep>
@@ -167,24 +194,30 @@ void drive(int64_t M, int64_t nkb, int64_t p_begin, int64_t p_end, int64_t sb, i
            const uint8_t* a, const Epilogue& epi, const uint8_t* meta_base, int64_t meta_stride) {
   constexpr int64_t kPairBytes = 32 * 128;  // one 32 x 32 C block
   uint8_t* cbuf = scratch(kScratchC, kChunkRows / 32 * kSuperPanels / 2 * kPairBytes);
+  const int64_t kc = !kInt8 && M >= kWideChunkRows ? kKChunkWide : kKChunk;
   for (int64_t ps = p_begin; ps < p_end; ps += sb) {
     const int64_t pe = std::min(ps + sb, p_end), npairs = (pe - ps + 1) / 2;
     const uint8_t* b = b_prep(ps, pe);
     for (int64_t mc0 = 0; mc0 < M; mc0 += kChunkRows) {
       const int64_t mc1 = std::min(mc0 + kChunkRows, M);
+      // NOTE: with long panels (B of a super-block beyond L2, so it comes from L3/DRAM on every
+      // call) and more than one row block to feed, the chunk's first row block prefetches the next
+      // piece of its panels into L2 while it multiplies this one. Measured on one core (dsv3 gate
+      // + up, bf16): M 64 0.76 -> 0.93 TFLOP/s; at M <= 32 the hardware streamers do as well.
+      const bool prefetch = nkb >= kPrefetchMinKb && mc1 - mc0 > 32;
       for (int64_t ks = 0; ks < nkb; ks += kSliceKb) {
         const int64_t ke = std::min(ks + kSliceKb, nkb);
         for (int64_t m0 = mc0; m0 < mc1; m0 += 32) {
           const int mt = M - m0 > 16 ? 2 : 1;
           const uint8_t* am = a + (m0 / 32) * nkb * 2 * kTileBytes;
           uint8_t* cm = cbuf + (m0 - mc0) / 32 * npairs * kPairBytes;
-          for (int64_t k0 = ks; k0 < ke; k0 += kKChunk) {
-            const int64_t nk = std::min(kKChunk, ke - k0);
-            for (int64_t p = ps; p < pe; p += 2) {
-              const uint8_t* b0 = b + (p - ps) * b_stride + k0 * kTileBytes;
-              run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes, b0, b0 + b_stride, nk,
-                               cm + (p - ps) / 2 * kPairBytes, k0 > 0);
-            }
+          for (int64_t k0 = ks; k0 < ke; k0 += kc) {
+            const int64_t nk = std::min(kc, ke - k0);
+            const int64_t npf = prefetch && m0 == mc0 ? std::min(nk, nkb - k0 - nk) : 0;
+            for (int64_t p = ps; p < pe; p += 2)
+              run_block<kInt8>(mt, p + 1 < pe ? 2 : 1, am + k0 * 2 * kTileBytes,
+                               b + (p - ps) * b_stride + k0 * kTileBytes, b_stride, nk,
+                               cm + (p - ps) / 2 * kPairBytes, k0 > 0, npf);
           }
         }
       }
@@ -223,21 +256,30 @@ void run_int8(const uint8_t* a, int64_t M, int64_t K, const uint8_t* packed, flo
   _tile_release();
 }
 
-// int4 panel -> bf16 panel (packed/packed.h layouts): each unpacked quad register (16 columns x
-// 4 k) gives two bf16 lines, (k, k+1) from the low 16 bits of each lane and (k+2, k+3) from the high.
+// int4 panel -> bf16 panel (packed/packed.h layouts). Output line (k pair 2j, 2j+1 of a group
+// line) lane 2c + jj (f32, c < 8; c + 8 in the second half) is the nibble of input byte
+// 4c + 2j + jj: vpermw puts word 2c + j (both bytes) in each lane, a per-lane shift (0 / 8, plus 4
+// for the high nibbles) and a mask leave the nibble n, and or-ing in the exponent of 2^23 makes
+// the float 2^23 + n exactly, so q = that - (2^23 + 8) with no int -> float conversion. Then
+// q * scale and one round to bf16 per pair of halves: the same values as the reference's
+// cvt(q) * scale, bit for bit. Measured on one core: see docs/amx.md.
 void int4_panel_to_bf16(const uint8_t* src, int64_t K, uint8_t* dst) {
-  const __m512i nib = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
   const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  // word index (2c + j) in the low word of dword lane 2c + jj, for the columns of each half
+  const __m512i w_idx[2][2] = {{_mm512_slli_epi32(_mm512_slli_epi32(lo_idx, 1), 0),
+                                _mm512_add_epi32(_mm512_slli_epi32(lo_idx, 1), _mm512_set1_epi32(1))},
+                               {_mm512_slli_epi32(hi_idx, 1),
+                                _mm512_add_epi32(_mm512_slli_epi32(hi_idx, 1), _mm512_set1_epi32(1))}};
+  const __m512i shift = _mm512_set_epi32(8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0);
+  const __m512i shift_hi = _mm512_add_epi32(shift, _mm512_set1_epi32(4));
+  const __m512i nib = _mm512_set1_epi32(0x0f), magic = _mm512_set1_epi32(0x4B000000);
+  const __m512 bias = _mm512_set1_ps(8388608.0f + 8.0f);
   const uint8_t* scales = src + int4_data_bytes(K);
-  auto two_lines = [&](__m512i q, __m512 s_lo, __m512 s_hi, uint8_t* out) {
-    for (int half = 0; half < 2; ++half) {
-      const __m512i w16 = _mm512_cvtepi8_epi16(_mm512_cvtepi32_epi16(half ? _mm512_srli_epi32(q, 16) : q));
-      const __m512 f_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w16))), s_lo);
-      const __m512 f_hi =
-          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w16, 1))), s_hi);
-      _mm512_storeu_si512(out + half * kLine, (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo));
-    }
+  auto half = [&](__m512i w, int h, int j, __m512i sh, __m512 s) {
+    const __m512i n = _mm512_srlv_epi32(_mm512_permutexvar_epi16(w_idx[h][j], w), sh);
+    const __m512 f = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(n, nib, magic, 0xEA));  // (n & nib) | magic
+    return _mm512_mul_ps(_mm512_sub_ps(f, bias), s);
   };
   for (int64_t g = 0; g < K / kInt4Group; ++g) {
     const __m256i sb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kPanelCols * 2));
@@ -245,11 +287,12 @@ void int4_panel_to_bf16(const uint8_t* src, int64_t K, uint8_t* dst) {
     const __m512 s_lo = _mm512_permutexvar_ps(lo_idx, s), s_hi = _mm512_permutexvar_ps(hi_idx, s);
     for (int64_t l = 0; l < 4; ++l) {
       const __m512i w = _mm512_loadu_si512(src + (g * 4 + l) * kLine);
-      const __m512i q_lo = _mm512_sub_epi8(_mm512_and_si512(w, nib), eight);
-      const __m512i q_hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), nib), eight);
-      uint8_t* out = dst + (g * 16 + l * 4) * kLine;  // bf16 line of k = 32g + 8l
-      two_lines(q_lo, s_lo, s_hi, out);
-      two_lines(q_hi, s_lo, s_hi, out + 2 * kLine);
+      uint8_t* out = dst + (g * 16 + l * 4) * kLine;  // bf16 lines of k = 32g + 8l .. 32g + 8l + 7
+      for (int o = 0; o < 4; ++o) {  // o = 0, 1: low nibbles (k pairs 0-1, 2-3); 2, 3: high (4-5, 6-7)
+        const __m512i sh = o < 2 ? shift : shift_hi;
+        const __m512 f_lo = half(w, 0, o & 1, sh, s_lo), f_hi = half(w, 1, o & 1, sh, s_hi);
+        _mm512_storeu_si512(out + o * kLine, (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo));
+      }
     }
   }
 }

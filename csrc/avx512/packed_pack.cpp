@@ -3,7 +3,7 @@
 // Per 32 k: each row's 32 floats become 16 pair-words (bf16 k2j | k2j+1 << 16) in one register,
 // with the reference's integer round-to-nearest-even (NaN kept quiet), so the bytes are the
 // scalar packer's exactly. Panel line j is word j of all 16 rows: a 16 x 16 transpose of 32-bit
-// words (32-bit and 64-bit unpacks inside 128-bit lanes, then two rounds of 128-bit shuffles).
+// words (packed/transpose16.h).
 #include <immintrin.h>
 
 #include <cstring>
@@ -11,6 +11,7 @@
 #include "packed/pack_impl.h"
 
 KTRANS_TARGET_AVX512_BEGIN
+#include "packed/transpose16.h"
 namespace ktrans {
 namespace {
 
@@ -24,29 +25,6 @@ inline __m256i to_bf16(__m512 x) {
                                                 _mm512_set1_epi32(0x7f800000));
   const __m512i r = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-
-void transpose16(const __m512i* r, uint8_t* out) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // b[4i + q], lane L: rows 4i..4i+3 of word 4L + q
-    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {
-    const __m512i c0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x88), c1 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xdd);
-    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x88);
-    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xdd);
-    _mm512_storeu_si512(out + (0 + q) * kLine, _mm512_shuffle_i32x4(c0, c2, 0x88));
-    _mm512_storeu_si512(out + (8 + q) * kLine, _mm512_shuffle_i32x4(c0, c2, 0xdd));
-    _mm512_storeu_si512(out + (4 + q) * kLine, _mm512_shuffle_i32x4(c1, c3, 0x88));
-    _mm512_storeu_si512(out + (12 + q) * kLine, _mm512_shuffle_i32x4(c1, c3, 0xdd));
-  }
 }
 
 void pack_panel_bf16_avx512(const float* rows, int64_t K, uint8_t* panel) {

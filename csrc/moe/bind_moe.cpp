@@ -189,6 +189,8 @@ void bind_moe(py::module_& m) {
       .def_property_readonly("weight_bytes", &MoeLayer::weight_bytes)
       .def_property_readonly("buffer_bytes", &MoeLayer::buffer_bytes)
       .def_property_readonly("gemm_min_tokens", &MoeLayer::gemm_min_tokens)
+      .def_property("fused_max_tokens", &MoeLayer::fused_max_tokens, &MoeLayer::set_fused_max_tokens,
+                    "chunks of at most this many tokens run in one fan-out of the pool (0: never)")
       .def("forward", [](MoeLayer& l, Array x, Array ids, Array w, Array out, bool acc) {
         MoeArgs a = make_args(l, x, ids, w, out, acc);
         py::gil_scoped_release release;

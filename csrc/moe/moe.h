@@ -10,6 +10,9 @@
 //   3. h rows -> the down projection's activation format
 //   4. down: each thread owns a range of the H output rows for every active expert, so it adds
 //      w * down(h) into its own columns of the f32 accumulator: no reduction pass, no atomics.
+// At small T on one thread group (decode) phases 2-4 run in one fan-out instead (moe_fused.cpp):
+// the thread that finishes an expert's last gate/up item prepares its h and flags it ready, and
+// each thread's down pass waits for the experts' flags in turn: no pool-wide barrier between.
 // T is processed in chunks of at most `max_chunk` tokens; scratch buffers grow to the largest
 // chunk seen and are reused (no allocation per call once warm). The scratch belongs to the pool,
 // not the layer: every layer on one pool shares it (moe_scratch_for, see the NOTE there), so a
@@ -108,6 +111,10 @@ class MoeLayer {
   // (block formats only; 0 = never): see moe_gguf_gemm.cpp.
   void set_gemm_min_tokens(int64_t n) { gemm_min_tokens_ = n; }
   int64_t gemm_min_tokens() const { return gemm_min_tokens_; }
+  // Chunks of at most this many tokens run in one fan-out (moe_fused.cpp; 0 = never); results
+  // are bit-identical either way.
+  void set_fused_max_tokens(int64_t n) { fused_max_tokens_ = n; }
+  int64_t fused_max_tokens() const { return fused_max_tokens_; }
   int64_t weight_bytes() const;
   // Bytes of the scratch shared by every layer on this layer's pool.
   int64_t buffer_bytes() const { return buf_->bytes(); }
@@ -163,6 +170,23 @@ class MoeLayer {
   }
   void gate_rows(int64_t e, int64_t r0, const float* g, const float* u, float* out, int64_t n) const;
   void add_down_bias(const MoeArgs& a, int64_t t0, int64_t tc, int64_t r0, int64_t r1, float* acc) const;
+  // Pieces of the phases, shared by the phased and the fused forward.
+  void act_rows(const MoeArgs& a, int64_t t0, int64_t b, int64_t e, float* row);
+  void quantize_h(int64_t p0, int64_t p1);
+  void gather_expert(const MoeArgs& a, int64_t t0, int64_t ai);
+  void gate_up_block_packed(int g, int64_t ai, int64_t n0, int64_t n1, int ith);
+  void down_thread(const MoeArgs& a, int64_t t0, int64_t tc, int ith, int nth);
+  // One fan-out for a chunk (moe_fused.cpp): used when fused_ok.
+  bool fused_ok(int64_t tc, bool gemm) const;
+  void forward_fused(const MoeArgs& a, int64_t t0, int64_t tc);
+  // Blocks until active expert a's h is ready (fused forward; no-op otherwise).
+  void wait_ready(int64_t a) const;
+  static constexpr int64_t kFusedMaxExperts = 64;  // fused chunks touch at most this many experts
+  int64_t fused_max_tokens_ = 8;                    // chunks of up to this many tokens run fused
+  bool fused_ = false;                              // the chunk in flight runs fused
+  std::atomic<int> items_done_[kFusedMaxExperts];   // gate/up items finished, per active expert
+  std::atomic<int> state_[kFusedMaxExperts];        // packed x: 0 todo, 1 in progress, 2 ready
+  std::atomic<int> ready_[kFusedMaxExperts];        // 1: h of the expert is ready for down
 
   std::shared_ptr<ThreadPool> pool_;
   MoeShape shape_;

@@ -46,6 +46,11 @@ void MoeLayer::forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc) {
   c_.acc = reinterpret_cast<float*>(buf_->get(kAcc, S * tc * H * 4));
   c_.scratch = reinterpret_cast<float*>(buf_->get(kScratch, n * std::max(H, I) * 4));
   const bool gemm = plan_gemm();
+  if (P > 0 && fused_ok(tc, gemm)) {
+    // NOTE: at most fused_max_tokens_ rows: quantized here, before the one fan-out.
+    if (!direct) act_rows(a, t0, 0, tc, c_.scratch);
+    return forward_fused(a, t0, tc);
+  }
   if (!direct) phase_act(a, t0, tc);
   if (gemm) phase_gemm_acts(a, t0);
   if (P > 0) {
@@ -60,30 +65,34 @@ void MoeLayer::forward_chunk(const MoeArgs& a, int64_t t0, int64_t tc) {
 }
 
 void MoeLayer::phase_act(const MoeArgs& a, int64_t t0, int64_t tc) {
+  pool_->parallel([&](int ith, int nth) {
+    int64_t b, e;
+    split_range(tc, ith, nth, &b, &e);
+    act_rows(a, t0, b, e, c_.scratch + ith * std::max(shape_.H, shape_.I));
+  });
+}
+
+// Tokens [b, e) of the chunk into the activation format(s) of gate and up; row: f32 scratch [H].
+void MoeLayer::act_rows(const MoeArgs& a, int64_t t0, int64_t b, int64_t e, float* row) {
   const int64_t H = shape_.H;
   const Bf16ToF32Fn to_f32 = k_bf16_to_f32.get(isa_);
   const int nq = act_type_[1] == act_type_[0] ? 1 : 2;
-  pool_->parallel([&](int ith, int nth) {
-    float* row = c_.scratch + ith * std::max(H, shape_.I);
-    int64_t b, e;
-    split_range(tc, ith, nth, &b, &e);
-    for (int64_t t = b; t < e; ++t) {
-      const float* src;
-      if (a.x_bf16) {
-        to_f32(static_cast<const uint16_t*>(a.x) + (t0 + t) * H, row, H);
-        src = row;
-      } else {
-        src = static_cast<const float*>(a.x) + (t0 + t) * H;
-      }
-      for (int q = 0; q < nq; ++q) {
-        uint8_t* dst = const_cast<uint8_t*>(c_.xq[q]) + t * act_bytes_[q];
-        if (act_type_[q] == QType::f32)
-          std::memcpy(dst, src, H * 4);
-        else
-          act_quant_[q](src, dst, H);
-      }
+  for (int64_t t = b; t < e; ++t) {
+    const float* src;
+    if (a.x_bf16) {
+      to_f32(static_cast<const uint16_t*>(a.x) + (t0 + t) * H, row, H);
+      src = row;
+    } else {
+      src = static_cast<const float*>(a.x) + (t0 + t) * H;
     }
-  });
+    for (int q = 0; q < nq; ++q) {
+      uint8_t* dst = const_cast<uint8_t*>(c_.xq[q]) + t * act_bytes_[q];
+      if (act_type_[q] == QType::f32)
+        std::memcpy(dst, src, H * 4);
+      else
+        act_quant_[q](src, dst, H);
+    }
+  }
 }
 
 void MoeLayer::phase_gate_up() {
@@ -134,17 +143,23 @@ void MoeLayer::gate_up_item(int g, int64_t a, int64_t r0, int64_t r1, int ith) {
 }
 
 void MoeLayer::phase_down_act() {
-  const int64_t I = shape_.I, P = plan_.num_positions();
-  const int S = nslices();
+  const int64_t P = plan_.num_positions();
   pool_->parallel([&](int ith, int nth) {
     int64_t b, e;
-    split_range(P * S, ith, nth, &b, &e);
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t p = i / S, s = i % S;
+    split_range(P, ith, nth, &b, &e);
+    quantize_h(b, e);
+  });
+}
+
+// h rows of positions [p0, p1) into the down activation format, per NUMA slice.
+void MoeLayer::quantize_h(int64_t p0, int64_t p1) {
+  const int64_t I = shape_.I, P = plan_.num_positions();
+  const int S = nslices();
+  for (int64_t p = p0; p < p1; ++p)
+    for (int s = 0; s < S; ++s) {
       const int64_t c0 = S > 1 ? row_begin_[s] : 0, len = S > 1 ? row_begin_[s + 1] - c0 : I;
       if (len > 0) act_quant_[2](c_.h + p * I + c0, c_.hq + (s * P + p) * act_bytes_[2], len);
     }
-  });
 }
 
 void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, int ith) {
@@ -153,6 +168,7 @@ void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, in
   const int64_t H = shape_.H, I = shape_.I, P = plan_.num_positions();
   const int64_t c0 = nslices() > 1 ? row_begin_[s] : 0;
   for (int64_t a = 0; a < plan_.num_active(); ++a) {
+    wait_ready(a);
     if (!big_.empty() && big_[a]) {
       down_gemm(s, copy, a, r0, r1, acc, ith);
       continue;
@@ -179,42 +195,47 @@ void MoeLayer::down_rows(int s, int copy, int64_t r0, int64_t r1, float* acc, in
 }
 
 void MoeLayer::phase_down(const MoeArgs& a, int64_t t0, int64_t tc) {
+  pool_->parallel([&](int ith, int nth) { down_thread(a, t0, tc, ith, nth); });
+}
+
+// Down for the output rows of thread ith of nth: start from the caller's output (slice 0) or
+// zero, add w * down(h) of every active expert, write the rows back (one slice) or leave them
+// for phase_reduce.
+void MoeLayer::down_thread(const MoeArgs& a, int64_t t0, int64_t tc, int ith, int nth) {
   const int64_t H = shape_.H;
   const int S = nslices();
   const Bf16ToF32Fn to_f32 = k_bf16_to_f32.get(isa_);
   const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
-  pool_->parallel([&](int ith, int nth) {
-    const int g = pool_->group_of(ith);
-    const int s = S > 1 ? g : 0, copy = g;
-    int64_t r0, r1;
-    if (S > 1)
-      split_range16(H, ith - pool_->group_begin(g), pool_->group_size(g), &r0, &r1);
+  const int g = pool_->group_of(ith);
+  const int s = S > 1 ? g : 0, copy = g;
+  int64_t r0, r1;
+  if (S > 1)
+    split_range16(H, ith - pool_->group_begin(g), pool_->group_size(g), &r0, &r1);
+  else
+    split_range16(H, ith, nth, &r0, &r1);
+  if (r0 >= r1) return;
+  float* acc = c_.acc + s * tc * H;
+  for (int64_t t = 0; t < tc; ++t) {  // start from the caller's output (slice 0) or zero
+    float* dst = acc + t * H + r0;
+    if (s == 0 && a.accumulate && a.x_bf16)
+      to_f32(static_cast<const uint16_t*>(a.out) + (t0 + t) * H + r0, dst, r1 - r0);
+    else if (s == 0 && a.accumulate)
+      std::memcpy(dst, static_cast<const float*>(a.out) + (t0 + t) * H + r0, (r1 - r0) * 4);
     else
-      split_range16(H, ith, nth, &r0, &r1);
-    if (r0 >= r1) return;
-    float* acc = c_.acc + s * tc * H;
-    for (int64_t t = 0; t < tc; ++t) {  // start from the caller's output (slice 0) or zero
-      float* dst = acc + t * H + r0;
-      if (s == 0 && a.accumulate && a.x_bf16)
-        to_f32(static_cast<const uint16_t*>(a.out) + (t0 + t) * H + r0, dst, r1 - r0);
-      else if (s == 0 && a.accumulate)
-        std::memcpy(dst, static_cast<const float*>(a.out) + (t0 + t) * H + r0, (r1 - r0) * 4);
-      else
-        std::memset(dst, 0, (r1 - r0) * 4);
-    }
-    if (backend_ == MoeBackend::gguf)
-      down_rows(s, copy, r0, r1, acc, ith);
+      std::memset(dst, 0, (r1 - r0) * 4);
+  }
+  if (backend_ == MoeBackend::gguf)
+    down_rows(s, copy, r0, r1, acc, ith);
+  else
+    down_rows_packed(s, copy, r0, r1, acc, ith);
+  if (s == 0 && !bias_[2].empty()) add_down_bias(a, t0, tc, r0, r1, acc);
+  if (S > 1) return;
+  for (int64_t t = 0; t < tc; ++t) {
+    if (a.x_bf16)
+      to_bf16(acc + t * H + r0, static_cast<uint16_t*>(a.out) + (t0 + t) * H + r0, r1 - r0);
     else
-      down_rows_packed(s, copy, r0, r1, acc, ith);
-    if (s == 0 && !bias_[2].empty()) add_down_bias(a, t0, tc, r0, r1, acc);
-    if (S > 1) return;
-    for (int64_t t = 0; t < tc; ++t) {
-      if (a.x_bf16)
-        to_bf16(acc + t * H + r0, static_cast<uint16_t*>(a.out) + (t0 + t) * H + r0, r1 - r0);
-      else
-        std::memcpy(static_cast<float*>(a.out) + (t0 + t) * H + r0, acc + t * H + r0, (r1 - r0) * 4);
-    }
-  });
+      std::memcpy(static_cast<float*>(a.out) + (t0 + t) * H + r0, acc + t * H + r0, (r1 - r0) * 4);
+  }
 }
 
 void MoeLayer::phase_reduce(const MoeArgs& a, int64_t t0, int64_t tc) {

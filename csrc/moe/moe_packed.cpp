@@ -111,6 +111,7 @@ void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
   plan_acts(packed_format(backend_));
   scr_ = reinterpret_cast<float*>(buf_->get(kScr, n * scr_floats_ * 4));
   c_.acc = reinterpret_cast<float*>(buf_->get(kAccP, S * tc * H * 4));
+  if (P > 0 && fused_ok(tc, false)) return forward_fused(a, t0, tc);
   if (P > 0) {
     phase_gather(a, t0);
     phase_gate_up_packed();
@@ -121,21 +122,21 @@ void MoeLayer::forward_chunk_packed(const MoeArgs& a, int64_t t0, int64_t tc) {
 }
 
 void MoeLayer::phase_gather(const MoeArgs& a, int64_t t0) {
-  const int64_t H = shape_.H, P = plan_.num_positions();
+  run_per_expert([&](int64_t ai) { gather_expert(a, t0, ai); });
+}
+
+// x rows of active expert ai's positions as bf16 (xg_ [P, H]), prepared once for its products.
+void MoeLayer::gather_expert(const MoeArgs& a, int64_t t0, int64_t ai) {
+  const int64_t H = shape_.H, p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
   const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
-  pool_->parallel([&](int ith, int nth) {
-    for (int64_t p = P * ith / nth; p < P * (ith + 1) / nth; ++p) {
-      const int64_t t = t0 + plan_.tok[p];
-      if (a.x_bf16)
-        std::memcpy(xg_ + p * H, static_cast<const uint16_t*>(a.x) + t * H, H * 2);
-      else
-        to_bf16(static_cast<const float*>(a.x) + t * H, xg_ + p * H, H);
-    }
-  });
-  run_per_expert([&](int64_t ai) {
-    const int64_t p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
-    xacts_[ai] = packed_prepare_acts(isa_, packed_format(backend_), xg_ + p0 * H, H, m, H, acts_buf_ + acts_off_[ai]);
-  });
+  for (int64_t p = p0; p < p0 + m; ++p) {
+    const int64_t t = t0 + plan_.tok[p];
+    if (a.x_bf16)
+      std::memcpy(xg_ + p * H, static_cast<const uint16_t*>(a.x) + t * H, H * 2);
+    else
+      to_bf16(static_cast<const float*>(a.x) + t * H, xg_ + p * H, H);
+  }
+  xacts_[ai] = packed_prepare_acts(isa_, packed_format(backend_), xg_ + p0 * H, H, m, H, acts_buf_ + acts_off_[ai]);
 }
 
 void MoeLayer::phase_prepare_h() {
@@ -144,35 +145,43 @@ void MoeLayer::phase_prepare_h() {
 
 void MoeLayer::phase_gate_up_packed() {
   const int G = ngroups();
-  const int64_t A = plan_.num_active(), H = shape_.H, I = shape_.I;
-  const PackedFormat pf = packed_format(backend_);
-  const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
+  const int64_t A = plan_.num_active();
   for (int g = 0; g < G; ++g) counters_[g].store(0, std::memory_order_relaxed);
   pool_->parallel([&](int ith, int) {
     const int g = pool_->group_of(ith);
     const int64_t lo = numa_ == NumaMode::split ? row_begin_[g] : 0;  // global col = local + lo
     const int64_t c0 = row_begin_[g] - lo, c1 = row_begin_[g + 1] - lo;
     const int64_t cb = col_block_, nblk = (c1 - c0 + cb - 1) / cb;
-    float* gs = scr_ + ith * scr_floats_;
     for (;;) {
       int64_t it = counters_[g].fetch_add(1, std::memory_order_relaxed);
       if (it >= A * nblk) break;
-      const int64_t ai = it / nblk, n0 = c0 + it % nblk * cb, n1 = std::min(n0 + cb, c1);
-      const int64_t e = plan_.active[ai], p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
-      const ProjStore& sg = store_[0][g];
-      const ProjStore& su = store_[1][g];
-      float* us = gs + m * cb;
-      // NOTE: n0 is a multiple of 16 (row_begin_ and cb are), so columns [n0, n1) are whole panels:
-      // the sub-matrix starting at panel n0 / 16.
-      const int64_t skip = n0 / kPanelCols * static_cast<int64_t>(packed_panel_bytes(pf, H));
-      packed_gemm_prepared(xacts_[ai], sg.expert(e) + skip, n1 - n0, gs, cb, 0, n1 - n0, false);
-      packed_gemm_prepared(xacts_[ai], su.expert(e) + skip, n1 - n0, us, cb, 0, n1 - n0, false);
-      for (int64_t i = 0; i < m; ++i) {
-        gate_rows(e, n0 + lo, gs + i * cb, us + i * cb, gs + i * cb, n1 - n0);
-        to_bf16(gs + i * cb, hb_ + (p0 + i) * I + n0 + lo, n1 - n0);  // [P, I]
-      }
+      const int64_t n0 = c0 + it % nblk * cb;
+      gate_up_block_packed(g, it / nblk, n0, std::min(n0 + cb, c1), ith);
     }
   });
+}
+
+// Gate and up columns [n0, n1) (local to group g's copy) of active expert ai: h = act(g, u)
+// (gate_rows: the layer's gating and gate/up biases) as bf16 into hb_ [P, I].
+void MoeLayer::gate_up_block_packed(int g, int64_t ai, int64_t n0, int64_t n1, int ith) {
+  const int64_t H = shape_.H, I = shape_.I, cb = col_block_;
+  const int64_t lo = numa_ == NumaMode::split ? row_begin_[g] : 0;  // global col = local + lo
+  const PackedFormat pf = packed_format(backend_);
+  const F32ToBf16Fn to_bf16 = k_f32_to_bf16.get(isa_);
+  const int64_t e = plan_.active[ai], p0 = plan_.offset[ai], m = plan_.offset[ai + 1] - p0;
+  const ProjStore& sg = store_[0][g];
+  const ProjStore& su = store_[1][g];
+  float* gs = scr_ + ith * scr_floats_;
+  float* us = gs + m * cb;
+  // NOTE: n0 is a multiple of 16 (row_begin_ and cb are), so columns [n0, n1) are whole panels:
+  // the sub-matrix starting at panel n0 / 16.
+  const int64_t skip = n0 / kPanelCols * static_cast<int64_t>(packed_panel_bytes(pf, H));
+  packed_gemm_prepared(xacts_[ai], sg.expert(e) + skip, n1 - n0, gs, cb, 0, n1 - n0, false);
+  packed_gemm_prepared(xacts_[ai], su.expert(e) + skip, n1 - n0, us, cb, 0, n1 - n0, false);
+  for (int64_t i = 0; i < m; ++i) {
+    gate_rows(e, n0 + lo, gs + i * cb, us + i * cb, gs + i * cb, n1 - n0);
+    to_bf16(gs + i * cb, hb_ + (p0 + i) * I + n0 + lo, n1 - n0);  // [P, I]
+  }
 }
 
 void MoeLayer::down_rows_packed(int s, int copy, int64_t r0, int64_t r1, float* acc, int ith) {
@@ -181,6 +190,7 @@ void MoeLayer::down_rows_packed(int s, int copy, int64_t r0, int64_t r1, float* 
   const int64_t H = shape_.H, A = plan_.num_active(), w = r1 - r0;
   float* y = scr_ + ith * scr_floats_;  // [m, w]
   for (int64_t a = 0; a < plan_.num_active(); ++a) {
+    wait_ready(a);
     const int64_t p0 = plan_.offset[a], m = plan_.offset[a + 1] - p0;
     // NOTE: r0 is a multiple of 16: rows [r0, r1) of down are the sub-matrix from panel r0 / 16.
     const uint8_t* sub = sd.expert(plan_.active[a]) + r0 / kPanelCols * packed_panel_bytes(packed_format(backend_), sd.k);

@@ -20,6 +20,13 @@ using PackPanelFn = void (*)(const float* rows, int64_t K, uint8_t* panel);
 extern Kernel<PackPanelFn> k_pack_panel_bf16;
 extern Kernel<PackPanelFn> k_pack_panel_int8;  // same for int8 (quantize per row, transpose quads)
 
+// A whole bf16 panel straight from 16 GGUF rows (row_bytes apart, K values each) of one block
+// format, indexed by QType: byte-identical to dequantizing the rows and packing them with
+// k_pack_panel_bf16. Only where a level has one (csrc/amx/gguf_panels.cpp: q4_K, q5_K, q6_K);
+// pack_rows_gguf falls back to the row path elsewhere.
+using PackPanelGgufFn = void (*)(const uint8_t* W, int64_t row_bytes, int64_t K, uint8_t* panel);
+extern Kernel<PackPanelGgufFn> k_pack_panel_gguf_bf16[];
+
 // load(n, float* row) fills row n of W as K floats. Whole bf16 / int8 panels inside the range go
 // through the panel kernels (16 rows at once), everything else row by row.
 template <class Load>

@@ -27,6 +27,10 @@ struct Fp8Table {
 
 }  // namespace
 
+namespace packed {
+Kernel<PackPanelGgufFn> k_pack_panel_gguf_bf16[kNumQTypes] = {};
+}  // namespace packed
+
 void pack_rows_gguf(PackedFormat f, int qtype, const uint8_t* W, int64_t N, int64_t K, int64_t n_begin,
                     int64_t n_end, uint8_t* dst) {
   if (qtype < 0 || qtype >= kNumQTypes || qtype == qi(QType::q8_k))
@@ -39,8 +43,20 @@ void pack_rows_gguf(PackedFormat f, int qtype, const uint8_t* W, int64_t N, int6
   const DequantizeRowFn deq = k_dequantize_row[qtype].get();
   if (!deq) throw std::invalid_argument(std::string("pack_rows_gguf: no dequantizer for ") + tr.name);
   const int64_t row_bytes = qtype_row_bytes(t, K);
-  packed::pack_rows_with(f, [&](int64_t n, float* row) { deq(W + n * row_bytes, row, K); }, N, K, n_begin, n_end,
-                         dst);
+  auto rows = [&](int64_t b, int64_t e) {
+    packed::pack_rows_with(f, [&](int64_t n, float* row) { deq(W + n * row_bytes, row, K); }, N, K, b, e, dst);
+  };
+  const packed::PackPanelGgufFn panel = f == PackedFormat::bf16 ? packed::k_pack_panel_gguf_bf16[qtype].get() : nullptr;
+  if (!panel) return rows(n_begin, n_end);
+  // Whole panels inside the range straight from the blocks; the rows around them (and the
+  // padding columns, when the range ends at N) through the row path.
+  packed::check_pack_range(f, N, K, n_begin, n_end);
+  const int64_t p0 = (n_begin + kPanelCols - 1) / kPanelCols * kPanelCols, p1 = n_end / kPanelCols * kPanelCols;
+  if (p0 >= p1) return rows(n_begin, n_end);
+  if (n_begin < p0) rows(n_begin, p0);
+  const int64_t panel_bytes = static_cast<int64_t>(packed_panel_bytes(f, K));
+  for (int64_t n = p0; n < p1; n += kPanelCols) panel(W + n * row_bytes, row_bytes, K, dst + n / kPanelCols * panel_bytes);
+  if (p1 < n_end) rows(p1, n_end);  // (also zero-fills the padding when n_end == N)
 }
 
 void pack_rows_fp8(PackedFormat f, const uint8_t* W, const float* scale_inv, int64_t N, int64_t K,

@@ -42,12 +42,15 @@ class Experts:
         self.deq = [torch.from_numpy(quant.dequantize(r, qtype, tuple(t.shape))) for r, t in zip(self.raw, src)]
 
     def layer(self, pool, isa: str = "", numa: str = "replicate", max_chunk: int = 4096, backend: str = "gguf",
-              gemm_min_tokens: int = -1):
+              gemm_min_tokens: int = -1, act: str = "silu", biases=None):
+        """biases: None, or float32 [E, I] gate, [E, I] up and [E, H] down biases to load."""
         e, h, i = self.shape
         moe = _C.MoeLayer(pool, e, h, i, [self.qtype] * 3, numa=numa, isa=isa, max_chunk=max_chunk,
-                          backend=backend, gemm_min_tokens=gemm_min_tokens)
+                          backend=backend, gemm_min_tokens=gemm_min_tokens, act=act)
         for p in range(3):
             moe.load(p, 0, self.raw[p])
+            if biases is not None:
+                moe.load_bias(p, biases[p].numpy())
         return moe
 
 
@@ -216,6 +219,38 @@ def test_gemm_path_against_torch(pool, experts, qtype, isa):
         ref = dense_reference(x.float(), ids, w, *ex.deq)
         err = nmse(run(moe, x, ids, w).float(), ref)
         assert err < MOE_NMSE[qtype], f"{qtype} {isa} GEMM path {dtype}: NMSE {err:.2e}"
+
+
+@pytest.mark.parametrize("isa", cpu.supported_isas())
+@pytest.mark.parametrize("qtype, backend, act", [
+    ("q4_k", "gguf", "silu"), ("q8_0", "gguf", "silu"), ("bf16", "gguf", "silu"),
+    ("bf16", "amx_bf16", "silu"), ("bf16", "amx_int8", "silu"), ("bf16", "amx_int4", "silu"),
+    # gpt-oss's layer: clamped SwiGLU with gate/up/down biases, in its mxfp4 and on the packed path
+    ("mxfp4", "gguf", "swiglu_oai"), ("q8_0", "gguf", "swiglu_oai"), ("mxfp4", "amx_int8", "swiglu_oai"),
+    ("bf16", "amx_bf16", "swiglu_oai")])
+def test_fused_small_chunks_match_phased(experts, qtype, backend, act, isa):
+    # Chunks of <= fused_max_tokens tokens run in one fan-out (per-expert ready flags instead of
+    # barriers): the same items and arithmetic as the phased forward, so bit-identical outputs,
+    # for any thread count, with skipped slots, accumulate, and f32 or bf16 inputs; and the same
+    # gating and expert biases (gpt-oss: x scaled by 4 so that gate/up outputs reach the clamp).
+    ex = experts(qtype)
+    biases = None
+    if act != "silu":
+        biases = [torch.randn(E, I) * 0.5, torch.randn(E, I) * 0.5, torch.randn(E, H) * 0.1]
+    scale = 1.0 if act == "silu" else 4.0
+    for threads in (1, 2, 3):
+        pool = _C.ThreadPool(threads)
+        fused, phased = (ex.layer(pool, isa=isa, backend=backend, act=act, biases=biases) for _ in range(2))
+        assert fused.fused_max_tokens == 8
+        phased.fused_max_tokens = 0
+        for t in (1, 2, 4, 8):
+            ids, w = routing(t)
+            for dtype in (torch.float32, torch.bfloat16):
+                x, base = (torch.randn(t, H) * scale).to(dtype), torch.randn(t, H).to(dtype)
+                for acc in (False, True):
+                    a = run(fused, x, ids, w, out=base.clone(), accumulate=acc)
+                    b = run(phased, x, ids, w, out=base.clone(), accumulate=acc)
+                    assert torch.equal(a, b), f"{qtype} {backend} {act} {isa} threads={threads} T={t} {dtype} acc={acc}"
 
 
 def test_split_layout_with_uneven_blocks():

@@ -59,12 +59,14 @@ def test_gemm_matches_torch_and_reference(fmt, isa):
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemm_large_blocks(fmt, isa):
-    """Several L2 super-blocks of panels, an odd panel count and a 32-row block with a tail."""
-    N, K, M = 300, 4096, 40
+    """Several L2 super-blocks of panels and K slices, an odd panel count, a 32-row block with a
+    tail; M 130 also takes the AMX bf16 tiles' wide K pieces (csrc/amx/packed_amx.cpp)."""
+    N, K = 300, 4096
     W, packed, Wd = packed_case(fmt, N, K)
-    x = torch.randn(M, K).to(torch.bfloat16)
-    y = gemm(fmt, packed, N, K, x, isa)
-    assert nmse(y, x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt]
+    for M in (40, 130):
+        x = torch.randn(M, K).to(torch.bfloat16)
+        y = gemm(fmt, packed, N, K, x, isa)
+        assert nmse(y, x.double() @ Wd.double().T) < PACKED_GEMM_NMSE[fmt], (fmt, isa, M)
 
 
 @pytest.mark.parametrize("isa", isa_params())
@@ -149,6 +151,41 @@ def test_pack_from_gguf_rows(fmt, qtype):
     raw = _C.quant_quantize(qtype, np.random.randn(N, K).astype(np.float32)).reshape(N, -1)  # [N, row_bytes]
     W = quants.dequantize(raw, ggml).astype(np.float32)
     assert np.array_equal(_C.pack_gguf(fmt, qtype, raw, K), _C.pack_f32(fmt, W))
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k"])
+def test_pack_k_quants_to_bf16_panels_on_every_isa(qtype, isa):
+    """The AMX level expands K-quant rows straight into bf16 panels (csrc/amx/gguf_panels.cpp):
+    the same bytes as gguf-py's dequantization packed from f32, for whole and partial panels and
+    row ranges that start or end inside a panel; blocks with random scale bytes and fp16 scales
+    (finite) beside real quantized rows."""
+    from gguf import GGMLQuantizationType, quants
+
+    N, K = 56, 512  # 3 whole panels + 8 rows
+    raw = _C.quant_quantize(qtype, (np.random.randn(N, K) * np.random.rand(N, 1) * 4).astype(np.float32))
+    raw = raw.reshape(N, -1).copy()
+    nb, bb = K // 256, {"q4_k": 144, "q5_k": 176, "q6_k": 210}[qtype]
+    blocks = raw.reshape(N, nb, bb)  # a view: edits land in raw
+    wild = np.flatnonzero(np.random.rand(N) < 0.5)  # these rows: every byte random, fp16 scales finite
+    blocks[wild] = np.random.randint(0, 256, (len(wild), nb, bb), dtype=np.uint8)
+    n_scales = 1 if qtype == "q6_k" else 2  # q6_K: d last; q4_K/q5_K: d, dmin first
+    scales = (np.random.randn(len(wild), nb, n_scales) * 0.01).astype(np.float16).view(np.uint8)
+    if qtype == "q6_k":
+        blocks[wild, :, bb - 2:] = scales
+    else:
+        blocks[wild, :, :4] = scales
+    W = quants.dequantize(raw, GGMLQuantizationType[qtype.upper()]).astype(np.float32)
+    size = _C.packed_bytes("bf16", N, K)
+    best = cpu.selected_isa()
+    cpu.set_isa(isa)
+    try:
+        for b, e in [(0, N), (5, 37), (16, 32), (3, 12), (40, N)]:
+            want = _C.pack_f32("bf16", W, b, e, out=np.zeros(size, np.uint8))
+            got = _C.pack_gguf("bf16", qtype, raw, K, b, e, out=np.zeros(size, np.uint8))
+            assert np.array_equal(got, want), (qtype, isa, b, e)
+    finally:
+        cpu.set_isa(best)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
