@@ -56,4 +56,3 @@ class ThinkSplitter:
     def flush(self) -> tuple[str, str]:
         rest, self._buf = self._buf, ""
         return (rest, "") if self.in_thinking else ("", rest)
-
