@@ -211,7 +211,9 @@ def run_shape(name, shape, args, pool, peaks, bw, peer_variant):
     for fmt in args.formats:
         layers, load, raws = build_ours(fmt, shape, pool, src, max(Ts), args.gemm_min_tokens, args.fused_max_tokens)
         peer = label = None
-        if peer_variant and fmt in moe_peer.PEERS and not args.no_peer:
+        # NOTE: kt-kernel computes SiLU experts without biases: no peer for other expert MLPs
+        # (gpt-oss's clamped SwiGLU), whose timing and NMSE would compare different functions.
+        if peer_variant and fmt in moe_peer.PEERS and not args.no_peer and shape.get("act", "silu") == "silu":
             try:
                 peer = moe_peer.Peer(args.peer_threads or args.threads)
                 t0 = time.perf_counter()
