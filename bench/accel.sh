@@ -34,6 +34,13 @@
 #   qmm         bench/gpu_qmm.py: the stored-GGUF GPU kernels (decode GEMV, prefill tiles) per format on
 #               the v2-lite / qwen3 dense shapes, GB/s against the device copy rate and bf16 F.linear
 #   probe       ktrans probe (the machine profile gpu_prefill: auto and --fit read)
+#   llama-bg    start the llama step in the background, in its own process session, so that it
+#               outlives this call on a warm machine; llama-wait waits for it (or builds in the
+#               foreground when no build is running and none is there)
+#   gen-v2      generate the deepseek-v2-lite q4_k_m model (gen-qwen3: qwen3-30b-a3b) ahead of the
+#               steps that read it
+#   e2e-ab      deepseek-v2-lite graph decode at batch 1/4/8 and prefill at 1024/4096, the default
+#               hand-off and KTRANS_HANDOFF=memop in the same call
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
 # bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
 set -uo pipefail
@@ -44,6 +51,8 @@ LLAMA=${LLAMA:-/tmp/llama/bin}
 ROOT=${MODEL_ROOT:-/tmp/bench-models}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+# a warm machine keeps what an earlier call unpacked and built
+[ -d /tmp/dev-site ] && export PYTHONPATH=/tmp/dev-site${PYTHONPATH:+:$PYTHONPATH}
 
 step_setup() {
   # shellcheck disable=SC1091
@@ -51,6 +60,7 @@ step_setup() {
   python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; return 1; }
   python3 -m ktrans info | tee -a "$OUT/summary.txt"
+  touch /tmp/ktrans-setup.done
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 }
 
@@ -79,6 +89,30 @@ for s in "$@"; do
   t0=$(date +%s)
   case "$s" in
     setup) step_setup || { summary "setup failed"; exit 1; };;
+    setup-once) [ -f /tmp/ktrans-setup.done ] && summary "setup: warm machine, already built" \
+        || step_setup || { summary "setup failed"; exit 1; };;
+    llama-bg) [ -x "$LLAMA/llama-bench" ] || setsid nohup bash -c "bash .dev-carry/llama-cpp.sh build \
+        .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >/tmp/llama-build.log 2>&1; touch /tmp/llama-build.done" \
+        >/dev/null 2>&1 < /dev/null &;;
+    llama-wait)
+      if [ ! -x "$LLAMA/llama-bench" ] && ! pgrep -f "llama-cpp.sh build" >/dev/null; then
+        bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >/tmp/llama-build.log 2>&1
+      fi
+      while pgrep -f "llama-cpp.sh build" >/dev/null; do sleep 2; done
+      cp /tmp/llama-build.log "$OUT/llama-build.log" 2>/dev/null
+      [ -x "$LLAMA/llama-bench" ] && summary "llama.cpp: $("$LLAMA/llama-bench" --version 2>&1 | head -1)" \
+        || { summary "llama.cpp build failed"; tail -20 /tmp/llama-build.log; };;
+    gen-v2|gen-qwen3)
+      p=$([ "$s" = gen-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
+      python3 bench/e2e.py --preset "$p" --quant q4_k_m --model-root "$ROOT" --generate-only 2>&1 | tail -2;;
+    e2e-ab)
+      python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda --model-root "$ROOT" \
+        --prompt-lens 1024,4096 --batch-sizes 1,4,8 --decode-tokens 32 --out "$OUT/e2e.jsonl" 2>>"$OUT/e2e-ab.err" \
+        | tee -a "$OUT/e2e.txt"
+      KTRANS_HANDOFF=memop python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda \
+        --model-root "$ROOT" --prompt-lens 128 --batch-sizes 1,4,8 --decode-tokens 32 --out "$OUT/e2e.jsonl" \
+        2>>"$OUT/e2e-ab.err" | sed "s/^/[KTRANS_HANDOFF=memop] /" | tee -a "$OUT/e2e.txt"
+      tail -3 "$OUT/e2e-ab.err";;
     gputests) timeout 300 bash -c "$(declare -f step_gputests summary); OUT=$OUT step_gputests";;
     e2e-v2) e2e deepseek-v2-lite;;
     e2e-qwen3) e2e qwen3-30b-a3b;;
