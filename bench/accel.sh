@@ -39,6 +39,8 @@
 #               foreground when no build is running and none is there)
 #   gen-v2      generate the deepseek-v2-lite q4_k_m model (gen-qwen3: qwen3-30b-a3b) ahead of the
 #               steps that read it
+#   cpu-peer-qwen3  all-CPU ktrans beside llama.cpp's build with no GPU visible (CUDA_VISIBLE_DEVICES=),
+#               qwen3-30b-a3b q4_k_m, 16 threads each (cpu-peer-v2: deepseek-v2-lite)
 #   e2e-ab      deepseek-v2-lite graph decode at batch 1/4/8 and prefill at 1024/4096, the default
 #               hand-off and KTRANS_HANDOFF=memop in the same call
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
@@ -105,6 +107,12 @@ for s in "$@"; do
     gen-v2|gen-qwen3)
       p=$([ "$s" = gen-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
       python3 bench/e2e.py --preset "$p" --quant q4_k_m --model-root "$ROOT" --generate-only 2>&1 | tail -2;;
+    cpu-peer-qwen3|cpu-peer-v2)
+      p=$([ "$s" = cpu-peer-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
+      CUDA_VISIBLE_DEVICES= python3 bench/e2e_llamacpp.py --llama-bench "$LLAMA/llama-bench" --preset "$p" \
+        --quant q4_k_m --model-root "$ROOT" -t 16 -p 512 -n 64 -r 2 --rounds 1 --out "$OUT/cpu-peer.jsonl" \
+        2>"$OUT/cpu-peer-$p.err" | tee -a "$OUT/peer.txt"
+      tail -3 "$OUT/cpu-peer-$p.err";;
     e2e-ab)
       python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda --model-root "$ROOT" \
         --prompt-lens 1024,4096 --batch-sizes 1,4,8 --decode-tokens 32 --out "$OUT/e2e.jsonl" 2>>"$OUT/e2e-ab.err" \
