@@ -41,6 +41,8 @@
 #               steps that read it
 #   cpu-peer-qwen3  all-CPU ktrans beside llama.cpp's build with no GPU visible (CUDA_VISIBLE_DEVICES=),
 #               qwen3-30b-a3b q4_k_m, 16 threads each (cpu-peer-v2: deepseek-v2-lite)
+#   e2e-fit     deepseek-v2-lite with the rules `ktrans rules explain --fit` writes for this machine (after
+#               probe), beside the shipped gpu-experts and default rule files, batch 1/4, 1024/4096 prompts
 #   e2e-ab      deepseek-v2-lite graph decode at batch 1/4/8 and prefill at 1024/4096, the default
 #               hand-off and KTRANS_HANDOFF=memop in the same call
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
@@ -113,6 +115,18 @@ for s in "$@"; do
         --quant q4_k_m --model-root "$ROOT" -t 16 -p 512 -n 64 -r 2 --rounds 1 --out "$OUT/cpu-peer.jsonl" \
         2>"$OUT/cpu-peer-$p.err" | tee -a "$OUT/peer.txt"
       tail -3 "$OUT/cpu-peer-$p.err";;
+    e2e-fit)
+      m="$ROOT/deepseek_v2-deepseek-v2-lite-q4_k_m"
+      python3 -m ktrans rules explain --model_path "$m" --gguf_path "$m/model.gguf" --fit --cache_lens 16384 \
+        >"$OUT/fit-explain.txt" 2>&1
+      fitted=$(ls -t "${KTRANS_CACHE:-$HOME/.cache/ktrans}"/fitted-rules/*.yaml 2>/dev/null | head -1)
+      tail -12 "$OUT/fit-explain.txt"; [ -n "$fitted" ] && cp "$fitted" "$OUT/fitted-v2.yaml"
+      for r in "$fitted" optimize_rules/deepseek_v2-gpu-experts.yaml; do
+        [ -n "$r" ] || continue
+        python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda --model-root "$ROOT" --rules "$r" \
+          --prompt-lens 1024,4096 --batch-sizes 1,4 --decode-tokens 32 --out "$OUT/e2e.jsonl" 2>>"$OUT/e2e-fit.err" \
+          | sed "s|^|[$(basename "$r")] |" | tee -a "$OUT/e2e.txt"
+      done; tail -3 "$OUT/e2e-fit.err";;
     e2e-ab)
       python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda --model-root "$ROOT" \
         --prompt-lens 1024,4096 --batch-sizes 1,4,8 --decode-tokens 32 --out "$OUT/e2e.jsonl" 2>>"$OUT/e2e-ab.err" \
