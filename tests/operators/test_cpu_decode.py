@@ -17,7 +17,7 @@ from ktrans.operators import cpu_decode
 from ktrans.operators.cpu_decode import CpuDecodeStep
 from ktrans.operators.moe_block import MoEBlock
 from tests.routing import Reference, flip_gap
-from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE
+from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE, QUANT_TOKEN_TIE_RMS
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
 
@@ -126,7 +126,8 @@ def test_fused_step_matches_the_module_path(tiny_model, arch, quant):
     same way, but where one block's rounding differs a router's near-tie may pick another expert:
     every such flip (the fused step's routing against the module path's, layer by layer) must
     be a genuine near-tie, and its request leaves the comparison from that step on; every
-    other request is held to the bound of quantized activations and the same greedy token."""
+    other request is held to the bound of quantized activations and the same greedy token, up
+    to a top-2 near-tie that the row's measured rounding noise explains (QUANT_TOKEN_TIE_RMS)."""
     d = tiny_model(arch, quant, with_safetensors=False)
     fused, ref = _runner(d, True), _runner(d, False)
     assert fused.cpu_step is not None, cpu_decode.why_not
@@ -156,7 +157,15 @@ def test_fused_step_matches_the_module_path(tiny_model, arch, quant):
             torch.testing.assert_close(g[rows], w[rows], rtol=FIDELITY_F32_RTOL, atol=FIDELITY_F32_ATOL)
         else:
             assert max((nmse(g[i], w[i]) for i in rows), default=0.0) < QUANT_LOGITS_NMSE
-        assert torch.equal(g[rows].argmax(-1), w[rows].argmax(-1))
+        for i in rows:
+            ours, theirs = int(g[i].argmax()), int(w[i].argmax())
+            if quant == "f32" or ours == theirs:
+                assert ours == theirs, f"step {s} request {i}: greedy token {ours}, module path {theirs}"
+                continue
+            lead, rms = float(w[i][theirs] - w[i][ours]), float((g[i] - w[i]).pow(2).mean().sqrt())
+            assert lead <= QUANT_TOKEN_TIE_RMS * rms, \
+                f"step {s} request {i}: greedy token {ours}, module path {theirs} leads by {lead:.4g} " \
+                f"(RMS difference of the logits {rms:.3g})"
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
