@@ -1,7 +1,8 @@
 // Attention of the fused decode step (decoder.h) for one new token per request, over the paged
 // KV cache, as ktrans/operators/attention_gqa.py and attention_mla.py compute it (their
 // forward_native is the oracle):
-//   GQA: q/k/v projections (one fan-out), Qwen3's per-head q/k RMSNorm, rotary, K/V written to
+//   GQA: q/k/v projections (one fan-out), Qwen3's per-head q/k RMSNorm, rotary (of the first dims
+//        its table covers: all of a head, or GLM-4.5's partial rotary), K/V written to
 //        the token's slot, then per (request, query head): scores over the request's keys
 //        0..pos, softmax, weighted sum of V (query head h reads KV head h / (Hq / Hkv)).
 //   MLA: q (or q_a -> norm -> q_b) and kv_a; latent normalised, rope key rotated, both cached;
