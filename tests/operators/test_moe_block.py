@@ -11,7 +11,7 @@ from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
+MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe"]
 
 
 def _block(arch):
@@ -29,7 +29,7 @@ def test_routing_matches_hf_router(arch):
     with torch.no_grad():
         _, ref_w, ref_idx = (mlp.router if arch == "gpt_oss" else mlp.gate)(x)
         w, idx = op.route(x)
-        if arch == "deepseek_v3":   # the draw exercises the score bias: without it choices change
+        if arch in ("deepseek_v3", "glm4_moe"):   # the draw exercises the score bias: without it choices change
             bias = mlp.gate.e_score_correction_bias.clone()
             mlp.gate.e_score_correction_bias.zero_()
             unbiased = mlp.gate(x)[2]
@@ -56,10 +56,11 @@ def test_moe_block_matches_hf_block(arch, native):
     torch.testing.assert_close(got, ref, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
 
 
-def test_deepseek_v3_group_limit_excludes_other_groups():
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_sigmoid_group_limit_excludes_other_groups(arch):
     """Every chosen expert lies in one of the topk_group best groups (what the bias-corrected
     grouped top-k guarantees), and weights sum to routed_scaling_factor when normalised."""
-    config, mlp, op = _block("deepseek_v3")
+    config, mlp, op = _block(arch)
     x = torch.randn(64, config.hidden_size)
     with torch.no_grad():
         w, idx = op.route(x)

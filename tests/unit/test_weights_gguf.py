@@ -30,6 +30,9 @@ ARCHS = {  # ktrans arch -> (gguf arch, config)
     "mixtral": ("llama", lambda: transformers.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4)),
     "qwen2": ("qwen2", lambda: transformers.Qwen2Config(**SMALL, intermediate_size=96)),
     "llama": ("llama", lambda: transformers.LlamaConfig(**SMALL, intermediate_size=96)),
+    "glm4_moe": ("glm4moe", lambda: transformers.Glm4MoeConfig(
+        **SMALL, **MOE, head_dim=32, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+        use_qk_norm=True, attention_bias=True)),
 }
 
 
