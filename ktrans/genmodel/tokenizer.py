@@ -223,6 +223,11 @@ def _train(specials: list[str], pre: str):
     return tok
 
 
+def chat_template(arch: str) -> str:
+    """The chat template build_tokenizer writes for `arch`."""
+    return _FAMILIES[_ARCH_FAMILY[arch]]["template"]
+
+
 def trained_vocab_size(arch: str) -> int:
     """Size of the tokenizer build_tokenizer writes for `arch` (the tiny/small presets' vocab)."""
     return _train(_FAMILIES[_ARCH_FAMILY[arch]]["specials"], _ARCH_PRE[arch]).get_vocab_size()

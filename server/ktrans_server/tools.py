@@ -7,13 +7,18 @@ stream, and (for tool_choice "required" or a named function) forced by a grammar
 | deepseek | DeepSeek-V3, R1 (and V3.1)    | <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜> |
 | llama3   | Llama 3.1 / 3.2 / 3.3          | {"name": ..., "parameters": {...}} as the whole answer      |
 | mistral  | Mistral, Mixtral              | [TOOL_CALLS][{"name": ..., "arguments": {...}}]             |
+| glm      | GLM-4.5 / 4.6                 | <tool_call>NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>...</tool_call> |
 
 The tools themselves are rendered by the model's own template (its `tools` variable); a template
 that knows none of these formats cannot take tools, and the request is refused with that reason.
+GLM's template writes string arguments as they are and every other value as JSON, so its parser
+reads the request's tool schemas (ToolFormat.for_tools) to tell "42" the string from 42.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import uuid
@@ -119,6 +124,53 @@ def _mistral_body(body: str) -> list[ToolCall] | None:
     return calls or None
 
 
+GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+_GLM_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+
+def _text_schema(schema: Any) -> bool:
+    """A parameter GLM's template writes as raw text: a string, or an enum of strings."""
+    if not isinstance(schema, dict):
+        return False
+    enum = schema.get("enum")
+    return schema.get("type") == "string" or (isinstance(enum, list) and bool(enum)
+                                              and all(isinstance(v, str) for v in enum))
+
+
+def _text_params(tools: list[dict]) -> dict[str, set[str]]:
+    """Function name -> its parameters written as raw text."""
+    out = {}
+    for t in tools or []:
+        fn = t.get("function", {})
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        out[fn.get("name")] = {k for k, v in props.items() if _text_schema(v)}
+    return out
+
+
+def _glm_value(value: str, text: bool) -> Any:
+    if text:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:                    # a value the model wrote as plain text after all
+        return value
+
+
+def _glm_body(body: str, text_params: dict[str, set[str]] | None = None) -> list[ToolCall] | None:
+    head, _, _ = body.partition(GLM_KEY)
+    name, rest = head.strip(), body[len(head):]
+    if not name or "\n" in name or "<" in name:
+        return None
+    args, pos = {}, 0
+    while (m := _GLM_ARG.match(rest, pos)) is not None:
+        key = m.group(1).strip()
+        args[key] = _glm_value(m.group(2), key in (text_params or {}).get(name, ()))
+        pos = m.end()
+    if rest[pos:].strip():
+        return None
+    return [ToolCall(name, json.dumps(args, ensure_ascii=False))]
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     name: str
@@ -127,6 +179,14 @@ class ToolFormat:
     parse_body: Callable[[str], list[ToolCall] | None]
     at_start_only: bool = False         # calls only as the whole answer (Llama 3's JSON)
     drop: tuple[str, ...] = ()          # markers around the calls that carry nothing
+    typed: bool = False                 # parse_body(body, text_params) reads the tools' schemas (GLM)
+
+    def for_tools(self, tools: list[dict]) -> "ToolFormat":
+        """This format for a request with these tools (GLM's parser learns which arguments are text)."""
+        if not self.typed:
+            return self
+        return dataclasses.replace(self, parse_body=functools.partial(self.parse_body, text_params=_text_params(tools)),
+                                   typed=False)
 
 
 FORMATS = {
@@ -135,12 +195,15 @@ FORMATS = {
                            drop=(DS_CALLS_BEGIN, DS_CALLS_END)),
     "llama3": ToolFormat("llama3", "{", None, _llama3_body, at_start_only=True),
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]", None, _mistral_body),
+    "glm": ToolFormat("glm", "<tool_call>", "</tool_call>", _glm_body, typed=True),
 }
 
 
 def detect_format(chat_template: str | None) -> ToolFormat | None:
     """The tool-call format the model's chat template teaches it, or None (no tool support)."""
     t = chat_template or ""
+    if "<tool_call>" in t and GLM_KEY in t:          # GLM writes <tool_call> too, with XML arguments
+        return FORMATS["glm"]
     if "<tool_call>" in t:
         return FORMATS["hermes"]
     if "tool▁calls▁begin" in t or "tool_calls_begin" in t:
@@ -154,7 +217,8 @@ def detect_format(chat_template: str | None) -> ToolFormat | None:
 
 def markers(fmt: ToolFormat) -> list[str]:
     """Strings the parser must see even when they are special tokens."""
-    extra = [PYTHON_TAG] if fmt.name == "llama3" else ["[ARGS]"] if fmt.name == "mistral" else []
+    extra = {"llama3": [PYTHON_TAG], "mistral": ["[ARGS]"], "glm": [GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END]}
+    extra = extra.get(fmt.name, [])
     return [m for m in (fmt.start, fmt.end, DS_SEP if fmt.name == "deepseek" else None, *fmt.drop, *extra) if m]
 
 
@@ -170,6 +234,11 @@ def forced_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, paralle
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
     lit = compiler.literal
     many = "+" if parallel else ""
+    if fmt.name == "glm":
+        calls = "\n".join(f"call_{i}: {_glm_call(t['function'], lit)}" for i, t in enumerate(chosen))
+        call = " | ".join(f"call_{i}" for i in range(len(chosen)))
+        more = ' ("\\n" call)*' if parallel else ""
+        return compiler.from_lark(f"start: \"\\n\"? call{more}\ncall: {call}\n{calls}", "tool_choice")
     if fmt.name == "deepseek":
         alts = []
         for i, t in enumerate(chosen):
@@ -192,3 +261,22 @@ def forced_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, paralle
     else:
         lark = f"start: obj\nobj: {json_schema_lark(one)}"
     return compiler.from_lark(lark, "tool_choice")
+
+
+def _glm_call(fn: dict, lit) -> str:
+    """Lark for one GLM call of `fn`: its parameters in declared order (the optional ones may be
+    left out), text parameters raw (an enum's strings, or text without '<'), the rest as JSON."""
+    params = fn.get("parameters") or {}
+    required = set(params.get("required") or [])
+    parts = []
+    for key, schema in (params.get("properties") or {}).items():
+        if isinstance(schema, dict) and isinstance(schema.get("enum"), list) and _text_schema(schema):
+            value = "(" + " | ".join(json.dumps(v) for v in schema["enum"]) + ")"
+        elif _text_schema(schema):
+            value = "/[^<]*/"
+        else:
+            value = json_schema_lark(schema if isinstance(schema, dict) else {})
+        arg = (f'"\\n" {lit(GLM_KEY)} {json.dumps(key)} {lit(GLM_KEY_END)} "\\n" {lit(GLM_VALUE)} {value} '
+               f"{lit(GLM_VALUE_END)}")
+        parts.append(f"({arg})" + ("" if key in required else "?"))
+    return f"{lit('<tool_call>')} {json.dumps(fn['name'])} {' '.join(parts)} \"\\n\" {lit('</tool_call>')}"

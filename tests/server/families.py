@@ -2,7 +2,8 @@
 
 The templates follow the real checkpoints' (Qwen2.5's hermes <tool_call>, DeepSeek-V3's tool-call
 tokens, Llama 3.1's JSON with the ipython role, Mistral's [AVAILABLE_TOOLS]/[TOOL_CALLS]), cut to
-what tools need: they render `tools`, assistant `tool_calls` and `tool` results. The tiny
+what tools need: they render `tools`, assistant `tool_calls` and `tool` results. GLM-4.5's is the
+one gen-model writes for glm4_moe (its markers are special tokens there). The tiny
 vocabularies have no single tokens for the markers, so the markers are plain text here; the
 server handles both (a marker that is a special token is matched by id). The server takes them
 with --chat-template, as a user would for a GGUF whose own template renders no tools.
@@ -11,6 +12,8 @@ with --chat-template, as a user would for a GGUF whose own template renders no t
 from __future__ import annotations
 
 from pathlib import Path
+
+from ktrans.genmodel.tokenizer import chat_template
 
 HERMES = (
     "{%- if tools %}<|im_start|>system\n"
@@ -82,6 +85,7 @@ FAMILIES = {
     "deepseek": ("deepseek_v3", DEEPSEEK),
     "llama3": ("llama", LLAMA3),
     "mistral": ("mixtral", MISTRAL),
+    "glm": ("glm4_moe", chat_template("glm4_moe")),
 }
 
 

@@ -42,6 +42,10 @@ SAMPLES = {
                "", [("get_weather", {"unit": "c", "days": 1})]),
     "mistral": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"unit": "c", "days": 5}}, '
                 '{"name": "ping", "arguments": {}}]', "", [("get_weather", {"unit": "c", "days": 5}), ("ping", {})]),
+    # (arguments without the request's schemas: every value read as JSON where it parses)
+    "glm": ("Let me check.\n<tool_call>get_weather\n<arg_key>unit</arg_key>\n<arg_value>c</arg_value>\n"
+            "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>\n<tool_call>ping\n</tool_call>",
+            "Let me check.\n\n", [("get_weather", {"unit": "c", "days": 2}), ("ping", {})]),
 }
 
 
@@ -80,6 +84,22 @@ def test_parser_keeps_text_that_is_not_a_call():
     v31 = "<｜tool▁call▁begin｜>ping<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
     _, calls = _parse_in_chunks(FORMATS["deepseek"], v31, [7])
     assert [(c.name, c.arguments) for c in calls] == [("ping", "{}")]
+
+
+def test_glm_arguments_follow_the_schemas():
+    """GLM writes string arguments raw and other values as JSON: with the request's tools bound, a
+    string parameter keeps "42" and "[1]" as text, other parameters are JSON; not a call stays text."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "s": {"type": "string"}, "n": {"type": "integer"}, "o": {"type": "object"}, "e": {"enum": ["1", "2"]}}}}}]
+    fmt = FORMATS["glm"].for_tools(tools)
+    text = ("<tool_call>f\n<arg_key>s</arg_key>\n<arg_value>42</arg_value>\n<arg_key>n</arg_key>\n<arg_value>42"
+            "</arg_value>\n<arg_key>o</arg_key>\n<arg_value>{\"a\": [1]}</arg_value>\n<arg_key>e</arg_key>\n"
+            "<arg_value>1</arg_value>\n</tool_call>")
+    _, calls = _parse_in_chunks(fmt, text, [13, 40])
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "42", "n": 42, "o": {"a": [1]}, "e": "1"})]
+    for bad in ("<tool_call>f\nstray<arg_key>s</arg_key><arg_value>x</arg_value></tool_call>",
+                "<tool_call>\n</tool_call>", "<tool_call>f <arg_key>s</arg_key></tool_call>"):
+        assert _parse_in_chunks(fmt, bad, [5]) == (bad, []), bad
 
 
 def test_format_found_from_the_template():
@@ -171,10 +191,12 @@ def test_tool_round_trip_and_choice_none(family_server):
     bare = client.chat.completions.create(model="m", messages=msgs[:1], max_tokens=2, temperature=0)
     assert none.usage.prompt_tokens == bare.usage.prompt_tokens
     assert r.usage.prompt_tokens > bare.usage.prompt_tokens
-    # What the server renders: the call's arguments as an object (templates print them with tojson).
+    # What the server renders: the call's arguments as an object (templates print them with tojson;
+    # GLM's prints each as a key/value pair).
     rendered = srv.service.engine.tokenizer.apply_chat_template(
         parse_messages(msgs), tools=TOOLS, tokenize=False, add_generation_prompt=True)
-    assert "Sunny, 21 C" in rendered and '"days": 2' in rendered and '\\"days' not in rendered
+    days = "<arg_key>days</arg_key>\n<arg_value>2</arg_value>" if family == "glm" else '"days": 2'
+    assert "Sunny, 21 C" in rendered and days in rendered and '\\"days' not in rendered
 
 
 def test_ollama_tools_are_rendered(family_server):
