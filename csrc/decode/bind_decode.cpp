@@ -86,7 +86,10 @@ int64_t add_gqa(PyDecoder& d, Array an, Array fn, float eps, int rope, py::objec
   g.q = lin(d, q, "q_proj", hq * hd, H), g.k = lin(d, k, "k_proj", hkv * hd, H), g.v = lin(d, v, "v_proj", hkv * hd, H);
   g.o = lin(d, o, "o_proj", H, hq * hd);
   if (!g.q || !g.k || !g.v || !g.o) bad("GQA needs q_proj, k_proj, v_proj and o_proj");
-  g.q_norm = d.vec(qn, "q_norm", hd), g.k_norm = d.vec(kn, "k_norm", hd);
+  // Qwen3 normalizes q/k per head ([hd]); MiniMax-M2 over all heads of a token ([hq * hd], [hkv * hd]).
+  const bool whole = !qn.is_none() && hq > 1 && qn.cast<Array>().size() == hq * hd;
+  g.q_norm = d.vec(qn, "q_norm", whole ? hq * hd : hd), g.k_norm = d.vec(kn, "k_norm", whole ? hkv * hd : hd);
+  g.qk_norm_whole = whole;
   g.hq = hq, g.hkv = hkv, g.d = hd, g.scale = scale, g.eps = eps;
   g.kc = d.take<float>(kc, "K cache", {d.num_slots(), hkv, hd}, true);
   g.vc = d.take<float>(vc, "V cache", {d.num_slots(), hkv, hd}, true);

@@ -24,6 +24,8 @@ class ArchSpec:
     #   topk_softmax  top-k of the raw logits (router bias included), softmax over those k (gpt-oss)
     #   deepseek_v3  sigmoid scores + e_score_correction_bias, group-limited top-k (DeepSeek-V3, GLM-4.5)
     #   deepseek_v2  softmax, greedy or group-limited greedy
+    #   sigmoid_topk  sigmoid scores + e_score_correction_bias for the choice, top-k, weights from
+    #                 the unbiased scores renormalised (MiniMax-M2)
     routing: str = "softmax_topk"
     # The experts' MLP gating: silu (silu(g) * u) or swiglu_oai (gpt-oss's clamped SwiGLU with
     # config.swiglu_alpha / swiglu_limit, and expert biases).
@@ -45,6 +47,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("llama", "llama", "LlamaForCausalLM", "llama", False, False),
         ArchSpec("gpt_oss", "gpt_oss", "GptOssForCausalLM", "gpt-oss", True, False, "topk_softmax", "swiglu_oai", True),
         ArchSpec("glm4_moe", "glm4_moe", "Glm4MoeForCausalLM", "glm4moe", True, False, "deepseek_v3"),
+        ArchSpec("minimax_m2", "minimax_m2", "MiniMaxM2ForCausalLM", "minimax-m2", True, False, "sigmoid_topk"),
     ]
 }
 

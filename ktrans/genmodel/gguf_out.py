@@ -121,7 +121,7 @@ def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
                                                        else gguf.ExpertGatingFuncType.SOFTMAX))
         _rope_meta(w, arch, cfg, None)      # rope.dimension_count is in the table (qk_rope_head_dim)
     else:
-        if arch == "glm4moe":
+        if arch in ("glm4moe", "minimax-m2"):
             w.add_uint32(f"{arch}.expert_gating_func", int(gguf.ExpertGatingFuncType.SIGMOID))
         _rope_meta(w, arch, cfg, names.rotary_dim(config))
 

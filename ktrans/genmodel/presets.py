@@ -115,6 +115,17 @@ _GLM4_MOE = {
     "attention_dropout": 0.0, "num_nextn_predict_layers": 1,
 }
 
+# MiniMax-M2 (230B-A10B): every layer MoE (256 experts, 8 chosen by sigmoid scores with a
+# routing bias), q/k norms over all heads, rotary on the first 64 of each head's 128 dims
+# (rotary_dim, as its config.json spells it). Its multi-token-prediction modules are not in the
+# released weights.
+_MINIMAX_M2 = {
+    "hidden_size": 3072, "intermediate_size": 1536, "num_hidden_layers": 62, "num_attention_heads": 48,
+    "num_key_value_heads": 8, "head_dim": 128, "rotary_dim": 64, "num_local_experts": 256, "num_experts_per_tok": 8,
+    "vocab_size": 200064, "max_position_embeddings": 196608, "rope_theta": 5000000, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0,
+}
+
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
 PRESETS: dict[str, dict[str, dict]] = {
     "deepseek_v3": {
@@ -233,6 +244,15 @@ PRESETS: dict[str, dict[str, dict]] = {
                             num_hidden_layers=46, first_k_dense_replace=1, n_routed_experts=128,
                             routed_scaling_factor=1.0, use_qk_norm=False),
         "glm-4.5": _GLM4_MOE,
+    },
+    "minimax_m2": {
+        "tiny": dict(_MINIMAX_M2, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, rotary_dim=32, num_local_experts=8, num_experts_per_tok=2,
+                     vocab_size=None, max_position_embeddings=1024),
+        "small": dict(_MINIMAX_M2, hidden_size=1024, intermediate_size=512, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, head_dim=64, rotary_dim=32, num_local_experts=32, num_experts_per_tok=4,
+                      vocab_size=None, max_position_embeddings=8192),
+        "minimax-m2": _MINIMAX_M2,
     },
 }
 

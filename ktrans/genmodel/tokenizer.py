@@ -85,6 +85,56 @@ _GLM_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{{- '\n<think></think>' if no_think else '' -}}"
     "{%- endif -%}")
 
+# MiniMax-M2's chat format: "]~!b[" then turns "]~b]ROLE\n...[e~[\n" (ai for the assistant), a
+# system turn always (its default identity when the conversation has none), the tools in it as
+# <tool> JSON lines, tool calls as <minimax:tool_call> with <invoke name=...> and <parameter
+# name=...> elements, tool results as <response> elements of one tool turn, reasoning kept as
+# "<think>\n...\n</think>\n\n" only after the last user turn, and the generation prompt opening
+# the reasoning ("]~b]ai\n<think>\n"). Written for this generator; it renders string-content
+# conversations as MiniMax-M2's template does.
+_MINIMAX_TOOLS = (
+    "\n\n# Tools\nYou may call one or more tools to assist with the user query.\nHere are the tools available in "
+    "JSONSchema format:\n\n<tools>\n")
+_MINIMAX_CALL_FORMAT = (
+    "</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n<minimax:tool_call>\n"
+    "<invoke name=\"tool-name-1\">\n<parameter name=\"param-key-1\">param-value-1</parameter>\n"
+    "<parameter name=\"param-key-2\">param-value-2</parameter>\n...\n</invoke>\n</minimax:tool_call>")
+_MINIMAX_TEMPLATE = (
+    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+    "{%- set conv = messages[1:] if has_system else messages -%}"
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in conv -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- ']~!b[]~b]system\\n' + (messages[0]['content'] if has_system else 'You are a helpful assistant.') -}}"
+    "{%- if tools -%}{{- '" + _MINIMAX_TOOLS.replace("\n", "\\n") + "' -}}"
+    "{%- for tool in tools -%}{{- '<tool>' + (tool['function'] | tojson) + '</tool>\\n' -}}{%- endfor -%}"
+    "{{- '" + _MINIMAX_CALL_FORMAT.replace("\n", "\\n").replace('"', '\\"') + "' -}}{%- endif -%}"
+    "{{- '[e~[\\n' -}}"
+    "{%- for m in conv -%}"
+    "{%- set text = m['content'] if m['content'] is string else '' -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{%- set reasoning = m['reasoning_content'] if m['reasoning_content'] is string else '' -%}"
+    "{%- if m['reasoning_content'] is not string and '</think>' in text -%}"
+    "{%- set reasoning = text.split('</think>')[0].strip('\\n').split('<think>')[-1].strip('\\n') -%}"
+    "{%- set text = text.split('</think>')[-1].strip('\\n') -%}{%- endif -%}"
+    "{{- ']~b]ai\\n' -}}"
+    "{%- if reasoning and loop.index0 > ns.last_user -%}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' -}}"
+    "{%- endif -%}{{- text -}}"
+    "{%- if m['tool_calls'] -%}{{- '\\n<minimax:tool_call>\\n' -}}"
+    "{%- for tc in m['tool_calls'] -%}{%- set f = tc['function'] if tc['function'] else tc -%}"
+    "{{- '<invoke name=\"' + f['name'] + '\">\\n' -}}"
+    "{%- if f['arguments'] is mapping -%}{%- for k, v in f['arguments'].items() -%}"
+    "{{- '<parameter name=\"' + k + '\">' + (v if v is string else v | tojson) + '</parameter>\\n' -}}"
+    "{%- endfor -%}{%- endif -%}{{- '</invoke>\\n' -}}{%- endfor -%}{{- '</minimax:tool_call>' -}}{%- endif -%}"
+    "{{- '[e~[\\n' -}}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- if loop.first or conv[loop.index0 - 1]['role'] != 'tool' -%}{{- ']~b]tool' -}}{%- endif -%}"
+    "{{- '\\n<response>' + text + '</response>' -}}"
+    "{%- if loop.last or conv[loop.index0 + 1]['role'] != 'tool' -%}{{- '[e~[\\n' -}}{%- endif -%}"
+    "{%- elif m['role'] == 'user' -%}{{- ']~b]user\\n' + text + '[e~[\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ']~b]ai\\n<think>\\n' -}}{%- endif -%}")
+
 # Family -> special tokens (ids are assigned in this order, starting at 0) and roles.
 _FAMILIES = {
     "deepseek": {
@@ -164,18 +214,23 @@ _FAMILIES = {
         "eot": "<|user|>", "eom": "<|observation|>",
         "template": _GLM_TEMPLATE,
     },
+    "minimax": {
+        "specials": ["]~!b[", "]~b]", "[e~[", "<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"],
+        "bos": "]~!b[", "eos": "[e~[", "pad": None, "add_bos": False,
+        "template": _MINIMAX_TEMPLATE,
+    },
 }
 
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
                 "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3",
-                "gpt_oss": "harmony", "glm4_moe": "glm"}
+                "gpt_oss": "harmony", "glm4_moe": "glm", "minimax_m2": "minimax"}
 
 # Arch -> llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), as convert_hf_to_gguf writes for the
 # real models. NOTE: real Mixtral files hold a sentencepiece ("llama") vocab; ours is a byte-level
 # BPE stand-in, so it names the split it really uses (GPT-2's).
 _ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
              "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o",
-             "glm4_moe": "glm4"}
+             "glm4_moe": "glm4", "minimax_m2": "minimax-m2"}
 
 # tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
 # pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).

@@ -146,6 +146,12 @@ _GLM4_MOE = [
     TensorMap("model.layers.{i}.mlp.gate.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe"),
 ] + _dense_mlp("mlp.shared_experts", "_shexp", "moe")
 
+# MiniMax-M2: q/k norms over all heads of a token (attn_q_norm [Hq*d], attn_k_norm [Hkv*d]), every
+# layer MoE, the routing bias on the MoE block itself (llama.cpp's exp_probs_b).
+_MINIMAX_M2 = _COMMON + _attn_gqa(qk_norm=True) + _EXPERTS + [
+    TensorMap("model.layers.{i}.mlp.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe"),
+]
+
 # The nextn-only tensors of an MTP block (see the module docstring); HF name -> llama.cpp name.
 MTP_TENSORS: dict[str, list[TensorMap]] = {
     "glm4moe": [
@@ -173,6 +179,7 @@ TENSORS: dict[str, list[TensorMap]] = {
     "qwen3": _COMMON + _attn_gqa(qk_norm=True) + _dense_mlp(),
     "gpt-oss": _GPT_OSS,
     "glm4moe": _GLM4_MOE,
+    "minimax-m2": _MINIMAX_M2,
 }
 
 # Conditions an entry may require of the transformers config.
@@ -431,6 +438,13 @@ METADATA: dict[str, list[MetaKey]] = {
         MetaKey("attention.value_length", "head_dim", "u32"),
         MetaKey("nextn_predict_layers", "num_nextn_predict_layers", "u32"),
     ],
+    "minimax-m2": _BASE_META + _GQA_META + [
+        MetaKey("expert_count", "num_local_experts", "u32"),
+        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+        MetaKey("expert_feed_forward_length", "intermediate_size", "u32"),
+        MetaKey("attention.key_length", "head_dim", "u32"),
+        MetaKey("attention.value_length", "head_dim", "u32"),
+    ],
 }
 
 # Keys computed from several attributes (or from rope_parameters); `{arch}.` prefix implied.
@@ -441,7 +455,7 @@ METADATA: dict[str, list[MetaKey]] = {
 #     attention.value_length      = kv_lora_rank
 #     attention.key_length_mla    = qk_nope_head_dim + qk_rope_head_dim
 #     expert_gating_func          = 2 (sigmoid) for deepseek_v3, 1 (softmax) for deepseek_v2
-#   glm4moe:
+#   glm4moe, minimax-m2:
 #     expert_gating_func          = 2 (sigmoid)
 #   all:
 #     block_count                 = num_hidden_layers + the MTP blocks the file holds (block_count())
@@ -454,6 +468,7 @@ DERIVED_METADATA = {
     "deepseek2": ["attention.head_count_kv", "attention.q_lora_rank", "attention.key_length",
                   "attention.value_length", "attention.key_length_mla", "expert_gating_func"],
     "glm4moe": ["expert_gating_func"],
+    "minimax-m2": ["expert_gating_func"],
     "all": ["rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
             "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier"],
 }
@@ -468,7 +483,7 @@ def metadata_value(config, gguf_arch: str, mk: MetaKey):
 
 def rotary_dim(config) -> int:
     """Dims of each q/k head that RoPE rotates (the first ones): head_dim, or its first
-    partial_rotary_factor part (GLM-4.5: half)."""
+    partial_rotary_factor part (GLM-4.5, MiniMax-M2: half)."""
     params = getattr(config, "rope_parameters", None) or {}
     factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     return int(_head_dim(config) * factor)

@@ -147,6 +147,17 @@ def _glm4_moe(r: GGUFReader, cfg: dict) -> None:
         cfg.setdefault(key, default)
 
 
+def _minimax_m2(r: GGUFReader, cfg: dict) -> None:
+    """MiniMax-M2: partial rotary (config.json's rotary_dim), sigmoid routing."""
+    a = "minimax-m2"
+    gating = r.get(f"{a}.expert_gating_func", _GATING_SIGMOID)
+    if gating != _GATING_SIGMOID:
+        raise KtransError(f"{r.path}: {a}.expert_gating_func = {gating}; MiniMax-M2 routes with sigmoid scores "
+                          f"({_GATING_SIGMOID})")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["rotary_dim"] = int(r.get(f"{a}.rope.dimension_count", head_dim))
+
+
 def _check_against_tensors(r: GGUFReader, cfg: dict) -> None:
     """Sizes from metadata must match the tensors, so a corrupt key cannot make ktrans build a model
     of billions of layers or experts."""
@@ -205,6 +216,8 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
         _gpt_oss(r, cfg)
     elif model_type == "glm4_moe":
         _glm4_moe(r, cfg)
+    elif model_type == "minimax_m2":
+        _minimax_m2(r, cfg)
     elif model_type in ("qwen3_moe", "qwen2_moe"):
         # NOTE: llama.cpp hard-codes the top-k renormalisation per arch: on for qwen3moe, off for qwen2moe.
         cfg.update(norm_topk_prob=model_type == "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[])
