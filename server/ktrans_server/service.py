@@ -180,8 +180,9 @@ class Service:
             return None
         if self.tool_format is None:
             raise bad_request("This model's chat template has no tool-call format (hermes <tool_call>, "
-                              "DeepSeek tool-call tokens, Llama 3 JSON, Mistral [TOOL_CALLS] or GLM's "
-                              "<arg_key>/<arg_value>), so it cannot be given tools.", param="tools")
+                              "DeepSeek tool-call tokens, Llama 3 JSON, Mistral [TOOL_CALLS], GLM's "
+                              "<arg_key>/<arg_value> or MiniMax's <minimax:tool_call>), so it cannot be given "
+                              "tools.", param="tools")
         return self.tool_format.for_tools(spec.tools)
 
     def _grammar(self, spec: GenerationSpec, fmt: ToolFormat | None) -> str | None:
