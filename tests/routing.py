@@ -65,6 +65,8 @@ class Reference:
                 self.ids[(layer, row)] = idx[i].detach().cpu()
                 self.weights[(layer, row)] = w[i].detach().float().cpu()
             bias = getattr(module, "e_score_correction_bias", None)
+            if bias is None and len(args) > 1 and torch.is_tensor(args[1]):      # MiniMax-M2: the block's, passed in
+                bias = args[1]
             if bias is not None:
                 self.bias[layer] = bias.detach().float().cpu()
         with _gate_hooks(model, hook):
@@ -202,7 +204,7 @@ def flip_gap(ref: Reference, layer: int, row, ours: torch.Tensor) -> float:
     mine = set(ours.tolist())
     e = logits.numel()
     routing = arch_from_config(cfg).routing
-    v3 = routing == "deepseek_v3"                                                     # (and GLM-4.5)
+    v3 = routing in ("deepseek_v3", "sigmoid_topk")                                   # (GLM-4.5, MiniMax-M2)
     grouped = routing in ("deepseek_v3", "deepseek_v2") and getattr(cfg, "n_group", 1) > 1 and (
         v3 or getattr(cfg, "topk_method", "greedy") == "group_limited_greedy")
     if v3:

@@ -30,7 +30,7 @@ def _case(arch, interleave=False):
 
 
 @pytest.mark.parametrize("arch,interleave", [("qwen3_moe", False), ("deepseek_v3", True), ("deepseek_v2", False),
-                                             ("glm4_moe", False)])
+                                             ("glm4_moe", False), ("minimax_m2", False)])
 @pytest.mark.parametrize("heads", [1, 5])
 def test_rope_kernel_matches_torch(arch, interleave, heads):
     from ktrans.kernels.rope import apply_rope as fused

@@ -29,7 +29,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe", "gpt_oss", "glm4_moe"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe", "gpt_oss", "glm4_moe", "minimax_m2"])
 def saved(request, tmp_path_factory):
     arch = request.param
     config, model = tiny_hf_model(arch)

@@ -25,10 +25,11 @@ from tests.routing import Reference, force_reference_routing, force_reference_ro
 from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_ATOL, FIDELITY_F32_RTOL,
                               QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
+         "minimax_m2"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
              "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "gpt_oss": "GptOssMLP",
-             "glm4_moe": "Glm4MoeMoE"}
+             "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock"}
 NEW_TOKENS = 32
 
 

@@ -37,7 +37,7 @@ from ktrans.engine.model_runner import ModelRunner
 from ktrans.operators.moe_block import MoEBlock
 from tests.tolerances import LLAMA_CPP_LOGPROB_ATOL, LLAMA_CPP_ROUTER_TIE, LLAMA_CPP_TIE
 
-ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe"]
+ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2"]
 NEW_TOKENS = 24
 TEXT = "Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  你好，世界 🚀 don't"
 

@@ -49,6 +49,11 @@ CONFIGS = {
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
         first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, use_qk_norm=True,
         attention_bias=True, partial_rotary_factor=0.5),
+    # MiniMax-M2: q/k norms over all heads, rotary on half of each head, sigmoid routing with the
+    # block's bias, every layer MoE.
+    "minimax_m2": lambda: transformers.MiniMaxM2Config(
+        **_COMMON, num_key_value_heads=2, head_dim=16, rotary_dim=8, intermediate_size=32, num_local_experts=8,
+        num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
 }
 
 

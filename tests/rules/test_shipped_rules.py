@@ -50,6 +50,9 @@ CONFIGS = {
                                                    num_hidden_layers=8, first_k_dense_replace=3, n_routed_experts=8,
                                                    num_experts_per_tok=2, n_shared_experts=1, num_key_value_heads=2,
                                                    head_dim=16, use_qk_norm=True, attention_bias=True),
+    "minimax_m2": lambda: transformers.MiniMaxM2Config(**_COMMON, intermediate_size=32, num_hidden_layers=6,
+                                                       num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+                                                       head_dim=16, rotary_dim=8, bos_token_id=1, eos_token_id=2),
 }
 SHIPPED = [(p.stem.split("-", 1)[0], p.stem.split("-", 1)[1] if "-" in p.stem else "") for p in list_shipped()]
 

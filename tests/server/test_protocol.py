@@ -150,6 +150,22 @@ def test_glm_reasoning_opens_after_the_assistant_header(tiny_model):
     assert _split_all("plan</think>\nok", True, [2]) == ("plan", "ok")
 
 
+def test_minimax_prompt_opens_the_reasoning(tiny_model):
+    """MiniMax-M2's generation prompt ends inside "<think>\n": the reply starts as reasoning, and
+    forcing thinking appends nothing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("minimax_m2", "f32", with_safetensors=False))
+    msgs = [{"role": "user", "content": "Why?"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("]~b]user\nWhy?[e~[\n]~b]ai\n<think>\n") and prompt_opens_thinking(text)
+    assert chat_prompt(tok, msgs, force_think=True) == (text, True)
+    reply = "weigh a < b</think>\n\nThe answer is 42."
+    for _ in range(50):
+        cuts = sorted(random.sample(range(1, len(reply)), random.randint(0, 8)))
+        assert _split_all(reply, True, cuts) == ("weigh a < b", "The answer is 42.")
+
+
 def test_stream_lines_survive_every_line_reader():
     """A model may write U+2028, U+2029 or U+0085, which JSON leaves raw but str.splitlines (and
     so httpx's iter_lines) breaks lines at: an SSE event or NDJSON object must stay one line."""

@@ -258,7 +258,7 @@ def test_q4_k_m_follows_llama_cpp_recipe():
     assert tensor_qtype("blk.5.ffn_gate_inp.weight", (8, 4096), "q4_k_m", mix) == "f32"
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe", "minimax_m2"])
 def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
     from transformers import AutoTokenizer
 
@@ -269,11 +269,12 @@ def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     marker = {"deepseek_v3": "<｜Assistant｜>", "qwen3_moe": "<|im_start|>assistant\n", "mixtral": "[/INST]",
-              "glm4_moe": "<|assistant|>"}[arch]
+              "glm4_moe": "<|assistant|>", "minimax_m2": "]~b]ai\n<think>\n"}[arch]
     assert "Hi 你好" in text and "2+2?" in text and text.rstrip().endswith(marker.rstrip())
-    if arch in ("deepseek_v3", "glm4_moe"):
-        assert text.startswith(tok.bos_token)          # (GLM: [gMASK], written by the template, never added)
-        for special in ("<think>", "</think>", "<｜User｜>" if arch == "deepseek_v3" else "<|user|>"):
+    user = {"deepseek_v3": "<｜User｜>", "glm4_moe": "<|user|>", "minimax_m2": "]~b]"}
+    if arch in user:             # (GLM's [gMASK] and MiniMax's ]~!b[: written by the template, never added)
+        assert text.startswith(tok.bos_token)
+        for special in ("<think>", "</think>", user[arch]):
             assert len(tok.encode(special, add_special_tokens=False)) == 1, special
 
 
