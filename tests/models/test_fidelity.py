@@ -195,7 +195,8 @@ rules:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,split", [("deepseek_v3", False), ("qwen3_moe", False), ("qwen2", False),
-                                        ("qwen3_moe", True), ("deepseek_v2", True)])
+                                        ("qwen3_moe", True), ("deepseek_v2", True), ("glm4_moe", False),
+                                        ("minimax_m2", True)])
 def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     """--device cuda with the shipped rules (attention, KV cache, router and shared experts in
     bf16 on the GPU, routed experts on the CPU, stream-ordered), or with layer 0 on the CPU: logits
