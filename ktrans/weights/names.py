@@ -60,8 +60,9 @@ class TensorMap:
 
 
 def _attn_gqa(qk_norm: bool | str = False, bias: bool | str = False, rope_perm: bool = False) -> list[TensorMap]:
-    """q/k/v/o projections; q/k/v biases and per-head q/k norms when `bias` / `qk_norm` is True, or
-    when the config meets the _NEEDS condition they name (GLM-4.5 has both as config options)."""
+    """q/k/v/o projections; q/k/v biases and q/k norms (per head, or over all heads: MiniMax-M2)
+    when `bias` / `qk_norm` is True, or when the config meets the _NEEDS condition they name
+    (GLM-4.5 has both as config options)."""
     q_t, k_t = ("rope_q", "rope_k") if rope_perm else ("copy", "copy")
     out = [
         TensorMap("model.layers.{i}.self_attn.q_proj.weight", ("blk.{i}.attn_q.weight",), q_t, "all"),
