@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ktrans.config.arch import arch_from_config
 from ktrans.operators.moe_block import MoEBlock
 
 
@@ -49,7 +50,7 @@ class Flip:
 class Reference:
     """The reference's routing by (layer, (request, position)): logits [E], ids [k], weights [k]."""
     config: object
-    bias: dict = field(default_factory=dict)           # layer -> DeepSeek-V3 score bias [E]
+    bias: dict = field(default_factory=dict)           # layer -> DeepSeek-V3 / GLM-4.5 score bias [E]
     logits: dict = field(default_factory=dict)
     ids: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
@@ -64,6 +65,8 @@ class Reference:
                 self.ids[(layer, row)] = idx[i].detach().cpu()
                 self.weights[(layer, row)] = w[i].detach().float().cpu()
             bias = getattr(module, "e_score_correction_bias", None)
+            if bias is None and len(args) > 1 and torch.is_tensor(args[1]):      # MiniMax-M2: the block's, passed in
+                bias = args[1]
             if bias is not None:
                 self.bias[layer] = bias.detach().float().cpu()
         with _gate_hooks(model, hook):
@@ -191,7 +194,7 @@ def flip_gap(ref: Reference, layer: int, row, ours: torch.Tensor) -> float:
 
     Softmax routers (Qwen2/3-MoE, Mixtral, DeepSeek-V2 greedy) rank experts by logit: an expert a
     can displace b only if l_b - l_a <= 2 delta. DeepSeek-V3 ranks by sigmoid(l) + bias, which
-    moves at most delta / 4: s_b - s_a <= delta / 2. With group-limited routing a group of ours
+    moves at most delta / 4: s_b - s_a <= delta / 2 (GLM-4.5 too). With group-limited routing a group of ours
     that the reference left out must overtake the reference's weakest group: group scores (sum of
     two sigmoid scores, V3; largest softmax probability, V2) move at most delta / 2 each.
     """
@@ -200,8 +203,9 @@ def flip_gap(ref: Reference, layer: int, row, ours: torch.Tensor) -> float:
     theirs = set(ref.ids[(layer, row)].tolist())
     mine = set(ours.tolist())
     e = logits.numel()
-    v3 = cfg.model_type == "deepseek_v3"
-    grouped = cfg.model_type in ("deepseek_v3", "deepseek_v2") and getattr(cfg, "n_group", 1) > 1 and (
+    routing = arch_from_config(cfg).routing
+    v3 = routing in ("deepseek_v3", "sigmoid_topk")                                   # (GLM-4.5, MiniMax-M2)
+    grouped = routing in ("deepseek_v3", "deepseek_v2") and getattr(cfg, "n_group", 1) > 1 and (
         v3 or getattr(cfg, "topk_method", "greedy") == "group_limited_greedy")
     if v3:
         score = logits.sigmoid() + ref.bias[layer].double()

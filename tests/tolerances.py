@@ -136,8 +136,9 @@ MOE_PACKED_NMSE = {"amx_bf16": 5e-5, "amx_int8": 1.5e-3, "amx_int4": 6e-2}
 GREEDY_TIE_ATOL = 2e-4
 # llama.cpp (tests/models/test_llamacpp_peer.py) vs ktrans on the same GGUF file: log-prob of
 # each greedy token; a differing greedy token must be a near-tie of ours (log-prob gap below TIE);
-# the comparison ends at the first step where one of our routers' k-th and next scores are closer
-# than ROUTER_TIE (llama.cpp may choose the other expert there: seen in f32 at a gap of 1e-4).
+# the comparison ends at the first step where one of our routers' k-th and next scores (with
+# group-limited routing also the last chosen group's score and the next group's) are closer than
+# ROUTER_TIE (llama.cpp may choose the other expert there: seen in f32 at a gap of 1e-4).
 # f32: both compute in f32 (llama.cpp's KV cache set to f32): measured up to 4.3e-4 on tiny
 # gpt-oss. mxfp4 files (q8_0 outside the experts): both quantize activations to 8 bits for the
 # dots, with their own rounding of what goes in: measured up to 0.065 (qwen2, all q8_0); a wrong

@@ -62,11 +62,14 @@ std::shared_ptr<QLinear> lin(const CpuDecoder& d, py::object o, const char* name
   return l;
 }
 
-void check_rope(const PyDecoder& d, int rope, int64_t dim) {
+// `partial`: the table may cover only the first dims of a `dim`-wide head (GLM-4.5's partial
+// rotary; CpuDecoder::rope rotates 2 * half dims of each head and leaves the rest).
+void check_rope(const PyDecoder& d, int rope, int64_t dim, bool partial = false) {
   if (rope < 0 || rope >= d.num_ropes()) bad("rope table " + std::to_string(rope) + " was not added");
-  if (dim % 2 || dim > 512 || d.rope_table(rope).half * 2 != dim)
-    bad("rope table covers " + std::to_string(2 * d.rope_table(rope).half) + " dims, the layer rotates " +
-        std::to_string(dim));
+  const int64_t covered = 2 * d.rope_table(rope).half;
+  if (dim % 2 || dim > 512 || covered > dim || (!partial && covered != dim))
+    bad("rope table covers " + std::to_string(covered) + " dims, the layer rotates " +
+        (partial ? "at most " : "") + std::to_string(dim));
 }
 
 int64_t add_gqa(PyDecoder& d, Array an, Array fn, float eps, int rope, py::object q, py::object k, py::object v,
@@ -74,7 +77,7 @@ int64_t add_gqa(PyDecoder& d, Array an, Array fn, float eps, int rope, py::objec
                 Array kc, Array vc) {
   const int64_t H = d.hidden();
   if (hq <= 0 || hkv <= 0 || hq % hkv || hd <= 0) bad("GQA heads must satisfy hq % hkv == 0, head_dim > 0");
-  check_rope(d, rope, hd);
+  check_rope(d, rope, hd, true);
   Layer L;
   L.attn_norm = d.take<float>(an, "input_layernorm", {H});
   L.ffn_norm = d.take<float>(fn, "post_attention_layernorm", {H});
@@ -83,7 +86,10 @@ int64_t add_gqa(PyDecoder& d, Array an, Array fn, float eps, int rope, py::objec
   g.q = lin(d, q, "q_proj", hq * hd, H), g.k = lin(d, k, "k_proj", hkv * hd, H), g.v = lin(d, v, "v_proj", hkv * hd, H);
   g.o = lin(d, o, "o_proj", H, hq * hd);
   if (!g.q || !g.k || !g.v || !g.o) bad("GQA needs q_proj, k_proj, v_proj and o_proj");
-  g.q_norm = d.vec(qn, "q_norm", hd), g.k_norm = d.vec(kn, "k_norm", hd);
+  // Qwen3 normalizes q/k per head ([hd]); MiniMax-M2 over all heads of a token ([hq * hd], [hkv * hd]).
+  const bool whole = !qn.is_none() && hq > 1 && qn.cast<Array>().size() == hq * hd;
+  g.q_norm = d.vec(qn, "q_norm", whole ? hq * hd : hd), g.k_norm = d.vec(kn, "k_norm", whole ? hkv * hd : hd);
+  g.qk_norm_whole = whole;
   g.hq = hq, g.hkv = hkv, g.d = hd, g.scale = scale, g.eps = eps;
   g.kc = d.take<float>(kc, "K cache", {d.num_slots(), hkv, hd}, true);
   g.vc = d.take<float>(vc, "V cache", {d.num_slots(), hkv, hd}, true);

@@ -1,8 +1,10 @@
 // Attention of the fused decode step (decoder.h) for one new token per request, over the paged
 // KV cache, as ktrans/operators/attention_gqa.py and attention_mla.py compute it (their
 // forward_native is the oracle):
-//   GQA: q/k/v projections (one fan-out), Qwen3's per-head q/k RMSNorm, rotary, K/V written to
-//        the token's slot, then per (request, query head): scores over the request's keys
+//   GQA: q/k/v projections (one fan-out), q/k RMSNorm (per head: Qwen3; over all heads of the
+//        token: MiniMax-M2), rotary (of the first dims its table covers: all of a head, or
+//        GLM-4.5's / MiniMax-M2's partial rotary), K/V written to the token's slot, then per
+//        (request, query head): scores over the request's keys
 //        0..pos, softmax, weighted sum of V (query head h reads KV head h / (Hq / Hkv)).
 //   MLA: q (or q_a -> norm -> q_b) and kv_a; latent normalised, rope key rotated, both cached;
 //        absorbed attention per (request, head): q_lat = W_UK[h]ᵀ q_nope, score_l =
@@ -81,10 +83,15 @@ void CpuDecoder::attention_gqa(const Layer& L, const float* x, float* out, const
   for (int64_t b = 0; b < B_; ++b) {
     float* qb = q + b * nq;
     float* kb = k + b * nkv;
-    if (g.q_norm)
-      for (int64_t hd = 0; hd < g.hq; ++hd) rms(qb + hd * d, g.q_norm, qb + hd * d, d, g.eps);
-    if (g.k_norm)
-      for (int64_t hd = 0; hd < g.hkv; ++hd) rms(kb + hd * d, g.k_norm, kb + hd * d, d, g.eps);
+    if (g.q_norm && g.qk_norm_whole) {  // MiniMax-M2: one norm over every head of the token
+      rms(qb, g.q_norm, qb, nq, g.eps);
+      if (g.k_norm) rms(kb, g.k_norm, kb, nkv, g.eps);
+    } else {
+      if (g.q_norm)
+        for (int64_t hd = 0; hd < g.hq; ++hd) rms(qb + hd * d, g.q_norm, qb + hd * d, d, g.eps);
+      if (g.k_norm)
+        for (int64_t hd = 0; hd < g.hkv; ++hd) rms(kb + hd * d, g.k_norm, kb + hd * d, d, g.eps);
+    }
     rope(t, qb, g.hq, d, a.pos[b]);
     rope(t, kb, g.hkv, d, a.pos[b]);
     const int64_t s = slot(a, b, a.pos[b]);

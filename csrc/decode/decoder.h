@@ -36,8 +36,9 @@ struct RopeTable {
 
 struct GqaAttn {
   std::shared_ptr<QLinear> q, k, v, o;
-  const float* q_norm = nullptr;  // [d] Qwen3 per-head RMSNorm, or null
-  const float* k_norm = nullptr;
+  const float* q_norm = nullptr;  // [d] Qwen3 per-head RMSNorm, [hq * d] MiniMax-M2's over all heads, or null
+  const float* k_norm = nullptr;  // [d] or [hkv * d]
+  bool qk_norm_whole = false;     // the norms span all heads of a token (MiniMax-M2)
   int64_t hq = 0, hkv = 0, d = 0;
   float scale = 1.f, eps = 1e-6f;
   float* kc = nullptr;  // [slots, hkv, d]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from ktrans.cli import model_args
 from ktrans.engine.request import SamplingParams
+from ktrans.engine.thinking import think_opener
 from ktrans.errors import KtransError, UsageError
 from ktrans.fit import counts as expert_counts
 
@@ -63,7 +64,7 @@ def chat_prompt(tokenizer, messages: list[dict], force_think: bool = False) -> t
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         text += "<|im_start|>assistant\n"
     if force_think and not text.rstrip().endswith("<think>"):
-        text += "<think>\n"
+        text += think_opener(tokenizer)             # "<think>\n", or as the template opens it (GLM-4.5)
     return text, text.rstrip().endswith("<think>")
 
 

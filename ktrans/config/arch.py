@@ -22,7 +22,10 @@ class ArchSpec:
     # How the router picks experts and weighs them (moe_block.route):
     #   softmax_topk  softmax over all experts, then top-k (renormalised per config / arch)
     #   topk_softmax  top-k of the raw logits (router bias included), softmax over those k (gpt-oss)
-    #   deepseek_v3 / deepseek_v2  their own group-limited schemes
+    #   deepseek_v3  sigmoid scores + e_score_correction_bias, group-limited top-k (DeepSeek-V3, GLM-4.5)
+    #   deepseek_v2  softmax, greedy or group-limited greedy
+    #   sigmoid_topk  sigmoid scores + e_score_correction_bias for the choice, top-k, weights from
+    #                 the unbiased scores renormalised (MiniMax-M2)
     routing: str = "softmax_topk"
     # The experts' MLP gating: silu (silu(g) * u) or swiglu_oai (gpt-oss's clamped SwiGLU with
     # config.swiglu_alpha / swiglu_limit, and expert biases).
@@ -43,6 +46,8 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("qwen2", "qwen2", "Qwen2ForCausalLM", "qwen2", False, False),
         ArchSpec("llama", "llama", "LlamaForCausalLM", "llama", False, False),
         ArchSpec("gpt_oss", "gpt_oss", "GptOssForCausalLM", "gpt-oss", True, False, "topk_softmax", "swiglu_oai", True),
+        ArchSpec("glm4_moe", "glm4_moe", "Glm4MoeForCausalLM", "glm4moe", True, False, "deepseek_v3"),
+        ArchSpec("minimax_m2", "minimax_m2", "MiniMaxM2ForCausalLM", "minimax-m2", True, False, "sigmoid_topk"),
     ]
 }
 

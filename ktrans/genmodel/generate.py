@@ -58,13 +58,15 @@ def _make_parents(parent: Path) -> list[Path]:
 def _write_config(tmp: Path, cfg: dict, tok, quant_name: str) -> dict:
     if cfg.get("vocab_size") is None:
         cfg["vocab_size"] = len(tok.tokens)
+    stop = tok.stop_ids()
+    eos = stop if len(stop) > 1 else tok.eos_id       # GLM: [<|endoftext|>, <|user|>, <|observation|>]
     cfg["bos_token_id"] = tok.bos_id
-    cfg["eos_token_id"] = tok.eos_id
+    cfg["eos_token_id"] = eos
     if tok.pad_id is not None:
         cfg["pad_token_id"] = tok.pad_id
     cfg["dtype"] = _CONFIG_DTYPE.get(quant_name, "float32")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "do_sample": False}
+    gen = {"bos_token_id": tok.bos_id, "eos_token_id": eos, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return cfg
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ktrans.config.arch import arch_from_config
 from ktrans.genmodel.presets import QUANT_CHOICES  # noqa: F401  (re-exported for writers' callers)
 from ktrans.weights import names, quant
 
@@ -69,7 +70,9 @@ def tensor_qtype(name: str, shape: tuple[int, ...], quant_name: str, config) -> 
         return quant_name
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if quant_name == "q4_k_m":
-        t = _q4_k_m(name, config.num_hidden_layers, names.num_experts(config), tied)
+        # NOTE: llama.cpp counts the layers of the file, MTP blocks included (n_layer_all).
+        n_layer = names.block_count(config, arch_from_config(config).gguf_arch)
+        t = _q4_k_m(name, n_layer, names.num_experts(config), tied)
     elif quant_name == "mxfp4":
         t = "mxfp4" if _EXPERTS.match(name) else "q8_0"
     else:
@@ -103,7 +106,7 @@ def _rope_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, rope_dim: int | None) -
 def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
     vtype = {"u32": w.add_uint32, "f32": w.add_float32, "bool": w.add_bool}
     for mk in names.metadata_table(arch):
-        v = getattr(config, mk.attr, None)
+        v = names.metadata_value(config, arch, mk)
         if v is not None:
             vtype[mk.vtype](f"{arch}.{mk.key}", float(v) if mk.vtype == "f32" else v)
     if arch == "deepseek2":
@@ -118,8 +121,9 @@ def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
                                                        else gguf.ExpertGatingFuncType.SOFTMAX))
         _rope_meta(w, arch, cfg, None)      # rope.dimension_count is in the table (qk_rope_head_dim)
     else:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        _rope_meta(w, arch, cfg, head_dim)
+        if arch in ("glm4moe", "minimax-m2"):
+            w.add_uint32(f"{arch}.expert_gating_func", int(gguf.ExpertGatingFuncType.SIGMOID))
+        _rope_meta(w, arch, cfg, names.rotary_dim(config))
 
 
 def _tokenizer_meta(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
@@ -137,6 +141,10 @@ def _tokenizer_meta(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     if tok.bos_id is not None:
         w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
+    if tok.eot_id is not None:
+        w.add_eot_token_id(tok.eot_id)
+    if tok.eom_id is not None:
+        w.add_eom_token_id(tok.eom_id)
     if tok.pad_id is not None:
         w.add_pad_token_id(tok.pad_id)
     if tok.unk_id is not None:

@@ -72,8 +72,10 @@ def build_plan(config, gguf_arch: str, quant_name: str, shapes: dict[str, tuple[
     """Units in file order for a model with this config; `shapes` = HF name -> shape."""
     L = config.num_hidden_layers
     units = []
-    for hf, gnames, transform in names.expand(config, gguf_arch):
-        shape = shapes[hf]
+    # NOTE: MTP blocks too (GLM-4.5), as llama.cpp's converter writes them; transformers' model has
+    # no such layers, so their shapes come from names.mtp_shape.
+    for hf, gnames, transform in names.expand(config, gguf_arch, mtp=True):
+        shape = shapes[hf] if hf in shapes else names.mtp_shape(config, hf, shapes)
         if transform == "gate_up":                      # [E, 2I, H] -> gate and up [E, I, H]
             e, two_i, h = shape
             for half, gname in zip(("gate", "up"), gnames):

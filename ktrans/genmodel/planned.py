@@ -37,6 +37,9 @@ class PlannedSource(WeightSource):
         self.path = label or f"planned {spec.name} {quant} weights"
         units = build_plan(config, spec.gguf_arch, quant, self.expected_shapes())
         stored = {g: (shape, qtype) for u in units for g, shape, qtype in u.gguf}   # GGUF name -> (shape, type)
+        # NOTE: the file also holds blocks ktrans does not load (GLM-4.5's MTP layer): counted in
+        # total_bytes, not among the tensors.
+        self._file_bytes = sum(nbytes(q, shape) for shape, q in stored.values())
         self._infos = {hf: self._info(hf, [stored[g] for g in gnames])
                        for hf, gnames, _ in names.expand(config, spec.gguf_arch)}
 
@@ -81,7 +84,7 @@ class PlannedSource(WeightSource):
 
     def total_bytes(self) -> int:
         """Bytes of tensor data the GGUF would hold."""
-        return sum(i.nbytes for i in self._infos.values())
+        return self._file_bytes
 
     def _no_data(self, what: str) -> KtransError:
         return KtransError(f"{self.path}: planning only: no weights ({what} was planned from the config, "

@@ -102,6 +102,30 @@ _GPT_OSS = {
     "tie_word_embeddings": False,
 }
 
+# GLM-4.5 (355B-A32B); GLM-4.5-Air (106B-A12B) differs in widths, depth, experts, routing scale and
+# has no q/k norms. Both ship one multi-token-prediction layer (num_nextn_predict_layers), which
+# gen-model writes as llama.cpp's converter does (ktrans does not run it).
+_GLM4_MOE = {
+    "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 92,
+    "first_k_dense_replace": 3, "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
+    "n_routed_experts": 160, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "use_qk_norm": True, "attention_bias": True,
+    "partial_rotary_factor": 0.5, "rope_theta": 1000000, "rope_scaling": None, "max_position_embeddings": 131072,
+    "vocab_size": 151552, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+    "attention_dropout": 0.0, "num_nextn_predict_layers": 1,
+}
+
+# MiniMax-M2 (230B-A10B): every layer MoE (256 experts, 8 chosen by sigmoid scores with a
+# routing bias), q/k norms over all heads, rotary on the first 64 of each head's 128 dims
+# (rotary_dim, as its config.json spells it). Its multi-token-prediction modules are not in the
+# released weights.
+_MINIMAX_M2 = {
+    "hidden_size": 3072, "intermediate_size": 1536, "num_hidden_layers": 62, "num_attention_heads": 48,
+    "num_key_value_heads": 8, "head_dim": 128, "rotary_dim": 64, "num_local_experts": 256, "num_experts_per_tok": 8,
+    "vocab_size": 200064, "max_position_embeddings": 196608, "rope_theta": 5000000, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0,
+}
+
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
 PRESETS: dict[str, dict[str, dict]] = {
     "deepseek_v3": {
@@ -204,6 +228,31 @@ PRESETS: dict[str, dict[str, dict]] = {
                       rope_scaling=dict(_YARN_OSS, factor=4.0, original_max_position_embeddings=2048)),
         "gpt-oss-20b": dict(_GPT_OSS, num_hidden_layers=24, num_local_experts=32),
         "gpt-oss-120b": _GPT_OSS,
+    },
+    # NOTE: tiny routes over 2 of 4 expert groups (the real models have one group) so the group
+    # limit is exercised; head_dim 64 with half of it rotated.
+    "glm4_moe": {
+        "tiny": dict(_GLM4_MOE, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                     num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=64, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                     vocab_size=None, max_position_embeddings=1024),
+        "small": dict(_GLM4_MOE, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                      num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=64, n_routed_experts=32, num_experts_per_tok=4, vocab_size=None,
+                      max_position_embeddings=8192),
+        "glm-4.5-air": dict(_GLM4_MOE, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+                            num_hidden_layers=46, first_k_dense_replace=1, n_routed_experts=128,
+                            routed_scaling_factor=1.0, use_qk_norm=False),
+        "glm-4.5": _GLM4_MOE,
+    },
+    "minimax_m2": {
+        "tiny": dict(_MINIMAX_M2, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, rotary_dim=32, num_local_experts=8, num_experts_per_tok=2,
+                     vocab_size=None, max_position_embeddings=1024),
+        "small": dict(_MINIMAX_M2, hidden_size=1024, intermediate_size=512, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, head_dim=64, rotary_dim=32, num_local_experts=32, num_experts_per_tok=4,
+                      vocab_size=None, max_position_embeddings=8192),
+        "minimax-m2": _MINIMAX_M2,
     },
 }
 

@@ -20,9 +20,11 @@ DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 def checkpoint_name(hf_name: str, model_type: str) -> str:
     """The on-disk checkpoint key of a transformers-5 parameter name (what real checkpoints use;
-    transformers renames it back on load). Mixtral keeps its original `block_sparse_moe` naming."""
-    if model_type == "mixtral":
+    transformers renames it back on load). Mixtral and MiniMax-M2 keep their original
+    `block_sparse_moe` naming (MiniMax-M2's routing bias sits on the block)."""
+    if model_type in ("mixtral", "minimax_m2"):
         hf_name = hf_name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        hf_name = hf_name.replace(".mlp.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias")
         m = re.match(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$", hf_name)
         if m:
             w = {"gate": "w1", "down": "w2", "up": "w3"}[m.group(3)]

@@ -1,8 +1,9 @@
-"""`gqa_attention`: grouped-query attention (Qwen2/Qwen2-MoE/Qwen3-MoE/Mixtral/gpt-oss) over the
-paged KV cache.
+"""`gqa_attention`: grouped-query attention (Qwen2/Qwen2-MoE/Qwen3-MoE/Mixtral/gpt-oss/GLM-4.5/
+MiniMax-M2) over the paged KV cache.
 
-Per step: project the packed tokens, apply Qwen3's per-head q/k RMSNorm where the config has
-it, rotate with the model's own rotary tables, write K/V of the new tokens into their slots,
+Per step: project the packed tokens, apply the q/k RMSNorm where the model has one (per head:
+Qwen3, GLM-4.5; over all heads of a token: MiniMax-M2), rotate with the model's own rotary tables
+(all of each head, or its first part: partial rotary), write K/V of the new tokens into their slots,
 then let each request attend causally to its own cached + new tokens. `forward` batches all
 single-token (decode) requests into one padded gather (or the paged Triton kernel on CUDA) and
 runs multi-token chunks through torch's fused SDPA; `forward_native` (the oracle) walks the
@@ -45,6 +46,8 @@ class GQAAttention(ProjectionOwner, Operator):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = getattr(orig_module, "scaling", self.head_dim ** -0.5)
         self.qk_norm = hasattr(orig_module, "q_norm")                 # Qwen3: RMSNorm per head on q and k
+        # MiniMax-M2 normalizes q (and k) over all heads of a token: weights [Hq * d] / [Hkv * d].
+        self.qk_norm_whole = self.qk_norm and orig_module.q_norm.weight.shape[0] != self.head_dim
         self.eps = config.rms_norm_eps
         self.style = rope_style(config)
         self.has_qkv_bias = orig_module.q_proj.bias is not None        # Qwen2: biased q/k/v
@@ -73,7 +76,8 @@ class GQAAttention(ProjectionOwner, Operator):
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {"sinks": (self.num_heads,)} if self.has_sinks else {}
         if self.qk_norm:
-            shapes.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
+            hq, hkv = (self.num_heads, self.num_kv_heads) if self.qk_norm_whole else (1, 1)
+            shapes.update({"q_norm.weight": (hq * self.head_dim,), "k_norm.weight": (hkv * self.head_dim,)})
         return shapes
 
     def load_weights(self, weights) -> None:
@@ -122,8 +126,13 @@ class GQAAttention(ProjectionOwner, Operator):
         v = self._proj(x, "v_proj", self.num_kv_heads, native)
         if self.qk_norm:
             norm = rms_norm if native else self._rms
-            q = norm(q, self._p("q_norm.weight"), self.eps)
-            k = norm(k, self._p("k_norm.weight"), self.eps)
+            t = x.shape[0]
+            if self.qk_norm_whole:                 # over [T, heads * d], then back to heads
+                q = norm(q.reshape(t, -1), self._p("q_norm.weight"), self.eps).view(t, self.num_heads, -1)
+                k = norm(k.reshape(t, -1), self._p("k_norm.weight"), self.eps).view(t, self.num_kv_heads, -1)
+            else:
+                q = norm(q, self._p("q_norm.weight"), self.eps)
+                k = norm(k, self._p("k_norm.weight"), self.eps)
         rope = apply_rope if native else self._rope
         q, k = rope(q, emb, self.style), rope(k, emb, self.style)
         ctx.kv.write(self.layer_idx, ctx.slot_mapping, k, v)

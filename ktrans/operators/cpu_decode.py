@@ -198,9 +198,11 @@ def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool) -> None:
     router = _C.Linear(pool, "f32", e, h, gate_w.view(np.uint8).reshape(-1))
     keep.append(gate_w)
     kind, n_group, topk_group, norm, limited, scale = 0, 1, 1, False, False, 1.0
-    if mlp.model_type == "deepseek_v3":
+    if mlp.routing == "deepseek_v3":
         kind, n_group, topk_group, norm, scale = 2, c.n_group, c.topk_group, bool(c.norm_topk_prob), c.routed_scaling_factor
-    elif mlp.model_type == "deepseek_v2":
+    elif mlp.routing == "sigmoid_topk":     # MiniMax-M2: DeepSeek-V3's scheme with one group, renormalised
+        kind, norm = 2, True
+    elif mlp.routing == "deepseek_v2":
         _need(c.topk_method in ("greedy", "group_limited_greedy"), f"topk_method {c.topk_method}")
         kind, scale, limited = 1, c.routed_scaling_factor, c.topk_method == "group_limited_greedy"
         n_group, topk_group = (c.n_group, c.topk_group) if limited else (1, 1)

@@ -2,15 +2,17 @@
 experts on whatever the rules put at `<key>.experts`, shared experts overlapped with them.
 
 Routing follows each architecture exactly as transformers computes it:
-- DeepSeek-V3: sigmoid scores + e_score_correction_bias for the choice only, group-limited top-k
-  (groups ranked by the sum of their two best biased scores), weights from the unbiased scores,
-  normalised when norm_topk_prob, × routed_scaling_factor;
+- DeepSeek-V3 and GLM-4.5: sigmoid scores + e_score_correction_bias for the choice only,
+  group-limited top-k (groups ranked by the sum of their two best biased scores), weights from the
+  unbiased scores, normalised when norm_topk_prob, × routed_scaling_factor;
 - DeepSeek-V2: softmax, greedy or group-limited greedy (groups ranked by their best score),
   × routed_scaling_factor;
 - Qwen2-MoE / Qwen3-MoE: softmax top-k, renormalised when norm_topk_prob; Qwen2-MoE adds a
   shared expert scaled by sigmoid(shared_expert_gate(x));
 - Mixtral: softmax top-k, always renormalised;
-- gpt-oss: biased router logits, top-k of the logits, softmax over those k.
+- gpt-oss: biased router logits, top-k of the logits, softmax over those k;
+- MiniMax-M2: sigmoid scores + e_score_correction_bias (the block's own, not the router's) for the
+  choice only, plain top-k, weights from the unbiased scores, always renormalised.
 Which one is the arch entry's `routing` (ktrans/config/arch.py). The router runs in f32 (its
 logits decide discrete choices; bf16 would flip near-ties). The router is the HF block's `gate`
 (`router` in gpt-oss, whose decoder layer also expects (hidden, router scores) back).
@@ -33,7 +35,10 @@ from ktrans.operators.base import Operator
 from ktrans.operators.linear import load_param
 from ktrans.operators.registry import register_operator
 
-_ROUTED_TYPES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss")
+_ROUTED_TYPES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe",
+                 "minimax_m2")
+# Routings that choose with sigmoid scores + a correction bias (loaded beside the router).
+_SCORE_BIASED = ("deepseek_v3", "sigmoid_topk")
 
 
 def _group_mask(choice: torch.Tensor, group_scores: torch.Tensor, topk_group: int) -> torch.Tensor:
@@ -74,6 +79,13 @@ def route_softmax_topk(logits, *, top_k, norm):
     if norm:
         w = w / w.sum(-1, keepdim=True)
     return w, idx
+
+
+def route_sigmoid_topk(logits, bias, *, top_k):
+    scores = logits.sigmoid()                                                            # [T, E]
+    idx = torch.topk(scores + bias, k=top_k, dim=-1, sorted=False)[1]                    # [T, k]
+    w = scores.gather(1, idx)
+    return w / w.sum(-1, keepdim=True), idx
 
 
 def route_topk_softmax(logits, *, top_k):
@@ -122,13 +134,17 @@ class MoEBlock(Operator):
         self.router_name, router = router_of(orig_module)
         self.num_experts = router.weight.shape[0]
         self.has_router_bias = getattr(router, "bias", None) is not None
+        # The correction bias lives on the router (DeepSeek-V3, GLM-4.5) or on the block (MiniMax-M2).
+        on_block = isinstance(getattr(orig_module, "e_score_correction_bias", None), torch.Tensor)
+        self.score_bias_name = f"{key}.e_score_correction_bias" if on_block else \
+            f"{key}.{self.router_name}.e_score_correction_bias"
 
     def load_weights(self, weights) -> None:
         e, h, r = self.num_experts, self.config.hidden_size, f"{self.key}.{self.router_name}"
         self.gate_weight = load_param(weights, f"{r}.weight", torch.float32, self.device, (e, h))  # [E, H]
-        self.gate_bias = None          # DeepSeek-V3's correction bias: for the choice only
-        if self.model_type == "deepseek_v3":
-            self.gate_bias = load_param(weights, f"{r}.e_score_correction_bias", torch.float32, self.device, (e,))
+        self.gate_bias = None          # DeepSeek-V3's (GLM-4.5's, MiniMax-M2's) correction bias: for the choice only
+        if self.routing in _SCORE_BIASED:
+            self.gate_bias = load_param(weights, self.score_bias_name, torch.float32, self.device, (e,))
         self.router_bias = None        # gpt-oss: added to the logits
         if self.has_router_bias:
             self.router_bias = load_param(weights, f"{r}.bias", torch.float32, self.device, (e,))
@@ -139,7 +155,8 @@ class MoEBlock(Operator):
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
         router = router_of(orig_module)[1]
         e, h = router.weight.shape
-        extra = e if config.model_type == "deepseek_v3" or getattr(router, "bias", None) is not None else 0
+        biased = arch_from_config(config).routing in _SCORE_BIASED or getattr(router, "bias", None) is not None
+        extra = e if biased else 0
         return {str(torch.device(device)): 4 * (e * h + extra)}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +165,12 @@ class MoEBlock(Operator):
         logits = F.linear(x.to(self.device, torch.float32), self.gate_weight, self.router_bias)  # [T, E]
         if self.routing == "topk_softmax":
             return route_topk_softmax(logits, top_k=self.top_k)
-        if self.model_type == "deepseek_v3":
+        if self.routing == "sigmoid_topk":
+            return route_sigmoid_topk(logits, self.gate_bias, top_k=self.top_k)
+        if self.routing == "deepseek_v3":
             return route_deepseek_v3(logits, self.gate_bias, top_k=self.top_k, n_group=c.n_group,
                                      topk_group=c.topk_group, norm=c.norm_topk_prob, scale=c.routed_scaling_factor)
-        if self.model_type == "deepseek_v2":
+        if self.routing == "deepseek_v2":
             return route_deepseek_v2(logits, top_k=self.top_k, method=c.topk_method, n_group=c.n_group,
                                      topk_group=c.topk_group, scale=c.routed_scaling_factor)
         norm = True if self.model_type == "mixtral" else bool(c.norm_topk_prob)

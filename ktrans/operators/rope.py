@@ -56,8 +56,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, emb, style: str) -> torch.Tensor:
-    """Rotate x [T, heads, d] by the per-token tables from rotary_embeddings()."""
+def _table_dims(emb) -> int:
+    """Dims of a head that the tables from rotary_embeddings() rotate."""
+    return emb[0].shape[-1] if isinstance(emb, tuple) else 2 * emb.shape[-1]
+
+
+def partial(fn):
+    """`fn` (an apply_rope) applied to the first dims its tables cover; the rest passed through."""
+    def apply(x: torch.Tensor, emb, style: str) -> torch.Tensor:
+        rd = _table_dims(emb)
+        if rd == x.shape[-1]:
+            return fn(x, emb, style)
+        return torch.cat([fn(x[..., :rd], emb, style), x[..., rd:]], dim=-1)
+    return apply
+
+
+def _apply_full(x: torch.Tensor, emb, style: str) -> torch.Tensor:
     if style == COMPLEX:
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))     # [T, heads, d/2]
         return torch.view_as_real(xc * emb[:, None, :]).flatten(-2).type_as(x)
@@ -69,6 +83,10 @@ def apply_rope(x: torch.Tensor, emb, style: str) -> torch.Tensor:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     return x * cos + _rotate_half(x) * sin
+
+
+# Rotate x [T, heads, d] by the per-token tables from rotary_embeddings() (partial rotary included).
+apply_rope = partial(_apply_full)
 
 
 def rope_for(device, style: str = HALF):
@@ -83,7 +101,7 @@ def rope_for(device, style: str = HALF):
         if triton_available():
             from ktrans.kernels.rope import apply_rope as fused
 
-            return fused
+            return partial(fused)
     return apply_rope
 
 

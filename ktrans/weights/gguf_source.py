@@ -78,13 +78,18 @@ class GGUFSource(WeightSource):
         """The GGUF must describe the same model as config.json (layers, widths, experts)."""
         for mk in names.metadata_table(self.arch):
             key = f"{self.arch}.{mk.key}"
-            stored, want = self.reader.get(key), getattr(cfg, mk.attr, None)
+            stored, want = self.reader.get(key), names.metadata_value(cfg, self.arch, mk)
             if stored is None or want is None or isinstance(want, (list, dict)):
                 continue
             same = math.isclose(float(stored), float(want), rel_tol=1e-5) if mk.vtype == "f32" else stored == want
+            what = f"{mk.attr} = {want}"
+            if mk.key == "block_count":           # with or without the MTP blocks (a converter may drop them)
+                same = stored in (want, cfg.num_hidden_layers)
+                extra = want - cfg.num_hidden_layers
+                what = f"num_hidden_layers = {cfg.num_hidden_layers}" + (f" (+ {extra} MTP)" if extra else "")
             if not same:
                 raise KtransError(f"{self.file}: GGUF metadata '{key}' = {stored}, but {self.hf_dir}/config.json "
-                                  f"has {mk.attr} = {want}; the GGUF and --model_path are different models")
+                                  f"has {what}; the GGUF and --model_path are different models")
 
     # ---- name resolution ----
 

@@ -30,7 +30,15 @@ the reshuffle itself):
   transpose     gpt-oss: HF `experts.down_proj` [E, I, H] <-> `ffn_down_exps` [E, H, I]
 
 Entries may carry a `needs` condition on the config (see `_NEEDS`); `layers` says which
-layers hold the tensor: "all", "dense" (plain MLP) or "moe" (router + experts).
+layers hold the tensor: "all", "dense" (plain MLP), "moe" (router + experts) or "nextn" (only the
+multi-token-prediction blocks below).
+
+Multi-token prediction (GLM-4.5's `num_nextn_predict_layers`): llama.cpp's converter appends the
+MTP block(s) after the main layers, as blk.L .. blk.L+n-1 with `block_count` = L + n (a whole MoE
+decoder layer each, plus the `nextn.*` tensors of MTP_TENSORS; the optional nextn.embed_tokens and
+nextn.shared_head_head are not written, llama.cpp then uses token_embd / output). ktrans does not
+run them: `expand` lists them only when asked (gen-model writes them, so its files are laid out as
+converted ones), and the loaders never ask for a tensor of those layers.
 """
 
 from __future__ import annotations
@@ -47,11 +55,14 @@ class TensorMap:
     hf: str                    # HF name; "{i}" = layer index
     gguf: tuple[str, ...]      # llama.cpp tensor name(s); "{i}" = layer index
     transform: str = "copy"    # see module docstring
-    layers: str = "global"     # "global" (no layer), "all", "dense", "moe"
+    layers: str = "global"     # "global" (no layer), "all", "dense", "moe", "nextn"
     needs: str | None = None   # a key of _NEEDS, or None
 
 
-def _attn_gqa(qk_norm: bool = False, bias: bool = False, rope_perm: bool = False) -> list[TensorMap]:
+def _attn_gqa(qk_norm: bool | str = False, bias: bool | str = False, rope_perm: bool = False) -> list[TensorMap]:
+    """q/k/v/o projections; q/k/v biases and q/k norms (per head, or over all heads: MiniMax-M2)
+    when `bias` / `qk_norm` is True, or when the config meets the _NEEDS condition they name
+    (GLM-4.5 has both as config options)."""
     q_t, k_t = ("rope_q", "rope_k") if rope_perm else ("copy", "copy")
     out = [
         TensorMap("model.layers.{i}.self_attn.q_proj.weight", ("blk.{i}.attn_q.weight",), q_t, "all"),
@@ -61,10 +72,10 @@ def _attn_gqa(qk_norm: bool = False, bias: bool = False, rope_perm: bool = False
     ]
     if bias:
         out += [TensorMap(f"model.layers.{{i}}.self_attn.{p}_proj.bias", (f"blk.{{i}}.attn_{p}.bias",),
-                          "copy", "all") for p in "qkv"]
+                          "copy", "all", bias if isinstance(bias, str) else None) for p in "qkv"]
     if qk_norm:
         out += [TensorMap(f"model.layers.{{i}}.self_attn.{p}_norm.weight", (f"blk.{{i}}.attn_{p}_norm.weight",),
-                          "copy", "all") for p in "qk"]
+                          "copy", "all", qk_norm if isinstance(qk_norm, str) else None) for p in "qk"]
     return out
 
 
@@ -122,6 +133,37 @@ _GPT_OSS = [
     TensorMap("model.layers.{i}.mlp.experts.down_proj_bias", ("blk.{i}.ffn_down_exps.bias",), "copy", "moe"),
 ]
 
+# GLM-4.5: biased q/k/v (attention_bias), optional per-head q/k norms (use_qk_norm), the post-attention
+# norm under llama.cpp's attn_post_norm name, first_k_dense_replace dense layers, then sigmoid-routed
+# experts with DeepSeek-V3's correction bias and shared experts.
+_GLM4_MOE = [
+    TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
+    TensorMap("model.norm.weight", ("output_norm.weight",)),
+    TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
+    TensorMap("model.layers.{i}.input_layernorm.weight", ("blk.{i}.attn_norm.weight",), "copy", "all"),
+    TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("blk.{i}.post_attention_norm.weight",), "copy",
+              "all"),
+] + _attn_gqa(qk_norm="qk_norm", bias="attention_bias") + _dense_mlp() + _EXPERTS + [
+    TensorMap("model.layers.{i}.mlp.gate.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe"),
+] + _dense_mlp("mlp.shared_experts", "_shexp", "moe")
+
+# MiniMax-M2: q/k norms over all heads of a token (attn_q_norm [Hq*d], attn_k_norm [Hkv*d]), every
+# layer MoE, the routing bias on the MoE block itself (llama.cpp's exp_probs_b).
+_MINIMAX_M2 = _COMMON + _attn_gqa(qk_norm=True) + _EXPERTS + [
+    TensorMap("model.layers.{i}.mlp.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe"),
+]
+
+# The nextn-only tensors of an MTP block (see the module docstring); HF name -> llama.cpp name.
+MTP_TENSORS: dict[str, list[TensorMap]] = {
+    "glm4moe": [
+        TensorMap("model.layers.{i}.eh_proj.weight", ("blk.{i}.nextn.eh_proj.weight",), "copy", "nextn"),
+        TensorMap("model.layers.{i}.enorm.weight", ("blk.{i}.nextn.enorm.weight",), "copy", "nextn"),
+        TensorMap("model.layers.{i}.hnorm.weight", ("blk.{i}.nextn.hnorm.weight",), "copy", "nextn"),
+        TensorMap("model.layers.{i}.shared_head.norm.weight", ("blk.{i}.nextn.shared_head_norm.weight",), "copy",
+                  "nextn"),
+    ],
+}
+
 TENSORS: dict[str, list[TensorMap]] = {
     "deepseek2": _COMMON + _MLA + _dense_mlp() + _EXPERTS + _dense_mlp("mlp.shared_experts", "_shexp", "moe") + [
         TensorMap("model.layers.{i}.mlp.gate.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe",
@@ -137,6 +179,8 @@ TENSORS: dict[str, list[TensorMap]] = {
     "qwen2": _COMMON + _attn_gqa(bias=True) + _dense_mlp(),
     "qwen3": _COMMON + _attn_gqa(qk_norm=True) + _dense_mlp(),
     "gpt-oss": _GPT_OSS,
+    "glm4moe": _GLM4_MOE,
+    "minimax-m2": _MINIMAX_M2,
 }
 
 # Conditions an entry may require of the transformers config.
@@ -145,6 +189,8 @@ _NEEDS = {
     "no_q_lora": lambda c: getattr(c, "q_lora_rank", None) is None,
     "score_bias": lambda c: c.model_type == "deepseek_v3",
     "untied": lambda c: not getattr(c, "tie_word_embeddings", False),
+    "qk_norm": lambda c: bool(getattr(c, "use_qk_norm", False)),
+    "attention_bias": lambda c: bool(getattr(c, "attention_bias", False)),
 }
 
 
@@ -199,18 +245,51 @@ def tensor_table(gguf_arch: str) -> list[TensorMap]:
                           f"expected one of: {', '.join(TENSORS)}") from None
 
 
-def expand(config, gguf_arch: str) -> list[tuple[str, tuple[str, ...], str]]:
+def num_mtp_layers(config, gguf_arch: str) -> int:
+    """Multi-token-prediction blocks a GGUF of this arch holds after the main layers (0 for archs
+    whose converter drops them)."""
+    if gguf_arch not in MTP_TENSORS:
+        return 0
+    return int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+
+
+def block_count(config, gguf_arch: str) -> int:
+    """llama.cpp's `{arch}.block_count`: the main layers plus the MTP blocks."""
+    return config.num_hidden_layers + num_mtp_layers(config, gguf_arch)
+
+
+def expand(config, gguf_arch: str, mtp: bool = False) -> list[tuple[str, tuple[str, ...], str]]:
     """Every (hf_name, gguf_names, transform) of a model with this config, layer by layer in file
-    order: globals first (embedding, norm, head), then blk.0, blk.1, ..."""
+    order: globals first (embedding, norm, head), then blk.0, blk.1, ...; with `mtp`, the MTP
+    blocks after them (module docstring)."""
     table = tensor_table(gguf_arch)
     ok = [m for m in table if m.needs is None or _NEEDS[m.needs](config)]
     out = [(m.hf, m.gguf, m.transform) for m in ok if m.layers == "global"]
-    for i in range(config.num_hidden_layers):
+    L = config.num_hidden_layers
+    extra = MTP_TENSORS.get(gguf_arch, []) if mtp else []
+    for i in range(L + (num_mtp_layers(config, gguf_arch) if mtp else 0)):
         kind = layer_kind(config, i)
-        for m in ok:
-            if m.layers == "all" or m.layers == kind:
+        for m in ok + (extra if i >= L else []):
+            if m.layers == "all" or m.layers == kind or m.layers == "nextn":
                 out.append((m.hf.format(i=i), tuple(g.format(i=i) for g in m.gguf), m.transform))
     return out
+
+
+def mtp_shape(config, hf: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """HF shape of a tensor of an MTP block (`expand(..., mtp=True)` beyond the main layers), which
+    transformers' model does not build: the nextn projections, else the last layer's twin (an MoE
+    layer, as every MTP block is)."""
+    h = config.hidden_size
+    layer, rest = hf[len("model.layers."):].split(".", 1)
+    nextn = {"eh_proj.weight": (h, 2 * h), "enorm.weight": (h,), "hnorm.weight": (h,),
+             "shared_head.norm.weight": (h,)}
+    if rest in nextn:
+        return nextn[rest]
+    twin = f"model.layers.{config.num_hidden_layers - 1}.{rest}"
+    if twin not in shapes:
+        raise KtransError(f"MTP tensor '{hf}' has no twin '{twin}' in the main layers (the last layer must be "
+                          f"an MoE layer)")
+    return shapes[twin]
 
 
 def _head_dim(config) -> int:
@@ -346,6 +425,27 @@ METADATA: dict[str, list[MetaKey]] = {
     ],
     "qwen3": _BASE_META + _GQA_META + [MetaKey("attention.key_length", "head_dim", "u32"),
                                        MetaKey("attention.value_length", "head_dim", "u32")],
+    "glm4moe": _BASE_META + _GQA_META + [
+        MetaKey("expert_count", "n_routed_experts", "u32"),
+        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+        MetaKey("expert_shared_count", "n_shared_experts", "u32"),
+        MetaKey("leading_dense_block_count", "first_k_dense_replace", "u32"),
+        MetaKey("expert_weights_scale", "routed_scaling_factor", "f32"),
+        MetaKey("expert_weights_norm", "norm_topk_prob", "bool"),
+        MetaKey("expert_group_count", "n_group", "u32"),
+        MetaKey("expert_group_used_count", "topk_group", "u32"),
+        MetaKey("attention.key_length", "head_dim", "u32"),
+        MetaKey("attention.value_length", "head_dim", "u32"),
+        MetaKey("nextn_predict_layers", "num_nextn_predict_layers", "u32"),
+    ],
+    "minimax-m2": _BASE_META + _GQA_META + [
+        MetaKey("expert_count", "num_local_experts", "u32"),
+        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+        MetaKey("expert_feed_forward_length", "intermediate_size", "u32"),
+        MetaKey("attention.key_length", "head_dim", "u32"),
+        MetaKey("attention.value_length", "head_dim", "u32"),
+    ],
 }
 
 # Keys computed from several attributes (or from rope_parameters); `{arch}.` prefix implied.
@@ -356,17 +456,38 @@ METADATA: dict[str, list[MetaKey]] = {
 #     attention.value_length      = kv_lora_rank
 #     attention.key_length_mla    = qk_nope_head_dim + qk_rope_head_dim
 #     expert_gating_func          = 2 (sigmoid) for deepseek_v3, 1 (softmax) for deepseek_v2
+#   glm4moe, minimax-m2:
+#     expert_gating_func          = 2 (sigmoid)
 #   all:
+#     block_count                 = num_hidden_layers + the MTP blocks the file holds (block_count())
 #     rope.freq_base              = rope_parameters["rope_theta"]
-#     rope.dimension_count        = head_dim (GQA archs; deepseek2 uses qk_rope_head_dim above)
+#     rope.dimension_count        = the rotated dims of a head (rotary_dim(): head_dim, or its first
+#                                   partial_rotary_factor part; deepseek2 uses qk_rope_head_dim above)
 #     rope.scaling.type = "yarn", rope.scaling.factor, rope.scaling.original_context_length,
 #     rope.scaling.yarn_log_multiplier = 0.1 * mscale_all_dim   (when rope_type is yarn)
 DERIVED_METADATA = {
     "deepseek2": ["attention.head_count_kv", "attention.q_lora_rank", "attention.key_length",
                   "attention.value_length", "attention.key_length_mla", "expert_gating_func"],
+    "glm4moe": ["expert_gating_func"],
+    "minimax-m2": ["expert_gating_func"],
     "all": ["rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
             "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier"],
 }
+
+
+def metadata_value(config, gguf_arch: str, mk: MetaKey):
+    """The value of metadata key `mk` for this config (block_count counts the MTP blocks)."""
+    if mk.key == "block_count":
+        return block_count(config, gguf_arch)
+    return getattr(config, mk.attr, None)
+
+
+def rotary_dim(config) -> int:
+    """Dims of each q/k head that RoPE rotates (the first ones): head_dim, or its first
+    partial_rotary_factor part (GLM-4.5, MiniMax-M2: half)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    return int(_head_dim(config) * factor)
 
 
 def metadata_table(gguf_arch: str) -> list[MetaKey]:

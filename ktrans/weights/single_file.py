@@ -128,11 +128,43 @@ def _gpt_oss(r: GGUFReader, cfg: dict) -> None:
                                "original_max_position_embeddings": rs["original_max_position_embeddings"]}
 
 
+def _glm4_moe(r: GGUFReader, cfg: dict) -> None:
+    """GLM-4.5: the MTP blocks counted in block_count, partial rotary, optional q/k norms and
+    q/k/v biases (seen in the tensors), sigmoid routing with llama.cpp's defaults."""
+    a = "glm4moe"
+    cfg["num_hidden_layers"] -= cfg.get("num_nextn_predict_layers", 0)   # block_count counts the MTP blocks
+    gating = r.get(f"{a}.expert_gating_func", _GATING_SIGMOID)
+    if gating != _GATING_SIGMOID:
+        raise KtransError(f"{r.path}: {a}.expert_gating_func = {gating}; GLM-4.5 routes with sigmoid scores "
+                          f"({_GATING_SIGMOID})")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["partial_rotary_factor"] = int(r.get(f"{a}.rope.dimension_count", head_dim)) / head_dim
+    cfg["use_qk_norm"] = "blk.0.attn_q_norm.weight" in r.tensors
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in r.tensors
+    # NOTE: absent keys take llama.cpp's defaults (no leading dense layers, no renormalisation).
+    for key, default in (("first_k_dense_replace", 0), ("norm_topk_prob", False), ("n_group", 1),
+                         ("topk_group", 1), ("routed_scaling_factor", 1.0), ("num_nextn_predict_layers", 0)):
+        cfg.setdefault(key, default)
+
+
+def _minimax_m2(r: GGUFReader, cfg: dict) -> None:
+    """MiniMax-M2: partial rotary (config.json's rotary_dim), sigmoid routing."""
+    a = "minimax-m2"
+    gating = r.get(f"{a}.expert_gating_func", _GATING_SIGMOID)
+    if gating != _GATING_SIGMOID:
+        raise KtransError(f"{r.path}: {a}.expert_gating_func = {gating}; MiniMax-M2 routes with sigmoid scores "
+                          f"({_GATING_SIGMOID})")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["rotary_dim"] = int(r.get(f"{a}.rope.dimension_count", head_dim))
+
+
 def _check_against_tensors(r: GGUFReader, cfg: dict) -> None:
     """Sizes from metadata must match the tensors, so a corrupt key cannot make ktrans build a model
     of billions of layers or experts."""
     layers = {int(m[1]) for m in (_BLK.match(n) for n in r.tensors) if m}
-    if layers and cfg["num_hidden_layers"] != max(layers) + 1:
+    # NOTE: block_count counts GLM-4.5's MTP blocks, which a converter may have left out.
+    trunk = cfg["num_hidden_layers"] - cfg.get("num_nextn_predict_layers", 0)
+    if layers and max(layers) + 1 not in (cfg["num_hidden_layers"], trunk):
         raise KtransError(f"{r.path}: GGUF metadata says {cfg['num_hidden_layers']} layers, but the tensors cover "
                           f"blk.0 .. blk.{max(layers)}")
     embd = r.tensors.get("token_embd.weight")
@@ -173,10 +205,19 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
     for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         tid = r.get(f"tokenizer.ggml.{key}_token_id")
         cfg[f"{role}_token_id"] = int(tid) if tid is not None else None
+    # NOTE: llama.cpp ends a generation on end-of-turn / end-of-message tokens too (GLM's <|user|>
+    # and <|observation|>); config.json lists them all in eos_token_id.
+    ends = [int(t) for t in (r.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")) if t is not None]
+    if len(set(ends)) > 1:
+        cfg["eos_token_id"] = list(dict.fromkeys(ends))
     if model_type.startswith("deepseek"):
         _deepseek(r, cfg, model_type)
     elif model_type == "gpt_oss":
         _gpt_oss(r, cfg)
+    elif model_type == "glm4_moe":
+        _glm4_moe(r, cfg)
+    elif model_type == "minimax_m2":
+        _minimax_m2(r, cfg)
     elif model_type in ("qwen3_moe", "qwen2_moe"):
         # NOTE: llama.cpp hard-codes the top-k renormalisation per arch: on for qwen3moe, off for qwen2moe.
         cfg.update(norm_topk_prob=model_type == "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[])

@@ -81,6 +81,11 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "deepseek-v3": PreTokenizer(tuple(_DEEPSEEK_V3)),
     "deepseek-llm": PreTokenizer(tuple(_DEEPSEEK_LLM)),
     "gpt-4o": PreTokenizer((_GPT4O,)),
+    # GLM-4 / GLM-4.5 (llama.cpp's "glm4"): Llama 3's split (llama.cpp spells the contractions'
+    # case-insensitivity out per letter), whole-word vocabulary hits skip the merges.
+    "glm4": PreTokenizer((_LLAMA3,), ignore_merges=True),
+    # MiniMax-M2: its tokenizer.json splits with GPT-4o's (o200k) regex.
+    "minimax-m2": PreTokenizer((_GPT4O,)),
 }
 
 

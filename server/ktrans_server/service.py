@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ktrans.engine import QueueFullError, RequestOutput
+from ktrans.engine.thinking import DEFAULT_OPENER, think_opener
 from ktrans.errors import KtransError
 from ktrans_server.errors import bad_request, loading, overloaded
 from ktrans_server.grammar import GrammarCompiler
@@ -84,6 +85,7 @@ class Service:
         self.special_ids: set[int] = set()
         self.special_strings: set[str] = set()
         self.harmony = False                # the vocabulary speaks harmony (gpt-oss)
+        self.think_opener = DEFAULT_OPENER
         self._max_token_bytes = 1 << 10
         self._ids = itertools.count()
 
@@ -103,6 +105,7 @@ class Service:
         self.special_ids = set(tok.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
         self.special_strings = {tok.convert_ids_to_tokens(i) for i in self.special_ids}
         self.harmony = is_harmony(tok.get_vocab())
+        self.think_opener = think_opener(tok)        # what `think` appends: "<think>\n", GLM-4.5's "\n<think>"
         # NOTE: no token covers more UTF-8 bytes than its vocabulary string's encoding (byte-level
         # BPE spells each byte with one 1- or 2-byte character), so text longer than
         # context x this bound cannot fit and is refused before tokenizing.
@@ -177,9 +180,10 @@ class Service:
             return None
         if self.tool_format is None:
             raise bad_request("This model's chat template has no tool-call format (hermes <tool_call>, "
-                              "DeepSeek tool-call tokens, Llama 3 JSON or Mistral [TOOL_CALLS]), so it "
-                              "cannot be given tools.", param="tools")
-        return self.tool_format
+                              "DeepSeek tool-call tokens, Llama 3 JSON, Mistral [TOOL_CALLS], GLM's "
+                              "<arg_key>/<arg_value> or MiniMax's <minimax:tool_call>), so it cannot be given "
+                              "tools.", param="tools")
+        return self.tool_format.for_tools(spec.tools)
 
     def _grammar(self, spec: GenerationSpec, fmt: ToolFormat | None) -> str | None:
         if spec.schema is not None:
@@ -201,7 +205,7 @@ class Service:
             raise bad_request(f"The model's chat template rejected these messages: {e}", param="messages") from None
         think = spec.think if spec.think is not None else self.settings.force_think
         if think and OPEN in tok.get_vocab() and not prompt_opens_thinking(text):
-            text += "<think>\n"
+            text += self.think_opener
         return text
 
     def _fit_context(self, n_prompt: int, spec: GenerationSpec) -> None:

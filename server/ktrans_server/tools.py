@@ -7,13 +7,20 @@ stream, and (for tool_choice "required" or a named function) forced by a grammar
 | deepseek | DeepSeek-V3, R1 (and V3.1)    | <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜> |
 | llama3   | Llama 3.1 / 3.2 / 3.3          | {"name": ..., "parameters": {...}} as the whole answer      |
 | mistral  | Mistral, Mixtral              | [TOOL_CALLS][{"name": ..., "arguments": {...}}]             |
+| glm      | GLM-4.5 / 4.6                 | <tool_call>NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>...</tool_call> |
+| minimax  | MiniMax-M2                    | <minimax:tool_call>\\n<invoke name="NAME">\\n<parameter name="K">V</parameter>\\n...</invoke>\\n...</minimax:tool_call> |
 
 The tools themselves are rendered by the model's own template (its `tools` variable); a template
 that knows none of these formats cannot take tools, and the request is refused with that reason.
+GLM's and MiniMax-M2's templates write string arguments as they are and every other value as
+JSON, so their parsers read the request's tool schemas (ToolFormat.for_tools) to tell "42" the
+string from 42.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import uuid
@@ -119,6 +126,75 @@ def _mistral_body(body: str) -> list[ToolCall] | None:
     return calls or None
 
 
+GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+_GLM_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+
+def _text_schema(schema: Any) -> bool:
+    """A parameter GLM's template writes as raw text: a string, or an enum of strings."""
+    if not isinstance(schema, dict):
+        return False
+    enum = schema.get("enum")
+    return schema.get("type") == "string" or (isinstance(enum, list) and bool(enum)
+                                              and all(isinstance(v, str) for v in enum))
+
+
+def _text_params(tools: list[dict]) -> dict[str, set[str]]:
+    """Function name -> its parameters written as raw text."""
+    out = {}
+    for t in tools or []:
+        fn = t.get("function", {})
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        out[fn.get("name")] = {k for k, v in props.items() if _text_schema(v)}
+    return out
+
+
+def _xml_value(value: str, text: bool) -> Any:
+    if text:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:                    # a value the model wrote as plain text after all
+        return value
+
+
+def _glm_body(body: str, text_params: dict[str, set[str]] | None = None) -> list[ToolCall] | None:
+    head, _, _ = body.partition(GLM_KEY)
+    name, rest = head.strip(), body[len(head):]
+    if not name or "\n" in name or "<" in name:
+        return None
+    args, pos = {}, 0
+    while (m := _GLM_ARG.match(rest, pos)) is not None:
+        key = m.group(1).strip()
+        args[key] = _xml_value(m.group(2), key in (text_params or {}).get(name, ()))
+        pos = m.end()
+    if rest[pos:].strip():
+        return None
+    return [ToolCall(name, json.dumps(args, ensure_ascii=False))]
+
+
+MM_CALLS, MM_CALLS_END = "<minimax:tool_call>", "</minimax:tool_call>"
+_MM_INVOKE = re.compile(r'\s*<invoke name="([^"<>\n]+)">(.*?)</invoke>', re.S)
+_MM_PARAM = re.compile(r'\s*<parameter name="([^"<>\n]+)">(.*?)</parameter>', re.S)
+
+
+def _minimax_body(body: str, text_params: dict[str, set[str]] | None = None) -> list[ToolCall] | None:
+    calls, pos = [], 0
+    while (m := _MM_INVOKE.match(body, pos)) is not None:
+        name, inner, args, at = m.group(1).strip(), m.group(2), {}, 0
+        while (p := _MM_PARAM.match(inner, at)) is not None:
+            args[p.group(1)] = _xml_value(p.group(2), p.group(1) in (text_params or {}).get(name, ()))
+            at = p.end()
+        if inner[at:].strip():
+            return None
+        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+        pos = m.end()
+    rest = body[pos:].strip()
+    # NOTE: a block cut short (max_tokens) keeps its whole invokes; the last, unfinished one is dropped.
+    cut = (rest.startswith("<invoke") or "<invoke".startswith(rest)) and "</invoke>" not in rest
+    return calls if calls and (not rest or cut) else None
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     name: str
@@ -127,6 +203,14 @@ class ToolFormat:
     parse_body: Callable[[str], list[ToolCall] | None]
     at_start_only: bool = False         # calls only as the whole answer (Llama 3's JSON)
     drop: tuple[str, ...] = ()          # markers around the calls that carry nothing
+    typed: bool = False                 # parse_body(body, text_params) reads the tools' schemas (GLM)
+
+    def for_tools(self, tools: list[dict]) -> "ToolFormat":
+        """This format for a request with these tools (GLM's parser learns which arguments are text)."""
+        if not self.typed:
+            return self
+        return dataclasses.replace(self, parse_body=functools.partial(self.parse_body, text_params=_text_params(tools)),
+                                   typed=False)
 
 
 FORMATS = {
@@ -135,12 +219,18 @@ FORMATS = {
                            drop=(DS_CALLS_BEGIN, DS_CALLS_END)),
     "llama3": ToolFormat("llama3", "{", None, _llama3_body, at_start_only=True),
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]", None, _mistral_body),
+    "glm": ToolFormat("glm", "<tool_call>", "</tool_call>", _glm_body, typed=True),
+    "minimax": ToolFormat("minimax", MM_CALLS, MM_CALLS_END, _minimax_body, typed=True),
 }
 
 
 def detect_format(chat_template: str | None) -> ToolFormat | None:
     """The tool-call format the model's chat template teaches it, or None (no tool support)."""
     t = chat_template or ""
+    if MM_CALLS in t:
+        return FORMATS["minimax"]
+    if "<tool_call>" in t and GLM_KEY in t:          # GLM writes <tool_call> too, with XML arguments
+        return FORMATS["glm"]
     if "<tool_call>" in t:
         return FORMATS["hermes"]
     if "tool▁calls▁begin" in t or "tool_calls_begin" in t:
@@ -154,7 +244,8 @@ def detect_format(chat_template: str | None) -> ToolFormat | None:
 
 def markers(fmt: ToolFormat) -> list[str]:
     """Strings the parser must see even when they are special tokens."""
-    extra = [PYTHON_TAG] if fmt.name == "llama3" else ["[ARGS]"] if fmt.name == "mistral" else []
+    extra = {"llama3": [PYTHON_TAG], "mistral": ["[ARGS]"], "glm": [GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END]}
+    extra = extra.get(fmt.name, [])
     return [m for m in (fmt.start, fmt.end, DS_SEP if fmt.name == "deepseek" else None, *fmt.drop, *extra) if m]
 
 
@@ -170,6 +261,16 @@ def forced_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, paralle
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
     lit = compiler.literal
     many = "+" if parallel else ""
+    if fmt.name == "minimax":
+        calls = "\n".join(f"call_{i}: {_minimax_call(t['function'])}" for i, t in enumerate(chosen))
+        call = " | ".join(f"call_{i}" for i in range(len(chosen)))
+        return compiler.from_lark(f"start: \"\\n\"? {lit(MM_CALLS)} \"\\n\" call{many} {lit(MM_CALLS_END)}\n"
+                                  f"call: {call}\n{calls}", "tool_choice")
+    if fmt.name == "glm":
+        calls = "\n".join(f"call_{i}: {_glm_call(t['function'], lit)}" for i, t in enumerate(chosen))
+        call = " | ".join(f"call_{i}" for i in range(len(chosen)))
+        more = ' ("\\n" call)*' if parallel else ""
+        return compiler.from_lark(f"start: \"\\n\"? call{more}\ncall: {call}\n{calls}", "tool_choice")
     if fmt.name == "deepseek":
         alts = []
         for i, t in enumerate(chosen):
@@ -192,3 +293,37 @@ def forced_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, paralle
     else:
         lark = f"start: obj\nobj: {json_schema_lark(one)}"
     return compiler.from_lark(lark, "tool_choice")
+
+
+def _xml_args(fn: dict, arg) -> str:
+    """Lark for the arguments of `fn` in the XML formats (GLM, MiniMax-M2): its parameters in declared
+    order (the optional ones may be left out), text parameters raw (an enum's strings, or text
+    without '<'), the rest as JSON; `arg(key, value)` is one argument's Lark."""
+    params = fn.get("parameters") or {}
+    required = set(params.get("required") or [])
+    parts = []
+    for key, schema in (params.get("properties") or {}).items():
+        if isinstance(schema, dict) and isinstance(schema.get("enum"), list) and _text_schema(schema):
+            value = "(" + " | ".join(json.dumps(v) for v in schema["enum"]) + ")"
+        elif _text_schema(schema):
+            value = "/[^<]*/"
+        else:
+            value = json_schema_lark(schema if isinstance(schema, dict) else {})
+        parts.append(f"({arg(key, value)})" + ("" if key in required else "?"))
+    return " ".join(parts)
+
+
+def _glm_call(fn: dict, lit) -> str:
+    """Lark for one GLM call: <tool_call>NAME, then \\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value> per argument."""
+    args = _xml_args(fn, lambda key, value: f'"\\n" {lit(GLM_KEY)} {json.dumps(key)} {lit(GLM_KEY_END)} "\\n" '
+                                           f"{lit(GLM_VALUE)} {value} {lit(GLM_VALUE_END)}")
+    return f"{lit('<tool_call>')} {json.dumps(fn['name'])} {args} \"\\n\" {lit('</tool_call>')}"
+
+
+def _minimax_call(fn: dict) -> str:
+    """Lark for one MiniMax-M2 invoke: <invoke name="NAME">, a <parameter> line per argument, </invoke>."""
+    def arg(key: str, value: str) -> str:
+        return " ".join([json.dumps('<parameter name="' + key + '">'), value, json.dumps("</parameter>\n")])
+
+    head = json.dumps('<invoke name="' + fn["name"] + '">\n')
+    return " ".join([head, _xml_args(fn, arg), json.dumps("</invoke>\n")])

@@ -25,9 +25,11 @@ from tests.routing import Reference, force_reference_routing, force_reference_ro
 from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_ATOL, FIDELITY_F32_RTOL,
                               QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
+         "minimax_m2"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
-             "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "gpt_oss": "GptOssMLP"}
+             "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "gpt_oss": "GptOssMLP",
+             "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock"}
 NEW_TOKENS = 32
 
 
@@ -193,7 +195,8 @@ rules:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,split", [("deepseek_v3", False), ("qwen3_moe", False), ("qwen2", False),
-                                        ("qwen3_moe", True), ("deepseek_v2", True)])
+                                        ("qwen3_moe", True), ("deepseek_v2", True), ("glm4_moe", False),
+                                        ("minimax_m2", True)])
 def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     """--device cuda with the shipped rules (attention, KV cache, router and shared experts in
     bf16 on the GPU, routed experts on the CPU, stream-ordered), or with layer 0 on the CPU: logits

@@ -37,8 +37,7 @@ from ktrans.engine.model_runner import ModelRunner
 from ktrans.operators.moe_block import MoEBlock
 from tests.tolerances import LLAMA_CPP_LOGPROB_ATOL, LLAMA_CPP_ROUTER_TIE, LLAMA_CPP_TIE
 
-# (DeepSeek's group-limited routing is left out: _router_gaps sees only the top-k boundary.)
-ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
+ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2"]
 NEW_TOKENS = 24
 TEXT = "Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  你好，世界 🚀 don't"
 
@@ -155,22 +154,39 @@ def _llama_greedy(port: int, prompt: list[int], n: int, tokenizer) -> tuple[list
     return tokens, logprobs
 
 
+def _choice_gap(block: MoEBlock, x: torch.Tensor) -> float:
+    """The least gap of any token's router between the k-th chosen expert's score and the next
+    one's, and with group-limited routing (GLM-4.5's tiny preset) between the last chosen group's
+    score and the next group's."""
+    logits = F.linear(x.to(block.device, torch.float32), block.gate_weight, block.router_bias)           # [T, E]
+    if block.gate_bias is not None:                              # choice scores with a correction bias
+        logits = logits.sigmoid() + block.gate_bias
+    gap = float("inf")
+    groups = getattr(block.config, "n_group", 1) or 1
+    if block.routing == "deepseek_v3" and groups > 1:
+        t, e = logits.shape
+        by_group = logits.view(t, groups, e // groups)
+        score = by_group.topk(2, dim=-1).values.sum(-1)                                                  # [T, G]
+        top, chosen = score.topk(block.config.topk_group + 1, dim=-1)
+        gap = float((top[:, -2] - top[:, -1]).min())
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, chosen[:, :-1], True)              # [T, G]
+        logits = by_group.masked_fill(~keep[:, :, None], float("-inf")).view(t, e)
+    top = logits.topk(block.top_k + 1, dim=-1).values                                                     # [T, k+1]
+    return min(gap, float((top[:, -2] - top[:, -1]).min()))
+
+
 @contextlib.contextmanager
 def _router_gaps(runner: ModelRunner, gaps: list[float]):
-    """Append, per forward step, the least gap of any token's router between the k-th chosen
-    expert's score and the next one's: below the engines' difference, llama.cpp may choose
-    another expert there (a genuine near-tie; its outputs then part from ours)."""
+    """Append, per forward step, the least gap of any token's router (_choice_gap): below the
+    engines' difference, llama.cpp may choose another expert there (a genuine near-tie; its
+    outputs then part from ours)."""
     blocks = [m for m in runner.model.modules() if isinstance(m, MoEBlock)]
 
     def wrap(block):
         own = block.route
 
         def route(x):
-            logits = F.linear(x.to(block.device, torch.float32), block.gate_weight, block.router_bias)   # [T, E]
-            if block.gate_bias is not None:                          # choice scores with a correction bias
-                logits = logits.sigmoid() + block.gate_bias
-            top = logits.topk(block.top_k + 1, dim=-1).values                                             # [T, k+1]
-            gaps[-1] = min(gaps[-1], float((top[:, -2] - top[:, -1]).min()))
+            gaps[-1] = min(gaps[-1], _choice_gap(block, x))
             return own(x)
         return route
 

@@ -42,6 +42,18 @@ CONFIGS = {
     "gpt_oss": lambda: transformers.GptOssConfig(
         **_COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=48, num_local_experts=8,
         num_experts_per_tok=2, sliding_window=3),
+    # GLM-4.5: rotary on the first half of each head, q/k norms, q/k/v biases, sigmoid routing with
+    # the correction bias over 2 of 4 groups, a shared expert, layer 0 dense.
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **_COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+        first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, use_qk_norm=True,
+        attention_bias=True, partial_rotary_factor=0.5),
+    # MiniMax-M2: q/k norms over all heads, rotary on half of each head, sigmoid routing with the
+    # block's bias, every layer MoE.
+    "minimax_m2": lambda: transformers.MiniMaxM2Config(
+        **_COMMON, num_key_value_heads=2, head_dim=16, rotary_dim=8, intermediate_size=32, num_local_experts=8,
+        num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
 }
 
 

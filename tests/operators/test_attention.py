@@ -1,7 +1,8 @@
 """MLA and GQA attention operators vs the transformers attention modules they replace, on the
 same random weights: packed requests, chunked prefill and decode steps over the paged cache
 must reproduce each request's full-sequence HF output (gpt-oss: its sliding layer too, whose
-window the KV cache's layer kind gives, and its attention sinks)."""
+window the KV cache's layer kind gives, and its attention sinks; GLM-4.5: rotary on half of each
+head, q/k norms, q/k/v biases; MiniMax-M2: q/k norms over all heads)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ktrans.operators.rope import materialize_rotary, rotary_embeddings
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
+         "minimax_m2"]
 PAGE = 4
 # Each request's tokens, split into the chunks scheduled at each of three steps (0 = idle).
 SCHEDULE = {0: [5, 1, 1], 1: [3, 4, 1], 2: [0, 6, 2]}

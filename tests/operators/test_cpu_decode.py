@@ -19,7 +19,8 @@ from ktrans.operators.moe_block import MoEBlock
 from tests.routing import Reference, flip_gap
 from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE, QUANT_TOKEN_TIE_RMS
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe",
+         "minimax_m2"]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:

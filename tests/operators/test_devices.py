@@ -21,7 +21,8 @@ from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.routing import Reference, force_reference_routing, force_reference_routing_hf
 from tests.tolerances import BF16_LOGITS_NMSE, BF16_VS_HF_BF16, ROUTING_LOGIT_DRIFT
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe",
+         "minimax_m2"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 

@@ -17,7 +17,7 @@ from ktrans.operators.linear_cpu import CPUEmbedding, CPULinear
 from tests.routing import Reference, force_reference_routing
 from tests.tolerances import QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT, VEC_DOT_NMSE
 
-ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2"]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,7 +11,16 @@ from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
+MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2"]
+
+
+def _hf_route(arch, mlp, x, bias=None):
+    """The HF router's (logits, weights, ids); MiniMax-M2's takes its block's correction bias."""
+    if arch == "gpt_oss":
+        return mlp.router(x)
+    if arch == "minimax_m2":
+        return mlp.gate(x, mlp.e_score_correction_bias if bias is None else bias)
+    return mlp.gate(x)
 
 
 def _block(arch):
@@ -27,13 +36,16 @@ def test_routing_matches_hf_router(arch):
     config, mlp, op = _block(arch)
     x = torch.randn(256, config.hidden_size)
     with torch.no_grad():
-        _, ref_w, ref_idx = (mlp.router if arch == "gpt_oss" else mlp.gate)(x)
+        _, ref_w, ref_idx = _hf_route(arch, mlp, x)
         w, idx = op.route(x)
-        if arch == "deepseek_v3":   # the draw exercises the score bias: without it choices change
-            bias = mlp.gate.e_score_correction_bias.clone()
-            mlp.gate.e_score_correction_bias.zero_()
-            unbiased = mlp.gate(x)[2]
-            mlp.gate.e_score_correction_bias.copy_(bias)
+        if arch in ("deepseek_v3", "glm4_moe", "minimax_m2"):   # the draw exercises the score bias
+            if arch == "minimax_m2":
+                unbiased = _hf_route(arch, mlp, x, torch.zeros_like(mlp.e_score_correction_bias))[2]
+            else:
+                bias = mlp.gate.e_score_correction_bias.clone()
+                mlp.gate.e_score_correction_bias.zero_()
+                unbiased = mlp.gate(x)[2]
+                mlp.gate.e_score_correction_bias.copy_(bias)
             assert (unbiased.sort(-1).values != ref_idx.sort(-1).values).any(-1).sum() >= 5
     # order within the top-k is unspecified (sorted=False): compare as sets per token
     ref_order, order = ref_idx.argsort(-1), idx.argsort(-1)
@@ -56,10 +68,11 @@ def test_moe_block_matches_hf_block(arch, native):
     torch.testing.assert_close(got, ref, rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
 
 
-def test_deepseek_v3_group_limit_excludes_other_groups():
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_sigmoid_group_limit_excludes_other_groups(arch):
     """Every chosen expert lies in one of the topk_group best groups (what the bias-corrected
     grouped top-k guarantees), and weights sum to routed_scaling_factor when normalised."""
-    config, mlp, op = _block("deepseek_v3")
+    config, mlp, op = _block(arch)
     x = torch.randn(64, config.hidden_size)
     with torch.no_grad():
         w, idx = op.route(x)

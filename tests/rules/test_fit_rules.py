@@ -19,7 +19,7 @@ from ktrans.rules.files import shipped_rules
 from ktrans.rules.schema import load_rules
 from ktrans.weights.source import open_weights
 
-MOE = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
+MOE = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2"]
 
 
 def _gguf(tiny_model, arch):

@@ -1,7 +1,7 @@
 """Every shipped rule file, against the real operator registry, on every architecture.
 
 Planning uses small configs with enough layers for every variant (the 2-GPU split needs MoE
-layers in both halves, gpu-experts needs DeepSeek-V3's first MoE layers 3-6). Applying maps every
+layers in both halves, gpu-experts needs DeepSeek-V3's and GLM-4.5's first MoE layers 3-6). Applying maps every
 CUDA device to the CPU, so each file runs here without a GPU. The AMX variant's packed backends
 (amx_int8) have AVX-512, AVX2 and generic kernels beside the AMX ones, so that file applies on any
 CPU and is not marked amx.
@@ -46,6 +46,13 @@ CONFIGS = {
     "gpt_oss": lambda: transformers.GptOssConfig(**_COMMON, intermediate_size=32, num_hidden_layers=6,
                                                  num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
                                                  head_dim=16, sliding_window=4),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=32,
+                                                   num_hidden_layers=8, first_k_dense_replace=3, n_routed_experts=8,
+                                                   num_experts_per_tok=2, n_shared_experts=1, num_key_value_heads=2,
+                                                   head_dim=16, use_qk_norm=True, attention_bias=True),
+    "minimax_m2": lambda: transformers.MiniMaxM2Config(**_COMMON, intermediate_size=32, num_hidden_layers=6,
+                                                       num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+                                                       head_dim=16, rotary_dim=8, bos_token_id=1, eos_token_id=2),
 }
 SHIPPED = [(p.stem.split("-", 1)[0], p.stem.split("-", 1)[1] if "-" in p.stem else "") for p in list_shipped()]
 

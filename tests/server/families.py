@@ -2,7 +2,10 @@
 
 The templates follow the real checkpoints' (Qwen2.5's hermes <tool_call>, DeepSeek-V3's tool-call
 tokens, Llama 3.1's JSON with the ipython role, Mistral's [AVAILABLE_TOOLS]/[TOOL_CALLS]), cut to
-what tools need: they render `tools`, assistant `tool_calls` and `tool` results. The tiny
+what tools need: they render `tools`, assistant `tool_calls` and `tool` results. GLM-4.5's and
+MiniMax-M2's are the ones gen-model writes for glm4_moe / minimax_m2 (their markers are special
+tokens there); MiniMax-M2's generation prompt opens the reasoning block, which random weights never
+close (a forced call's grammar starts after it), so here it does not. The tiny
 vocabularies have no single tokens for the markers, so the markers are plain text here; the
 server handles both (a marker that is a special token is matched by id). The server takes them
 with --chat-template, as a user would for a GGUF whose own template renders no tools.
@@ -11,6 +14,8 @@ with --chat-template, as a user would for a GGUF whose own template renders no t
 from __future__ import annotations
 
 from pathlib import Path
+
+from ktrans.genmodel.tokenizer import chat_template
 
 HERMES = (
     "{%- if tools %}<|im_start|>system\n"
@@ -76,12 +81,20 @@ MISTRAL = (
     "{% elif m.role == 'tool' %}[TOOL_RESULTS] {\"content\": {{ m.content | tojson }}}[/TOOL_RESULTS]"
     "{% endif %}{% endfor %}")
 
+def _no_reasoning_prompt(template: str) -> str:
+    opened = "{{- ']~b]ai\\n<think>\\n' -}}"
+    assert opened in template, "MiniMax-M2's generation prompt changed"
+    return template.replace(opened, "{{- ']~b]ai\\n' -}}")
+
+
 # family -> (generated architecture, template)
 FAMILIES = {
     "hermes": ("qwen3_moe", HERMES),
     "deepseek": ("deepseek_v3", DEEPSEEK),
     "llama3": ("llama", LLAMA3),
     "mistral": ("mixtral", MISTRAL),
+    "glm": ("glm4_moe", chat_template("glm4_moe")),
+    "minimax": ("minimax_m2", _no_reasoning_prompt(chat_template("minimax_m2"))),
 }
 
 

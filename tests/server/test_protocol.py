@@ -1,4 +1,5 @@
-"""Request parsing for the OpenAI/Ollama APIs and the <think> splitter (no engine needed)."""
+"""Request parsing for the OpenAI/Ollama APIs and the <think> splitter, with each template's
+own way of opening the reasoning (no engine needed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import random
 
 import pytest
 
+from ktrans.cli.generate import chat_prompt
+from ktrans.engine.thinking import think_opener
 from ktrans_server.errors import APIError
 from ktrans_server.protocol import parse_chat, parse_completion, parse_json
 from ktrans_server.reasoning import ThinkSplitter, prompt_opens_thinking
@@ -120,6 +123,47 @@ def test_think_splitter_prompt_opened_thinking():
     assert not prompt_opens_thinking("<think>x</think> hi")
     r, c = _split_all("plan...</think>done", True, [3, 9])
     assert (r, c) == ("plan...", "done")
+
+
+def test_glm_reasoning_opens_after_the_assistant_header(tiny_model):
+    """GLM-4.5 writes "\n<think>REASONING</think>\nANSWER" after <|assistant|> (the prompt opens
+    nothing): the split starts outside the block and drops the template's newlines; the turn,
+    given back as reasoning_content + content, renders as exactly what the model wrote. With
+    thinking off the prompt holds an empty block; forced thinking appends GLM's own opener."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("glm4_moe", "f32", with_safetensors=False))
+    msgs = [{"role": "user", "content": "Why?"}]
+    on = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    off = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    assert on.endswith("<|assistant|>") and not prompt_opens_thinking(on)
+    assert off.endswith("Why?/nothink<|assistant|>\n<think></think>") and not prompt_opens_thinking(off)
+    reply = "\n<think>weigh a < b and </thi</think>\nThe answer is <b>42</b>."
+    for _ in range(100):
+        cuts = sorted(random.sample(range(1, len(reply)), random.randint(0, 12)))
+        assert _split_all(reply, False, cuts) == ("weigh a < b and </thi", "The answer is <b>42</b>.")
+    turn = {"role": "assistant", "content": "The answer is <b>42</b>.", "reasoning_content": "weigh a < b and </thi"}
+    assert tok.apply_chat_template(msgs + [turn], tokenize=False) == on + reply
+    assert think_opener(tok) == "\n<think>"
+    forced, thinking = chat_prompt(tok, msgs, force_think=True)
+    assert thinking and forced == on + "\n<think>" and prompt_opens_thinking(forced)
+    assert _split_all("plan</think>\nok", True, [2]) == ("plan", "ok")
+
+
+def test_minimax_prompt_opens_the_reasoning(tiny_model):
+    """MiniMax-M2's generation prompt ends inside "<think>\n": the reply starts as reasoning, and
+    forcing thinking appends nothing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("minimax_m2", "f32", with_safetensors=False))
+    msgs = [{"role": "user", "content": "Why?"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("]~b]user\nWhy?[e~[\n]~b]ai\n<think>\n") and prompt_opens_thinking(text)
+    assert chat_prompt(tok, msgs, force_think=True) == (text, True)
+    reply = "weigh a < b</think>\n\nThe answer is 42."
+    for _ in range(50):
+        cuts = sorted(random.sample(range(1, len(reply)), random.randint(0, 8)))
+        assert _split_all(reply, True, cuts) == ("weigh a < b", "The answer is 42.")
 
 
 def test_stream_lines_survive_every_line_reader():

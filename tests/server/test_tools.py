@@ -42,6 +42,13 @@ SAMPLES = {
                "", [("get_weather", {"unit": "c", "days": 1})]),
     "mistral": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"unit": "c", "days": 5}}, '
                 '{"name": "ping", "arguments": {}}]', "", [("get_weather", {"unit": "c", "days": 5}), ("ping", {})]),
+    # (arguments without the request's schemas: every value read as JSON where it parses)
+    "glm": ("Let me check.\n<tool_call>get_weather\n<arg_key>unit</arg_key>\n<arg_value>c</arg_value>\n"
+            "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>\n<tool_call>ping\n</tool_call>",
+            "Let me check.\n\n", [("get_weather", {"unit": "c", "days": 2}), ("ping", {})]),
+    "minimax": ('Let me check.\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="unit">c</parameter>\n'
+                '<parameter name="days">2</parameter>\n</invoke>\n<invoke name="ping">\n</invoke>\n</minimax:tool_call>',
+                "Let me check.\n", [("get_weather", {"unit": "c", "days": 2}), ("ping", {})]),
 }
 
 
@@ -80,6 +87,36 @@ def test_parser_keeps_text_that_is_not_a_call():
     v31 = "<｜tool▁call▁begin｜>ping<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
     _, calls = _parse_in_chunks(FORMATS["deepseek"], v31, [7])
     assert [(c.name, c.arguments) for c in calls] == [("ping", "{}")]
+
+
+_XML_CALLS = {   # family -> (a call of f with s="42", n=42, o={"a": [1]}, e="1"; text that is not a call)
+    "glm": ("<tool_call>f\n<arg_key>s</arg_key>\n<arg_value>42</arg_value>\n<arg_key>n</arg_key>\n<arg_value>42"
+            "</arg_value>\n<arg_key>o</arg_key>\n<arg_value>{\"a\": [1]}</arg_value>\n<arg_key>e</arg_key>\n"
+            "<arg_value>1</arg_value>\n</tool_call>",
+            ["<tool_call>f\nstray<arg_key>s</arg_key><arg_value>x</arg_value></tool_call>",
+             "<tool_call>\n</tool_call>", "<tool_call>f <arg_key>s</arg_key></tool_call>"]),
+    "minimax": ('<minimax:tool_call>\n<invoke name="f">\n<parameter name="s">42</parameter>\n<parameter name="n">42'
+                '</parameter>\n<parameter name="o">{"a": [1]}</parameter>\n<parameter name="e">1</parameter>\n'
+                "</invoke>\n</minimax:tool_call>",
+                ['<minimax:tool_call>\n<invoke name="f">\nstray</invoke>\n</minimax:tool_call>',
+                 "<minimax:tool_call>\n</minimax:tool_call>",
+                 '<minimax:tool_call><invoke name="f"></invoke> tail</minimax:tool_call>']),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_XML_CALLS))
+def test_xml_arguments_follow_the_schemas(family):
+    """GLM and MiniMax-M2 write string arguments raw and other values as JSON: with the request's
+    tools bound, a string parameter keeps "42" as text, other parameters are JSON; not a call
+    stays text."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "s": {"type": "string"}, "n": {"type": "integer"}, "o": {"type": "object"}, "e": {"enum": ["1", "2"]}}}}}]
+    fmt = FORMATS[family].for_tools(tools)
+    text, bad = _XML_CALLS[family]
+    _, calls = _parse_in_chunks(fmt, text, [13, 40])
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "42", "n": 42, "o": {"a": [1]}, "e": "1"})]
+    for b in bad:
+        assert _parse_in_chunks(fmt, b, [5]) == (b, []), b
 
 
 def test_format_found_from_the_template():
@@ -171,10 +208,13 @@ def test_tool_round_trip_and_choice_none(family_server):
     bare = client.chat.completions.create(model="m", messages=msgs[:1], max_tokens=2, temperature=0)
     assert none.usage.prompt_tokens == bare.usage.prompt_tokens
     assert r.usage.prompt_tokens > bare.usage.prompt_tokens
-    # What the server renders: the call's arguments as an object (templates print them with tojson).
+    # What the server renders: the call's arguments as an object (templates print them with tojson;
+    # GLM's prints each as a key/value pair).
     rendered = srv.service.engine.tokenizer.apply_chat_template(
         parse_messages(msgs), tools=TOOLS, tokenize=False, add_generation_prompt=True)
-    assert "Sunny, 21 C" in rendered and '"days": 2' in rendered and '\\"days' not in rendered
+    days = {"glm": "<arg_key>days</arg_key>\n<arg_value>2</arg_value>",
+            "minimax": '<parameter name="days">2</parameter>'}.get(family, '"days": 2')
+    assert "Sunny, 21 C" in rendered and days in rendered and '\\"days' not in rendered
 
 
 def test_ollama_tools_are_rendered(family_server):
@@ -218,3 +258,10 @@ def test_mistral_calls_cut_short_keep_the_whole_ones():
     text = '[TOOL_CALLS] [{"name": "ping", "arguments": {}}, {"name": "get_weather", "argum'
     content, calls = _parse_in_chunks(FORMATS["mistral"], text, [20])
     assert [c.name for c in calls] == ["ping"]
+
+
+def test_minimax_block_cut_short_keeps_the_whole_invokes():
+    whole = '<minimax:tool_call>\n<invoke name="ping">\n</invoke>\n'
+    for rest in ('<invoke name="get_weather">\n<parameter name="un', "<inv", ""):
+        content, calls = _parse_in_chunks(FORMATS["minimax"], whole + rest, [25])
+        assert [c.name for c in calls] == ["ping"] and content == "", rest

@@ -1,6 +1,6 @@
-"""Test helpers for GGUF files: write a small real GGUF with gguf.GGUFWriter, and re-write a GGUF
+"""Test helpers for GGUF files: write a small real GGUF with gguf.GGUFWriter, re-write a GGUF
 as a llama.cpp split set (`<stem>-0000i-of-0000N.gguf` with split.no / split.count /
-split.tensors.count), the way `llama-gguf-split` lays it out."""
+split.tensors.count), the way `llama-gguf-split` lays it out, or without some of its tensors."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def split_gguf(src, out_dir, parts: int) -> list[Path]:
     per = -(-len(r.tensors) // parts)
     out = Path(out_dir) / (Path(src).stem + ".gguf")
     w = gguf.GGUFWriter(str(out), arch, split_max_tensors=per)
+    _copy(r, w, lambda name: True)
+    return sorted(Path(out_dir).glob(Path(src).stem + "-*-of-*.gguf"))
+
+
+def filter_gguf(src, out, keep) -> Path:
+    """Re-write GGUF `src` as `out` with the same metadata and only the tensors `keep(name)` accepts."""
+    r = gguf.GGUFReader(str(src))
+    _copy(r, gguf.GGUFWriter(str(out), str(r.fields["general.architecture"].contents())), keep)
+    return Path(out)
+
+
+def _copy(r: gguf.GGUFReader, w: gguf.GGUFWriter, keep) -> None:
     for key, field in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -54,12 +66,12 @@ def split_gguf(src, out_dir, parts: int) -> list[Path]:
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key, field.contents(), vtype, sub_type=sub)
     for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        if keep(t.name):
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return sorted(Path(out_dir).glob(Path(src).stem + "-*-of-*.gguf"))
 
 
 def model_to_gguf(model, path, gguf_arch: str, qtype: str = "f32", legacy: bool = False) -> Path:

@@ -69,24 +69,32 @@ def test_arch_files_load_and_agree(tiny_model, arch):
     reader = gguf.GGUFReader(d / "model.gguf")
     ga = spec.gguf_arch
     assert _field(reader, "general.architecture") == ga
-    for key, attr in [("block_count", "num_hidden_layers"), ("embedding_length", "hidden_size"),
-                      ("attention.head_count", "num_attention_heads"), ("context_length", "max_position_embeddings")]:
+    mtp = names.num_mtp_layers(cfg, ga)                       # GLM-4.5's MTP block, after the main layers
+    assert _field(reader, f"{ga}.block_count") == cfg.num_hidden_layers + mtp
+    for key, attr in [("embedding_length", "hidden_size"), ("attention.head_count", "num_attention_heads"),
+                      ("context_length", "max_position_embeddings")]:
         assert _field(reader, f"{ga}.{key}") == getattr(cfg, attr), key
     if spec.is_moe:
         assert _field(reader, f"{ga}.expert_count") == names.num_experts(cfg)
         assert _field(reader, f"{ga}.expert_used_count") == cfg.num_experts_per_tok
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size and _field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert _field(reader, "tokenizer.ggml.eos_token_id") == cfg.eos_token_id
+    ends = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")
+            if f"tokenizer.ggml.{k}_token_id" in reader.fields]       # (GLM: end of turn / message too)
+    assert ends == (cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])
     assert "{%" in _field(reader, "tokenizer.chat_template")
 
     tensors = {t.name: t for t in reader.tensors}
-    expected = names.expand(cfg, ga)
+    expected = names.expand(cfg, ga, mtp=True)
     assert set(tensors) == {g for _, gn, _ in expected for g in gn}
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors.values())
 
     model, info = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["missing_keys"], info
+    # the MTP block is in the checkpoint (as released) but not in transformers' model
+    mtp_layers = tuple(f"model.layers.{i}." for i in range(cfg.num_hidden_layers, cfg.num_hidden_layers + mtp))
+    assert all(k.startswith(mtp_layers) for k in info["unexpected_keys"]) if mtp else not info["unexpected_keys"], info
+    assert bool(info["unexpected_keys"]) == bool(mtp)
     state = model.state_dict()
     for hf, w in _hf_from_gguf(cfg, arch, tensors).items():
         assert w.shape == tuple(state[hf].shape), hf
@@ -164,8 +172,9 @@ def _expected_single_type(name: str, ndim: int, quant: str) -> str:
 
 # Q4_K_M of the tiny presets: q4_k, but output.weight q6_k; attn_v and ffn_down (routed and shared
 # experts too) q6_k in the layers use_more_bits(i, n) picks (i < n/8, i >= 7n/8 or (i - n/8) % 3
-# == 2: layer 1 of 2, layer 2 of 3); with 8 experts attn_k and attn_v q8_0 and attn_output q5_k;
-# attn_k_b's 32 columns fall back to q5_0. One entry per layer; None: no such tensor there.
+# == 2: layer 1 of 2, layer 2 of 3, layers 2 and 3 of 4); with 8 experts attn_k and attn_v q8_0 and
+# attn_output q5_k; attn_k_b's 32 columns fall back to q5_0. GLM-4.5's MTP block counts as a layer
+# (llama.cpp's n_layer_all). One entry per layer; None: no such tensor there.
 _Q4_K_M = {
     "deepseek_v3": {                                            # 3 layers (0 dense), 8 experts
         "attn_q_a": ["q4_k"] * 3, "attn_q_b": ["q4_k"] * 3, "attn_kv_a_mqa": ["q4_k"] * 3,
@@ -187,6 +196,20 @@ _Q4_K_M = {
         "attn_q": ["q4_k"] * 2, "attn_k": ["q4_k"] * 2, "attn_v": ["q4_k", "q6_k"], "attn_output": ["q4_k"] * 2,
         "ffn_gate_exps": ["q4_k"] * 2, "ffn_up_exps": ["q4_k"] * 2, "ffn_down_exps": ["q4_k", "q6_k"],
         "ffn_gate_inp": ["f32"] * 2, "attn_norm": ["f32"] * 2, "ffn_norm": ["f32"] * 2,
+    },
+    "glm4_moe": {                                               # 3 layers (0 dense) + the MTP block, 8 experts
+        "attn_q": ["q4_k"] * 4, "attn_k": ["q8_0"] * 4, "attn_v": ["q8_0"] * 4, "attn_output": ["q5_k"] * 4,
+        "attn_q.bias": ["f32"] * 4, "attn_k.bias": ["f32"] * 4, "attn_v.bias": ["f32"] * 4,
+        "attn_q_norm": ["f32"] * 4, "attn_k_norm": ["f32"] * 4, "attn_norm": ["f32"] * 4,
+        "post_attention_norm": ["f32"] * 4,
+        "ffn_gate": ["q4_k", None, None, None], "ffn_up": ["q4_k", None, None, None],
+        "ffn_down": ["q4_k", None, None, None], "ffn_gate_exps": [None, "q4_k", "q4_k", "q4_k"],
+        "ffn_up_exps": [None, "q4_k", "q4_k", "q4_k"], "ffn_down_exps": [None, "q4_k", "q6_k", "q6_k"],
+        "ffn_gate_shexp": [None, "q4_k", "q4_k", "q4_k"], "ffn_up_shexp": [None, "q4_k", "q4_k", "q4_k"],
+        "ffn_down_shexp": [None, "q4_k", "q6_k", "q6_k"], "ffn_gate_inp": [None, "f32", "f32", "f32"],
+        "exp_probs_b.bias": [None, "f32", "f32", "f32"], "nextn.eh_proj": [None, None, None, "q4_k"],
+        "nextn.enorm": [None, None, None, "f32"], "nextn.hnorm": [None, None, None, "f32"],
+        "nextn.shared_head_norm": [None, None, None, "f32"],
     },
     "qwen2": {                                                  # 2 layers, dense
         "attn_q": ["q4_k"] * 2, "attn_k": ["q4_k"] * 2, "attn_v": ["q4_k", "q6_k"], "attn_output": ["q4_k"] * 2,
@@ -235,7 +258,7 @@ def test_q4_k_m_follows_llama_cpp_recipe():
     assert tensor_qtype("blk.5.ffn_gate_inp.weight", (8, 4096), "q4_k_m", mix) == "f32"
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe", "minimax_m2"])
 def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
     from transformers import AutoTokenizer
 
@@ -245,11 +268,13 @@ def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 你好"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    marker = {"deepseek_v3": "<｜Assistant｜>", "qwen3_moe": "<|im_start|>assistant\n", "mixtral": "[/INST]"}[arch]
+    marker = {"deepseek_v3": "<｜Assistant｜>", "qwen3_moe": "<|im_start|>assistant\n", "mixtral": "[/INST]",
+              "glm4_moe": "<|assistant|>", "minimax_m2": "]~b]ai\n<think>\n"}[arch]
     assert "Hi 你好" in text and "2+2?" in text and text.rstrip().endswith(marker.rstrip())
-    if arch == "deepseek_v3":
+    user = {"deepseek_v3": "<｜User｜>", "glm4_moe": "<|user|>", "minimax_m2": "]~b]"}
+    if arch in user:             # (GLM's [gMASK] and MiniMax's ]~!b[: written by the template, never added)
         assert text.startswith(tok.bos_token)
-        for special in ("<think>", "</think>", "<｜User｜>"):
+        for special in ("<think>", "</think>", user[arch]):
             assert len(tok.encode(special, add_special_tokens=False)) == 1, special
 
 

@@ -24,15 +24,18 @@ from tests.seeds import py_rng
 # and how each split cuts a digit run: Qwen2 one digit per piece, DeepSeek-V3 groups of 1-3,
 # DeepSeek LLM whole runs, GPT-2 whole runs with the leading space.
 PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
-       "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o"}
+       "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o",
+       "glm4_moe": "glm4", "minimax_m2": "minimax-m2"}
 DIGIT_PIECES = {"qwen2": ["x", "=", "1", "2", "3", "4", "5", "6", "7"],
                 "deepseek-v3": ["x", "=", "123", "456", "7"],
                 "deepseek-llm": ["x", "=", "1234567"],
                 "gpt-2": ["x", "=", "1234567"],
                 "llama-bpe": ["x", "=", "123", "456", "7"],
-                "gpt-4o": ["x", "=", "123", "456", "7"]}
+                "gpt-4o": ["x", "=", "123", "456", "7"],
+                "glm4": ["x", "=", "123", "456", "7"],
+                "minimax-m2": ["x", "=", "123", "456", "7"]}
 NFC_CLASS = {"qwen2": True, "deepseek-v3": False, "deepseek-llm": False, "gpt-2": False, "llama-bpe": False,
-             "gpt-4o": False}
+             "gpt-4o": False, "glm4": False, "minimax-m2": False}
 
 PIECES = ["Hello, world!", " 12345", " 3.14", "  ", "\n\n", "\t", "人工智能正在改变世界。", "こんにちは",
           "안녕하세요", "😀🚀", "👨‍👩‍👧", " café", " e\u0301", "ﬁ", "don't", "   trailing  ", "Ω K ώ ι",

@@ -1,7 +1,9 @@
 """Loading gen-model files of every architecture and quant type: every transformers parameter from
 the GGUF equals gguf's own numpy dequantization of the stored tensors (through names.py's
 transforms); f32 GGUF equals the safetensors copy; expert stacks are zero-copy views; a split set
-loads tensors identical to the single file; the progress tracker counts what was read."""
+loads tensors identical to the single file; GLM-4.5's multi-token-prediction block is written as
+llama.cpp's converter lays it out and left out of what ktrans loads; the progress tracker counts
+what was read."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from gguf_testutil import split_gguf
+from gguf_testutil import filter_gguf, split_gguf
 from ktrans.config.arch import ARCHS
 from ktrans.genmodel.gguf_out import QUANT_CHOICES
 from ktrans.weights import names, open_weights
@@ -87,6 +89,29 @@ def test_split_set_loads_like_single_file(tiny_model, tmp_path, arch, quant):
         a, b = one.raw(name), many.raw(name)
         assert (a.qtype, a.shape) == (b.qtype, b.shape) and np.array_equal(a.data, b.data), name
         assert torch.equal(one.tensor(name), many.tensor(name)), name
+
+
+def test_glm_mtp_block_is_written_as_converted_and_not_loaded(tiny_model, tmp_path):
+    """blk.L (L = num_hidden_layers) holds the MTP block: a whole MoE layer plus the nextn tensors,
+    counted in block_count with nextn_predict_layers; ktrans's names stop at layer L-1, and a file
+    without the block (block_count still counting it, as llama.cpp accepts) reads the same."""
+    d = tiny_model("glm4_moe", "q8_0", with_safetensors=False)
+    src = open_weights(None, str(d / "model.gguf"))
+    cfg, n = src.config(), src.config().num_hidden_layers
+    assert cfg.num_nextn_predict_layers == 1
+    assert src.reader.get("glm4moe.block_count") == n + 1 and src.reader.get("glm4moe.nextn_predict_layers") == 1
+    table = [g for _, gnames, _ in names.expand(cfg, "glm4moe", mtp=True) for g in gnames]
+    assert sorted(table) == sorted(src.reader.tensors)                  # every tensor of the file accounted for
+    mtp = {t for t in src.reader.tensors if t.startswith(f"blk.{n}.")}
+    assert {f"blk.{n}.nextn.{t}.weight" for t in ("eh_proj", "enorm", "hnorm", "shared_head_norm")} <= mtp
+    assert {f"blk.{n}.ffn_gate_exps.weight", f"blk.{n}.attn_q.weight", f"blk.{n}.exp_probs_b.bias"} <= mtp
+    assert src.reader.tensors[f"blk.{n}.nextn.eh_proj.weight"].shape == (cfg.hidden_size, 2 * cfg.hidden_size)
+    assert not any(name.startswith(f"model.layers.{n}.") for name in src.names())
+    trunk = open_weights(None, str(filter_gguf(d / "model.gguf", tmp_path / "trunk.gguf",
+                                               lambda t: not t.startswith(f"blk.{n}."))))
+    assert trunk.config().to_dict() == cfg.to_dict() and trunk.names() == src.names()
+    for name in src.names():
+        assert torch.equal(trunk.tensor(name), src.tensor(name)), name
 
 
 def test_progress_counts_bytes_per_device(tiny_model):

@@ -30,6 +30,12 @@ ARCHS = {  # ktrans arch -> (gguf arch, config)
     "mixtral": ("llama", lambda: transformers.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4)),
     "qwen2": ("qwen2", lambda: transformers.Qwen2Config(**SMALL, intermediate_size=96)),
     "llama": ("llama", lambda: transformers.LlamaConfig(**SMALL, intermediate_size=96)),
+    "glm4_moe": ("glm4moe", lambda: transformers.Glm4MoeConfig(
+        **SMALL, **MOE, head_dim=32, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+        use_qk_norm=True, attention_bias=True)),
+    "minimax_m2": ("minimax-m2", lambda: transformers.MiniMaxM2Config(
+        **SMALL, intermediate_size=32, head_dim=32, rotary_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        bos_token_id=1, eos_token_id=2)),
 }
 
 

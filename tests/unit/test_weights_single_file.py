@@ -31,6 +31,8 @@ SPECIALS = {  # a few special tokens of each generated family, mixed into the te
     "mixtral": "<s>[INST] hi [/INST]</s><unk>",
     "llama": "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|end_of_text|>",
     "gpt_oss": "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>x<|return|>",
+    "glm4_moe": "[gMASK]<sop><|user|>\nhi<|assistant|>\n<think>x</think>\n<tool_call>f<|observation|><|endoftext|>",
+    "minimax_m2": "]~!b[]~b]user\nhi[e~[\n]~b]ai\n<think>\nx\n</think>\n\n<minimax:tool_call>[e~[",
 }
 MIXED = ("Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  "
          "你好，世界！人工智能。こんにちは、世界。한국어 Привет 🚀🔥😀 👨‍👩‍👧 🇫🇷 ∑∫√ ")
