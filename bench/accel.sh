@@ -41,6 +41,9 @@
 #               steps that read it
 #   cpu-peer-qwen3  all-CPU ktrans beside llama.cpp's build with no GPU visible (CUDA_VISIBLE_DEVICES=),
 #               qwen3-30b-a3b q4_k_m, 16 threads each (cpu-peer-v2: deepseek-v2-lite)
+#   flashinfer  bench/attn_decode.py: ktrans's paged MLA decode kernel beside flashinfer's (from the sdist
+#               carried as .dev-carry/flashinfer_python-*.tar.gz: `pip download --no-deps --no-build-isolation --no-binary :all:
+#               flashinfer-python==0.2.14.post1 -d .dev-carry`; JIT-compiled with nvcc here on first use)
 #   e2e-fit     deepseek-v2-lite with the rules `ktrans rules explain --fit` writes for this machine (after
 #               probe), beside the shipped gpu-experts and default rule files, batch 1/4, 1024/4096 prompts
 #   e2e-ab      deepseek-v2-lite graph decode at batch 1/4/8 and prefill at 1024/4096, the default
@@ -115,6 +118,17 @@ for s in "$@"; do
         --quant q4_k_m --model-root "$ROOT" -t 16 -p 512 -n 64 -r 2 --rounds 1 --out "$OUT/cpu-peer.jsonl" \
         2>"$OUT/cpu-peer-$p.err" | tee -a "$OUT/peer.txt"
       tail -3 "$OUT/cpu-peer-$p.err";;
+    flashinfer)
+      fi_sdist=$(ls .dev-carry/flashinfer_python-*.tar.gz 2>/dev/null | head -1)
+      if [ -n "$fi_sdist" ] && [ ! -d /tmp/fi/flashinfer ]; then
+        mkdir -p /tmp/fi && tar xzf "$fi_sdist" -C /tmp/fi --strip-components=1
+        # what the wheel build would place under flashinfer/data
+        mkdir -p /tmp/fi/flashinfer/data && for d in include csrc tvm_binding; do ln -sfn "/tmp/fi/$d" "/tmp/fi/flashinfer/data/$d"; done
+        for d in cutlass spdlog; do ln -sfn "/tmp/fi/3rdparty/$d" "/tmp/fi/flashinfer/data/$d"; done
+      fi
+      [ -d /tmp/fi/flashinfer ] && export PYTHONPATH=/tmp/fi:$PYTHONPATH
+      TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FLASHINFER_WORKSPACE_BASE=/tmp/fi-ws python3 bench/attn_decode.py \
+        --out "$OUT/attn.jsonl" 2>"$OUT/attn.err" | tee -a "$OUT/attn.txt"; tail -5 "$OUT/attn.err";;
     e2e-fit)
       m="$ROOT/deepseek_v2-deepseek-v2-lite-q4_k_m"
       python3 -m ktrans rules explain --model_path "$m" --gguf_path "$m/model.gguf" --fit --cache_lens 16384 \
@@ -183,5 +197,5 @@ for s in "$@"; do
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"; [ -f "$OUT/qmm.txt" ] && cat "$OUT/qmm.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"; [ -f "$OUT/qmm.txt" ] && cat "$OUT/qmm.txt"; [ -f "$OUT/attn.txt" ] && cat "$OUT/attn.txt"
 exit 0
