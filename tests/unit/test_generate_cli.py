@@ -55,18 +55,21 @@ def _check_greedy(model, prompt_ids: list[int], tokens: list[int]) -> None:
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], int]:
-    """transformers' greedy tokens and how many lead the rest by more than a near-tie (beyond
-    that point a different, equally valid, continuation is possible)."""
+    """transformers' greedy tokens (n of them, end-of-sequence tokens included, as --ignore_eos
+    generates them) and how many lead the rest by more than a near-tie (beyond that point a
+    different, equally valid, continuation is possible).
+    NOTE: a plain argmax loop over the model's forward, not generate(): its min_new_tokens
+    masks the end-of-sequence tokens, which --ignore_eos does not."""
+    seq, out, decided = list(ids), [], n
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    decided = n
-    for i, step in enumerate(out.logits):
-        top2 = step[0].topk(2).values
-        if top2[0] - top2[1] <= GREEDY_TIE_ATOL:
-            decided = i
-            break
-    return out.sequences[0, len(ids):].tolist(), decided
+        for i in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            top2 = logits.topk(2).values
+            if decided == n and top2[0] - top2[1] <= GREEDY_TIE_ATOL:
+                decided = i
+            out.append(int(logits.argmax()))
+            seq.append(out[-1])
+    return out, decided
 
 
 def test_json_greedy_matches_transformers(model_dir, hf):
