@@ -126,6 +126,22 @@ _MINIMAX_M2 = {
     "tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0,
 }
 
+# Gemma 3 1B (text only); 4B / 12B / 27B are the text part of the multimodal checkpoints
+# (text_config: wider vocabulary, linear rope scaling x8 on the global layers, 1024-token window;
+# 27B scales queries by hidden / heads = 168, not head_dim). Five local layers per global one
+# (sliding_window_pattern 6), GELU-tanh MLPs, tied embeddings, no softcapping.
+_GEMMA3 = {
+    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+    "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+    "max_position_embeddings": 32768, "vocab_size": 262144, "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "tie_word_embeddings": True,
+}
+_GEMMA3_4B = dict(_GEMMA3, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, sliding_window=1024, rope_scaling={"factor": 8.0, "rope_type": "linear"},
+                  max_position_embeddings=131072, vocab_size=262208)
+
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
 PRESETS: dict[str, dict[str, dict]] = {
     "deepseek_v3": {
@@ -253,6 +269,24 @@ PRESETS: dict[str, dict[str, dict]] = {
                       num_key_value_heads=4, head_dim=64, rotary_dim=32, num_local_experts=32, num_experts_per_tok=4,
                       vocab_size=None, max_position_embeddings=8192),
         "minimax-m2": _MINIMAX_M2,
+    },
+    # NOTE: tiny has six layers so that llama.cpp's default pattern (no key in the file) gives one
+    # global layer, an 8-token window shorter than the tests' prompts, and the 4B's linear scaling
+    # on the global layer; small keeps the 1B's window with a pattern of 2 (written as a per-layer
+    # key). Both scale queries by head_dim, as llama.cpp assumes for any depth but 62.
+    "gemma3": {
+        "tiny": dict(_GEMMA3_4B, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=8, vocab_size=None,
+                     max_position_embeddings=1024),
+        "small": dict(_GEMMA3, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=128, query_pre_attn_scalar=128, sliding_window_pattern=2,
+                      vocab_size=None, max_position_embeddings=8192),
+        "gemma-3-1b": _GEMMA3,
+        "gemma-3-4b": _GEMMA3_4B,
+        "gemma-3-12b": dict(_GEMMA3_4B, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                            num_attention_heads=16, num_key_value_heads=8),
+        "gemma-3-27b": dict(_GEMMA3_4B, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+                            num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
     },
 }
 

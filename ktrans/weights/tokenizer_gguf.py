@@ -185,23 +185,29 @@ def _spm_merges(tokens: list[str], scores) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in found]
 
 
-def _spm_backend(r: GGUFReader, tokens: list[str]):
-    """llama.cpp's 'llama' vocabulary (sentencepiece BPE with byte fallback), as HF's
-    LlamaTokenizerFast files define it: '▁' for spaces, one prepended; <0xXX> byte pieces."""
+def spm_tokenizer(tokens: list[str], scores, unk: str | None, add_space_prefix: bool):
+    """The tokenizers pipeline of a sentencepiece BPE vocabulary with byte fallback (llama.cpp's
+    'llama' vocabulary), as HF's Llama/Gemma tokenizer files define it: '▁' for spaces (one
+    prepended with add_space_prefix: Llama 2 yes, Gemma no), <0xXX> byte pieces, merges implied
+    by the scores. gen-model writes its sentencepiece vocabularies' tokenizer.json with it too."""
     from tokenizers import Tokenizer, decoders, models, normalizers
 
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores),
+                               unk_token=unk, byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(SPACE)] if add_space_prefix else [])
+                                          + [normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return tok
+
+
+def _spm_backend(r: GGUFReader, tokens: list[str]):
+    """llama.cpp's 'llama' vocabulary (sentencepiece BPE with byte fallback): spm_tokenizer."""
     scores = r.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise KtransError(f"{r.path}: sentencepiece tokenizer needs one tokenizer.ggml.scores entry per token")
-    unk = _token(r, "unknown", tokens)
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores),
-                               unk_token=unk, byte_fallback=True, fuse_unk=True))
-    prefix = bool(r.get("tokenizer.ggml.add_space_prefix", True))
-    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(SPACE)] if prefix else [])
-                                          + [normalizers.Replace(" ", SPACE)])
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return tok
+    return spm_tokenizer(tokens, scores, _token(r, "unknown", tokens),
+                         bool(r.get("tokenizer.ggml.add_space_prefix", True)))
 
 
 def _bpe_backend(r: GGUFReader, tokens: list[str]):
