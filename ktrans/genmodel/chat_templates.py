@@ -1,5 +1,5 @@
 """Chat templates gen-model writes for the families whose real templates are long (GLM-4.5,
-MiniMax-M2, Gemma 3). Each is written for this generator: it renders string-content
+MiniMax-M2, Gemma 3, Kimi-K2). Each is written for this generator: it renders string-content
 conversations as the real model's template does, not a copy of it.
 """
 
@@ -118,3 +118,17 @@ GEMMA_TEMPLATE = (
     "{{- '<end_of_turn>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}")
+
+# Kimi-K2's chat format: turns "<|im_ROLE|>NAME<|im_middle|>...<|im_end|>" (<|im_system|> for
+# system and tool messages, NAME the role, or a message's own name), a default system turn when
+# the conversation opens without one; the generation prompt opens an assistant turn.
+KIMI_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- set tag = {'user': '<|im_user|>', 'assistant': '<|im_assistant|>'}.get(m['role'], '<|im_system|>') -%}"
+    "{{- tag + (m['name'] if m['name'] is defined and m['name'] else m['role']) + '<|im_middle|>' -}}"
+    "{{- (m['content'] if m['content'] is string else '') + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}{%- endif -%}")

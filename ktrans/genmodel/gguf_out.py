@@ -104,6 +104,10 @@ def _rope_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, rope_dim: int | None) -
         w.add_uint32(f"{arch}.rope.scaling.original_context_length", int(rs["original_max_position_embeddings"]))
         if rs.get("mscale_all_dim"):
             w.add_float32(f"{arch}.rope.scaling.yarn_log_multiplier", 0.1 * float(rs["mscale_all_dim"]))
+        # as llama.cpp's converter writes them (Kimi-K2: 1 and 1, not YaRN's usual 32 and 1)
+        for key in ("beta_fast", "beta_slow"):
+            if rs.get(key) is not None:
+                w.add_float32(f"{arch}.rope.scaling.yarn_{key}", float(rs[key]))
 
 
 def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:

@@ -126,6 +126,16 @@ _MINIMAX_M2 = {
     "tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0,
 }
 
+# Kimi-K2 (1T-A32B): DeepSeek-V3's architecture with 384 experts (one group), 64 heads, one leading
+# dense layer, its own YaRN and routing scale, and a tiktoken vocabulary split by its own regex
+# (gen-model writes it with tokenizer.ggml.pre = kimi-k2).
+_YARN_KIMI = {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+              "original_max_position_embeddings": 4096, "type": "yarn"}
+_KIMI_K2 = dict(_DEEPSEEK_V3, num_hidden_layers=61, first_k_dense_replace=1, num_attention_heads=64,
+                num_key_value_heads=64, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8, n_group=1,
+                topk_group=1, routed_scaling_factor=2.827, vocab_size=163840, max_position_embeddings=131072,
+                rope_theta=50000.0, rope_scaling=_YARN_KIMI)
+
 # Gemma 3 1B (text only); 4B / 12B / 27B are the text part of the multimodal checkpoints
 # (text_config: wider vocabulary, linear rope scaling x8 on the global layers, 1024-token window;
 # 27B scales queries by hidden / heads = 168, not head_dim). Five local layers per global one
@@ -158,6 +168,13 @@ PRESETS: dict[str, dict[str, dict]] = {
                       qk_nope_head_dim=64, v_head_dim=64, vocab_size=None, max_position_embeddings=8192,
                       rope_scaling=dict(_YARN_V3, factor=4, original_max_position_embeddings=2048)),
         "deepseek-v3": _DEEPSEEK_V3,
+        "kimi-k2": _KIMI_K2,
+        # tiny's shapes with Kimi-K2's routing (one group), YaRN and tokenizer
+        "kimi-k2-tiny": dict(_KIMI_K2, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=8,
+                             num_experts_per_tok=2, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=16,
+                             qk_nope_head_dim=32, v_head_dim=32, vocab_size=None, max_position_embeddings=1024,
+                             rope_scaling=dict(_YARN_KIMI, factor=4.0, original_max_position_embeddings=256)),
     },
     "deepseek_v2": {
         "tiny": dict(_DEEPSEEK_V2_LITE, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,

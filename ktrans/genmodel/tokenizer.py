@@ -8,7 +8,8 @@ is deterministic: the same text gives the same vocab.
 Each architecture splits text as its real tokenizer does (Qwen2's regex + NFC, DeepSeek-V3's and
 DeepSeek LLM's split sequences, GPT-2's regex for Mixtral's stand-in BPE): the pre-tokenizer is
 the one single-file mode rebuilds from the GGUF `tokenizer.ggml.pre` name written beside it. A
-preset of a model whose tokenizer is not its architecture's picks its own family.
+preset of a model whose tokenizer is not its architecture's (Kimi-K2, a DeepSeek-V3 model with
+its own regex) picks its own family.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ktrans.genmodel.chat_templates import GEMMA_TEMPLATE, GLM_TEMPLATE, MINIMAX_TEMPLATE
+from ktrans.genmodel.chat_templates import GEMMA_TEMPLATE, GLM_TEMPLATE, KIMI_TEMPLATE, MINIMAX_TEMPLATE
 from ktrans.genmodel.tokenizer_spm import build_spm
 from ktrans.weights.tokenizer_gguf import hf_pre_tokenizer
 
@@ -133,13 +134,22 @@ _FAMILIES = {
         "eot": "<end_of_turn>", "eot_by_text": True, "spm": True,
         "template": GEMMA_TEMPLATE,
     },
+    # Kimi-K2: byte-level BPE split by its own regex (llama.cpp's pre-tokenizer "kimi-k2"), turns
+    # closed by <|im_end|>, which llama.cpp knows by its text (no eot id in the GGUF).
+    "kimi": {
+        "specials": ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
+                     "<|im_middle|>", "[UNK]", "[PAD]"],
+        "bos": "[BOS]", "eos": "[EOS]", "pad": "[PAD]", "add_bos": False,
+        "eot": "<|im_end|>", "eot_by_text": True,
+        "template": KIMI_TEMPLATE,
+    },
 }
 
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
                 "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3",
                 "gpt_oss": "harmony", "glm4_moe": "glm", "minimax_m2": "minimax", "gemma3": "gemma"}
 # Presets of a model that shares its architecture but not its tokenizer: (arch, preset) -> family.
-_PRESET_FAMILY: dict[tuple[str, str], str] = {}
+_PRESET_FAMILY = {("deepseek_v3", "kimi-k2"): "kimi", ("deepseek_v3", "kimi-k2-tiny"): "kimi"}
 
 # Arch -> llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), as convert_hf_to_gguf writes for the
 # real models. NOTE: real Mixtral files hold a sentencepiece ("llama") vocab; ours is a byte-level
@@ -147,7 +157,7 @@ _PRESET_FAMILY: dict[tuple[str, str], str] = {}
 _ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
              "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o",
              "glm4_moe": "glm4", "minimax_m2": "minimax-m2", "gemma3": "default"}
-_FAMILY_PRE: dict[str, str] = {}       # a preset's own family names its own split
+_FAMILY_PRE = {"kimi": "kimi-k2"}       # a preset's own family names its own split
 
 # tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
 # pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).

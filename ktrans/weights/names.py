@@ -508,6 +508,7 @@ METADATA: dict[str, list[MetaKey]] = {
 #                                   partial_rotary_factor part; deepseek2 uses qk_rope_head_dim above)
 #     rope.scaling.type = "yarn", rope.scaling.factor, rope.scaling.original_context_length,
 #     rope.scaling.yarn_log_multiplier = 0.1 * mscale_all_dim   (when rope_type is yarn)
+#     rope.scaling.yarn_beta_fast, rope.scaling.yarn_beta_slow  (yarn, when the config sets them)
 DERIVED_METADATA = {
     "deepseek2": ["attention.head_count_kv", "attention.q_lora_rank", "attention.key_length",
                   "attention.value_length", "attention.key_length_mla", "expert_gating_func"],
@@ -515,7 +516,8 @@ DERIVED_METADATA = {
     "minimax-m2": ["expert_gating_func"],
     "gemma3": ["rope.freq_base_swa", "attention.sliding_window_pattern", "attention.scale"],
     "all": ["rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
-            "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier"],
+            "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
+            "rope.scaling.yarn_beta_slow"],
 }
 
 

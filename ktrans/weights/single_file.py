@@ -169,8 +169,8 @@ def _minimax_m2(r: GGUFReader, cfg: dict) -> None:
 
 
 # Token texts llama.cpp takes as end of turn when a file names no eot token (it matches them by
-# text): Gemma's.
-_EOT_TEXTS = ("<end_of_turn>",)
+# text): Gemma's, and ChatML's (Kimi-K2's turns end with it, its EOS is [EOS]).
+_EOT_TEXTS = ("<end_of_turn>", "<|im_end|>")
 
 
 def _gemma3(r: GGUFReader, cfg: dict) -> None:

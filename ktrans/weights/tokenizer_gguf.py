@@ -34,6 +34,16 @@ _DEEPSEEK_V3 = [
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 ]
 
+# Kimi-K2 (llama.cpp's "kimi-k2"): runs of Han characters on their own; cased word pieces as
+# GPT-4o's but of letters other than Han (class intersection, onig's `&&`), so kana, hangul and
+# Latin never join a Han run; digit runs of up to 3; punctuation runs with trailing newlines.
+_KIMI_K2 = (r"[\p{Han}]+"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 # DeepSeek LLM / V2 (llama.cpp's "deepseek-llm"): newlines alone, then letter runs of these cased-letter
 # ranges, ASCII/fullwidth punctuation runs, trailing whitespace, CJK/Hangul runs, digit runs.
 # NOTE: the classes are written as regex escapes (\x{...}, onig syntax), ASCII only: several of these
@@ -86,6 +96,9 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "glm4": PreTokenizer((_LLAMA3,), ignore_merges=True),
     # MiniMax-M2: its tokenizer.json splits with GPT-4o's (o200k) regex.
     "minimax-m2": PreTokenizer((_GPT4O,)),
+    # Kimi-K2 (a DeepSeek-V3 model): its tiktoken tokenizer's regex; the GGUF's merges were
+    # recovered from tiktoken's ranks by the converter.
+    "kimi-k2": PreTokenizer((_KIMI_K2,)),
 }
 
 
