@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,9 +38,11 @@ from ktrans.engine.model_runner import ModelRunner
 from ktrans.operators.moe_block import MoEBlock
 from tests.tolerances import LLAMA_CPP_LOGPROB_ATOL, LLAMA_CPP_ROUTER_TIE, LLAMA_CPP_TIE
 
-ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2"]
+ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2", "gemma3"]
 NEW_TOKENS = 24
 TEXT = "Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  你好，世界 🚀 don't"
+# Kimi-K2's split keeps Han runs apart from kana, hangul and Latin letters
+KIMI_TEXT = " GPU加速计算 漢字かな交じり文 中文English混合 2024年6月1日，。！한국어漢字 DON'T we're"
 
 
 def llama_server_path() -> str | None:
@@ -118,13 +121,17 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
-def _piece_bytes(tokenizer, token: int, dec: dict[str, int], added: set[str], rest: bytes) -> bytes:
+def _piece_bytes(tokenizer, token: int, dec: dict[str, int] | None, added: set[str], rest: bytes) -> bytes:
     """A token's bytes in llama-server's output text, where `rest` is what is left of the piece
     being matched: llama.cpp renders some special tokens (gpt-oss's harmony markers, which it
-    makes user-defined) and not others (end-of-turn tokens)."""
+    makes user-defined) and not others (end-of-turn tokens). `dec`: byte-level BPE's map, or
+    None for a sentencepiece vocabulary ('▁' a space, <0xXX> one byte)."""
     piece = tokenizer.id_to_token(token)
     if piece in added:
         return piece.encode() if rest.startswith(piece.encode()) else b""
+    if dec is None:
+        m = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+        return bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode()
     return bytes(dec[c] for c in piece)
 
 
@@ -141,7 +148,8 @@ def _llama_greedy(port: int, prompt: list[int], n: int, tokenizer) -> tuple[list
                                       "return_tokens": True, "cache_prompt": False})
     tokens = [int(t) for t in res["tokens"]]
     assert len(tokens) == n or res["stop_type"] == "eos", (res["stop_type"], tokens)
-    dec, added = _byte_decoder(), {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    spm = json.loads(tokenizer.to_str())["model"].get("byte_fallback", False)
+    dec, added = (None if spm else _byte_decoder()), {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     logprobs, step = {}, 0
     for piece in res.get("completion_probabilities", []):
         want, got, start = bytes(piece["bytes"]), b"", step
@@ -252,15 +260,18 @@ def _compare(ours, our_logps, gaps, theirs, their_logps, quant: str) -> int:
     return min(len(ours), len(theirs))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Kimi-K2's preset: its vocabulary with tokenizer.ggml.pre = kimi-k2 (llama.cpp's own splitter for it)
+@pytest.mark.parametrize("arch", ARCHS + ["deepseek_v3/kimi-k2-tiny"])
 def test_llama_cpp_tokenizes_our_gguf_as_we_do(tiny_model, arch):
-    d = tiny_model(arch, "f32", with_safetensors=False)
-    want = Tokenizer.from_file(str(d / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    arch, _, preset = arch.partition("/")
+    d = tiny_model(arch, "f32", with_safetensors=False, preset=preset or "tiny")
+    full = TEXT + (KIMI_TEXT if preset else "")
+    want = Tokenizer.from_file(str(d / "tokenizer.json")).encode(full, add_special_tokens=False).ids
     with llama_server(d / "model.gguf") as port:
-        got = _post(port, "/tokenize", {"content": TEXT, "add_special": False})["tokens"]
+        got = _post(port, "/tokenize", {"content": full, "add_special": False})["tokens"]
         text = _post(port, "/detokenize", {"tokens": want})["content"]
     assert got == want
-    assert text == TEXT
+    assert text == full
 
 
 @pytest.mark.parametrize("quant", ["f32", "mxfp4"])             # (mxfp4: q8_0 where a model has no experts)
