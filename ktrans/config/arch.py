@@ -33,6 +33,11 @@ class ArchSpec:
     # The HF decoder layer unpacks (hidden, router_scores) from its MLP (gpt-oss) instead of
     # taking one tensor: the MoE block returns what the layer expects.
     mlp_returns_pair: bool = False
+    # How its RMSNorms scale the normalised row x̂ (operators/linear.py rms_norm_for):
+    #   rms         w · x̂, x̂ rounded to x's dtype first (Llama and most others)
+    #   rms_offset  x̂ · (1 + w) in f32, rounded once (Gemma: the weights are stored zero-centred;
+    #               llama.cpp's converter writes 1 + w into the GGUF, names.py's norm_shift)
+    norm: str = "rms"
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -48,6 +53,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("gpt_oss", "gpt_oss", "GptOssForCausalLM", "gpt-oss", True, False, "topk_softmax", "swiglu_oai", True),
         ArchSpec("glm4_moe", "glm4_moe", "Glm4MoeForCausalLM", "glm4moe", True, False, "deepseek_v3"),
         ArchSpec("minimax_m2", "minimax_m2", "MiniMaxM2ForCausalLM", "minimax-m2", True, False, "sigmoid_topk"),
+        ArchSpec("gemma3", "gemma3_text", "Gemma3ForCausalLM", "gemma3", False, False, norm="rms_offset"),
     ]
 }
 

@@ -117,7 +117,7 @@ def _generate_into(tmp: Path, arch: str, preset: str, quant_name: str, layers, s
 
     spec = get_arch(arch)
     cfg = preset_config(arch, preset, layers)
-    tok = build_tokenizer(arch, tmp)
+    tok = build_tokenizer(arch, tmp, preset)
     cfg = _write_config(tmp, cfg, tok, quant_name)
     config = transformers.AutoConfig.from_pretrained(tmp)
     units = planmod.build_plan(config, spec.gguf_arch, quant_name, _hf_shapes(config))
@@ -144,7 +144,7 @@ def total_gguf_bytes(arch: str, preset: str, quant_name: str, layers: int | None
     import transformers
 
     cfg = preset_config(arch, preset, layers)
-    cfg["vocab_size"] = cfg.get("vocab_size") or trained_vocab_size(arch)
+    cfg["vocab_size"] = cfg.get("vocab_size") or trained_vocab_size(arch, preset)
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     units = planmod.build_plan(config, get_arch(arch).gguf_arch, quant_name, _hf_shapes(config))
     return sum(nbytes(q, s) for u in units for _, s, q in u.gguf)

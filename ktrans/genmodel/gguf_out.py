@@ -95,12 +95,19 @@ def _rope_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, rope_dim: int | None) -
     if rope_dim is not None:
         w.add_uint32(f"{arch}.rope.dimension_count", rope_dim)
     rs = cfg.get("rope_scaling")
+    if rs and rs.get("type", rs.get("rope_type")) == "linear":
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", float(rs["factor"]))
     if rs and rs.get("type", rs.get("rope_type")) == "yarn":
         w.add_string(f"{arch}.rope.scaling.type", "yarn")
         w.add_float32(f"{arch}.rope.scaling.factor", float(rs["factor"]))
         w.add_uint32(f"{arch}.rope.scaling.original_context_length", int(rs["original_max_position_embeddings"]))
         if rs.get("mscale_all_dim"):
             w.add_float32(f"{arch}.rope.scaling.yarn_log_multiplier", 0.1 * float(rs["mscale_all_dim"]))
+        # as llama.cpp's converter writes them (Kimi-K2: 1 and 1, not YaRN's usual 32 and 1)
+        for key in ("beta_fast", "beta_slow"):
+            if rs.get(key) is not None:
+                w.add_float32(f"{arch}.rope.scaling.yarn_{key}", float(rs[key]))
 
 
 def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
@@ -124,24 +131,50 @@ def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
         if arch in ("glm4moe", "minimax-m2"):
             w.add_uint32(f"{arch}.expert_gating_func", int(gguf.ExpertGatingFuncType.SIGMOID))
         _rope_meta(w, arch, cfg, names.rotary_dim(config))
+    if arch == "gemma3":
+        _gemma3_meta(w, arch, config)
+
+
+def _gemma3_meta(w: gguf.GGUFWriter, arch: str, config) -> None:
+    """The local layers' rope base; which layers slide, and the attention scale, where llama.cpp's
+    defaults (every 6th layer global; gemma3_query_scalar) do not say them (names.py
+    DERIVED_METADATA)."""
+    local = names.rope_parameters(config)[1]
+    if local is not None:
+        w.add_float32(f"{arch}.rope.freq_base_swa", float(local["rope_theta"]))
+    slides = [t == "sliding_attention" for t in config.layer_types]
+    if slides != [i % 6 < 5 for i in range(len(slides))]:
+        w.add_array(f"{arch}.attention.sliding_window_pattern", slides)
+    implied = names.gemma3_query_scalar(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                                        config.head_dim)
+    if config.query_pre_attn_scalar != implied:         # e.g. Gemma 3 27B cut to fewer layers
+        w.add_float32(f"{arch}.attention.scale", float(config.query_pre_attn_scalar) ** -0.5)
 
 
 def _tokenizer_meta(w: gguf.GGUFWriter, tok, vocab_size: int) -> None:
     # NOTE: llama.cpp needs one token per embedding row; rows past the trained vocabulary get
     # placeholder tokens of type UNUSED (never produced by encoding).
+    pad = vocab_size - len(tok.tokens)
     tokens = list(tok.tokens) + [f"[PAD{i}]" for i in range(len(tok.tokens), vocab_size)]
-    types = [gguf.TokenType.NORMAL] * len(tok.tokens) + [gguf.TokenType.UNUSED] * (vocab_size - len(tok.tokens))
-    for i in tok.special_ids:
-        types[i] = gguf.TokenType.CONTROL
-    w.add_tokenizer_model("gpt2")
+    if tok.types is not None:
+        types = list(tok.types) + [gguf.TokenType.UNUSED] * pad
+    else:
+        types = [gguf.TokenType.NORMAL] * len(tok.tokens) + [gguf.TokenType.UNUSED] * pad
+        for i in tok.special_ids:
+            types[i] = gguf.TokenType.CONTROL
+    w.add_tokenizer_model(tok.model)
     w.add_tokenizer_pre(tok.pre)       # names the split the BPE was trained with (tokenizer.py)
     w.add_token_list(tokens)
     w.add_token_types([int(t) for t in types])
-    w.add_token_merges(tok.merges)
+    if tok.model == "llama":           # sentencepiece: scores, no merges, no space prepended (Gemma)
+        w.add_token_scores([float(x) for x in tok.scores] + [0.0] * pad)
+        w.add_add_space_prefix(False)
+    else:
+        w.add_token_merges(tok.merges)
     if tok.bos_id is not None:
         w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
-    if tok.eot_id is not None:
+    if tok.eot_id is not None and tok.eot_in_gguf:
         w.add_eot_token_id(tok.eot_id)
     if tok.eom_id is not None:
         w.add_eom_token_id(tok.eom_id)

@@ -6,7 +6,8 @@ tensor(s):
           experts' gate_up_proj). Produced in row chunks; a 3-D expert tensor [E, R, C] goes to
           safetensors as E per-expert [R, C] tensors, as real checkpoints store experts.
   whole   a tensor that needs a reshuffle between layouts (MLA kv_b split, llama's RoPE row
-          permutation, qwen2moe's flattened shared-expert gate): generated whole (all are small),
+          permutation, qwen2moe's flattened shared-expert gate) or a shift (Gemma's norms, stored
+          as 1 + w; generated as w around 0): generated whole (all are small),
           transformed with names.hf_to_gguf, and its safetensors copy rebuilt with names.gguf_to_hf
           from the GGUF data, so both files hold the same numbers.
   stream with a `layout`: gpt-oss's experts, whose HF tensors are input-major (transpose) and
@@ -100,6 +101,8 @@ def build_plan(config, gguf_arch: str, quant_name: str, shapes: dict[str, tuple[
             units.append(_stream(hf, hf, gnames[0], shape, quant_name, config, [hf], L))
         else:
             mean, std = init.init_std(hf, shape[-1], L)
+            if transform == "norm_shift":       # Gemma: the HF weight is the scale minus one
+                mean -= 1.0
             parts = names.hf_to_gguf(transform, np.zeros(shape, np.float32), config)
             u = Unit("whole", hf, shape, mean, std, transform)
             u.gguf = [(g, p.shape, tensor_qtype(g, p.shape, quant_name, config)) for g, p in zip(gnames, parts)]

@@ -54,7 +54,7 @@ class PlannedSource(WeightSource):
         if cfg.get("vocab_size") is None:                 # tiny/small: the generated tokenizer's size
             from ktrans.genmodel.tokenizer import trained_vocab_size
 
-            cfg["vocab_size"] = trained_vocab_size(arch)
+            cfg["vocab_size"] = trained_vocab_size(arch, preset)
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         return cls(config, quant, label=f"planned {arch} {preset} {quant} weights")
 

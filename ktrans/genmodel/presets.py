@@ -126,6 +126,32 @@ _MINIMAX_M2 = {
     "tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0,
 }
 
+# Kimi-K2 (1T-A32B): DeepSeek-V3's architecture with 384 experts (one group), 64 heads, one leading
+# dense layer, its own YaRN and routing scale, and a tiktoken vocabulary split by its own regex
+# (gen-model writes it with tokenizer.ggml.pre = kimi-k2).
+_YARN_KIMI = {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+              "original_max_position_embeddings": 4096, "type": "yarn"}
+_KIMI_K2 = dict(_DEEPSEEK_V3, num_hidden_layers=61, first_k_dense_replace=1, num_attention_heads=64,
+                num_key_value_heads=64, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8, n_group=1,
+                topk_group=1, routed_scaling_factor=2.827, vocab_size=163840, max_position_embeddings=131072,
+                rope_theta=50000.0, rope_scaling=_YARN_KIMI)
+
+# Gemma 3 1B (text only); 4B / 12B / 27B are the text part of the multimodal checkpoints
+# (text_config: wider vocabulary, linear rope scaling x8 on the global layers, 1024-token window;
+# 27B scales queries by hidden / heads = 168, not head_dim). Five local layers per global one
+# (sliding_window_pattern 6), GELU-tanh MLPs, tied embeddings, no softcapping.
+_GEMMA3 = {
+    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+    "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+    "max_position_embeddings": 32768, "vocab_size": 262144, "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "tie_word_embeddings": True,
+}
+_GEMMA3_4B = dict(_GEMMA3, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, sliding_window=1024, rope_scaling={"factor": 8.0, "rope_type": "linear"},
+                  max_position_embeddings=131072, vocab_size=262208)
+
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
 PRESETS: dict[str, dict[str, dict]] = {
     "deepseek_v3": {
@@ -142,6 +168,13 @@ PRESETS: dict[str, dict[str, dict]] = {
                       qk_nope_head_dim=64, v_head_dim=64, vocab_size=None, max_position_embeddings=8192,
                       rope_scaling=dict(_YARN_V3, factor=4, original_max_position_embeddings=2048)),
         "deepseek-v3": _DEEPSEEK_V3,
+        "kimi-k2": _KIMI_K2,
+        # tiny's shapes with Kimi-K2's routing (one group), YaRN and tokenizer
+        "kimi-k2-tiny": dict(_KIMI_K2, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=8,
+                             num_experts_per_tok=2, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=16,
+                             qk_nope_head_dim=32, v_head_dim=32, vocab_size=None, max_position_embeddings=1024,
+                             rope_scaling=dict(_YARN_KIMI, factor=4.0, original_max_position_embeddings=256)),
     },
     "deepseek_v2": {
         "tiny": dict(_DEEPSEEK_V2_LITE, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -253,6 +286,24 @@ PRESETS: dict[str, dict[str, dict]] = {
                       num_key_value_heads=4, head_dim=64, rotary_dim=32, num_local_experts=32, num_experts_per_tok=4,
                       vocab_size=None, max_position_embeddings=8192),
         "minimax-m2": _MINIMAX_M2,
+    },
+    # NOTE: tiny has six layers so that llama.cpp's default pattern (no key in the file) gives one
+    # global layer, an 8-token window shorter than the tests' prompts, and the 4B's linear scaling
+    # on the global layer; small keeps the 1B's window with a pattern of 2 (written as a per-layer
+    # key). Both scale queries by head_dim, as llama.cpp assumes for any depth but 62.
+    "gemma3": {
+        "tiny": dict(_GEMMA3_4B, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=8, vocab_size=None,
+                     max_position_embeddings=1024),
+        "small": dict(_GEMMA3, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=128, query_pre_attn_scalar=128, sliding_window_pattern=2,
+                      vocab_size=None, max_position_embeddings=8192),
+        "gemma-3-1b": _GEMMA3,
+        "gemma-3-4b": _GEMMA3_4B,
+        "gemma-3-12b": dict(_GEMMA3_4B, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                            num_attention_heads=16, num_key_value_heads=8),
+        "gemma-3-27b": dict(_GEMMA3_4B, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+                            num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
     },
 }
 

@@ -1,12 +1,15 @@
-"""Byte-level BPE tokenizer for generated models, with each family's special tokens and chat template.
+"""Tokenizers for generated models, with each family's special tokens and chat template.
 
 The BPE is trained with the `tokenizers` library on a small embedded multilingual text. Being
-byte-level, it encodes any Unicode text and decodes it back exactly, so tests can round-trip
-ASCII, CJK and emoji. Training is deterministic: the same text gives the same vocab.
+byte-level (or sentencepiece with byte fallback, tokenizer_spm.py: Gemma 3), it encodes any
+Unicode text and decodes it back exactly, so tests can round-trip ASCII, CJK and emoji. Training
+is deterministic: the same text gives the same vocab.
 
 Each architecture splits text as its real tokenizer does (Qwen2's regex + NFC, DeepSeek-V3's and
 DeepSeek LLM's split sequences, GPT-2's regex for Mixtral's stand-in BPE): the pre-tokenizer is
-the one single-file mode rebuilds from the GGUF `tokenizer.ggml.pre` name written beside it.
+the one single-file mode rebuilds from the GGUF `tokenizer.ggml.pre` name written beside it. A
+preset of a model whose tokenizer is not its architecture's (Kimi-K2, a DeepSeek-V3 model with
+its own regex) picks its own family.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktrans.genmodel.chat_templates import GEMMA_TEMPLATE, GLM_TEMPLATE, KIMI_TEMPLATE, MINIMAX_TEMPLATE
+from ktrans.genmodel.tokenizer_spm import build_spm
 from ktrans.weights.tokenizer_gguf import hf_pre_tokenizer
 
 _CORPUS = """\
@@ -35,105 +40,6 @@ Bonjour le monde ! Ceci est une phrase en français. ¿Qué tal? Ça va très bi
 Grüße aus München: Größe, Straße, Übung. Emoji: 😀 😃 🚀 🔥 👍 🎉 ❤️ 🤖 🌍 ✨ 👨‍👩‍👧 🇫🇷
 Math: ∑ ∫ √ π ∞ ≈ ≠ ≤ ≥ α β γ δ λ μ σ ω. Arrows → ← ↑ ↓. Box ■ □ ● ○ ★ ☆.
 """
-
-# GLM-4.5's chat format: "[gMASK]<sop>", the tools block in a system turn, "<|role|>\n" headers
-# with nothing closing a turn (the next header does: <|user|> and <|observation|> end generation),
-# each assistant turn opening with its reasoning ("<think>...</think>", kept only after the last
-# user turn, empty otherwise), tool calls as <tool_call>NAME then <arg_key>/<arg_value> pairs,
-# tool results in one <|observation|> turn, and enable_thinking=false as "/nothink" on user
-# turns plus an empty think block after the generation prompt. Written for this generator; it
-# renders string-content conversations as GLM-4.5's template does.
-_GLM_TOOLS = (
-    "<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
-_GLM_CALL_FORMAT = (
-    "</tools>\n\nFor each function call, output the function name and arguments within the following XML "
-    "format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}</arg_value>\n"
-    "<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>")
-_GLM_TEMPLATE = (
-    "{{- '[gMASK]<sop>' -}}"
-    "{%- if tools -%}{{- '" + _GLM_TOOLS + "' -}}"
-    "{%- for tool in tools -%}{{- tool | tojson(ensure_ascii=False) + '\n' -}}{%- endfor -%}"
-    "{{- '" + _GLM_CALL_FORMAT + "' -}}{%- endif -%}"
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set no_think = enable_thinking is defined and not enable_thinking -%}"
-    "{%- for m in messages -%}"
-    "{%- set text = m['content'] if m['content'] is string else '' -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{{- '<|user|>\n' + text -}}{{- '/nothink' if no_think and not text.endswith('/nothink') else '' -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{%- set reasoning = m['reasoning_content'] if m['reasoning_content'] is string else '' -%}"
-    "{%- if m['reasoning_content'] is not string and '</think>' in text -%}"
-    "{%- set reasoning = text.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}"
-    "{%- set text = text.split('</think>')[-1].lstrip('\n') -%}{%- endif -%}"
-    "{{- '<|assistant|>' -}}"
-    "{%- if loop.index0 > ns.last_user and reasoning -%}{{- '\n<think>' + reasoning.strip() + '</think>' -}}"
-    "{%- else -%}{{- '\n<think></think>' -}}{%- endif -%}"
-    "{%- if text.strip() -%}{{- '\n' + text.strip() -}}{%- endif -%}"
-    "{%- for tc in m['tool_calls'] or [] -%}{%- set f = tc['function'] if tc['function'] else tc -%}"
-    "{{- '\n<tool_call>' + f['name'] -}}"
-    "{%- for k, v in (f['arguments'] or {}).items() -%}"
-    "{{- '\n<arg_key>' + k + '</arg_key>\n<arg_value>' + (v if v is string else v | tojson(ensure_ascii=False))"
-    " + '</arg_value>' -}}{%- endfor -%}{{- '\n</tool_call>' -}}{%- endfor -%}"
-    "{%- elif m['role'] == 'tool' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|observation|>' -}}{%- endif -%}"
-    "{{- '\n<tool_response>\n' + text + '\n</tool_response>' -}}"
-    "{%- elif m['role'] == 'system' -%}{{- '<|system|>\n' + text -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{{- '\n<think></think>' if no_think else '' -}}"
-    "{%- endif -%}")
-
-# MiniMax-M2's chat format: "]~!b[" then turns "]~b]ROLE\n...[e~[\n" (ai for the assistant), a
-# system turn always (its default identity when the conversation has none), the tools in it as
-# <tool> JSON lines, tool calls as <minimax:tool_call> with <invoke name=...> and <parameter
-# name=...> elements, tool results as <response> elements of one tool turn, reasoning kept as
-# "<think>\n...\n</think>\n\n" only after the last user turn, and the generation prompt opening
-# the reasoning ("]~b]ai\n<think>\n"). Written for this generator; it renders string-content
-# conversations as MiniMax-M2's template does.
-_MINIMAX_TOOLS = (
-    "\n\n# Tools\nYou may call one or more tools to assist with the user query.\nHere are the tools available in "
-    "JSONSchema format:\n\n<tools>\n")
-_MINIMAX_CALL_FORMAT = (
-    "</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n<minimax:tool_call>\n"
-    "<invoke name=\"tool-name-1\">\n<parameter name=\"param-key-1\">param-value-1</parameter>\n"
-    "<parameter name=\"param-key-2\">param-value-2</parameter>\n...\n</invoke>\n</minimax:tool_call>")
-_MINIMAX_TEMPLATE = (
-    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
-    "{%- set conv = messages[1:] if has_system else messages -%}"
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in conv -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- ']~!b[]~b]system\\n' + (messages[0]['content'] if has_system else 'You are a helpful assistant.') -}}"
-    "{%- if tools -%}{{- '" + _MINIMAX_TOOLS.replace("\n", "\\n") + "' -}}"
-    "{%- for tool in tools -%}{{- '<tool>' + (tool['function'] | tojson) + '</tool>\\n' -}}{%- endfor -%}"
-    "{{- '" + _MINIMAX_CALL_FORMAT.replace("\n", "\\n").replace('"', '\\"') + "' -}}{%- endif -%}"
-    "{{- '[e~[\\n' -}}"
-    "{%- for m in conv -%}"
-    "{%- set text = m['content'] if m['content'] is string else '' -%}"
-    "{%- if m['role'] == 'assistant' -%}"
-    "{%- set reasoning = m['reasoning_content'] if m['reasoning_content'] is string else '' -%}"
-    "{%- if m['reasoning_content'] is not string and '</think>' in text -%}"
-    "{%- set reasoning = text.split('</think>')[0].strip('\\n').split('<think>')[-1].strip('\\n') -%}"
-    "{%- set text = text.split('</think>')[-1].strip('\\n') -%}{%- endif -%}"
-    "{{- ']~b]ai\\n' -}}"
-    "{%- if reasoning and loop.index0 > ns.last_user -%}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' -}}"
-    "{%- endif -%}{{- text -}}"
-    "{%- if m['tool_calls'] -%}{{- '\\n<minimax:tool_call>\\n' -}}"
-    "{%- for tc in m['tool_calls'] -%}{%- set f = tc['function'] if tc['function'] else tc -%}"
-    "{{- '<invoke name=\"' + f['name'] + '\">\\n' -}}"
-    "{%- if f['arguments'] is mapping -%}{%- for k, v in f['arguments'].items() -%}"
-    "{{- '<parameter name=\"' + k + '\">' + (v if v is string else v | tojson) + '</parameter>\\n' -}}"
-    "{%- endfor -%}{%- endif -%}{{- '</invoke>\\n' -}}{%- endfor -%}{{- '</minimax:tool_call>' -}}{%- endif -%}"
-    "{{- '[e~[\\n' -}}"
-    "{%- elif m['role'] == 'tool' -%}"
-    "{%- if loop.first or conv[loop.index0 - 1]['role'] != 'tool' -%}{{- ']~b]tool' -}}{%- endif -%}"
-    "{{- '\\n<response>' + text + '</response>' -}}"
-    "{%- if loop.last or conv[loop.index0 + 1]['role'] != 'tool' -%}{{- '[e~[\\n' -}}{%- endif -%}"
-    "{%- elif m['role'] == 'user' -%}{{- ']~b]user\\n' + text + '[e~[\\n' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- ']~b]ai\\n<think>\\n' -}}{%- endif -%}")
 
 # Family -> special tokens (ids are assigned in this order, starting at 0) and roles.
 _FAMILIES = {
@@ -212,25 +118,46 @@ _FAMILIES = {
         # writes it), end-of-turn <|user|> and end-of-message <|observation|> besides EOS.
         "bos": "[gMASK]", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False,
         "eot": "<|user|>", "eom": "<|observation|>",
-        "template": _GLM_TEMPLATE,
+        "template": GLM_TEMPLATE,
     },
     "minimax": {
         "specials": ["]~!b[", "]~b]", "[e~[", "<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"],
         "bos": "]~!b[", "eos": "[e~[", "pad": None, "add_bos": False,
-        "template": _MINIMAX_TEMPLATE,
+        "template": MINIMAX_TEMPLATE,
+    },
+    # Gemma 3: a sentencepiece vocabulary (tokenizer_spm.py), BOS added, <end_of_turn> ending a
+    # turn. NOTE: as llama.cpp's converter writes Gemma files: no eot id in the GGUF (llama.cpp
+    # and single-file mode know <end_of_turn> by its text).
+    "gemma": {
+        "specials": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        "bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>", "add_bos": True,
+        "eot": "<end_of_turn>", "eot_by_text": True, "spm": True,
+        "template": GEMMA_TEMPLATE,
+    },
+    # Kimi-K2: byte-level BPE split by its own regex (llama.cpp's pre-tokenizer "kimi-k2"), turns
+    # closed by <|im_end|>, which llama.cpp knows by its text (no eot id in the GGUF).
+    "kimi": {
+        "specials": ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
+                     "<|im_middle|>", "[UNK]", "[PAD]"],
+        "bos": "[BOS]", "eos": "[EOS]", "pad": "[PAD]", "add_bos": False,
+        "eot": "<|im_end|>", "eot_by_text": True,
+        "template": KIMI_TEMPLATE,
     },
 }
 
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
                 "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3",
-                "gpt_oss": "harmony", "glm4_moe": "glm", "minimax_m2": "minimax"}
+                "gpt_oss": "harmony", "glm4_moe": "glm", "minimax_m2": "minimax", "gemma3": "gemma"}
+# Presets of a model that shares its architecture but not its tokenizer: (arch, preset) -> family.
+_PRESET_FAMILY = {("deepseek_v3", "kimi-k2"): "kimi", ("deepseek_v3", "kimi-k2-tiny"): "kimi"}
 
 # Arch -> llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), as convert_hf_to_gguf writes for the
 # real models. NOTE: real Mixtral files hold a sentencepiece ("llama") vocab; ours is a byte-level
 # BPE stand-in, so it names the split it really uses (GPT-2's).
 _ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
              "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o",
-             "glm4_moe": "glm4", "minimax_m2": "minimax-m2"}
+             "glm4_moe": "glm4", "minimax_m2": "minimax-m2", "gemma3": "default"}
+_FAMILY_PRE = {"kimi": "kimi-k2"}       # a preset's own family names its own split
 
 # tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
 # pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).
@@ -242,9 +169,9 @@ VOCAB_TARGET = 1024
 @dataclass
 class TokenizerInfo:
     """What config.json and the GGUF tokenizer metadata need from the tokenizer."""
-    tokens: list[str]           # id -> token string (byte-level alphabet), len == trained size
+    tokens: list[str]           # id -> token string (byte-level alphabet, or sentencepiece pieces)
     pre: str                    # llama.cpp pre-tokenizer name (tokenizer.ggml.pre)
-    merges: list[str]           # "a b" BPE merges, in rank order
+    merges: list[str]           # "a b" BPE merges, in rank order (none for a sentencepiece vocabulary)
     special_ids: list[int]      # ids of control tokens
     bos_id: int | None
     eos_id: int
@@ -252,8 +179,12 @@ class TokenizerInfo:
     unk_id: int | None
     add_bos: bool
     chat_template: str
-    eot_id: int | None = None   # end of turn, llama.cpp's tokenizer.ggml.eot_token_id (GLM: <|user|>)
+    eot_id: int | None = None   # end of turn (GLM: <|user|>, Gemma: <end_of_turn>)
     eom_id: int | None = None   # end of message, tokenizer.ggml.eom_token_id (GLM: <|observation|>)
+    eot_in_gguf: bool = True    # write tokenizer.ggml.eot_token_id (False: llama.cpp finds it by text)
+    model: str = "gpt2"         # tokenizer.ggml.model: gpt2 (byte-level BPE) | llama (sentencepiece)
+    scores: list[float] | None = None   # llama: one score per piece
+    types: list[int] | None = None      # llama: llama.cpp token type per piece
 
     def stop_ids(self) -> list[int]:
         """Every token that ends a generation: EOS, then end of turn / message (config's eos_token_id)."""
@@ -278,30 +209,33 @@ def _train(specials: list[str], pre: str):
     return tok
 
 
-def chat_template(arch: str) -> str:
-    """The chat template build_tokenizer writes for `arch`."""
-    return _FAMILIES[_ARCH_FAMILY[arch]]["template"]
+def _family(arch: str, preset: str | None) -> str:
+    return _PRESET_FAMILY.get((arch, preset), _ARCH_FAMILY[arch])
 
 
-def trained_vocab_size(arch: str) -> int:
+def _pre(arch: str, preset: str | None) -> str:
+    return _FAMILY_PRE.get(_family(arch, preset), _ARCH_PRE[arch])
+
+
+def chat_template(arch: str, preset: str | None = None) -> str:
+    """The chat template build_tokenizer writes for `arch` (and `preset`)."""
+    return _FAMILIES[_family(arch, preset)]["template"]
+
+
+def trained_vocab_size(arch: str, preset: str | None = None) -> int:
     """Size of the tokenizer build_tokenizer writes for `arch` (the tiny/small presets' vocab)."""
-    return _train(_FAMILIES[_ARCH_FAMILY[arch]]["specials"], _ARCH_PRE[arch]).get_vocab_size()
+    import tempfile
+
+    fam = _FAMILIES[_family(arch, preset)]
+    if fam.get("spm"):
+        with tempfile.TemporaryDirectory() as d:
+            return len(build_spm(fam, _CORPUS, VOCAB_TARGET, Path(d))[0])
+    return _train(fam["specials"], _pre(arch, preset)).get_vocab_size()
 
 
-def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
-    """Train the tokenizer for `arch`'s family and write tokenizer.json + tokenizer_config.json."""
-    from tokenizers import processors
-
-    fam = _FAMILIES[_ARCH_FAMILY[arch]]
-    tok = _train(fam["specials"], _ARCH_PRE[arch])
-    ids = {t: tok.token_to_id(t) for t in fam["specials"]}
-    if fam["add_bos"]:
-        bos = fam["bos"]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])])
-    tok.save(str(out_dir / "tokenizer.json"))
+def _write_config(fam: dict, family: str, out_dir: Path) -> None:
     tcfg = {
-        "tokenizer_class": _CLASS.get(_ARCH_FAMILY[arch], "PreTrainedTokenizerFast"),
+        "tokenizer_class": _CLASS.get(family, "PreTrainedTokenizerFast"),
         "bos_token": fam["bos"], "eos_token": fam["eos"], "pad_token": fam["pad"],
         "unk_token": fam.get("unk"), "add_bos_token": fam["add_bos"], "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 131072,
@@ -309,14 +243,36 @@ def build_tokenizer(arch: str, out_dir: Path) -> TokenizerInfo:
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
 
-    model = json.loads(tok.to_str())["model"]
-    vocab = model["vocab"]
-    tokens = [""] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+
+def build_tokenizer(arch: str, out_dir: Path, preset: str | None = None) -> TokenizerInfo:
+    """Train the tokenizer for `arch`'s family (or `preset`'s own) and write tokenizer.json +
+    tokenizer_config.json."""
+    from tokenizers import processors
+
+    family = _family(arch, preset)
+    fam = _FAMILIES[family]
+    _write_config(fam, family, out_dir)
+    extra: dict = {}
+    if fam.get("spm"):
+        tokens, scores, types = build_spm(fam, _CORPUS, VOCAB_TARGET, out_dir)
+        merges, extra = [], {"model": "llama", "scores": scores, "types": types}
+    else:
+        tok = _train(fam["specials"], _pre(arch, preset))
+        if fam["add_bos"]:
+            bos = fam["bos"]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.save(str(out_dir / "tokenizer.json"))
+        model = json.loads(tok.to_str())["model"]
+        vocab = model["vocab"]
+        tokens = [""] * len(vocab)
+        for t, i in vocab.items():
+            tokens[i] = t
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    ids = {t: tokens.index(t) for t in fam["specials"]}
     return TokenizerInfo(
-        tokens=tokens, pre=_ARCH_PRE[arch], merges=merges, special_ids=sorted(ids.values()),
+        tokens=tokens, pre=_pre(arch, preset), merges=merges, special_ids=sorted(ids.values()),
         bos_id=ids.get(fam["bos"]), eos_id=ids[fam["eos"]], pad_id=ids.get(fam["pad"]),
         unk_id=ids.get(fam.get("unk")), add_bos=fam["add_bos"], chat_template=fam["template"],
-        eot_id=ids.get(fam.get("eot")), eom_id=ids.get(fam.get("eom")))
+        eot_id=ids.get(fam.get("eot")), eom_id=ids.get(fam.get("eom")), eot_in_gguf=not fam.get("eot_by_text"),
+        **extra)

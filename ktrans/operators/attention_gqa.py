@@ -1,8 +1,9 @@
 """`gqa_attention`: grouped-query attention (Qwen2/Qwen2-MoE/Qwen3-MoE/Mixtral/gpt-oss/GLM-4.5/
-MiniMax-M2) over the paged KV cache.
+MiniMax-M2/Gemma 3) over the paged KV cache.
 
 Per step: project the packed tokens, apply the q/k RMSNorm where the model has one (per head:
-Qwen3, GLM-4.5; over all heads of a token: MiniMax-M2), rotate with the model's own rotary tables
+Qwen3, GLM-4.5, Gemma 3 in its (1 + w) form; over all heads of a token: MiniMax-M2), rotate with
+the model's own rotary tables of this layer's kind (Gemma 3: local and global bases)
 (all of each head, or its first part: partial rotary), write K/V of the new tokens into their slots,
 then let each request attend causally to its own cached + new tokens. `forward` batches all
 single-token (decode) requests into one padded gather (or the paged Triton kernel on CUDA) and
@@ -11,7 +12,9 @@ requests one by one with an explicit softmax.
 
 A sliding layer (its kind in the KV cache: kv_cache/layers.py) sees only the last `window`
 tokens; gpt-oss's attention sinks add one learned logit per head to the softmax. Every path
-(padded, paged kernel, SDPA, oracle) applies both.
+(padded, paged kernel, SDPA, oracle) applies both. The softmax scale is the HF module's own
+(Gemma 3: query_pre_attn_scalar^-1/2). Softcapped attention logits (Gemma 2's
+attn_logit_softcapping) are not implemented: a module that sets them is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from ktrans.errors import KtransError
 from ktrans.kv_cache.layers import layer_kinds
 from ktrans.operators.attention_mla import _strip_batch, choose_kernels, masked_attention, sdpa_prefill
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import ProjectionOwner, resolve_dtype, rms_norm
+from ktrans.operators.linear import (ProjectionOwner, offset_norms, resolve_dtype, rms_norm, rms_norm_for,
+                                    rms_norm_offset)
 from ktrans.operators.registry import register_operator
 from ktrans.operators.rope import apply_rope, rope_style
 
@@ -54,7 +58,14 @@ class GQAAttention(ProjectionOwner, Operator):
         self.has_o_bias = orig_module.o_proj.bias is not None
         self.dtype = resolve_dtype(dtype, torch.device(device))
         self._set_weights_mode(key, weights)
+        if getattr(orig_module, "attn_logit_softcapping", None) is not None:
+            raise KtransError(f"{key}: attention logit softcapping ({orig_module.attn_logit_softcapping}) is not "
+                              f"implemented in gqa_attention; only configs with attn_logit_softcapping null run")
         choose_kernels(self, key, attn_backend)
+        # Gemma 3: q/k norms scale by (1 + w) in f32 (operators/linear.py rms_norm_offset).
+        self.offset_norms = self.qk_norm and offset_norms(config)
+        if self.offset_norms:
+            self._rms = rms_norm_for(self.device, offset=True)
         self.has_sinks = getattr(orig_module, "sinks", None) is not None               # gpt-oss
         # NOTE: the window is the KV cache's layer kind (read per step); the HF module's own must
         # agree. Mixtral keeps its window on the config, the others on the module (set only for
@@ -125,7 +136,7 @@ class GQAAttention(ProjectionOwner, Operator):
         k = self._proj(x, "k_proj", self.num_kv_heads, native)                            # [T, Hkv, d]
         v = self._proj(x, "v_proj", self.num_kv_heads, native)
         if self.qk_norm:
-            norm = rms_norm if native else self._rms
+            norm = (rms_norm_offset if self.offset_norms else rms_norm) if native else self._rms
             t = x.shape[0]
             if self.qk_norm_whole:                 # over [T, heads * d], then back to heads
                 q = norm(q.reshape(t, -1), self._p("q_norm.weight"), self.eps).view(t, self.num_heads, -1)

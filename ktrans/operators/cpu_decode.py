@@ -92,9 +92,9 @@ class CpuDecodeStep:
         from ktrans.operators.linear_cpu import CPUEmbedding
 
         inner, config = model.model, model.config
-        _need(getattr(config, "hidden_act", "silu") == "silu", "the MLP activation is not SiLU")
         emb = inner.embed_tokens
         _need(isinstance(emb, CPUEmbedding) and emb.raw is not None, "embed_tokens is not cpu_embedding")
+        _check_model(config, rotary, emb)
         head = _lin(model.lm_head)
         pool = _pool_of(model)
         num_slots = kv.num_pages * kv.page_size
@@ -140,6 +140,27 @@ class CpuDecodeStep:
         except ValueError as e:
             raise KtransError(f"fused CPU decode step: {e}") from None
         return out
+
+
+def _check_model(config, rotary, emb) -> None:
+    """The model-wide parts the C++ step computes: SiLU MLPs, w · x̂ RMSNorms, unscaled
+    embeddings, one rotary table for every layer, plain logits. Gemma 3 has none of these
+    (GELU MLPs, (1 + w) norms, sqrt(H)-scaled embeddings, local and global rope bases): its decode
+    runs the module path, and the reason names it."""
+    from ktrans.config.arch import arch_from_config
+    from ktrans.operators.linear import offset_norms
+    from ktrans.operators.mlp import mlp_activation
+
+    act = mlp_activation(config) or "silu"
+    why = [w for w, bad in (
+        (f"its MLP activation is {act}, not SiLU", act not in ("silu", "swish")),
+        ("its RMSNorms scale by (1 + w)", offset_norms(config)),
+        ("its embeddings are scaled", emb.scale is not None),
+        ("its local and global layers rotate with different bases",
+         isinstance(getattr(rotary, "rope_type", None), dict)),
+        ("its logits are softcapped", bool(getattr(config, "final_logit_softcapping", None))),
+    ) if bad]
+    _need(not why, f"{arch_from_config(config).name}: the fused step does not compute this model ({'; '.join(why)})")
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:

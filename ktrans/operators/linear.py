@@ -246,17 +246,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-def rms_norm_for(device: torch.device):
-    """The RMSNorm an operator on `device` uses: one Triton kernel on CUDA (same numerics,
-    ktrans.kernels.rms_norm), torch's ops elsewhere (and as the oracle)."""
+def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm exactly as transformers computes it: the normalised row times (1 + weight),
+    all in f32, rounded to x's dtype once. `weight` is zero-centred (HF's stored convention)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def offset_norms(config) -> bool:
+    """Whether the config's architecture scales its RMSNorms by (1 + w) (ArchSpec.norm)."""
+    from ktrans.config.arch import arch_from_config
+
+    return arch_from_config(config).norm == "rms_offset"
+
+
+def rms_norm_for(device: torch.device, offset: bool = False):
+    """The RMSNorm an operator on `device` uses (`offset`: Gemma's (1 + w) form): one Triton
+    kernel on CUDA (same numerics, ktrans.kernels.rms_norm), torch's ops elsewhere (and as the
+    oracle)."""
     if torch.device(device).type == "cuda":
         from ktrans.kernels import triton_available
 
         if triton_available():
             from ktrans.kernels.rms_norm import rms_norm as fused
+            from ktrans.kernels.rms_norm import rms_norm_offset as fused_offset
 
-            return fused
-    return rms_norm
+            return fused_offset if offset else fused
+    return rms_norm_offset if offset else rms_norm
+
+
+def tied_source(weights, key: str, config) -> str:
+    """The stored weight of projection `key`: its own, or the input embeddings' for a tied
+    lm_head (tie_word_embeddings: the file holds the table once, as token_embd)."""
+    name = f"{key}.weight"
+    if not weights.has(name) and getattr(config, "tie_word_embeddings", False) and key.endswith("lm_head") \
+            and weights.has("model.embed_tokens.weight"):
+        return "model.embed_tokens.weight"
+    return name
 
 
 def param_bytes(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
@@ -304,14 +331,16 @@ class Linear(Operator):
         self.proj = None
 
     def load_weights(self, weights) -> None:
-        self.proj = load_projection(weights, f"{self.key}.weight", (self.out_features, self.in_features), self.dtype,
-                                    self.device, mode=self.weights_mode, key=self.key,
+        self.proj = load_projection(weights, tied_source(weights, self.key, self.config),
+                                    (self.out_features, self.in_features), self.dtype, self.device,
+                                    mode=self.weights_mode, key=self.key,
                                     bias_name=f"{self.key}.bias" if self.has_bias else None)
 
     @classmethod
     def planned_bytes(cls, *, key, orig_module, config, device, kwargs, weights) -> dict[str, int]:
         dtype = resolve_dtype(kwargs.get("dtype", "auto"), torch.device(device))
-        n = projection_bytes(weights, f"{key}.weight", tuple(orig_module.weight.shape), dtype, device,
+        name = tied_source(weights, key, config) if weights is not None else f"{key}.weight"
+        n = projection_bytes(weights, name, tuple(orig_module.weight.shape), dtype, device,
                              kwargs.get("weights", "auto"), key)
         if orig_module.bias is not None:
             n += param_bytes([tuple(orig_module.bias.shape)], dtype)

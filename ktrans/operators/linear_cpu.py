@@ -4,7 +4,8 @@ stored in, read in place from the file mapping (nothing dequantized or copied at
 `cpu_linear` runs y = x Wᵀ (+ b) in ktrans's C++ kernels (csrc/linear/): the same vec_dot /
 multi-token dots as the CPU experts, with x quantized per row to the format's activation type
 (q8_0 / q8_K) as llama.cpp does, and on AMX CPUs a bf16 tile GEMM for many tokens (prefill).
-`cpu_embedding` dequantizes only the rows of the tokens looked up.
+`cpu_embedding` dequantizes only the rows of the tokens looked up (and scales them where the
+model's embedding module does: Gemma 3 multiplies by sqrt(hidden_size)).
 
 `QuantWeight` is the shared piece: attention operators that own their projections hold them as
 QuantWeights too (attention_cpu.py). Formats the kernels lack (e.g. FP8 safetensors) are
@@ -152,11 +153,9 @@ class CPULinear(Operator):
 
     def _source(self, weights) -> str:
         """The stored tensor: the module's own, or the input embeddings' when lm_head is tied."""
-        name = f"{self.key}.weight"
-        if not weights.has(name) and getattr(self.config, "tie_word_embeddings", False) and \
-                self.key.endswith("lm_head") and weights.has("model.embed_tokens.weight"):
-            return "model.embed_tokens.weight"
-        return name
+        from ktrans.operators.linear import tied_source
+
+        return tied_source(weights, self.key, self.config)
 
     def load_weights(self, weights) -> None:
         self.qweight = QuantWeight.load(weights, f"{self.key}.weight", (self.out_features, self.in_features),
@@ -184,18 +183,29 @@ class CPULinear(Operator):
 
 @register_operator("cpu_embedding")
 class CPUEmbedding(Operator):
-    """nn.Embedding with its table as stored; a lookup dequantizes only the rows asked for (f32)."""
+    """nn.Embedding with its table as stored; a lookup dequantizes only the rows asked for.
+
+    kwargs: dtype (auto = f32): the dtype the model's hidden states start in. The rows come out
+    in it, and a scaled embedding's factor (Gemma 3's sqrt(hidden_size), the module's
+    `scalar_embed_scale`) is rounded to it first, as transformers' model in that dtype rounds it
+    (bf16: sqrt(3072) = 55.4256 becomes 55.5)."""
 
     name: ClassVar[str] = "cpu_embedding"
     placement = PLACEMENT
 
-    def __init__(self, *, key: str, orig_module, config, device, **kwargs):
+    def __init__(self, *, key: str, orig_module, config, device, dtype="auto", **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        from ktrans.operators.linear import resolve_dtype
+
         if not isinstance(orig_module, torch.nn.Embedding):
             raise KtransError(f"{key}: cpu_embedding replaces torch.nn.Embedding, got {type(orig_module).__name__}")
         if self.device.type != "cpu":
             raise KtransError(f"{key}: cpu_embedding keeps its table in CPU RAM, not on {self.device}")
         self.num_embeddings, self.embedding_dim = orig_module.num_embeddings, orig_module.embedding_dim
+        self.dtype = resolve_dtype(dtype, self.device)
+        scale = getattr(orig_module, "scalar_embed_scale", None)
+        # NOTE: the factor as a float32 tensor of the out dtype's value (f32 multiply below).
+        self.scale = None if scale is None else torch.tensor(scale).to(self.dtype).float()
         self.raw = None
         self._native: torch.Tensor | None = None
 
@@ -227,9 +237,16 @@ class CPUEmbedding(Operator):
         ids = input_ids.reshape(-1).to("cpu").numpy()
         rows = self.raw.data.reshape(self.num_embeddings, -1)[ids]                        # [T, row_bytes] copy
         out = quant.dequantize(rows, self.raw.qtype, (len(ids), self.embedding_dim))
-        return torch.from_numpy(out).view(*input_ids.shape, self.embedding_dim)
+        return self._scaled(torch.from_numpy(out).view(*input_ids.shape, self.embedding_dim))
 
     def forward_native(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._native is None:
             self._native = gguf_dequantize(self.raw).reshape(self.num_embeddings, self.embedding_dim)
-        return F.embedding(input_ids.to("cpu"), self._native)
+        return self._scaled(F.embedding(input_ids.to("cpu"), self._native))
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        """f32 rows times the embedding scale (if any), in the operator's dtype. The f32 product of
+        two values of that dtype rounded once is what transformers' multiply in it gives."""
+        if self.scale is not None:
+            rows = rows.to(self.dtype).float() * self.scale
+        return rows.to(self.dtype)

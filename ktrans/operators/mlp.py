@@ -1,6 +1,7 @@
-"""`gated_mlp`: a dense SwiGLU MLP — down(silu(gate(x)) · up(x)) — as DeepSeek's shared experts and
-dense layers, Qwen2-MoE's shared expert and Llama/Qwen2's MLPs compute it, with gate and up fused
-into one product where they share a format (one GGUF quant type, or both dense), and silu·mul
+"""`gated_mlp`: a dense gated MLP — down(act(gate(x)) · up(x)) — as DeepSeek's shared experts and
+dense layers, Qwen2-MoE's shared expert and Llama/Qwen2's MLPs compute it (act = SiLU), and Gemma
+3's (GELU, tanh-approximated as its config's gelu_pytorch_tanh says), with gate and up fused
+into one product where they share a format (one GGUF quant type, or both dense), and act·mul
 as one kernel on CUDA: three launches per MLP instead of five. Projections keep their GGUF
 formats on CUDA like the `linear` operator (`weights`: auto | stored | dense).
 """
@@ -18,9 +19,19 @@ from ktrans.operators.linear import ProjectionOwner, concat_projections, resolve
 from ktrans.operators.registry import register_operator
 
 
-def _silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
+# transformers' activation names -> the torch function the oracle applies
+_ACTS = {"silu": F.silu, "swish": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),
+         "gelu": F.gelu}
+
+
+def _act_mul_torch(gu: torch.Tensor, act) -> torch.Tensor:
     g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
+    return act(g) * u
+
+
+def mlp_activation(config) -> str | None:
+    """The MLP activation's transformers name (Gemma 3 calls the key hidden_activation)."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
 
 
 @register_operator("gated_mlp")
@@ -34,22 +45,24 @@ class GatedMLP(ProjectionOwner, Operator):
         if not all(isinstance(p, torch.nn.Linear) for p in projs):
             raise KtransError(f"{key}: gated_mlp replaces an MLP with gate_proj/up_proj/down_proj, "
                               f"got {type(orig_module).__name__}")
-        act = getattr(config, "hidden_act", None)
-        if act not in ("silu", "swish"):
-            raise KtransError(f"{key}: gated_mlp computes silu(gate) * up; this model's hidden_act is {act!r}")
+        act = mlp_activation(config)
+        if act not in _ACTS:
+            raise KtransError(f"{key}: gated_mlp computes act(gate) * up with act one of {', '.join(_ACTS)}; "
+                              f"this model's activation is {act!r}")
+        self.act = act
         self.hidden_size, self.intermediate_size = projs[0].in_features, projs[0].out_features
         self.has_bias = projs[0].bias is not None
         self.dtype = resolve_dtype(dtype, self.device)
         self._set_weights_mode(key, weights)
         self.gate_up = None
-        self._silu_mul = _silu_mul_torch
+        self._act_mul = lambda gu: _act_mul_torch(gu, _ACTS[act])
         if self.device.type == "cuda":
             from ktrans.kernels import triton_available
 
             if triton_available():
-                from ktrans.kernels.silu_mul import silu_mul
+                from ktrans.kernels.silu_mul import ACTIVATIONS, act_mul
 
-                self._silu_mul = silu_mul
+                self._act_mul = lambda gu: act_mul(gu, ACTIVATIONS[act])
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         h, i = self.hidden_size, self.intermediate_size
@@ -72,9 +85,9 @@ class GatedMLP(ProjectionOwner, Operator):
         x = x.to(self.device, self.dtype)
         if self.gate_up is not None:
             lead = x.shape[:-1]
-            h = self._silu_mul(self.gate_up(x.reshape(-1, self.hidden_size)))           # [T, I]
+            h = self._act_mul(self.gate_up(x.reshape(-1, self.hidden_size)))            # [T, I]
             return self.projs["down_proj"](h).view(*lead, self.hidden_size)
-        return self.projs["down_proj"](F.silu(self.projs["gate_proj"](x)) * self.projs["up_proj"](x))
+        return self.projs["down_proj"](_ACTS[self.act](self.projs["gate_proj"](x)) * self.projs["up_proj"](x))
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype)
@@ -84,4 +97,4 @@ class GatedMLP(ProjectionOwner, Operator):
             gu = F.linear(x, w, b)
         else:
             gu = torch.cat([self._linear(x, "gate_proj", True), self._linear(x, "up_proj", True)], dim=-1)
-        return self._linear(_silu_mul_torch(gu), "down_proj", True)
+        return self._linear(_act_mul_torch(gu, _ACTS[self.act]), "down_proj", True)

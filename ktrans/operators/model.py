@@ -5,7 +5,8 @@ transformers' own decoder layers run unchanged (norms, residuals, and whatever t
 a padded [B, S] batch, a dense causal mask and a DynamicCache. Here the batch is the packed
 tokens of every scheduled request as one row [1, T, H]; attention operators read request
 boundaries and KV pages from the forward context instead of a mask, and rotary tables are
-computed once per step (per device) from the tokens' positions by the model's own rotary module.
+computed once per step (per device, and per layer type where the model rotates its local and
+global layers differently) from the tokens' positions by the model's own rotary module.
 Hidden states follow the devices the rules chose: each layer receives them on the device and
 dtype of its input norm.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ktrans.engine.batch import ForwardContext
-from ktrans.operators.rope import rotary_embeddings
+from ktrans.operators.rope import layer_rope_kind, rotary_embeddings
 
 
 def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -59,17 +60,22 @@ def forward_hidden(causal_lm: torch.nn.Module, rotary: torch.nn.Module, ctx: For
     inner = causal_lm.model
     batch = ctx.batch
     tables: dict[tuple, object] = {}
-    for layer in inner.layers:
+    for i, layer in enumerate(inner.layers):
         dev, dtype = module_placement(layer_input(layer))
         positions = ctx.on(dev).positions                                                # [T] on dev
-        if (dev, dtype) not in tables:
-            emb = rotary_embeddings(rotary, positions, dtype)
-            tables[(dev, dtype)] = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
+        key = (dev, dtype, layer_rope_kind(rotary, causal_lm.config, i))
+        if key not in tables:
+            emb = rotary_embeddings(rotary, positions, dtype, key[2])
+            tables[key] = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
         out = layer(h.to(dev, dtype), attention_mask=None, position_ids=positions[None],
-                    position_embeddings=tables[(dev, dtype)])
+                    position_embeddings=tables[key])
         h = out[0] if isinstance(out, tuple) else out                                    # [1, T, H]
     norm_dev, norm_dtype = module_placement(inner.norm)
     h = inner.norm(h.to(norm_dev, norm_dtype))[0]                                        # [T, H]
     h = h.index_select(0, batch.logits_indices.to(norm_dev))                            # [R', H]
     head_dev, head_dtype = module_placement(causal_lm.lm_head)
-    return causal_lm.lm_head(h.to(head_dev, head_dtype)).float()                         # [R', V]
+    logits = causal_lm.lm_head(h.to(head_dev, head_dtype))                               # [R', V]
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:     # Gemma 2/3 configs may squash the logits into (-cap, cap), as transformers does
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()

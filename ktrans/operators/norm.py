@@ -1,7 +1,8 @@
 """`rms_norm`: a model's RMSNorm (input/post-attention layer norms, the final norm) as one kernel
 on CUDA (ktrans.kernels.rms_norm) instead of the ~6 torch ops transformers runs; torch elsewhere
 and as the oracle. Numerics are transformers': f32 statistics, the row rounded to the input
-dtype, then scaled by the weight.
+dtype, then scaled by the weight; for architectures whose norms scale by (1 + w) (Gemma 3,
+ArchSpec.norm), the (1 + w) product in f32 and one rounding, as its RMSNorm module computes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from ktrans.errors import KtransError
 from ktrans.operators.base import Operator
-from ktrans.operators.linear import load_param, resolve_dtype, rms_norm, rms_norm_for
+from ktrans.operators.linear import load_param, offset_norms, resolve_dtype, rms_norm, rms_norm_for, rms_norm_offset
 from ktrans.operators.registry import register_operator
 
 
@@ -29,7 +30,8 @@ class RMSNorm(Operator):
                               f"got {type(orig_module).__name__}")
         self.hidden_size, self.eps = int(weight.shape[0]), float(eps)
         self.dtype = resolve_dtype(dtype, self.device)
-        self._norm = rms_norm_for(self.device)
+        self.offset = config is not None and offset_norms(config)     # Gemma: x̂ · (1 + w)
+        self._norm = rms_norm_for(self.device, self.offset)
 
     def load_weights(self, weights) -> None:
         self.weight = load_param(weights, f"{self.key}.weight", self.dtype, self.device, (self.hidden_size,))
@@ -43,4 +45,4 @@ class RMSNorm(Operator):
         return self._norm(hidden_states, self.weight, self.eps)
 
     def forward_native(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.eps)
+        return (rms_norm_offset if self.offset else rms_norm)(hidden_states, self.weight, self.eps)

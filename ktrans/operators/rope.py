@@ -34,11 +34,23 @@ def materialize_rotary(rotary: torch.nn.Module, config, device: torch.device | s
         return type(rotary)(config=config)
 
 
-def rotary_embeddings(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype):
+def layer_rope_kind(rotary: torch.nn.Module, config, i: int) -> str | None:
+    """Which of the rotary module's tables layer i rotates with: its `config.layer_types` entry
+    where the module keeps one table per layer type (Gemma 3: local layers at
+    rope_local_base_freq, global ones at rope_theta with the config's scaling), else None (one
+    table for every layer)."""
+    if not isinstance(getattr(rotary, "rope_type", None), dict):
+        return None
+    return config.layer_types[i]
+
+
+def rotary_embeddings(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype,
+                      kind: str | None = None):
     """Per-token rotary tables for `positions` [T]: (cos, sin) each [T, d], or complex [T, d/2]
-    for COMPLEX. Calls the HF module itself (with a batch dim of 1)."""
+    for COMPLEX. Calls the HF module itself (with a batch dim of 1); `kind`: the layer type whose
+    table a per-layer-type module computes (layer_rope_kind)."""
     probe = torch.empty(0, dtype=dtype, device=positions.device)
-    emb = rotary(probe, positions[None, :])
+    emb = rotary(probe, positions[None, :]) if kind is None else rotary(probe, positions[None, :], kind)
     if isinstance(emb, tuple):
         cos, sin = emb[0][0], emb[1][0]
         # NOTE: gpt-oss's rotary returns one value per frequency ([T, d/2]) and rotates the halves

@@ -167,7 +167,8 @@ class GGUFSource(WeightSource):
         if qtype and r.transform in names_legacy.ROW_TRANSFORMS:
             data = names_legacy.to_hf(r.transform, [p.data() for p in r.parts], cfg)   # quant rows moved whole
             return RawTensor(qtype, shape, np.ascontiguousarray(data))
-        if qtype in _PLAIN_TYPES:                          # element-wise transform on the stored dtype
+        if qtype in _PLAIN_TYPES and (r.transform != "norm_shift" or qtype == "f32"):
+            # element-wise transform on the stored dtype (Gemma's norm shift: f32 arithmetic only)
             view = _PLAIN_TYPES[qtype][0]
             parts = [p.data().view(view).reshape(p.shape) for p in r.parts]
             data = np.ascontiguousarray(names_legacy.to_hf(r.transform, parts, cfg))

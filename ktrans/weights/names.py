@@ -28,6 +28,8 @@ the reshuffle itself):
   interleave    gpt-oss: HF `experts.gate_up_proj_bias` [E, 2I] (interleaved as above)
                 <-> (`ffn_gate_exps.bias` [E, I], `ffn_up_exps.bias` [E, I])
   transpose     gpt-oss: HF `experts.down_proj` [E, I, H] <-> `ffn_down_exps` [E, H, I]
+  norm_shift    Gemma 3's RMSNorm weights: HF stores w (the norm scales by 1 + w), llama.cpp's
+                converter writes 1 + w, so GGUF = HF + 1 (element-wise, in float32)
 
 Entries may carry a `needs` condition on the config (see `_NEEDS`); `layers` says which
 layers hold the tensor: "all", "dense" (plain MLP), "moe" (router + experts) or "nextn" (only the
@@ -153,6 +155,25 @@ _MINIMAX_M2 = _COMMON + _attn_gqa(qk_norm=True) + _EXPERTS + [
     TensorMap("model.layers.{i}.mlp.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe"),
 ]
 
+
+def _norm(hf: str, gguf: str, layers: str = "all") -> TensorMap:
+    return TensorMap(hf, (gguf,), "norm_shift", layers)
+
+
+# Gemma 3: four norms per layer and q/k norms per head, every one stored as 1 + w (norm_shift);
+# the head tied to the embeddings unless the file holds `output`.
+_GEMMA3 = [
+    TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
+    _norm("model.norm.weight", "output_norm.weight", "global"),
+    TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
+    _norm("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    _norm("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+    _norm("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    _norm("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight"),
+] + _attn_gqa() + [
+    _norm(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"blk.{{i}}.attn_{p}_norm.weight") for p in "qk"
+] + _dense_mlp()
+
 # The nextn-only tensors of an MTP block (see the module docstring); HF name -> llama.cpp name.
 MTP_TENSORS: dict[str, list[TensorMap]] = {
     "glm4moe": [
@@ -181,6 +202,7 @@ TENSORS: dict[str, list[TensorMap]] = {
     "gpt-oss": _GPT_OSS,
     "glm4moe": _GLM4_MOE,
     "minimax-m2": _MINIMAX_M2,
+    "gemma3": _GEMMA3,
 }
 
 # Conditions an entry may require of the transformers config.
@@ -330,6 +352,8 @@ def hf_to_gguf(transform: str, w: np.ndarray, config) -> list[np.ndarray]:
         return [np.ascontiguousarray(w[:, 0::2]), np.ascontiguousarray(w[:, 1::2])]
     if transform == "transpose":                        # [E, I, H] -> [E, H, I]
         return [np.ascontiguousarray(w.transpose(0, 2, 1))]
+    if transform == "norm_shift":
+        return [w.astype(np.float32) + np.float32(1.0)]
     raise KtransError(f"unknown tensor transform '{transform}'")
 
 
@@ -356,6 +380,10 @@ def gguf_to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
         return out
     if transform == "transpose":                        # [E, H, I] -> [E, I, H]
         return np.ascontiguousarray(parts[0].transpose(0, 2, 1))
+    if transform == "norm_shift":
+        # NOTE: exact for stored values in [0.5, 2] (Sterbenz); elsewhere w is the f32 nearest to
+        # stored - 1, and 1 + w (what the norm computes) gives the stored value back within 2^-24.
+        return parts[0].astype(np.float32) - np.float32(1.0)
     raise KtransError(f"unknown tensor transform '{transform}'")
 
 
@@ -446,6 +474,12 @@ METADATA: dict[str, list[MetaKey]] = {
         MetaKey("attention.key_length", "head_dim", "u32"),
         MetaKey("attention.value_length", "head_dim", "u32"),
     ],
+    "gemma3": _BASE_META + _GQA_META + [
+        MetaKey("attention.key_length", "head_dim", "u32"),
+        MetaKey("attention.value_length", "head_dim", "u32"),
+        MetaKey("attention.sliding_window", "sliding_window", "u32"),
+        MetaKey("final_logit_softcapping", "final_logit_softcapping", "f32"),
+    ],
 }
 
 # Keys computed from several attributes (or from rope_parameters); `{arch}.` prefix implied.
@@ -458,6 +492,15 @@ METADATA: dict[str, list[MetaKey]] = {
 #     expert_gating_func          = 2 (sigmoid) for deepseek_v3, 1 (softmax) for deepseek_v2
 #   glm4moe, minimax-m2:
 #     expert_gating_func          = 2 (sigmoid)
+#   gemma3 (llama.cpp hard-codes what the file leaves out):
+#     rope.freq_base              = the global (full-attention) layers' base, rope_theta
+#     rope.freq_base_swa          = the local (sliding) layers' base, rope_local_base_freq
+#                                   (absent: 10000)
+#     rope.scaling.type = "linear", rope.scaling.factor   (the global layers' scaling, when set)
+#     attention.sliding_window_pattern = one bool per layer (slides), written only when
+#                                   layer_types is not llama.cpp's default (every 6th layer global)
+#     attention.scale             = query_pre_attn_scalar^-1/2, written only when it is not what
+#                                   llama.cpp assumes (gemma3_query_scalar; llama.cpp ignores the key)
 #   all:
 #     block_count                 = num_hidden_layers + the MTP blocks the file holds (block_count())
 #     rope.freq_base              = rope_parameters["rope_theta"]
@@ -465,13 +508,16 @@ METADATA: dict[str, list[MetaKey]] = {
 #                                   partial_rotary_factor part; deepseek2 uses qk_rope_head_dim above)
 #     rope.scaling.type = "yarn", rope.scaling.factor, rope.scaling.original_context_length,
 #     rope.scaling.yarn_log_multiplier = 0.1 * mscale_all_dim   (when rope_type is yarn)
+#     rope.scaling.yarn_beta_fast, rope.scaling.yarn_beta_slow  (yarn, when the config sets them)
 DERIVED_METADATA = {
     "deepseek2": ["attention.head_count_kv", "attention.q_lora_rank", "attention.key_length",
                   "attention.value_length", "attention.key_length_mla", "expert_gating_func"],
     "glm4moe": ["expert_gating_func"],
     "minimax-m2": ["expert_gating_func"],
+    "gemma3": ["rope.freq_base_swa", "attention.sliding_window_pattern", "attention.scale"],
     "all": ["rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
-            "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier"],
+            "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
+            "rope.scaling.yarn_beta_slow"],
 }
 
 
@@ -482,10 +528,25 @@ def metadata_value(config, gguf_arch: str, mk: MetaKey):
     return getattr(config, mk.attr, None)
 
 
+def gemma3_query_scalar(num_layers: int, hidden_size: int, num_heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp assumes for a gemma3 file (GGUF stores none): hidden /
+    heads for a 62-layer model (Gemma 3 27B), head_dim for every other depth."""
+    return hidden_size // num_heads if num_layers == 62 else head_dim
+
+
+def rope_parameters(config) -> tuple[dict, dict | None]:
+    """(the global layers' rope parameters, the local layers' or None): transformers keeps one
+    dict per layer type where the two differ (Gemma 3: full_attention / sliding_attention)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        return params.get("full_attention") or {}, params.get("sliding_attention")
+    return params, None
+
+
 def rotary_dim(config) -> int:
     """Dims of each q/k head that RoPE rotates (the first ones): head_dim, or its first
     partial_rotary_factor part (GLM-4.5, MiniMax-M2: half)."""
-    params = getattr(config, "rope_parameters", None) or {}
+    params = rope_parameters(config)[0]
     factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     return int(_head_dim(config) * factor)
 

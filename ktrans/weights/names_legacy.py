@@ -68,7 +68,7 @@ def hf_shape(transform: str, shapes: list[tuple[int, ...]], config) -> tuple[int
                                 or shapes[0][1] != shapes[1][2]):
         raise ValueError(f"attn_k_b / attn_v_b have shapes {[list(s) for s in shapes]}, "
                          f"expected [nH, r, nope] / [nH, v, r]")
-    if transform in ("copy", "rope_q", "rope_k"):
+    if transform in ("copy", "rope_q", "rope_k", "norm_shift"):
         return tuple(shapes[0])
     if transform == "flat":
         return (1, int(np.prod(shapes[0])))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
 from ktrans.config.arch import ARCHS
 from ktrans.errors import KtransError
 from ktrans.weights import names
@@ -67,8 +69,12 @@ def _rope(r: GGUFReader, arch: str, cfg: dict) -> None:
     if kind in (None, "none"):
         cfg["rope_scaling"] = None
         return
+    if kind == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": _f32(_need(r, f"{arch}.rope.scaling.factor"))}
+        return
     if kind != "yarn":
-        raise KtransError(f"{r.path}: rope scaling '{kind}' is not supported in single-file mode (expected yarn)")
+        raise KtransError(f"{r.path}: rope scaling '{kind}' is not supported in single-file mode (expected yarn "
+                          f"or linear)")
     mscale_all = _f32(r.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
     cfg["rope_scaling"] = {
         "type": "yarn", "factor": _f32(_need(r, f"{arch}.rope.scaling.factor")),
@@ -104,21 +110,25 @@ def _deepseek(r: GGUFReader, cfg: dict, model_type: str) -> None:
         cfg["num_nextn_predict_layers"] = int(r.get(f"{a}.nextn_predict_layers", 0))
 
 
-def _gpt_oss(r: GGUFReader, cfg: dict) -> None:
-    """gpt-oss: biased attention, sliding-window layers, HF's un-truncated YaRN."""
-    a = "gpt-oss"
-    cfg["attention_bias"] = True
-    n = cfg["num_hidden_layers"]
-    # llama.cpp: attention.sliding_window_pattern is a per-layer bool array, or a period n (layer i
-    # slides unless i % n == n - 1); absent, the period is 2 (even layers slide), as gpt-oss ships.
-    pattern = r.get(f"{a}.attention.sliding_window_pattern", 2)
-    if isinstance(pattern, (list, tuple)):
+def _layer_types(r: GGUFReader, a: str, n: int, period: int) -> list[str]:
+    """transformers' layer_types from llama.cpp's attention.sliding_window_pattern: a per-layer
+    bool array, or a period p (layer i slides unless i % p == p - 1); absent, the arch's period."""
+    pattern = r.get(f"{a}.attention.sliding_window_pattern", period)
+    if np.ndim(pattern) == 1:                       # (the reader gives arrays as numpy arrays)
         if len(pattern) != n:
             raise KtransError(f"{r.path}: {a}.attention.sliding_window_pattern has {len(pattern)} entries for {n} layers")
         slides = [bool(x) for x in pattern]
     else:
-        slides = [i % int(pattern) < int(pattern) - 1 for i in range(n)]
-    cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in slides]
+        slides = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n)]
+    return ["sliding_attention" if s else "full_attention" for s in slides]
+
+
+def _gpt_oss(r: GGUFReader, cfg: dict) -> None:
+    """gpt-oss: biased attention, sliding-window layers, HF's un-truncated YaRN."""
+    a = "gpt-oss"
+    cfg["attention_bias"] = True
+    # NOTE: absent, llama.cpp's period for gpt-oss is 2 (even layers slide), as gpt-oss ships.
+    cfg["layer_types"] = _layer_types(r, a, cfg["num_hidden_layers"], 2)
     if cfg.get("rope_scaling"):
         # NOTE: gpt-oss's checkpoints use YaRN without rounding the correction range (truncate
         # false) and without mscale overrides; llama.cpp keeps neither.
@@ -156,6 +166,45 @@ def _minimax_m2(r: GGUFReader, cfg: dict) -> None:
                           f"({_GATING_SIGMOID})")
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg["rotary_dim"] = int(r.get(f"{a}.rope.dimension_count", head_dim))
+
+
+# Token texts llama.cpp takes as end of turn when a file names no eot token (it matches them by
+# text): Gemma's, and ChatML's (Kimi-K2's turns end with it, its EOS is [EOS]).
+_EOT_TEXTS = ("<end_of_turn>", "<|im_end|>")
+
+
+def _gemma3(r: GGUFReader, cfg: dict) -> None:
+    """Gemma 3: GELU MLPs, local layers (every 6th global unless the file says otherwise) with their
+    own rope base, the attention scale llama.cpp assumes."""
+    a = "gemma3"
+    del cfg["hidden_act"]
+    cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    n, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.setdefault("head_dim", hidden // heads)
+    scale = r.get(f"{a}.attention.scale")
+    cfg["query_pre_attn_scalar"] = (round(float(scale) ** -2) if scale else
+                                    names.gemma3_query_scalar(n, hidden, heads, head_dim))
+    cfg["rope_local_base_freq"] = _f32(r.get(f"{a}.rope.freq_base_swa", 10000.0))
+    if cfg.get("sliding_window"):
+        cfg["layer_types"] = _layer_types(r, a, n, 6)
+        period = r.get(f"{a}.attention.sliding_window_pattern", 6)
+        if np.ndim(period) == 0:                      # as config.json spells a period
+            cfg["sliding_window_pattern"] = int(period)
+    else:                       # llama.cpp: no window key (or 0), no local layers
+        cfg.update(sliding_window=None, layer_types=["full_attention"] * n)
+    cfg.setdefault("final_logit_softcapping", None)
+    cfg.update(attn_logit_softcapping=None, attention_bias=False)
+
+
+def _end_tokens(r: GGUFReader) -> list[int]:
+    """Every token that ends a generation: EOS, end of turn / message (GLM's <|user|> and
+    <|observation|>), or, where the file names no end of turn, the tokens llama.cpp takes as one
+    by their text (_EOT_TEXTS)."""
+    ends = [int(t) for t in (r.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")) if t is not None]
+    if ends and r.get("tokenizer.ggml.eot_token_id") is None:
+        tokens = r.get("tokenizer.ggml.tokens")
+        ends += [i for i, t in enumerate(tokens if tokens is not None else []) if t in _EOT_TEXTS]
+    return list(dict.fromkeys(ends))
 
 
 def _check_against_tensors(r: GGUFReader, cfg: dict) -> None:
@@ -205,11 +254,11 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
     for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         tid = r.get(f"tokenizer.ggml.{key}_token_id")
         cfg[f"{role}_token_id"] = int(tid) if tid is not None else None
-    # NOTE: llama.cpp ends a generation on end-of-turn / end-of-message tokens too (GLM's <|user|>
-    # and <|observation|>); config.json lists them all in eos_token_id.
-    ends = [int(t) for t in (r.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")) if t is not None]
-    if len(set(ends)) > 1:
-        cfg["eos_token_id"] = list(dict.fromkeys(ends))
+    # NOTE: llama.cpp ends a generation on end-of-turn / end-of-message tokens too; config.json
+    # lists them all in eos_token_id.
+    ends = _end_tokens(r)
+    if len(ends) > 1:
+        cfg["eos_token_id"] = ends
     if model_type.startswith("deepseek"):
         _deepseek(r, cfg, model_type)
     elif model_type == "gpt_oss":
@@ -218,6 +267,8 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
         _glm4_moe(r, cfg)
     elif model_type == "minimax_m2":
         _minimax_m2(r, cfg)
+    elif model_type == "gemma3_text":
+        _gemma3(r, cfg)
     elif model_type in ("qwen3_moe", "qwen2_moe"):
         # NOTE: llama.cpp hard-codes the top-k renormalisation per arch: on for qwen3moe, off for qwen2moe.
         cfg.update(norm_topk_prob=model_type == "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[])

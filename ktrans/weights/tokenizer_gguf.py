@@ -34,6 +34,16 @@ _DEEPSEEK_V3 = [
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 ]
 
+# Kimi-K2 (llama.cpp's "kimi-k2"): runs of Han characters on their own; cased word pieces as
+# GPT-4o's but of letters other than Han (class intersection, onig's `&&`), so kana, hangul and
+# Latin never join a Han run; digit runs of up to 3; punctuation runs with trailing newlines.
+_KIMI_K2 = (r"[\p{Han}]+"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 # DeepSeek LLM / V2 (llama.cpp's "deepseek-llm"): newlines alone, then letter runs of these cased-letter
 # ranges, ASCII/fullwidth punctuation runs, trailing whitespace, CJK/Hangul runs, digit runs.
 # NOTE: the classes are written as regex escapes (\x{...}, onig syntax), ASCII only: several of these
@@ -86,6 +96,9 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "glm4": PreTokenizer((_LLAMA3,), ignore_merges=True),
     # MiniMax-M2: its tokenizer.json splits with GPT-4o's (o200k) regex.
     "minimax-m2": PreTokenizer((_GPT4O,)),
+    # Kimi-K2 (a DeepSeek-V3 model): its tiktoken tokenizer's regex; the GGUF's merges were
+    # recovered from tiktoken's ranks by the converter.
+    "kimi-k2": PreTokenizer((_KIMI_K2,)),
 }
 
 
@@ -185,23 +198,29 @@ def _spm_merges(tokens: list[str], scores) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in found]
 
 
-def _spm_backend(r: GGUFReader, tokens: list[str]):
-    """llama.cpp's 'llama' vocabulary (sentencepiece BPE with byte fallback), as HF's
-    LlamaTokenizerFast files define it: '▁' for spaces, one prepended; <0xXX> byte pieces."""
+def spm_tokenizer(tokens: list[str], scores, unk: str | None, add_space_prefix: bool):
+    """The tokenizers pipeline of a sentencepiece BPE vocabulary with byte fallback (llama.cpp's
+    'llama' vocabulary), as HF's Llama/Gemma tokenizer files define it: '▁' for spaces (one
+    prepended with add_space_prefix: Llama 2 yes, Gemma no), <0xXX> byte pieces, merges implied
+    by the scores. gen-model writes its sentencepiece vocabularies' tokenizer.json with it too."""
     from tokenizers import Tokenizer, decoders, models, normalizers
 
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores),
+                               unk_token=unk, byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(SPACE)] if add_space_prefix else [])
+                                          + [normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return tok
+
+
+def _spm_backend(r: GGUFReader, tokens: list[str]):
+    """llama.cpp's 'llama' vocabulary (sentencepiece BPE with byte fallback): spm_tokenizer."""
     scores = r.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise KtransError(f"{r.path}: sentencepiece tokenizer needs one tokenizer.ggml.scores entry per token")
-    unk = _token(r, "unknown", tokens)
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores),
-                               unk_token=unk, byte_fallback=True, fuse_unk=True))
-    prefix = bool(r.get("tokenizer.ggml.add_space_prefix", True))
-    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(SPACE)] if prefix else [])
-                                          + [normalizers.Replace(" ", SPACE)])
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return tok
+    return spm_tokenizer(tokens, scores, _token(r, "unknown", tokens),
+                         bool(r.get("tokenizer.ggml.add_space_prefix", True)))
 
 
 def _bpe_backend(r: GGUFReader, tokens: list[str]):

@@ -2,8 +2,8 @@
 alone, in one batch with three other prompts of different lengths, with chunked prefill forced
 small (chunk 16), squeezed by a KV pool so small that requests get preempted and recomputed, or
 starting from prefix-cache pages another request computed. Run on tiny random models (MLA and
-GQA attention, gpt-oss's sliding layers and sinks, GLM-4.5's partial rotary) through the real
-ModelRunner."""
+GQA attention, gpt-oss's sliding layers and sinks, GLM-4.5's partial rotary, Gemma 3's local
+and global layers) through the real ModelRunner."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe", "gpt_oss", "glm4_moe", "minimax_m2"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe", "gpt_oss", "glm4_moe", "minimax_m2", "gemma3"])
 def saved(request, tmp_path_factory):
     arch = request.param
     config, model = tiny_hf_model(arch)

@@ -25,7 +25,8 @@ from ktrans.engine.model_runner import ModelRunner, default_rule_file
 from ktrans.kernels import triton_available
 from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL
 
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2",
+         "gemma3"]
 PAGE = 16
 PROMPTS = (21, 5, 40)
 

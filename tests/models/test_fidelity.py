@@ -26,7 +26,7 @@ from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_AT
                               QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
-         "minimax_m2"]
+         "minimax_m2", "gemma3"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
              "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "gpt_oss": "GptOssMLP",
              "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock"}
@@ -140,11 +140,13 @@ def _reference(out):
     return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["deepseek_v3/kimi-k2-tiny"])
 def test_gguf_f32_shipped_rules_greedy_identical(tiny_model, arch):
     """The shipped rules (CPU experts kernels, our attention/MoE operators) on f32 GGUF weights
-    generate what transformers generates from the safetensors copy."""
-    out = tiny_model(arch, "f32")
+    generate what transformers generates from the safetensors copy (also for Kimi-K2's preset:
+    DeepSeek-V3 with one expert group, its YaRN and its tokenizer)."""
+    arch, _, preset = arch.partition("/")
+    out = tiny_model(arch, "f32", preset=preset or "tiny")
     _greedy_matches(_gguf_runner(out), _reference(out), arch)
 
 
@@ -166,13 +168,15 @@ def test_gguf_quantized_exact_operators_and_close_kernels(tiny_model, tmp_path, 
                                                  f"(bound {QUANT_LOGITS_NMSE:.0e}); flips {flips}, all {errors}")
 
 
-def test_single_file_gguf_needs_no_model_path(tiny_model, tmp_path):
-    """--gguf_path FILE alone: config and tokenizer come from the GGUF metadata."""
-    out = tiny_model("qwen3_moe", "f32")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3"])
+def test_single_file_gguf_needs_no_model_path(tiny_model, arch):
+    """--gguf_path FILE alone: config and tokenizer come from the GGUF metadata (Gemma 3: its
+    local layers, both rope bases and the global layers' scaling, the attention scale)."""
+    out = tiny_model(arch, "f32")
     runner = ModelRunner(gguf_path=str(out / "model.gguf"), device="cpu", cache_lens=128, page_size=16,
                          progress=False)
-    assert runner.config.model_type == "qwen3_moe" and runner.tokenizer is not None
-    _greedy_matches(runner, _reference(out), "qwen3_moe")
+    assert runner.config.model_type == _reference(out).config.model_type and runner.tokenizer is not None
+    _greedy_matches(runner, _reference(out), arch)
 
 
 # Layer 0 wholly on the CPU, the other layers on the GPU: hidden states, rotary tables, batch
@@ -196,7 +200,7 @@ rules:
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,split", [("deepseek_v3", False), ("qwen3_moe", False), ("qwen2", False),
                                         ("qwen3_moe", True), ("deepseek_v2", True), ("glm4_moe", False),
-                                        ("minimax_m2", True)])
+                                        ("minimax_m2", True), ("gemma3", False), ("gemma3", True)])
 def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     """--device cuda with the shipped rules (attention, KV cache, router and shared experts in
     bf16 on the GPU, routed experts on the CPU, stream-ordered), or with layer 0 on the CPU: logits

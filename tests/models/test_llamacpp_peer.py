@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,9 +38,11 @@ from ktrans.engine.model_runner import ModelRunner
 from ktrans.operators.moe_block import MoEBlock
 from tests.tolerances import LLAMA_CPP_LOGPROB_ATOL, LLAMA_CPP_ROUTER_TIE, LLAMA_CPP_TIE
 
-ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2"]
+ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2", "gemma3"]
 NEW_TOKENS = 24
 TEXT = "Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  你好，世界 🚀 don't"
+# Kimi-K2's split keeps Han runs apart from kana, hangul and Latin letters
+KIMI_TEXT = " GPU加速计算 漢字かな交じり文 中文English混合 2024年6月1日，。！한국어漢字 DON'T we're"
 
 
 def llama_server_path() -> str | None:
@@ -118,14 +121,35 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
-def _piece_bytes(tokenizer, token: int, dec: dict[str, int], added: set[str], rest: bytes) -> bytes:
+def _piece_bytes(tokenizer, token: int, dec: dict[str, int] | None, added: set[str], rest: bytes) -> bytes:
     """A token's bytes in llama-server's output text, where `rest` is what is left of the piece
     being matched: llama.cpp renders some special tokens (gpt-oss's harmony markers, which it
-    makes user-defined) and not others (end-of-turn tokens)."""
+    makes user-defined) and not others (end-of-turn tokens). `dec`: byte-level BPE's map, or
+    None for a sentencepiece vocabulary ('▁' a space, <0xXX> one byte)."""
     piece = tokenizer.id_to_token(token)
     if piece in added:
         return piece.encode() if rest.startswith(piece.encode()) else b""
+    if dec is None:
+        m = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+        return bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode()
     return bytes(dec[c] for c in piece)
+
+
+def _sends_text(tokenizer, tokens: list[int]) -> bool:
+    """Whether the bytes of `tokens` (sentencepiece or byte-level pieces) start with a whole UTF-8
+    character, so that llama-server sends a first piece of text."""
+    spm = json.loads(tokenizer.to_str())["model"].get("byte_fallback", False)
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}     # (special: no text)
+    data = b"".join(_piece_bytes(tokenizer, t, None if spm else _byte_decoder(), added, b"") for t in tokens)
+    return any(_utf8_prefix(data[:n]) for n in range(1, min(len(data), 4) + 1))
+
+
+def _utf8_prefix(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _llama_greedy(port: int, prompt: list[int], n: int, tokenizer) -> tuple[list[int], dict[int, float]]:
@@ -141,7 +165,8 @@ def _llama_greedy(port: int, prompt: list[int], n: int, tokenizer) -> tuple[list
                                       "return_tokens": True, "cache_prompt": False})
     tokens = [int(t) for t in res["tokens"]]
     assert len(tokens) == n or res["stop_type"] == "eos", (res["stop_type"], tokens)
-    dec, added = _byte_decoder(), {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    spm = json.loads(tokenizer.to_str())["model"].get("byte_fallback", False)
+    dec, added = (None if spm else _byte_decoder()), {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     logprobs, step = {}, 0
     for piece in res.get("completion_probabilities", []):
         want, got, start = bytes(piece["bytes"]), b"", step
@@ -252,15 +277,18 @@ def _compare(ours, our_logps, gaps, theirs, their_logps, quant: str) -> int:
     return min(len(ours), len(theirs))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Kimi-K2's preset: its vocabulary with tokenizer.ggml.pre = kimi-k2 (llama.cpp's own splitter for it)
+@pytest.mark.parametrize("arch", ARCHS + ["deepseek_v3/kimi-k2-tiny"])
 def test_llama_cpp_tokenizes_our_gguf_as_we_do(tiny_model, arch):
-    d = tiny_model(arch, "f32", with_safetensors=False)
-    want = Tokenizer.from_file(str(d / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    arch, _, preset = arch.partition("/")
+    d = tiny_model(arch, "f32", with_safetensors=False, preset=preset or "tiny")
+    full = TEXT + (KIMI_TEXT if preset else "")
+    want = Tokenizer.from_file(str(d / "tokenizer.json")).encode(full, add_special_tokens=False).ids
     with llama_server(d / "model.gguf") as port:
-        got = _post(port, "/tokenize", {"content": TEXT, "add_special": False})["tokens"]
+        got = _post(port, "/tokenize", {"content": full, "add_special": False})["tokens"]
         text = _post(port, "/detokenize", {"tokens": want})["content"]
     assert got == want
-    assert text == TEXT
+    assert text == full
 
 
 @pytest.mark.parametrize("quant", ["f32", "mxfp4"])             # (mxfp4: q8_0 where a model has no experts)
@@ -269,16 +297,19 @@ def test_llama_cpp_decodes_our_gguf_as_we_do(tiny_model, tmp_path, arch, quant):
     d = tiny_model(arch, quant, with_safetensors=False)
     runner = ModelRunner(model_path=str(_as_llama_computes(d, tmp_path / "model")), gguf_path=str(d / "model.gguf"),
                          device="cpu", cache_lens=256, page_size=16, progress=False, fused_decode=False)
+    tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
     # Past the sliding window of gpt-oss's tiny preset (8 tokens) within the prompt already; a
-    # prompt whose prefill holds a router near-tie is drawn again (nothing could be compared).
+    # prompt whose prefill holds a router near-tie, or whose continuation llama-server cannot send
+    # as text (bytes that never complete a UTF-8 character: no piece, so no log-prob), is drawn
+    # again (nothing could be compared).
     for _ in range(5):
         prompt = torch.randint(9, runner.config.vocab_size, (12,)).tolist()
         ours, our_logps, gaps = _our_greedy(runner, prompt, NEW_TOKENS)
-        if gaps[0] >= LLAMA_CPP_ROUTER_TIE[quant]:
+        if gaps[0] >= LLAMA_CPP_ROUTER_TIE[quant] and _sends_text(tokenizer, ours):
             break
     runner.close()
     with llama_server(d / "model.gguf") as port:
-        theirs, their_logps = _llama_greedy(port, prompt, NEW_TOKENS, Tokenizer.from_file(str(d / "tokenizer.json")))
+        theirs, their_logps = _llama_greedy(port, prompt, NEW_TOKENS, tokenizer)
     assert their_logps, "no log-prob of llama.cpp's could be matched to a step"
     steps = _compare(ours, our_logps, gaps, theirs, their_logps, quant)
     print(f"{arch} {quant}: {steps} of llama.cpp's {len(theirs)} greedy steps compared"

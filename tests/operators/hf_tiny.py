@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import transformers
 
+from ktrans.config.arch import arch_from_config
+from ktrans.operators.linear import offset_norms
 from ktrans.weights import names
 from ktrans.weights.source import RawTensor, TensorInfo, WeightSource
 
@@ -54,6 +56,13 @@ CONFIGS = {
     "minimax_m2": lambda: transformers.MiniMaxM2Config(
         **_COMMON, num_key_value_heads=2, head_dim=16, rotary_dim=8, intermediate_size=32, num_local_experts=8,
         num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
+    # Gemma 3: layer 0 local (a 3-token window, rope base 100), layer 1 global (base 10000, linear
+    # scaling x2); queries scaled by 24^-1/2, not head_dim^-1/2; (1 + w) norms, GELU-tanh MLPs,
+    # scaled and tied embeddings, softcapped logits (null in the real configs; supported).
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **(_COMMON | {"tie_word_embeddings": True}), num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        query_pre_attn_scalar=24, sliding_window=3, sliding_window_pattern=2, rope_theta=10000.0,
+        rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, final_logit_softcapping=30.0),
 }
 
 
@@ -63,11 +72,13 @@ def tiny_hf_model(arch: str, seed: int | None = None):
     config._attn_implementation = "eager"
     if seed is not None:
         torch.manual_seed(seed)
-    model = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))(config).eval()
+    model = getattr(transformers, arch_from_config(config).hf_class)(config).eval()
+    # NOTE: norms around 1, or around 0 where the norm scales by (1 + w) (Gemma 3).
+    centre = 0.0 if offset_norms(config) else 1.0
     with torch.no_grad():  # HF zero-inits some tensors (routing bias); make every weight matter
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if "inv_freq" not in name and t.is_floating_point():
-                t.copy_(torch.randn_like(t) * _init_scale(name) + (1.0 if "norm" in name else 0.0))
+            if "inv_freq" not in name and "embed_scale" not in name and t.is_floating_point():
+                t.copy_(torch.randn_like(t) * _init_scale(name) + (centre if "norm" in name else 0.0))
     return config, model
 
 

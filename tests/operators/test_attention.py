@@ -2,7 +2,8 @@
 same random weights: packed requests, chunked prefill and decode steps over the paged cache
 must reproduce each request's full-sequence HF output (gpt-oss: its sliding layer too, whose
 window the KV cache's layer kind gives, and its attention sinks; GLM-4.5: rotary on half of each
-head, q/k norms, q/k/v biases; MiniMax-M2: q/k norms over all heads)."""
+head, q/k norms, q/k/v biases; MiniMax-M2: q/k norms over all heads; Gemma 3: its local layer's
+window and rope base, the global layer's scaled rope, (1 + w) q/k norms, query_pre_attn_scalar)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from ktrans.engine.batch import ForwardBatch, forward_context
 from ktrans.kv_cache.storage import KVStorage
 from ktrans.operators.attention_gqa import GQAAttention
 from ktrans.operators.attention_mla import MLAAttention
-from ktrans.operators.rope import materialize_rotary, rotary_embeddings
+from ktrans.operators.rope import layer_rope_kind, materialize_rotary, rotary_embeddings
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
-         "minimax_m2"]
+         "minimax_m2", "gemma3"]
 PAGE = 4
 # Each request's tokens, split into the chunks scheduled at each of three steps (0 = idle).
 SCHEDULE = {0: [5, 1, 1], 1: [3, 4, 1], 2: [0, 6, 2]}
@@ -28,7 +29,8 @@ def _hf_reference(model, attn, x):
     """HF attention over one whole sequence x [S, H] (causal, no cache) -> [S, H]."""
     s = x.shape[0]
     pos = torch.arange(s)[None]
-    emb = model.model.rotary_emb(x[None], pos)
+    kind = layer_rope_kind(model.model.rotary_emb, model.config, attn.layer_idx)
+    emb = model.model.rotary_emb(x[None], pos) if kind is None else model.model.rotary_emb(x[None], pos, kind)
     mask = torch.full((s, s), float("-inf")).triu(1)
     window = getattr(attn, "sliding_window", None)
     if window:                                                  # key j visible iff i - window < j <= i
@@ -53,7 +55,7 @@ def _run_schedule(op, model, config, xs, native):
                              num_new=[SCHEDULE[r][step] for r in reqs], page_table=pages[reqs],
                              logits_indices=torch.zeros(0, dtype=torch.long))
         with forward_context(batch, kv), torch.no_grad():
-            emb = rotary_embeddings(rotary, positions, torch.float32)
+            emb = rotary_embeddings(rotary, positions, torch.float32, layer_rope_kind(rotary, config, op.layer_idx))
             emb = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
             fn = op.forward_native if native else op.forward
             y = fn(torch.cat(chunks)[None], position_embeddings=emb)[0][0]
@@ -90,17 +92,20 @@ def test_attention_matches_hf_over_packed_chunked_steps(arch, native, backend):
         torch.testing.assert_close(got[r], _hf_reference(model, attn, xs[r]), rtol=F32_RTOL * 10, atol=F32_ATOL * 10)
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "gemma3"])
 @pytest.mark.parametrize("native,backend", [(False, "torch"), (False, "triton"), (True, "torch")])
-def test_gpt_oss_sliding_layer_with_sinks_matches_hf(native, backend):
-    """Layer 0 of the tiny gpt-oss slides over 3 tokens (requests of 7 and 8 tokens leave it);
-    its sinks are scaled up so that they take a visible share of the softmax."""
+def test_sliding_layer_matches_hf(arch, native, backend):
+    """Layer 0 of the tiny gpt-oss and Gemma 3 slides over 3 tokens (requests of 7 and 8 tokens
+    leave it); gpt-oss's sinks are scaled up so that they take a visible share of the softmax,
+    Gemma 3's local layer rotates with its own base."""
     if backend == "triton" and not _has_triton():
         pytest.skip("needs Triton")
-    config, model = tiny_hf_model("gpt_oss")
+    config, model = tiny_hf_model(arch)
     attn = model.model.layers[0].self_attn
     assert attn.sliding_window == 3
-    with torch.no_grad():
-        attn.sinks.mul_(20)
+    if arch == "gpt_oss":
+        with torch.no_grad():
+            attn.sinks.mul_(20)
     op = GQAAttention(key="model.layers.0.self_attn", orig_module=attn, config=config, device="cpu",
                       attn_backend=backend)
     op.load_weights(model_source(model))

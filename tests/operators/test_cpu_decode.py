@@ -194,12 +194,17 @@ def test_declines_when_a_part_is_not_in_the_cpu_kernels(tiny_model, tmp_path):
     assert "cpu_embedding" in cpu_decode.why_not or "cpu_" in cpu_decode.why_not
 
 
-def test_declines_gpt_oss_by_name(tiny_model):
-    """gpt-oss's sinks and sliding windows are not in the fused step: it is declined by name (its
-    decode steps run the module path, held to transformers by tests/models/test_fidelity.py)."""
-    d = tiny_model("gpt_oss", "f32", with_safetensors=False)
+@pytest.mark.parametrize("arch,why", [
+    ("gpt_oss", ["sinks or a sliding window"]),
+    ("gemma3", ["gemma3:", "gelu_pytorch_tanh", "(1 + w)", "embeddings are scaled", "different bases"])])
+def test_declines_by_name(tiny_model, arch, why):
+    """gpt-oss's sinks and sliding windows, Gemma 3's GELU MLPs, (1 + w) norms, scaled
+    embeddings and two rope bases are not in the fused step: the model is declined with the
+    reasons named (its decode steps run the module path, held to transformers by
+    tests/models/test_fidelity.py)."""
+    d = tiny_model(arch, "f32", with_safetensors=False)
     assert _runner(d, True).cpu_step is None
-    assert "sinks or a sliding window" in cpu_decode.why_not
+    assert all(w in cpu_decode.why_not for w in why), cpu_decode.why_not
 
 
 def test_bad_steps_are_named(tiny_model):

@@ -22,7 +22,7 @@ from tests.routing import Reference, force_reference_routing, force_reference_ro
 from tests.tolerances import BF16_LOGITS_NMSE, BF16_VS_HF_BF16, ROUTING_LOGIT_DRIFT
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe",
-         "minimax_m2"]
+         "minimax_m2", "gemma3"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 

@@ -17,7 +17,7 @@ from ktrans.operators.linear_cpu import CPUEmbedding, CPULinear
 from tests.routing import Reference, force_reference_routing
 from tests.tolerances import QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT, VEC_DOT_NMSE
 
-ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2"]
+ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2", "gemma3"]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -113,3 +113,28 @@ def test_cpu_operators_refuse_other_devices_and_modules():
         CPULinear(key="x", orig_module=lin, config=None, device="cpu", cpu_infer=0)
     with pytest.raises(KtransError, match="keeps its table in CPU RAM"):
         CPUEmbedding(key="model.embed_tokens", orig_module=emb, config=None, device="cuda:0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_embedding_scales_as_gemma_does(dtype):
+    """Gemma 3's embedding multiplies each row by sqrt(hidden_size) rounded to the model's dtype
+    (bf16: sqrt(3072) = 55.4256 becomes 55.5): cpu_embedding with that dtype gives transformers'
+    module's rows bit for bit, from the same table."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from tests.operators.hf_tiny import StateDictSource
+
+    hf = Gemma3TextScaledWordEmbedding(50, 3072, 0, embed_scale=3072 ** 0.5).to(dtype)
+    with torch.no_grad():
+        hf.weight.normal_()
+    with torch.device("meta"):
+        meta = Gemma3TextScaledWordEmbedding(50, 3072, 0, embed_scale=3072 ** 0.5)
+    op = CPUEmbedding(key="model.embed_tokens", orig_module=meta, config=None, device="cpu",
+                      dtype="bf16" if dtype == torch.bfloat16 else "f32")
+    op.load_weights(StateDictSource({"model.embed_tokens.weight": hf.weight.detach()}))
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        want = hf(ids)
+    assert float(op.scale) == (55.5 if dtype == torch.bfloat16 else float(torch.tensor(3072 ** 0.5)))
+    for got in (op(ids), op.forward_native(ids)):
+        assert got.dtype == dtype and torch.equal(got, want)

@@ -17,7 +17,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("arch,path", [("deepseek_v2", "model.layers.0.mlp"), ("llama", "model.layers.1.mlp"),
-                                       ("qwen2_moe", "model.layers.1.mlp.shared_expert")])
+                                       ("qwen2_moe", "model.layers.1.mlp.shared_expert"),
+                                       ("gemma3", "model.layers.1.mlp")])
 def test_gated_mlp_matches_hf(arch, path):
     config, model = tiny_hf_model(arch)
     hf = model.get_submodule(path)
@@ -64,8 +65,8 @@ def test_gated_mlp_refuses_other_modules():
     with pytest.raises(KtransError, match="gated_mlp replaces an MLP"):
         GatedMLP(key="model.layers.0.self_attn", orig_module=model.model.layers[0].self_attn, config=config,
                  device="cpu")
-    config.hidden_act = "gelu"
-    with pytest.raises(KtransError, match="hidden_act is 'gelu'"):
+    config.hidden_act = "relu"
+    with pytest.raises(KtransError, match="activation is 'relu'"):
         GatedMLP(key="model.layers.0.mlp", orig_module=model.model.layers[0].mlp, config=config, device="cpu")
 
 

@@ -20,7 +20,7 @@ from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe",
-         "minimax_m2"]
+         "minimax_m2", "gemma3"]
 
 
 def _swap_operators(model, config):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from ktrans.config.arch import ARCHS, build_meta_model
+from ktrans.config.arch import ARCHS, arch_from_config, build_meta_model
 from ktrans.errors import KtransError
 from ktrans.rules.apply import apply_plan
 from ktrans.rules.explain import explain_rows
@@ -53,12 +53,14 @@ CONFIGS = {
     "minimax_m2": lambda: transformers.MiniMaxM2Config(**_COMMON, intermediate_size=32, num_hidden_layers=6,
                                                        num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
                                                        head_dim=16, rotary_dim=8, bos_token_id=1, eos_token_id=2),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**_COMMON, intermediate_size=96, num_hidden_layers=6,
+                                                    num_key_value_heads=2, head_dim=16, sliding_window=4),
 }
 SHIPPED = [(p.stem.split("-", 1)[0], p.stem.split("-", 1)[1] if "-" in p.stem else "") for p in list_shipped()]
 
 
 def _moe_layers(config) -> list[int]:
-    if not ARCHS[config.model_type].is_moe:
+    if not arch_from_config(config).is_moe:
         return []
     first = getattr(config, "first_k_dense_replace", 0)
     return list(range(first, config.num_hidden_layers))
@@ -109,7 +111,7 @@ def test_shipped_file_plans(arch, variant):
 
 
 def _weights(config) -> StateDictSource:
-    model = getattr(transformers, ARCHS[config.model_type].hf_class)(config)
+    model = getattr(transformers, arch_from_config(config).hf_class)(config)
     return StateDictSource(model.state_dict(), config=config)
 
 

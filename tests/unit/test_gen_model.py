@@ -62,10 +62,12 @@ def _field(reader: gguf.GGUFReader, key: str):
 def test_arch_files_load_and_agree(tiny_model, arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers import CONFIG_MAPPING
+
     d = tiny_model(arch)
     spec = ARCHS[arch]
     cfg = AutoConfig.from_pretrained(d)
-    assert type(cfg).__name__ == spec.hf_class.replace("ForCausalLM", "Config")
+    assert type(cfg) is CONFIG_MAPPING[spec.model_type]
     reader = gguf.GGUFReader(d / "model.gguf")
     ga = spec.gguf_arch
     assert _field(reader, "general.architecture") == ga
@@ -78,9 +80,14 @@ def test_arch_files_load_and_agree(tiny_model, arch):
         assert _field(reader, f"{ga}.expert_count") == names.num_experts(cfg)
         assert _field(reader, f"{ga}.expert_used_count") == cfg.num_experts_per_tok
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    assert len(tokens) == cfg.vocab_size and _field(reader, "tokenizer.ggml.model") == "gpt2"
+    # byte-level BPE, or sentencepiece (Gemma 3) with its scores and <0xXX> byte pieces
+    spm = _field(reader, "tokenizer.ggml.model") == "llama"
+    assert len(tokens) == cfg.vocab_size and _field(reader, "tokenizer.ggml.model") in ("gpt2", "llama")
+    assert spm == ("<0x0A>" in tokens) == ("tokenizer.ggml.scores" in reader.fields)
     ends = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")
             if f"tokenizer.ggml.{k}_token_id" in reader.fields]       # (GLM: end of turn / message too)
+    # Gemma's <end_of_turn>: no eot id in the file, llama.cpp knows it by its text
+    ends += [tokens.index("<end_of_turn>")] if "<end_of_turn>" in tokens else []
     assert ends == (cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])
     assert "{%" in _field(reader, "tokenizer.chat_template")
 
@@ -99,6 +106,13 @@ def test_arch_files_load_and_agree(tiny_model, arch):
     for hf, w in _hf_from_gguf(cfg, arch, tensors).items():
         assert w.shape == tuple(state[hf].shape), hf
         np.testing.assert_array_equal(w, state[hf].numpy(), err_msg=hf)
+    # Gemma's norms: the checkpoint holds w around 0 (the norm scales by 1 + w), the GGUF 1 + w,
+    # as llama.cpp's converter writes them
+    for hf, gn, tr in names.expand(cfg, ga):
+        if tr == "norm_shift":
+            w = state[hf].numpy()
+            assert abs(float(w.mean())) < 0.1, hf
+            np.testing.assert_array_equal(_dequant(tensors[gn[0]]), w + np.float32(1), err_msg=hf)
 
     ids = torch.randint(0, len(tokens), (1, 12))
     with torch.no_grad():
@@ -258,23 +272,31 @@ def test_q4_k_m_follows_llama_cpp_recipe():
     assert tensor_qtype("blk.5.ffn_gate_inp.weight", (8, 4096), "q4_k_m", mix) == "f32"
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe", "minimax_m2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe", "minimax_m2", "gemma3",
+                                  "deepseek_v3/kimi-k2-tiny"])
 def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model(arch))
+    arch, _, preset = arch.partition("/")
+    arch = preset or arch
+    tok = AutoTokenizer.from_pretrained(tiny_model("deepseek_v3", preset=preset) if preset else tiny_model(arch))
     ids = tok.encode(TEXT, add_special_tokens=False)
     assert tok.decode(ids) == TEXT
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 你好"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     marker = {"deepseek_v3": "<｜Assistant｜>", "qwen3_moe": "<|im_start|>assistant\n", "mixtral": "[/INST]",
-              "glm4_moe": "<|assistant|>", "minimax_m2": "]~b]ai\n<think>\n"}[arch]
+              "glm4_moe": "<|assistant|>", "minimax_m2": "]~b]ai\n<think>\n", "gemma3": "<start_of_turn>model\n",
+              "kimi-k2-tiny": "<|im_assistant|>assistant<|im_middle|>"}[arch]
     assert "Hi 你好" in text and "2+2?" in text and text.rstrip().endswith(marker.rstrip())
-    user = {"deepseek_v3": "<｜User｜>", "glm4_moe": "<|user|>", "minimax_m2": "]~b]"}
+    user = {"deepseek_v3": "<｜User｜>", "glm4_moe": "<|user|>", "minimax_m2": "]~b]", "gemma3": "<start_of_turn>",
+            "kimi-k2-tiny": "<|im_user|>"}
+    opens = {"kimi-k2-tiny": "<|im_system|>system<|im_middle|>Be brief.<|im_end|>",
+             "gemma3": "<bos><start_of_turn>user\nBe brief.\n\nHi 你好<end_of_turn>\n"}
     if arch in user:             # (GLM's [gMASK] and MiniMax's ]~!b[: written by the template, never added)
-        assert text.startswith(tok.bos_token)
-        for special in ("<think>", "</think>", user[arch]):
+        assert text.startswith(opens.get(arch, tok.bos_token))
+        thinks = () if arch in ("gemma3", "kimi-k2-tiny") else ("<think>", "</think>")     # (no reasoning markers)
+        for special in (*thinks, user[arch]):
             assert len(tok.encode(special, add_special_tokens=False)) == 1, special
 
 

@@ -33,6 +33,8 @@ SPECIALS = {  # a few special tokens of each generated family, mixed into the te
     "gpt_oss": "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>x<|return|>",
     "glm4_moe": "[gMASK]<sop><|user|>\nhi<|assistant|>\n<think>x</think>\n<tool_call>f<|observation|><|endoftext|>",
     "minimax_m2": "]~!b[]~b]user\nhi[e~[\n]~b]ai\n<think>\nx\n</think>\n\n<minimax:tool_call>[e~[",
+    "gemma3": "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nx<end_of_turn><eos><pad>",
+    "deepseek_v3/kimi-k2-tiny": "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>[EOS]",
 }
 MIXED = ("Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  "
          "你好，世界！人工智能。こんにちは、世界。한국어 Привет 🚀🔥😀 👨‍👩‍👧 🇫🇷 ∑∫√ ")
@@ -47,9 +49,10 @@ def _assert_same_tokenizer(ours, ref, text: str):
         assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(ARCHS) + ["deepseek_v3/kimi-k2-tiny"])
 def test_config_and_tokenizer_from_gguf_match_hf_files(tiny_model, arch):
-    d = tiny_model(arch)
+    name, _, preset = arch.partition("/")
+    d = tiny_model(name, preset=preset or "tiny")
     r = GGUFReader(str(d / "model.gguf"))
     ours, ref = config_from_gguf(r), AutoConfig.from_pretrained(d)
     a, b = ours.to_dict(), ref.to_dict()
@@ -211,3 +214,40 @@ def test_sentencepiece_vocabulary_against_transformers_gguf_loader(tmp_path):
     assert ours.convert_ids_to_tokens(ids)[1] == "▁"          # legacy: '▁' prepended after a special token
     assert ours.decode(ids) == "<|user|> hi there</s>" and ours.decode(ids, skip_special_tokens=True) == "<|user|> hi there"
     assert ours.apply_chat_template(CHAT[1:2], tokenize=False) == ref.apply_chat_template(CHAT[1:2], tokenize=False)
+
+
+@pytest.mark.parametrize("case", ["default", "period", "array", "no_window", "27b", "scale_key"])
+def test_gemma3_metadata_as_llama_cpp_reads_it(tmp_path, case):
+    """What a gemma3 file leaves out, rebuilt as llama.cpp assumes it: every 6th layer global
+    unless attention.sliding_window_pattern says otherwise (a period or one bool per layer), no
+    local layers without a window, query_pre_attn_scalar = head_dim (hidden / heads at 62 layers,
+    Gemma 3 27B) unless attention.scale is stored, the local rope base, <end_of_turn> ending a
+    generation when no eot id is stored."""
+    from ktrans.weights.single_file import config_dict_from_gguf
+
+    n = 62 if case == "27b" else 8
+    meta = {"gemma3.block_count": n, "gemma3.embedding_length": 64, "gemma3.attention.head_count": 4,
+            "gemma3.attention.head_count_kv": 2, "gemma3.attention.key_length": 32, "gemma3.attention.value_length": 32,
+            "gemma3.attention.sliding_window": 16, "gemma3.rope.freq_base": 1e6, "gemma3.rope.freq_base_swa": 1234.0,
+            "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<end_of_turn>", "a"],
+            "tokenizer.ggml.eos_token_id": 1}
+    if case == "period":
+        meta["gemma3.attention.sliding_window_pattern"] = 3
+    if case == "array":
+        meta["gemma3.attention.sliding_window_pattern"] = [True, False] * 4
+    if case == "no_window":
+        del meta["gemma3.attention.sliding_window"]
+    if case == "scale_key":
+        meta["gemma3.attention.scale"] = 24.0 ** -0.5
+    path = write_gguf(tmp_path / "g.gguf", {"token_embd.weight": np.zeros((5, 64))}, arch="gemma3", metadata=meta)
+    cfg = config_dict_from_gguf(GGUFReader(str(path)))
+    period = {"default": 6, "period": 3, "27b": 6, "scale_key": 6}.get(case)
+    slides = {"array": [True, False] * 4, "no_window": [False] * n}.get(case) or [i % period < period - 1
+                                                                                 for i in range(n)]
+    assert cfg["layer_types"] == ["sliding_attention" if s else "full_attention" for s in slides]
+    assert cfg.get("sliding_window") == (None if case == "no_window" else 16)
+    assert cfg["query_pre_attn_scalar"] == {"27b": 16, "scale_key": 24}.get(case, 32)
+    assert cfg["rope_local_base_freq"] == 1234.0 and cfg["rope_theta"] == 1e6
+    assert cfg["eos_token_id"] == [1, 3] and cfg["hidden_activation"] == "gelu_pytorch_tanh"
+    config = config_from_gguf(GGUFReader(str(path)))
+    assert config.rope_parameters["sliding_attention"]["rope_theta"] == 1234.0
