@@ -135,36 +135,49 @@ def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, dr
     all-CPU decode step routes in C++: run such a runner with fused_decode=False).
     """
     blocks = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MoEBlock)]
-    assert {_layer(name) for name, _ in blocks} == ref.moe_layers(), "MoE layers of ours and the reference differ"
+    # Layers a rule file left as transformers' own modules (e.g. a whole layer on the CPU with
+    # `class: default`) route in transformers' router: held the same way through its output.
+    kept = {_layer(name) for name, mod in model.named_modules()
+            if name.endswith((".mlp.gate", ".mlp.router")) and hasattr(mod, "top_k")}
+    assert {_layer(name) for name, _ in blocks} | kept == ref.moe_layers(), "MoE layers of ours and the reference differ"
+
+    def force(layer, logits, w, idx):
+        """The reference's choice wherever ours differs, for the tokens of the step; logits [T, E] f32 CPU."""
+        rows = rows_of_step()
+        assert len(rows) == idx.shape[0]
+        w, idx = w.clone(), idx.clone()
+        for i, row in enumerate(rows):
+            if routed is not None:
+                routed.add((layer, row))
+            want = ref.ids[(layer, row)]
+            off = float((logits[i] - ref.logits[(layer, row)]).abs().max())
+            drift[0] = max(drift[0], off)
+            if not _same(idx[i].cpu(), want):
+                flips.append(Flip(layer, row, sorted(idx[i].tolist()), sorted(want.tolist()),
+                                  flip_gap(ref, layer, row, idx[i].cpu()), off))
+                idx[i] = want.to(idx.device)
+                w[i] = ref.weights[(layer, row)].to(w.device, w.dtype)
+        return w, idx
 
     def wrap(block, layer):
         own = block.route
 
         def route(x):
             w, idx = own(x)
-            rows = rows_of_step()
-            assert len(rows) == idx.shape[0]
             logits = F.linear(x.to(block.gate_weight.device, torch.float32), block.gate_weight,
                               block.router_bias).cpu()                                    # [T, E]
-            w, idx = w.clone(), idx.clone()
-            for i, row in enumerate(rows):
-                if routed is not None:
-                    routed.add((layer, row))
-                want = ref.ids[(layer, row)]
-                off = float((logits[i] - ref.logits[(layer, row)]).abs().max())
-                drift[0] = max(drift[0], off)
-                if not _same(idx[i].cpu(), want):
-                    flips.append(Flip(layer, row, sorted(idx[i].tolist()), sorted(want.tolist()),
-                                      flip_gap(ref, layer, row, idx[i].cpu()), off))
-                    idx[i] = want.to(idx.device)
-                    w[i] = ref.weights[(layer, row)].to(w.device, w.dtype)
-            return w, idx
+            return force(layer, logits, w, idx)
         return route
+
+    def hf_hook(module, args, out, layer):
+        logits, w, idx = out
+        return (logits, *force(layer, logits.detach().float().cpu(), w, idx))
 
     for name, block in blocks:
         block.route = wrap(block, _layer(name))
     try:
-        yield
+        with _gate_hooks(model, hf_hook):
+            yield
     finally:
         for _, block in blocks:
             del block.route                   # back to the class's method

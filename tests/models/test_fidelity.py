@@ -20,10 +20,11 @@ import transformers
 
 from ktrans.engine.batch import ForwardBatch
 from ktrans.engine.model_runner import ModelRunner
+from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import tiny_hf_model
 from tests.routing import Reference, force_reference_routing, force_reference_routing_hf
-from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_ATOL, FIDELITY_F32_RTOL,
-                              QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
+from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_ATOL, FIDELITY_F32_NMSE,
+                              FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
          "minimax_m2", "gemma3"]
@@ -195,6 +196,24 @@ rules:
     replace: {class: ATTN}
     recursive: false
 """
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2"])
+def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, arch):
+    """SPLIT_RULES with every device the CPU: layer 0 stays transformers' own modules (`class:
+    default`, its MoE routed by transformers' router), the other layers ktrans's operators. The
+    logits stay at f32 agreement with transformers, with every MoE layer's routing (both kinds)
+    held to the reference's."""
+    out = tiny_model(arch, "f32")
+    rules = tmp_path / "split.yaml"
+    attn = "mla_attention" if arch.startswith("deepseek") else "gqa_attention"
+    rules.write_text(SPLIT_RULES.replace("default_device: cuda", "default_device: cpu").replace("ATTN", attn))
+    runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu", fused_decode=False,
+                         optimize_config_path=str(rules), cache_lens=256, page_size=16, progress=False)
+    assert not any(isinstance(m, MoEBlock) for n, m in runner.model.named_modules() if ".layers.0." in n + ".")
+    errors, flips, drift = _token_nmse(runner, _reference(out))
+    _near_ties_only(flips, drift)
+    assert max(ours for ours, _ in errors) < FIDELITY_F32_NMSE, errors
 
 
 @pytest.mark.gpu
