@@ -111,9 +111,18 @@ def test_logprobs_are_the_models_distribution(live, client):
     markers = {vocab.get("<think>"), vocab.get("</think>")} - {None}
     ids = c.model_extra["token_ids"]
     if vocab.get("<think>") not in ids:
+        # A special token left out of the content still ends the text before it: bytes of one
+        # character on both sides of it are two broken pieces, not one character (seen: a random
+        # model writing b"\xf3\xb3\xbd", <|im_start|>, b"\x9a").
         special = live.service.special_ids - markers
-        shown = [bytes(i.bytes) for i, t in zip(items, ids) if t not in special]
-        assert b"".join(shown).decode("utf-8", "replace") == c.message.content
+        pieces, run = [], b""
+        for i, t in zip(items, ids):
+            if t in special:
+                pieces.append(run.decode("utf-8", "replace"))
+                run = b""
+            else:
+                run += bytes(i.bytes)
+        assert "".join(pieces) + run.decode("utf-8", "replace") == c.message.content
     streamed = client.chat.completions.create(model="m", messages=_msgs(), max_tokens=8, temperature=0,
                                               logprobs=True, top_logprobs=3, stream=True,
                                               extra_body={"ignore_eos": True})
