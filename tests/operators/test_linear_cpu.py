@@ -15,7 +15,7 @@ from ktrans.engine.model_runner import ModelRunner, default_rule_file
 from ktrans.errors import KtransError
 from ktrans.operators.linear_cpu import CPUEmbedding, CPULinear
 from tests.routing import Reference, force_reference_routing
-from tests.tolerances import QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT, VEC_DOT_NMSE
+from tests.tolerances import QUANT_LOGITS_NMSE, QUANT_LOGITS_NMSE_POST_NORM, ROUTING_LOGIT_DRIFT, VEC_DOT_NMSE
 
 ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2", "gemma3"]
 
@@ -99,7 +99,8 @@ def test_whole_model_close_to_the_dequantized_f32_placement(tiny_model, tmp_path
     assert drift[0] < ROUTING_LOGIT_DRIFT, drift
     assert all(f.gap <= f.drift for f in flips), flips
     errors = [nmse(a[i], b[i]) for i in range(len(ids))]
-    assert max(errors) < QUANT_LOGITS_NMSE, errors
+    bound = QUANT_LOGITS_NMSE_POST_NORM if arch == "gemma3" else QUANT_LOGITS_NMSE
+    assert max(errors) < bound, errors
 
 
 def test_cpu_operators_refuse_other_devices_and_modules():
