@@ -413,70 +413,50 @@ _MOE_META = [
     MetaKey("expert_count", "num_experts", "u32"),
     MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
 ]
+_LOCAL_MOE_META = [  # Mixtral's / gpt-oss's / MiniMax-M2's config names
+    MetaKey("expert_count", "num_local_experts", "u32"),
+    MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+]
+_HEAD_DIM_META = [  # a head_dim apart from hidden / heads
+    MetaKey("attention.key_length", "head_dim", "u32"),
+    MetaKey("attention.value_length", "head_dim", "u32"),
+]
+_DEEPSEEK_MOE_META = [  # DeepSeek-V2/V3's and GLM-4.5's MoE: shared experts, dense first layers, groups
+    MetaKey("expert_count", "n_routed_experts", "u32"),
+    MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
+    MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+    MetaKey("expert_shared_count", "n_shared_experts", "u32"),
+    MetaKey("leading_dense_block_count", "first_k_dense_replace", "u32"),
+    MetaKey("expert_weights_scale", "routed_scaling_factor", "f32"),
+    MetaKey("expert_weights_norm", "norm_topk_prob", "bool"),
+    MetaKey("expert_group_count", "n_group", "u32"),
+    MetaKey("expert_group_used_count", "topk_group", "u32"),
+]
 
 METADATA: dict[str, list[MetaKey]] = {
-    "deepseek2": _BASE_META + [
-        MetaKey("expert_count", "n_routed_experts", "u32"),
-        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
-        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
-        MetaKey("expert_shared_count", "n_shared_experts", "u32"),
-        MetaKey("leading_dense_block_count", "first_k_dense_replace", "u32"),
-        MetaKey("expert_weights_scale", "routed_scaling_factor", "f32"),
-        MetaKey("expert_weights_norm", "norm_topk_prob", "bool"),
-        MetaKey("expert_group_count", "n_group", "u32"),
-        MetaKey("expert_group_used_count", "topk_group", "u32"),
+    "deepseek2": _BASE_META + _DEEPSEEK_MOE_META + [
         MetaKey("attention.kv_lora_rank", "kv_lora_rank", "u32"),
         MetaKey("attention.value_length_mla", "v_head_dim", "u32"),
         MetaKey("rope.dimension_count", "qk_rope_head_dim", "u32"),
     ],
     "qwen3moe": _BASE_META + _GQA_META + _MOE_META + [
-        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
-        MetaKey("attention.key_length", "head_dim", "u32"),
-        MetaKey("attention.value_length", "head_dim", "u32"),
-    ],
+        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32")] + _HEAD_DIM_META,
     "qwen2moe": _BASE_META + _GQA_META + _MOE_META + [
         MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
         MetaKey("expert_shared_feed_forward_length", "shared_expert_intermediate_size", "u32"),
     ],
-    "llama": _BASE_META + _GQA_META + [
-        MetaKey("expert_count", "num_local_experts", "u32"),
-        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
-    ],
+    "llama": _BASE_META + _GQA_META + _LOCAL_MOE_META,
     "qwen2": _BASE_META + _GQA_META,
-    "gpt-oss": _BASE_META + _GQA_META + [
-        MetaKey("expert_count", "num_local_experts", "u32"),
-        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
-        MetaKey("expert_feed_forward_length", "intermediate_size", "u32"),
-        MetaKey("attention.key_length", "head_dim", "u32"),
-        MetaKey("attention.value_length", "head_dim", "u32"),
-        MetaKey("attention.sliding_window", "sliding_window", "u32"),
-    ],
-    "qwen3": _BASE_META + _GQA_META + [MetaKey("attention.key_length", "head_dim", "u32"),
-                                       MetaKey("attention.value_length", "head_dim", "u32")],
-    "glm4moe": _BASE_META + _GQA_META + [
-        MetaKey("expert_count", "n_routed_experts", "u32"),
-        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
-        MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
-        MetaKey("expert_shared_count", "n_shared_experts", "u32"),
-        MetaKey("leading_dense_block_count", "first_k_dense_replace", "u32"),
-        MetaKey("expert_weights_scale", "routed_scaling_factor", "f32"),
-        MetaKey("expert_weights_norm", "norm_topk_prob", "bool"),
-        MetaKey("expert_group_count", "n_group", "u32"),
-        MetaKey("expert_group_used_count", "topk_group", "u32"),
-        MetaKey("attention.key_length", "head_dim", "u32"),
-        MetaKey("attention.value_length", "head_dim", "u32"),
+    "gpt-oss": _BASE_META + _GQA_META + _LOCAL_MOE_META + [
+        MetaKey("expert_feed_forward_length", "intermediate_size", "u32")] + _HEAD_DIM_META + [
+        MetaKey("attention.sliding_window", "sliding_window", "u32")],
+    "qwen3": _BASE_META + _GQA_META + _HEAD_DIM_META,
+    "glm4moe": _BASE_META + _GQA_META + _DEEPSEEK_MOE_META + _HEAD_DIM_META + [
         MetaKey("nextn_predict_layers", "num_nextn_predict_layers", "u32"),
     ],
-    "minimax-m2": _BASE_META + _GQA_META + [
-        MetaKey("expert_count", "num_local_experts", "u32"),
-        MetaKey("expert_used_count", "num_experts_per_tok", "u32"),
-        MetaKey("expert_feed_forward_length", "intermediate_size", "u32"),
-        MetaKey("attention.key_length", "head_dim", "u32"),
-        MetaKey("attention.value_length", "head_dim", "u32"),
-    ],
-    "gemma3": _BASE_META + _GQA_META + [
-        MetaKey("attention.key_length", "head_dim", "u32"),
-        MetaKey("attention.value_length", "head_dim", "u32"),
+    "minimax-m2": _BASE_META + _GQA_META + _LOCAL_MOE_META + [
+        MetaKey("expert_feed_forward_length", "intermediate_size", "u32")] + _HEAD_DIM_META,
+    "gemma3": _BASE_META + _GQA_META + _HEAD_DIM_META + [
         MetaKey("attention.sliding_window", "sliding_window", "u32"),
         MetaKey("final_logit_softcapping", "final_logit_softcapping", "f32"),
     ],
