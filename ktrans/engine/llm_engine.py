@@ -235,6 +235,8 @@ class LLMEngine:
                 new_token_ids: list[int] | None = None, new_text: str = "", logprobs=None) -> RequestOutput:
         if reason in ("stop", "length") and req.detokenizer:
             new_text += req.detokenizer.flush()
+            if req.detokenizer.stopped:     # a stop string seen only in the flushed text (one holding
+                reason = "stop"             # U+FFFD, which an incomplete character becomes at the end)
         req.finish(reason, error)
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
