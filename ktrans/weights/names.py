@@ -115,14 +115,18 @@ _EXPERTS = [
     TensorMap("model.layers.{i}.mlp.experts.down_proj", ("blk.{i}.ffn_down_exps.weight",), "copy", "moe"),
 ]
 
-_GPT_OSS = [
+# Embedding, head, and each layer's input norm and post-attention norm under llama.cpp's
+# attn_post_norm-style name post_attention_norm (gpt-oss, GLM-4.5).
+_POST_NORMED_BASE = [
     TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
     TensorMap("model.norm.weight", ("output_norm.weight",)),
     TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
     TensorMap("model.layers.{i}.input_layernorm.weight", ("blk.{i}.attn_norm.weight",), "copy", "all"),
     TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("blk.{i}.post_attention_norm.weight",), "copy",
               "all"),
-] + _attn_gqa(bias=True) + [
+]
+
+_GPT_OSS = _POST_NORMED_BASE + _attn_gqa(bias=True) + [
     TensorMap("model.layers.{i}.self_attn.o_proj.bias", ("blk.{i}.attn_output.bias",), "copy", "all"),
     TensorMap("model.layers.{i}.self_attn.sinks", ("blk.{i}.attn_sinks.weight",), "copy", "all"),
     TensorMap("model.layers.{i}.mlp.router.weight", ("blk.{i}.ffn_gate_inp.weight",), "copy", "moe"),
@@ -138,14 +142,7 @@ _GPT_OSS = [
 # GLM-4.5: biased q/k/v (attention_bias), optional per-head q/k norms (use_qk_norm), the post-attention
 # norm under llama.cpp's attn_post_norm name, first_k_dense_replace dense layers, then sigmoid-routed
 # experts with DeepSeek-V3's correction bias and shared experts.
-_GLM4_MOE = [
-    TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
-    TensorMap("model.norm.weight", ("output_norm.weight",)),
-    TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
-    TensorMap("model.layers.{i}.input_layernorm.weight", ("blk.{i}.attn_norm.weight",), "copy", "all"),
-    TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("blk.{i}.post_attention_norm.weight",), "copy",
-              "all"),
-] + _attn_gqa(qk_norm="qk_norm", bias="attention_bias") + _dense_mlp() + _EXPERTS + [
+_GLM4_MOE = _POST_NORMED_BASE + _attn_gqa(qk_norm="qk_norm", bias="attention_bias") + _dense_mlp() + _EXPERTS + [
     TensorMap("model.layers.{i}.mlp.gate.e_score_correction_bias", ("blk.{i}.exp_probs_b.bias",), "copy", "moe"),
 ] + _dense_mlp("mlp.shared_experts", "_shexp", "moe")
 
