@@ -169,3 +169,24 @@ def test_attention_with_gguf_projections_matches_dense(tiny_model, arch):
                 got[mode] = op(x[start:start + n][None], position_embeddings=emb)[0][0]
         tol = 2e-3 if dev == "cuda" else 1e-5           # tf32 dots on CUDA
         torch.testing.assert_close(got["stored"], got["dense"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 1, 7, 12, 15, 16, 40])
+@pytest.mark.parametrize("start, n", [(0, 16), (0, 1), (9, 7), (20, 12)])
+def test_sdpa_prefill_against_an_explicit_mask(window, start, n):
+    """One request's chunk (positions start..start+n-1 over keys 0..start+n-1) through
+    sdpa_prefill, with a window the chunk outgrows, reaches exactly, or never reaches, against
+    softmax over an explicit "p - window < key <= p" mask in float64 (GQA: 4 query heads per kv
+    head)."""
+    from ktrans.operators.attention_mla import sdpa_prefill
+
+    length, hq, hkv, d = start + n, 8, 2, 16
+    q, k, v = torch.randn(n, hq, d), torch.randn(length, hkv, d), torch.randn(length, hkv, d)
+    pos = torch.arange(start, start + n)
+    got = sdpa_prefill(q, k, v, pos, 0.3, window=window)
+    keys = torch.arange(length)
+    keep = (keys[None, :] <= pos[:, None]) & ((keys[None, :] > pos[:, None] - window) if window else True)
+    kk, vv = (t.double().repeat_interleave(hq // hkv, dim=1) for t in (k, v))               # [L, Hq, d]
+    scores = torch.einsum("nhd,lhd->hnl", q.double(), kk) * 0.3
+    want = torch.einsum("hnl,lhd->nhd", scores.masked_fill(~keep, float("-inf")).softmax(-1), vv)
+    torch.testing.assert_close(got.double(), want, rtol=F32_RTOL, atol=F32_ATOL)
