@@ -144,9 +144,11 @@ class CpuDecodeStep:
 
 def _check_model(config, rotary, emb) -> None:
     """The model-wide parts the C++ step computes: SiLU MLPs, w · x̂ RMSNorms, unscaled
-    embeddings, one rotary table for every layer, plain logits. Gemma 3 has none of these
-    (GELU MLPs, (1 + w) norms, sqrt(H)-scaled embeddings, local and global rope bases): its decode
-    runs the module path, and the reason names it."""
+    embeddings, one rotary table for every layer, plain logits, softmax attention in every layer.
+    Gemma 3 has none of the first four (GELU MLPs, (1 + w) norms, sqrt(H)-scaled embeddings, local
+    and global rope bases); Qwen3-Next and Qwen3.5-MoE have (1 + w) norms, linear-attention layers
+    with a recurrent state and gated attention: their decode runs the module path, and the reason
+    names it."""
     from ktrans.config.arch import arch_from_config
     from ktrans.operators.linear import offset_norms
     from ktrans.operators.mlp import mlp_activation
@@ -159,6 +161,8 @@ def _check_model(config, rotary, emb) -> None:
         ("its local and global layers rotate with different bases",
          isinstance(getattr(rotary, "rope_type", None), dict)),
         ("its logits are softcapped", bool(getattr(config, "final_logit_softcapping", None))),
+        ("its linear-attention (Gated DeltaNet) layers keep a recurrent state",
+         "linear_attention" in (getattr(config, "layer_types", None) or ())),
     ) if bad]
     _need(not why, f"{arch_from_config(config).name}: the fused step does not compute this model ({'; '.join(why)})")
 
@@ -205,7 +209,7 @@ def _mlp_lins(mlp) -> tuple:
 
 def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool) -> None:
     from ktrans import _C
-    from ktrans.operators.moe_block import MoEBlock
+    from ktrans.operators.moe_block import MoEBlock, renormalises
 
     if not isinstance(mlp, MoEBlock):
         dec.set_dense_mlp(idx, *_mlp_lins(mlp))
@@ -228,7 +232,7 @@ def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool) -> None:
         kind, scale, limited = 1, c.routed_scaling_factor, c.topk_method == "group_limited_greedy"
         n_group, topk_group = (c.n_group, c.topk_group) if limited else (1, 1)
     else:
-        norm = True if mlp.model_type == "mixtral" else bool(c.norm_topk_prob)
+        norm = renormalises(c)
     bias = None if mlp.gate_bias is None else _f32(mlp.gate_bias)
     shared = (None, None, None)
     shared_gate = None
