@@ -27,10 +27,12 @@ from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_AT
                               FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
-         "minimax_m2", "gemma3"]
+         "minimax_m2", "gemma3", "qwen3_next", "qwen3_5_moe"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
              "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "gpt_oss": "GptOssMLP",
-             "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock"}
+             "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock",
+             "qwen3_next": "Qwen3NextSparseMoeBlock", "qwen3_5_moe": "Qwen3_5MoeSparseMoeBlock"}
+HYBRID = ("qwen3_next", "qwen3_5_moe")      # Gated DeltaNet layers beside the attention layers
 NEW_TOKENS = 32
 
 
@@ -40,6 +42,8 @@ def rules_for(arch: str) -> str:
     text = f"- match: {{name: '\\.self_attn$'}}\n  replace: {{class: {attn}}}\n  recursive: false\n"
     if arch in MOE_CLASS:
         text += f"- match: {{name: '\\.mlp$', class: {MOE_CLASS[arch]}}}\n  replace: {{class: moe_block}}\n"
+    if arch in HYBRID:
+        text += "- match: {name: '\\.linear_attn$'}\n  replace: {class: gated_deltanet}\n  recursive: false\n"
     return text
 
 
@@ -58,12 +62,17 @@ def _runner(out, page_size=4):
                        cache_lens=256, page_size=page_size, progress=False)
 
 
+# The one request's recurrent-state rows (models with linear-attention layers; ignored by the
+# others): read and written in place, as a step never runs twice here.
+STATE_ROWS = torch.tensor([[0, 0]])
+
+
 def _one(runner, ids, num_computed, pages):
     """One step of one request: ids are its new tokens; returns logits of the last."""
     n = len(ids)
     batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(num_computed, num_computed + n),
                          seq_ids=[0], num_computed=[num_computed], num_new=[n], page_table=pages[None],
-                         logits_indices=torch.tensor([n - 1]))
+                         logits_indices=torch.tensor([n - 1]), state_rows=STATE_ROWS)
     return runner.execute(batch)[0]
 
 
@@ -118,7 +127,8 @@ def _token_nmse(runner, model, floor_model=None, prompt=20, decode=4):
     with force_reference_routing(runner.model, routing, lambda: step, flips, drift, routed):
         step[:] = rows[:prompt]
         batch = ForwardBatch(input_ids=ids[:prompt], positions=torch.arange(prompt), seq_ids=[0], num_computed=[0],
-                             num_new=[prompt], page_table=pages[None], logits_indices=torch.arange(prompt))
+                             num_new=[prompt], page_table=pages[None], logits_indices=torch.arange(prompt),
+                             state_rows=STATE_ROWS)
         out = [runner.execute(batch).cpu()]
         for n in range(prompt, prompt + decode):
             step[:] = rows[n:n + 1]
