@@ -179,10 +179,12 @@ def test_gguf_quantized_exact_operators_and_close_kernels(tiny_model, tmp_path, 
                                                  f"(bound {QUANT_LOGITS_NMSE:.0e}); flips {flips}, all {errors}")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3", "qwen3_next", "qwen3_5_moe"])
 def test_single_file_gguf_needs_no_model_path(tiny_model, arch):
     """--gguf_path FILE alone: config and tokenizer come from the GGUF metadata (Gemma 3: its
-    local layers, both rope bases and the global layers' scaling, the attention scale)."""
+    local layers, both rope bases and the global layers' scaling, the attention scale; Qwen3-Next
+    and Qwen3.5: which layers are linear attention, the DeltaNet's head sizes, partial rotary,
+    Qwen3.5's M-RoPE sections)."""
     out = tiny_model(arch, "f32")
     runner = ModelRunner(gguf_path=str(out / "model.gguf"), device="cpu", cache_lens=128, page_size=16,
                          progress=False)
