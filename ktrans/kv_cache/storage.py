@@ -55,7 +55,7 @@ class KVStorage:
         if any(k.recurrent for k in self.kinds) and state_dims is None:
             raise KtransError("KV cache: linear (recurrent) layers need their state dims")
         self.state_dims = state_dims          # (conv_dim, conv_len, v_heads, k_dim, v_dim)
-        self._devs, self._dts = devs, dts
+        self._devs, self._dts = devs, dts                 # (state rows follow their layer's)
         self.num_state_rows = 0
         self.states: list[tuple[torch.Tensor, ...]] = [() for _ in range(num_layers)]
         slots = num_pages * page_size
@@ -85,18 +85,6 @@ class KVStorage:
     def recurrent_layers(self) -> list[int]:
         """Layers that keep a per-request state instead of KV pages."""
         return [i for i, k in enumerate(self.kinds) if k.recurrent]
-
-    def state_bytes_per_slot(self) -> dict[str, int]:
-        """Bytes one request's state slot takes per device (its two rows in every linear layer)."""
-        if self.state_dims is None:
-            return {}
-        conv_dim, conv_len, nv, dk, dv = self.state_dims
-        out: dict[str, int] = {}
-        for i in self.recurrent_layers:
-            size = torch.empty(0, dtype=self._dts[i]).element_size()
-            n = 2 * (conv_dim * conv_len * size + nv * dk * dv * 4)
-            out[str(self._devs[i])] = out.get(str(self._devs[i]), 0) + n
-        return out
 
     def reserve_states(self, num_slots: int) -> None:
         """Hold state rows for `num_slots` requests (kv_cache/state.py's row layout); a smaller
