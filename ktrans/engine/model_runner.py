@@ -181,7 +181,10 @@ class ModelRunner:
         while no request runs."""
         if not self.kv.recurrent_layers:
             return 0
+        rows = self.kv.num_state_rows
         self.kv.reserve_states(num_slots)
+        if self.kv.num_state_rows != rows and self.graphs is not None:
+            self.graphs.invalidate()           # they read the state tensors just replaced
         return (self.kv.num_state_rows - 1) // 2
 
     @torch.inference_mode()

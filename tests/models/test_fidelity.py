@@ -210,7 +210,28 @@ rules:
 """
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2"])
+def split_rules(arch: str, default_device: str = "cuda") -> str:
+    """SPLIT_RULES for `arch` (hybrids: their linear-attention layers get gated_deltanet too, which
+    keeps its state in the cache, in layer 0 on the CPU as well)."""
+    text = SPLIT_RULES.replace("default_device: cuda", f"default_device: {default_device}")
+    text = text.replace("ATTN", "mla_attention" if arch.startswith("deepseek") else "gqa_attention")
+    if arch in HYBRID:                 # layer 0 is a linear-attention layer
+        text = text.replace("layers\\.0\\.self_attn$'}\n    replace: {class: gqa_attention, device: cpu}",
+                            "layers\\.0\\.linear_attn$'}\n    replace: {class: gated_deltanet, device: cpu}")
+        text += """  - match: {name: '^model\\.layers\\.\\d+\\.linear_attn$'}
+    replace: {class: gated_deltanet}
+    recursive: false
+"""
+        assert "layers\\.0\\.linear_attn" in text
+    return text
+
+
+def _cache_on(kv, i: int):
+    """The device of layer i's cache: its KV pages, or a linear layer's state rows."""
+    return (kv.layers[i] or kv.state(i))[0].device
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2", "qwen3_next"])
 def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, arch):
     """SPLIT_RULES with every device the CPU: layer 0 stays transformers' own modules (`class:
     default`, its MoE routed by transformers' router), the other layers ktrans's operators. The
@@ -218,8 +239,7 @@ def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, a
     held to the reference's."""
     out = tiny_model(arch, "f32")
     rules = tmp_path / "split.yaml"
-    attn = "mla_attention" if arch.startswith("deepseek") else "gqa_attention"
-    rules.write_text(SPLIT_RULES.replace("default_device: cuda", "default_device: cpu").replace("ATTN", attn))
+    rules.write_text(split_rules(arch, "cpu"))
     runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu", fused_decode=False,
                          optimize_config_path=str(rules), cache_lens=256, page_size=16, progress=False)
     assert not any(isinstance(m, MoEBlock) for n, m in runner.model.named_modules() if ".layers.0." in n + ".")
@@ -231,7 +251,8 @@ def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, a
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,split", [("deepseek_v3", False), ("qwen3_moe", False), ("qwen2", False),
                                         ("qwen3_moe", True), ("deepseek_v2", True), ("glm4_moe", False),
-                                        ("minimax_m2", True), ("gemma3", False), ("gemma3", True)])
+                                        ("minimax_m2", True), ("gemma3", False), ("gemma3", True),
+                                        ("qwen3_next", False), ("qwen3_next", True), ("qwen3_5_moe", False)])
 def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     """--device cuda with the shipped rules (attention, KV cache, router and shared experts in
     bf16 on the GPU, routed experts on the CPU, stream-ordered), or with layer 0 on the CPU: logits
@@ -241,10 +262,10 @@ def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     rules = None
     if split:
         rules = tmp_path / "split.yaml"
-        rules.write_text(SPLIT_RULES.replace("ATTN", "mla_attention" if arch.startswith("deepseek") else "gqa_attention"))
+        rules.write_text(split_rules(arch))
     runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cuda",
                          optimize_config_path=rules and str(rules), cache_lens=256, page_size=16, progress=False)
-    assert runner.kv.layers[-1][0].is_cuda and runner.kv.layers[0][0].is_cuda != split
+    assert _cache_on(runner.kv, -1).type == "cuda" and (_cache_on(runner.kv, 0).type == "cuda") != split
     errors, flips, drift = _token_nmse(runner, _reference(out), _reference(out).to("cuda", torch.bfloat16))
     _near_ties_only(flips, drift)
     assert all(ours < max(BF16_LOGITS_NMSE, BF16_VS_HF_BF16 * hf) for ours, hf in errors), errors

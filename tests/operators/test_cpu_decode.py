@@ -196,12 +196,14 @@ def test_declines_when_a_part_is_not_in_the_cpu_kernels(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("arch,why", [
     ("gpt_oss", ["sinks or a sliding window"]),
-    ("gemma3", ["gemma3:", "gelu_pytorch_tanh", "(1 + w)", "embeddings are scaled", "different bases"])])
+    ("gemma3", ["gemma3:", "gelu_pytorch_tanh", "(1 + w)", "embeddings are scaled", "different bases"]),
+    ("qwen3_next", ["qwen3_next:", "(1 + w)", "linear-attention (Gated DeltaNet) layers keep a recurrent state"]),
+    ("qwen3_5_moe", ["qwen3_5_moe:", "(1 + w)", "linear-attention (Gated DeltaNet) layers keep a recurrent state"])])
 def test_declines_by_name(tiny_model, arch, why):
     """gpt-oss's sinks and sliding windows, Gemma 3's GELU MLPs, (1 + w) norms, scaled
-    embeddings and two rope bases are not in the fused step: the model is declined with the
-    reasons named (its decode steps run the module path, held to transformers by
-    tests/models/test_fidelity.py)."""
+    embeddings and two rope bases, Qwen3-Next's and Qwen3.5's recurrent linear-attention layers
+    are not in the fused step: the model is declined with the reasons named (its decode steps run
+    the module path, held to transformers by tests/models/test_fidelity.py)."""
     d = tiny_model(arch, "f32", with_safetensors=False)
     assert _runner(d, True).cpu_step is None
     assert all(w in cpu_decode.why_not for w in why), cpu_decode.why_not
