@@ -14,6 +14,8 @@ stay within QUANT_LOGITS_NMSE of transformers on the dequantized values.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import transformers
@@ -62,9 +64,15 @@ def _runner(out, page_size=4):
                        cache_lens=256, page_size=page_size, progress=False)
 
 
-# The one request's recurrent-state rows (models with linear-attention layers; ignored by the
-# others): read and written in place, as a step never runs twice here.
-STATE_ROWS = torch.tensor([[0, 0]])
+_STEPS = itertools.count()
+
+
+def state_rows() -> torch.Tensor:
+    """The one request's recurrent-state rows for its next step (models with linear-attention
+    layers; ignored by the others): read the row the previous step wrote, write the other, as the
+    engine's commit alternates them (a CUDA-graph step runs twice when it is captured)."""
+    k = next(_STEPS) % 2
+    return torch.tensor([[k, 1 - k]])
 
 
 def _one(runner, ids, num_computed, pages):
@@ -72,7 +80,7 @@ def _one(runner, ids, num_computed, pages):
     n = len(ids)
     batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(num_computed, num_computed + n),
                          seq_ids=[0], num_computed=[num_computed], num_new=[n], page_table=pages[None],
-                         logits_indices=torch.tensor([n - 1]), state_rows=STATE_ROWS)
+                         logits_indices=torch.tensor([n - 1]), state_rows=state_rows())
     return runner.execute(batch)[0]
 
 
@@ -128,7 +136,7 @@ def _token_nmse(runner, model, floor_model=None, prompt=20, decode=4):
         step[:] = rows[:prompt]
         batch = ForwardBatch(input_ids=ids[:prompt], positions=torch.arange(prompt), seq_ids=[0], num_computed=[0],
                              num_new=[prompt], page_table=pages[None], logits_indices=torch.arange(prompt),
-                             state_rows=STATE_ROWS)
+                             state_rows=state_rows())
         out = [runner.execute(batch).cpu()]
         for n in range(prompt, prompt + decode):
             step[:] = rows[n:n + 1]
