@@ -65,6 +65,22 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
+# Multimodal wrappers whose text model ktrans runs (their config.json holds it as text_config; the
+# checkpoint's language-model weights sit under model.language_model.*, the vision tower's under
+# model.visual.*, which is not read).
+_TEXT_OF = {"qwen3_5_moe": "qwen3_5_moe_text"}
+
+
+def text_model_config(config):
+    """The config ktrans runs: the text model's of a multimodal wrapper (Qwen3.5-MoE), else `config`."""
+    want = _TEXT_OF.get(getattr(config, "model_type", None))
+    if want is None:
+        return config
+    text = getattr(config, "text_config", None)
+    if getattr(text, "model_type", None) != want:
+        raise KtransError(f"a {config.model_type} config must hold its text model as text_config ({want}); "
+                          f"got {getattr(text, 'model_type', None)!r}")
+    return text
 
 
 def get_arch(name: str) -> ArchSpec:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ktrans.config.arch import arch_from_config, build_meta_model
+from ktrans.config.arch import arch_from_config, build_meta_model, text_model_config
 from ktrans.engine.batch import ForwardBatch, forward_context
 from ktrans.errors import KtransError
 from ktrans.kv_cache.storage import KVStorage
@@ -58,7 +58,7 @@ def _load_config(weights, model_path):
     if config is None and model_path and os.path.isdir(model_path):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_path)
+        config = text_model_config(AutoConfig.from_pretrained(model_path))
     if config is None:
         raise KtransError("the weights carry no model config; pass --model_path with the HF config.json directory")
     return config

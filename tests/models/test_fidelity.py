@@ -104,6 +104,26 @@ def test_greedy_generation_identical_to_transformers(saved):
     _greedy_matches(_runner(out), model, arch)
 
 
+def test_qwen3_5_moe_multimodal_checkpoint_runs_its_text_model(tmp_path):
+    """A Qwen3.5-MoE checkpoint as released (Qwen3_5MoeForConditionalGeneration: its text model under
+    text_config and model.language_model.*, a vision tower beside it): ktrans reads the text model
+    and generates what that text model generates; the vision weights are left unread."""
+    config, text = tiny_hf_model("qwen3_5_moe")
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=config.hidden_size,
+                  patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16)
+    model = transformers.Qwen3_5MoeForConditionalGeneration(
+        transformers.Qwen3_5MoeConfig(text_config=config.to_dict(), vision_config=vision)).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    model.save_pretrained(tmp_path)
+    (tmp_path / "rules.yaml").write_text(rules_for("qwen3_5_moe"))
+    runner = _runner(tmp_path)
+    assert runner.config.model_type == "qwen3_5_moe_text"
+    assert any(n.startswith("model.layers.0.") for n in runner.weights.names())
+    assert not any("visual" in n or "language_model" in n for n in runner.weights.names())
+    _greedy_matches(runner, text, "qwen3_5_moe")
+
+
 def _gguf_runner(out, rules=None, fused_decode=True):
     """ModelRunner over model.gguf; rules None = the shipped rule file with --device cpu.
 
