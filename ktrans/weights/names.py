@@ -30,17 +30,8 @@ the reshuffle itself):
   transpose     gpt-oss: HF `experts.down_proj` [E, I, H] <-> `ffn_down_exps` [E, H, I]
   norm_shift    Gemma 3's RMSNorm weights: HF stores w (the norm scales by 1 + w), llama.cpp's
                 converter writes 1 + w, so GGUF = HF + 1 (element-wise, in float32)
-  Gated DeltaNet layers (Qwen3-Next, Qwen3.5; Hk key heads of dk, Hv value heads of dv,
-  r = Hv / Hk, kd = Hk·dk, vd = Hv·dv):
-  qkvz          Qwen3-Next: HF `in_proj_qkvz` [Hk·(2dk + 2r·dv), H], rows [q k v z] per key head
-                <-> (`attn_qkv` [2kd + vd, H]: all q rows, all k rows, all v rows; `attn_gate` [vd, H])
-  conv          HF `conv1d.weight` [C, 1, K] <-> `ssm_conv1d` [C, K]
-  a_log         HF `A_log` <-> `ssm_a` = -exp(A_log)  (float32)
-  *_tiled       Qwen3.5 (qwen35moe): llama.cpp's converter reorders the value heads from grouped by
-                key head (HF: head h uses key head h // r) to tiled (head j·Hk + k uses key head k)
-                in every tensor indexed by value head: v_tiled (rows: in_proj_z, in_proj_b/a,
-                dt_bias), qkv_tiled (the v rows of in_proj_qkv), conv_tiled (conv plus its v
-                channels), a_log_tiled (a_log plus the order), v_cols_tiled (out_proj's columns)
+  qkvz, conv, a_log, v_tiled, qkv_tiled, conv_tiled, a_log_tiled, v_cols_tiled
+                Qwen3-Next's / Qwen3.5's Gated DeltaNet layers (deltanet_layout.py)
 
 Entries may carry a `needs` condition on the config (see `_NEEDS`); `layers` says which
 layers hold the tensor: "all", "dense" (plain MLP), "moe" (router + experts), "nextn" (only the
@@ -62,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ktrans.errors import KtransError
+from ktrans.weights.deltanet_layout import DELTANET_TRANSFORMS, deltanet_to_gguf, deltanet_to_hf
 
 
 @dataclass(frozen=True)
@@ -384,90 +376,12 @@ def _rope_perm(w: np.ndarray, n_head: int, inverse: bool) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(*shape, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-def _value_heads(w: np.ndarray, config, to_tiled: bool, axis: int = 0) -> np.ndarray:
-    """Reorder the value heads along `axis` of w (Hv heads of w.shape[axis] // Hv entries each)
-    between grouped by key head (HF) and tiled (llama.cpp's qwen35moe files)."""
-    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
-    r = hv // hk
-    n = w.shape[axis]
-    outer = (hk, r) if to_tiled else (r, hk)
-    shaped = w.reshape(w.shape[:axis] + outer + (n // hv,) + w.shape[axis + 1:])
-    return np.ascontiguousarray(np.swapaxes(shaped, axis, axis + 1).reshape(w.shape))
-
-
-def _qkv_split(config) -> tuple[int, int]:
-    """(kd, vd): rows of q (and k) and of v in a DeltaNet qkv projection."""
-    return (config.linear_num_key_heads * config.linear_key_head_dim,
-            config.linear_num_value_heads * config.linear_value_head_dim)
-
-
-def _deltanet_to_gguf(transform: str, w: np.ndarray, config) -> list[np.ndarray]:
-    kd, vd = _qkv_split(config)
-    if transform == "qkvz":                             # [Hk, (q k v z) rows, H] -> [q k v], [z]
-        hk = config.linear_num_key_heads
-        per = w.reshape(hk, -1, *w.shape[1:])
-        dk, rv = kd // hk, vd // hk
-        q, k, v, z = (per[:, a:b] for a, b in ((0, dk), (dk, 2 * dk), (2 * dk, 2 * dk + rv), (2 * dk + rv, None)))
-        flat = [np.ascontiguousarray(x.reshape(-1, *w.shape[1:])) for x in (q, k, v, z)]
-        return [np.concatenate(flat[:3]), flat[3]]
-    tiled = transform.endswith("_tiled")
-    base = transform.removesuffix("_tiled")
-    if base == "conv":                                  # [C, 1, K] -> [C, K] (v channels tiled)
-        c = w.reshape(w.shape[0], -1)
-        if tiled:
-            c = np.concatenate([c[:2 * kd], _value_heads(c[2 * kd:], config, True)])
-        return [np.ascontiguousarray(c)]
-    if base == "a_log":
-        a = -np.exp(w.astype(np.float32))
-        return [_value_heads(a, config, True) if tiled else a]
-    if transform == "v_tiled":
-        return [_value_heads(w, config, True)]
-    if transform == "qkv_tiled":
-        return [np.concatenate([w[:2 * kd], _value_heads(w[2 * kd:], config, True)])]
-    if transform == "v_cols_tiled":
-        return [_value_heads(w, config, True, axis=1)]
-    raise KtransError(f"unknown tensor transform '{transform}'")
-
-
-def _deltanet_to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
-    kd, vd = _qkv_split(config)
-    w = parts[0]
-    if transform == "qkvz":                             # [q k v], [z] -> [Hk, (q k v z) rows, H]
-        hk = config.linear_num_key_heads
-        qkv, z = parts
-        dk, rv = kd // hk, vd // hk
-        rest = qkv.shape[1:]
-        per = [qkv[:kd].reshape(hk, dk, *rest), qkv[kd:2 * kd].reshape(hk, dk, *rest),
-               qkv[2 * kd:].reshape(hk, rv, *rest), z.reshape(hk, rv, *rest)]
-        return np.ascontiguousarray(np.concatenate(per, axis=1).reshape(-1, *rest))
-    tiled = transform.endswith("_tiled")
-    base = transform.removesuffix("_tiled")
-    if base == "conv":                                  # [C, K] -> [C, 1, K]
-        if tiled:
-            w = np.concatenate([w[:2 * kd], _value_heads(w[2 * kd:], config, False)])
-        return np.ascontiguousarray(w.reshape(w.shape[0], 1, -1))
-    if base == "a_log":
-        w = _value_heads(w, config, False) if tiled else w
-        return np.log(-w.astype(np.float32))
-    if transform == "v_tiled":
-        return _value_heads(w, config, False)
-    if transform == "qkv_tiled":
-        return np.concatenate([w[:2 * kd], _value_heads(w[2 * kd:], config, False)])
-    if transform == "v_cols_tiled":
-        return _value_heads(w, config, False, axis=1)
-    raise KtransError(f"unknown tensor transform '{transform}'")
-
-
-DELTANET_TRANSFORMS = frozenset({"qkvz", "conv", "conv_tiled", "a_log", "a_log_tiled", "v_tiled", "qkv_tiled",
-                                 "v_cols_tiled"})
-
-
 def hf_to_gguf(transform: str, w: np.ndarray, config) -> list[np.ndarray]:
     """The GGUF array(s) (numpy shapes) holding HF array `w`."""
     if transform == "copy":
         return [w]
     if transform in DELTANET_TRANSFORMS:
-        return _deltanet_to_gguf(transform, w, config)
+        return deltanet_to_gguf(transform, w, config)
     if transform == "gate_up":                          # [E, 2I, H] -> 2 x [E, I, H]
         i = w.shape[1] // 2
         return [np.ascontiguousarray(w[:, :i]), np.ascontiguousarray(w[:, i:])]
@@ -499,7 +413,7 @@ def gguf_to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
     if transform == "copy":
         return parts[0]
     if transform in DELTANET_TRANSFORMS:
-        return _deltanet_to_hf(transform, parts, config)
+        return deltanet_to_hf(transform, parts, config)
     if transform == "gate_up":                          # 2 x [E, I, H] -> [E, 2I, H]
         return np.concatenate(parts, axis=1)
     if transform == "rope_q":
