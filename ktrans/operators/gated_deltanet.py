@@ -201,41 +201,46 @@ class GatedDeltaNet(ProjectionOwner, Operator):
         x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, H]
         mixed, z, b, a = self._project(x, native)
         beta, g = self._gates(b, a)
-        conv_state, rec_state = ctx.kv.state(self.layer_idx)
         o = torch.empty(x.shape[0], self.hv, self.dv, dtype=torch.float32, device=self.device)
         qs, batch = ctx.query_start, ctx.batch
         group = None if native else ctx.decode_group()
         single = group.reqs if group is not None else frozenset()
         if group is not None:
-            o_rows = self._decode(ctx, group, mixed, beta, g, conv_state, rec_state)
+            o_rows = self._decode(ctx, group, mixed, beta, g)
             if group.whole:
                 o = o_rows
             else:
                 o[group.rows] = o_rows
         for r in range(batch.num_reqs):
-            if r in single:
-                continue
-            sl = slice(qs[r], qs[r + 1])
-            fresh = torch.tensor([batch.num_computed[r] == 0], device=self.device)
-            c0, s0 = self._states(ctx, ctx.state_read[r:r + 1], fresh)                   # [1, C, K-1], [1, Hv, dk, dv]
-            window = torch.cat([c0, mixed[sl].t()[None].to(c0.dtype)], dim=-1)            # [1, C, K-1+n]
-            qh, kh, vh = self._qkv_heads(self._conv(window)[0].to(self.dtype))           # [n, Hv, d]
-            if native:
-                out, s1 = delta_rule_recurrent(qh[None], kh[None], vh[None], beta[sl][None], g[sl][None], s0)
-                out, s1 = out[0], s1
-            else:
-                out, s1 = delta_rule_chunked(qh, kh, vh, beta[sl], g[sl], s0[0])
-                s1 = s1[None]
-            o[sl] = out
-            w = ctx.state_write[r:r + 1]
-            conv_state.index_copy_(0, w, window[..., window.shape[-1] - (self.kernel - 1):])
-            rec_state.index_copy_(0, w, s1)
+            if r not in single:
+                sl = slice(qs[r], qs[r + 1])
+                o[sl] = self._chunk(ctx, r, mixed[sl], beta[sl], g[sl], native)
         out = self._output(o, z, native)
         return out.view(*shape[:-1], -1)
 
-    def _decode(self, ctx, group, mixed, beta, g, conv_state, rec_state) -> torch.Tensor:
+    def _chunk(self, ctx, r: int, mixed, beta, g, native: bool) -> torch.Tensor:
+        """Request r's tokens of this step (mixed [n, C], beta / g [n, Hv]) from its state rows:
+        o [n, Hv, dv]; its new states written to its write row. The chunked form, or the
+        token-by-token recurrence for the oracle."""
+        conv_state, rec_state = ctx.kv.state(self.layer_idx)
+        fresh = torch.tensor([ctx.batch.num_computed[r] == 0], device=self.device)
+        c0, s0 = self._states(ctx, ctx.state_read[r:r + 1], fresh)                       # [1, C, K-1], [1, Hv, dk, dv]
+        window = torch.cat([c0, mixed.t()[None].to(c0.dtype)], dim=-1)                    # [1, C, K-1+n]
+        q, k, v = self._qkv_heads(self._conv(window)[0].to(self.dtype))                  # [n, Hv, d]
+        if native:
+            out, s1 = delta_rule_recurrent(q[None], k[None], v[None], beta[None], g[None], s0)
+        else:
+            out, s1 = delta_rule_chunked(q, k, v, beta, g, s0[0])
+            out, s1 = out[None], s1[None]
+        w = ctx.state_write[r:r + 1]
+        conv_state.index_copy_(0, w, window[..., window.shape[-1] - (self.kernel - 1):])
+        rec_state.index_copy_(0, w, s1)
+        return out[0]
+
+    def _decode(self, ctx, group, mixed, beta, g) -> torch.Tensor:
         """Every single-token request of the step at once: o [B, Hv, dv]. Only device tensors are
         read (the rows and positions of the decode group), so the step can be a CUDA graph."""
+        conv_state, rec_state = ctx.kv.state(self.layer_idx)
         reqs = _decode_reqs(ctx, group)
         read, write = ctx.state_read.index_select(0, reqs), ctx.state_write.index_select(0, reqs)
         fresh = group.q_pos[:, 0] == 0
