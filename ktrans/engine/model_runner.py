@@ -225,8 +225,8 @@ class ModelRunner:
         for n in (100, 28, 1):
             if done + n > pages.shape[1] * self.page_size:
                 break
-            self.execute(ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long), positions=torch.arange(done, done + n),
-                                      seq_ids=[0], num_computed=[done], num_new=[n], page_table=pages,
+            self.execute(ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long),
+                                      positions=torch.arange(done, done + n), seq_ids=[0], num_computed=[done], num_new=[n], page_table=pages,
                                       logits_indices=torch.tensor([n - 1]), state_rows=scratch))
             done += n
         torch.cuda.synchronize()

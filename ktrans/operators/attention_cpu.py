@@ -1,9 +1,10 @@
 """`cpu_gqa_attention` / `cpu_mla_attention` / `cpu_gated_deltanet`: the attention operators (and
-the Gated DeltaNet linear attention) with their projection matrices kept as the GGUF blocks they are stored in and run by the CPU linear kernels
-(linear_cpu.QuantWeight), for all-CPU placements.
+the Gated DeltaNet linear attention) with their projection matrices kept as the GGUF blocks they
+are stored in and run by the CPU linear kernels (linear_cpu.QuantWeight), for all-CPU placements.
 
-Everything else — rotary, the paged KV cache, the attention itself, and so every oracle — is the
-parent operator's (attention_gqa.py / attention_mla.py): these subclasses only replace how a
+Everything else — rotary, the paged KV cache (the DeltaNet's state rows), the attention itself, and
+so every oracle — is the parent operator's (attention_gqa.py / attention_mla.py /
+gated_deltanet.py): these subclasses only replace how a
 projection is loaded (`_load_owned`: the parent's `_proj_shapes` as QuantWeights, its
 `_param_shapes` in f32) and applied (`_linear`; the oracle path through gguf-py-dequantized weights). Norms, biases of the parent's own tensors and MLA's kv_b_proj halves (small,
 used in einsums) stay f32. A decode-only step of a whole model of these operators can instead run

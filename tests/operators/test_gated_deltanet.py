@@ -52,7 +52,8 @@ def _run_schedule(op, config, xs, native, twice=False):
         positions = torch.cat([torch.arange(done[r], done[r] + SCHEDULE[r][step]) for r in reqs])
         batch = ForwardBatch(input_ids=torch.zeros(len(positions), dtype=torch.long), positions=positions,
                              seq_ids=reqs, num_computed=[done[r] for r in reqs],
-                             num_new=[SCHEDULE[r][step] for r in reqs], page_table=torch.arange(3).int().repeat(len(reqs), 1),
+                             num_new=[SCHEDULE[r][step] for r in reqs],
+                             page_table=torch.arange(3).int().repeat(len(reqs), 1),
                              logits_indices=torch.zeros(0, dtype=torch.long),
                              state_rows=torch.tensor([pool.rows(r) for r in reqs]))
         fn = op.forward_native if native else op.forward

@@ -57,7 +57,8 @@ def test_token_id_outside_vocab_is_a_ktrans_error(tiny_model):
 
 
 @pytest.mark.parametrize("arch,cut", [("qwen3_next", "blk.2.ssm_a"), ("qwen3_next", "blk.0.attn_gate.weight"),
-                                      ("qwen3_5_moe", "blk.0.ssm_conv1d.weight"), ("qwen3_5_moe", "blk.2.ssm_alpha.weight")])
+                                      ("qwen3_5_moe", "blk.0.ssm_conv1d.weight"),
+                                      ("qwen3_5_moe", "blk.2.ssm_alpha.weight")])
 def test_gguf_missing_a_deltanet_tensor_is_named(tiny_model, tmp_path, arch, cut):
     """A Qwen3-Next / Qwen3.5 file without one of a linear-attention layer's tensors: one error
     naming the parameter and the GGUF tensor it needs."""
@@ -87,5 +88,5 @@ def test_linear_attention_left_to_transformers_is_refused(tiny_model, tmp_path):
     rules.write_text("- match: {name: '\\.self_attn$'}\n  replace: {class: gqa_attention}\n  recursive: false\n")
     with pytest.raises(KtransError, match=r"model.layers.0.linear_attn is Qwen3NextGatedDeltaNet, which keeps no "
                                           r"recurrent state between engine steps; .*\{class: gated_deltanet\}"):
-        ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu", optimize_config_path=str(rules),
-                    cache_lens=64, page_size=16, progress=False)
+        ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu",
+                    optimize_config_path=str(rules), cache_lens=64, page_size=16, progress=False)

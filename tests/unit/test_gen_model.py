@@ -237,7 +237,8 @@ _Q4_K_M = {
         "attn_q_norm": [None, "f32", None, "f32"], "attn_k_norm": [None, "f32", None, "f32"],
         "attn_norm": ["f32"] * 4, "post_attention_norm": ["f32"] * 4, "ffn_gate_inp": ["f32"] * 4,
         "ffn_gate_exps": ["q4_k"] * 4, "ffn_up_exps": ["q4_k"] * 4, "ffn_down_exps": ["q4_k", "q4_k", "q6_k", "q6_k"],
-        "ffn_gate_shexp": ["q4_k"] * 4, "ffn_up_shexp": ["q4_k"] * 4, "ffn_down_shexp": ["q4_k", "q4_k", "q6_k", "q6_k"],
+        "ffn_gate_shexp": ["q4_k"] * 4, "ffn_up_shexp": ["q4_k"] * 4,
+        "ffn_down_shexp": ["q4_k", "q4_k", "q6_k", "q6_k"],
         "ffn_gate_inp_shexp": ["f32"] * 4,
     },
     "qwen2": {                                                  # 2 layers, dense

@@ -41,7 +41,8 @@ DIGIT_PIECES = {"qwen2": ["x", "=", "1", "2", "3", "4", "5", "6", "7"],
                 "glm4": ["x", "=", "123", "456", "7"],
                 "minimax-m2": ["x", "=", "123", "456", "7"],
                 "kimi-k2": ["x", "=", "123", "456", "7"]}
-NFC_CLASS = {"qwen2": True, "qwen35": True, "deepseek-v3": False, "deepseek-llm": False, "gpt-2": False, "llama-bpe": False,
+NFC_CLASS = {"qwen2": True, "qwen35": True,
+             "deepseek-v3": False, "deepseek-llm": False, "gpt-2": False, "llama-bpe": False,
              "gpt-4o": False, "glm4": False, "minimax-m2": False, "kimi-k2": False, "default": False}
 
 PIECES = ["Hello, world!", " 12345", " 3.14", "  ", "\n\n", "\t", "人工智能正在改变世界。", "こんにちは",

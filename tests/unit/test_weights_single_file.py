@@ -159,7 +159,8 @@ def test_qwen35_pre_tokenizer_against_transformers_qwen3_5_tokenizer(tmp_path):
     ref = Qwen3_5Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|eos|>", unk_token=None, pad_token=None)
     ref.add_special_tokens({"additional_special_tokens": SPECIAL})
     ours = tokenizer_from_gguf(_gguf_of(tok, "qwen35", tmp_path / "t.gguf"))
-    assert ours(marks)["input_ids"] != tokenizer_from_gguf(_gguf_of(tok, "qwen2", tmp_path / "q2.gguf"))(marks)["input_ids"]
+    qwen2 = tokenizer_from_gguf(_gguf_of(tok, "qwen2", tmp_path / "q2.gguf"))
+    assert ours(marks)["input_ids"] != qwen2(marks)["input_ids"]            # the marks split otherwise there
     for text in CORPUS[:5] + [marks, "<|user|>hi 1234567 <|eos|>"]:
         _assert_same_tokenizer(ours, ref, text)
 
