@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -127,13 +128,30 @@ int64_t add_mla(PyDecoder& d, Array an, Array fn, float eps, int rope, py::objec
   return d.add_layer(std::move(L));
 }
 
-void set_dense(PyDecoder& d, int64_t i, py::object gate, py::object up, py::object down) {
+void set_dense(PyDecoder& d, int64_t i, py::object gate, py::object up, py::object down, const std::string& act) {
+  if (i < 0 || i >= d.num_layers()) bad("layer " + std::to_string(i) + " was not added");
+  if (act != "silu" && act != "gelu_tanh") bad("dense MLP activation must be 'silu' or 'gelu_tanh', got '" + act + "'");
   Mlp& m = d.layer(i).mlp;
+  m.gelu = act == "gelu_tanh";
   m.gate = lin(d, gate, "gate_proj", -1, d.hidden());
   if (!m.gate) bad("a dense MLP needs gate_proj, up_proj and down_proj");
   m.up = lin(d, up, "up_proj", m.gate->N(), d.hidden());
   m.down = lin(d, down, "down_proj", d.hidden(), m.gate->N());
   if (!m.up || !m.down) bad("a dense MLP needs gate_proj, up_proj and down_proj");
+}
+
+// Gemma 3: the attention output and the MLP output each RMS-normalised (same eps) before their
+// residual add; a sliding layer's window.
+void set_post_norms(PyDecoder& d, int64_t i, Array attn, Array ffn) {
+  if (i < 0 || i >= d.num_layers()) bad("layer " + std::to_string(i) + " was not added");
+  d.layer(i).post_attn_norm = d.take<float>(attn, "post_attention_layernorm", {d.hidden()});
+  d.layer(i).post_ffn_norm = d.take<float>(ffn, "post_feedforward_layernorm", {d.hidden()});
+}
+
+void set_window(PyDecoder& d, int64_t i, int64_t window) {
+  if (i < 0 || i >= d.num_layers() || d.layer(i).mla) bad("layer " + std::to_string(i) + " is not a GQA layer");
+  if (window < 1) bad("a sliding window must be at least 1 token, got " + std::to_string(window));
+  d.layer(i).gqa.window = window;
 }
 
 void set_moe(PyDecoder& d, int64_t i, int kind, py::object gate, py::object bias, int64_t k, int64_t n_group,
@@ -223,12 +241,13 @@ void bind_decode(py::module_& m) {
              return std::make_shared<PyDecoder>(std::move(pool), H, page_size, num_slots, level);
            }),
            py::arg("pool"), py::arg("H"), py::arg("page_size"), py::arg("num_slots"), py::arg("isa") = "")
-      .def("set_embedding", [](PyDecoder& d, const std::string& qtype, Array rows, int64_t vocab) {
+      .def("set_embedding", [](PyDecoder& d, const std::string& qtype, Array rows, int64_t vocab, float scale) {
         QType t;
         if (!qtype_from_name(qtype.c_str(), &t) || !k_dequantize_row[qi(t)].get() || d.hidden() % qtype_traits(t).block_size)
           bad("embedding format '" + qtype + "' cannot be read");
-        d.set_embedding(t, d.take<uint8_t>(rows, "embedding", {vocab, qtype_row_bytes(t, d.hidden())}), vocab);
-      })
+        if (!std::isfinite(scale)) bad("embedding scale must be finite");
+        d.set_embedding(t, d.take<uint8_t>(rows, "embedding", {vocab, qtype_row_bytes(t, d.hidden())}), vocab, scale);
+      }, py::arg("qtype"), py::arg("rows"), py::arg("vocab"), py::arg("scale") = 0.0f)
       .def("set_head", [](PyDecoder& d, Array norm, float eps, py::object head) {
         auto h = lin(d, head, "lm_head", -1, d.hidden());
         if (!h) bad("the decoder needs an lm_head");
@@ -245,7 +264,10 @@ void bind_decode(py::module_& m) {
       })
       .def("add_gqa_layer", &add_gqa)
       .def("add_mla_layer", &add_mla)
-      .def("set_dense_mlp", &set_dense)
+      .def("set_dense_mlp", &set_dense, py::arg("layer"), py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("act") = "silu")
+      .def("set_post_norms", &set_post_norms, py::arg("layer"), py::arg("attn"), py::arg("ffn"))
+      .def("set_window", &set_window, py::arg("layer"), py::arg("window"))
       .def("set_moe", &set_moe)
       .def("step", &step_py, py::arg("ids"), py::arg("positions"), py::arg("pages"), py::arg("rows"),
            py::arg("logits"))

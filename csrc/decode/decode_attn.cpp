@@ -5,7 +5,8 @@
 //        token: MiniMax-M2), rotary (of the first dims its table covers: all of a head, or
 //        GLM-4.5's / MiniMax-M2's partial rotary), K/V written to the token's slot, then per
 //        (request, query head): scores over the request's keys
-//        0..pos, softmax, weighted sum of V (query head h reads KV head h / (Hq / Hkv)).
+//        0..pos (a sliding layer: its last `window` of them), softmax, weighted sum of V (query
+//        head h reads KV head h / (Hq / Hkv)).
 //   MLA: q (or q_a -> norm -> q_b) and kv_a; latent normalised, rope key rotated, both cached;
 //        absorbed attention per (request, head): q_lat = W_UK[h]ᵀ q_nope, score_l =
 //        (q_lat · c_l + q_pe · kpe_l) * scale, o_lat = Σ p_l c_l, out = W_UV[h] o_lat.
@@ -106,13 +107,16 @@ void CpuDecoder::attention_gqa(const Layer& L, const float* x, float* out, const
   pool_->parallel([&](int ith, int nth) {
     float* p = scores + ith * max_len;
     for (int64_t it = ith; it < B_ * g.hq; it += nth) {
-      const int64_t b = it / g.hq, hd = it % g.hq, kv = hd / group, len = a.pos[b] + 1;
+      const int64_t b = it / g.hq, hd = it % g.hq, kv = hd / group;
+      // keys first..pos: all of them, or a sliding layer's last `window`
+      const int64_t first = g.window > 0 ? std::max<int64_t>(0, a.pos[b] + 1 - g.window) : 0;
+      const int64_t len = a.pos[b] + 1 - first;
       const float* qh = q + b * nq + hd * d;
-      for (int64_t l = 0; l < len; ++l) p[l] = dot(d, g.kc + slot(a, b, l) * nkv + kv * d, qh) * g.scale;
+      for (int64_t l = 0; l < len; ++l) p[l] = dot(d, g.kc + slot(a, b, first + l) * nkv + kv * d, qh) * g.scale;
       softmax(p, len);
       float* o = att + b * nq + hd * d;
       std::memset(o, 0, d * 4);
-      for (int64_t l = 0; l < len; ++l) axpy(p[l], g.vc + slot(a, b, l) * nkv + kv * d, o, d);
+      for (int64_t l = 0; l < len; ++l) axpy(p[l], g.vc + slot(a, b, first + l) * nkv + kv * d, o, d);
     }
   });
   linear(*g.o, att, out);

@@ -12,6 +12,20 @@
 #include "decode/kernels.h"
 
 namespace ktrans {
+namespace {
+
+// g <- gelu_tanh(g) * u, in f32 as torch's gelu(approximate="tanh") computes it:
+// 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+// NOTE: scalar tanh; a decode step has B * I of them per layer, far fewer than the weights read.
+void gelu_tanh_mul(float* g, const float* u, int64_t n) {
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g[i];
+    g[i] = 0.5f * x * (1.0f + std::tanh(k0 * (x + k1 * x * x * x))) * u[i];
+  }
+}
+
+}  // namespace
 
 CpuDecoder::CpuDecoder(std::shared_ptr<ThreadPool> pool, int64_t H, int64_t page_size, int64_t num_slots, Isa isa)
     : pool_(std::move(pool)), H_(H), page_size_(page_size), num_slots_(num_slots), isa_(isa) {
@@ -68,7 +82,14 @@ void CpuDecoder::step(const DecodeArgs& a) {
   const DequantizeRowFn deq = k_dequantize_row[qi(emb_type_)].get(isa_);
   const int64_t emb_row = qtype_row_bytes(emb_type_, H);
   for (int64_t b = 0; b < B_; ++b) deq(emb_ + a.ids[b] * emb_row, h + b * H, H);
+  if (emb_scale_ != 0.f)
+    for (int64_t i = 0; i < B_ * H; ++i) h[i] *= emb_scale_;
   const RmsScaleFn rms = k_rms_scale.get(isa_);
+  // Gemma 3's post-sublayer norms: y normalised in place before the residual add
+  auto post_norm = [&](const float* w, float* y, float eps) {
+    if (w)
+      for (int64_t b = 0; b < B_; ++b) rms(y + b * H, w, y + b * H, H, eps);
+  };
   for (const Layer& L : layers_) {
     float* xn = buf(kSlotXn, B_ * H);
     float* y = buf(kSlotY, B_ * H);
@@ -77,9 +98,11 @@ void CpuDecoder::step(const DecodeArgs& a) {
       attention_mla(L, xn, y, a);
     else
       attention_gqa(L, xn, y, a);
+    post_norm(L.post_attn_norm, y, L.eps);
     for (int64_t i = 0; i < B_ * H; ++i) h[i] += y[i];
     for (int64_t b = 0; b < B_; ++b) rms(h + b * H, L.ffn_norm, xn + b * H, H, L.eps);
     mlp(L, xn, y);
+    post_norm(L.post_ffn_norm, y, L.eps);
     for (int64_t i = 0; i < B_ * H; ++i) h[i] += y[i];
   }
   float* xn = buf(kSlotXn, a.R * H);
@@ -93,7 +116,10 @@ void CpuDecoder::dense(const Mlp& m, const float* x, float* out, bool accumulate
   float* u = buf(kSlotUp, B_ * I);
   const LinearOut gu[2] = {{m.gate.get(), g}, {m.up.get(), u}};
   run_linears(gu, 2, x, B_, *scratch_);
-  k_moe_silu_mul.get(isa_)(g, u, g, B_ * I);
+  if (m.gelu)
+    gelu_tanh_mul(g, u, B_ * I);
+  else
+    k_moe_silu_mul.get(isa_)(g, u, g, B_ * I);
   if (!accumulate) return linear(*m.down, g, out);
   float* d = buf(kSlotDown, B_ * H);
   linear(*m.down, g, d);

@@ -41,6 +41,7 @@ struct GqaAttn {
   bool qk_norm_whole = false;     // the norms span all heads of a token (MiniMax-M2)
   int64_t hq = 0, hkv = 0, d = 0;
   float scale = 1.f, eps = 1e-6f;
+  int64_t window = 0;   // > 0: a sliding layer, the query sees its last `window` positions (itself included)
   float* kc = nullptr;  // [slots, hkv, d]
   float* vc = nullptr;
 };
@@ -71,6 +72,7 @@ struct Router {
 struct Mlp {
   std::shared_ptr<QLinear> gate, up, down;  // dense MLP, or the shared experts of a MoE layer
   std::shared_ptr<QLinear> shared_gate;     // Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales them
+  bool gelu = false;                        // dense MLP: GELU (tanh form, Gemma 3) instead of SiLU
   bool moe = false;
   Router router;
   std::shared_ptr<MoeLayer> experts;
@@ -79,6 +81,8 @@ struct Mlp {
 struct Layer {
   const float* attn_norm = nullptr;
   const float* ffn_norm = nullptr;
+  const float* post_attn_norm = nullptr;  // Gemma 3: sublayer outputs normalised before the residual add
+  const float* post_ffn_norm = nullptr;
   float eps = 1e-6f;
   bool mla = false;
   int rope = 0;  // index into the plan's rope tables
@@ -104,7 +108,10 @@ class CpuDecoder {
   CpuDecoder(std::shared_ptr<ThreadPool> pool, int64_t H, int64_t page_size, int64_t num_slots, Isa isa);
 
   // Build (from Python, once): embedding rows as stored, final norm, lm_head, rope tables, layers.
-  void set_embedding(QType type, const uint8_t* rows, int64_t vocab) { emb_type_ = type, emb_ = rows, vocab_ = vocab; }
+  // scale != 0: rows multiplied by it (Gemma 3's sqrt(H), rounded to the embedding's dtype by the caller)
+  void set_embedding(QType type, const uint8_t* rows, int64_t vocab, float scale = 0.f) {
+    emb_type_ = type, emb_ = rows, vocab_ = vocab, emb_scale_ = scale;
+  }
   void set_head(const float* norm, float eps, std::shared_ptr<QLinear> head) { final_norm_ = norm, final_eps_ = eps, head_ = std::move(head); }
   int add_rope(const RopeTable& t) { ropes_.push_back(t); return static_cast<int>(ropes_.size()) - 1; }
   int64_t add_layer(Layer l) { layers_.push_back(std::move(l)); return num_layers() - 1; }
@@ -151,6 +158,7 @@ class CpuDecoder {
   QType emb_type_ = QType::f32;
   const uint8_t* emb_ = nullptr;
   int64_t vocab_ = 0;
+  float emb_scale_ = 0.f;
   const float* final_norm_ = nullptr;
   float final_eps_ = 1e-6f;
   std::shared_ptr<QLinear> head_;

@@ -1,6 +1,9 @@
 // Python bindings of the CPU engine: ThreadPool, MoeLayer (load / forward / async submit) and the
 // stream-ordered StreamTask. Tensors cross as numpy views (bf16 as uint16 bits), checked here;
 // every long call releases the GIL.
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -161,7 +164,13 @@ void bind_moe(py::module_& m) {
       .def("round_trip", [](ThreadPool& p) { p.run([&p] { p.parallel([](int, int) {}); }); },
            py::call_guard<py::gil_scoped_release>(),
            "submit a task that fans out to every thread with no work, and wait for it: the fixed "
-           "cost of one call (bench/moe_call.py)");
+           "cost of one call (bench/moe_call.py)")
+      .def("run_thread_id", [](ThreadPool& p) {
+             long tid = 0;
+             p.run([&tid] { tid = static_cast<long>(syscall(SYS_gettid)); });
+             return tid;
+           }, py::call_guard<py::gil_scoped_release>(),
+           "run() a task that records the OS thread id it ran on (the caller's when run inline)");
 
   py::class_<StreamTask, std::shared_ptr<StreamTask>>(m, "StreamTask")
       .def("launch_start", &StreamTask::launch_start, py::arg("stream"))

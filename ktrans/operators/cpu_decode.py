@@ -2,14 +2,16 @@
 model whose every part runs in ktrans's CPU kernels, as one C++ call (csrc/decode/decoder.h)
 instead of the module path's ~20-90 torch ops and Python calls per layer.
 
-`CpuDecodeStep.build(model, kv, rotary)` reads the loaded operators — cpu_embedding, per layer
-the HF RMSNorms, cpu_gqa_attention / cpu_mla_attention (their stored projections, norms, MLA's
-absorbed kv_b halves), and an MLP of cpu_linear projections or a moe_block with cpu_experts
-(gguf or amx backends) and cpu_linear shared experts, the final norm and a cpu_linear lm_head —
-into a plan that points at the same weights and at the KV cache tensors; it returns None (with
-the reason in `why_not`) when any part is something else, and the module path then runs every
-step. Rotary tables are precomputed once by the model's own rotary module for every position the
-cache can hold (static rope types only).
+`CpuDecodeStep.build(model, kv, rotary)` reads the loaded operators — cpu_embedding (and its
+scale), per layer the HF RMSNorms (Gemma's (1 + w) form and its post-sublayer norms too),
+cpu_gqa_attention (with a sliding layer's window) / cpu_mla_attention (their stored projections,
+norms, MLA's absorbed kv_b halves), and an MLP of cpu_linear projections (SiLU or GELU-tanh) or
+a moe_block with cpu_experts (gguf or amx backends) and cpu_linear shared experts, the final norm
+and a cpu_linear lm_head — into a plan that points at the same weights and at the KV cache
+tensors; it returns None (with the reason in `why_not`) when any part is something else, and the
+module path then runs every step. Rotary tables are precomputed once by the model's own rotary
+module for every position the cache can hold (static rope types only; one table per layer type
+where the module keeps several, as Gemma 3's local and global bases).
 
 The module path stays the oracle: prefill and mixed steps always take it, and the tests compare
 this step's logits with it (tests/operators/test_cpu_decode.py).
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 
 from ktrans.operators import rope as rope_mod
+from ktrans.operators.linear import offset_norms
+from ktrans.operators.mlp import mlp_activation
 
 _STYLES = {rope_mod.HALF: 0, rope_mod.INTERLEAVE: 1, rope_mod.COMPLEX: 2}
 _STATIC_ROPE = ("default", "linear", "yarn", "llama3")
@@ -43,11 +47,16 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _norm(module) -> tuple[np.ndarray, float]:
-    """(weight, eps) of an HF RMSNorm kept on the CPU."""
-    _need(type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"),
-          f"norm {type(module).__name__} is not an RMSNorm")
-    return _f32(module.weight), float(module.variance_epsilon)
+def _norm(module, offset: bool = False) -> tuple[np.ndarray, float]:
+    """(weight, eps) of an HF RMSNorm kept on the CPU; `offset`: Gemma's (1 + w) form, whose
+    factor 1 + w (in f32, as transformers forms it) is what the C++ step multiplies by."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    _need(type(module).__name__.endswith("RMSNorm") and eps is not None, f"norm {type(module).__name__} is not an RMSNorm")
+    return _scale_of(module.weight, offset), float(eps)
+
+
+def _scale_of(weight: torch.Tensor, offset: bool) -> np.ndarray:
+    return _f32(1.0 + weight.detach().float()) if offset else _f32(weight)
 
 
 def _lin(module):
@@ -57,10 +66,14 @@ def _lin(module):
     return module.qweight.lin
 
 
-def _rope_tables(rotary, style: str, npos: int) -> tuple[int, np.ndarray, np.ndarray]:
+def _rope_tables(rotary, style: str, npos: int, kind: str | None) -> tuple[int, np.ndarray, np.ndarray]:
+    """One rotary table for every position the cache holds; `kind`: the layer type whose table a
+    per-layer-type module (Gemma 3: local and global bases) computes."""
     rope_type = getattr(rotary, "rope_type", "default")
+    if kind is not None:
+        rope_type = rope_type[kind]
     _need(rope_type in _STATIC_ROPE, f"rope type '{rope_type}' depends on the sequence length")
-    emb = rope_mod.rotary_embeddings(rotary, torch.arange(npos), torch.float32)
+    emb = rope_mod.rotary_embeddings(rotary, torch.arange(npos), torch.float32, kind)
     if style == rope_mod.COMPLEX:
         cos, sin = emb.real, emb.imag                                                    # [P, d/2]
     else:
@@ -72,8 +85,8 @@ def _rope_tables(rotary, style: str, npos: int) -> tuple[int, np.ndarray, np.nda
 class CpuDecodeStep:
     """One fused decode step over a loaded all-CPU model (see the module docstring)."""
 
-    def __init__(self, dec, kv, vocab: int, keep: list):
-        self._dec, self._kv, self.vocab, self._keep = dec, kv, vocab, keep
+    def __init__(self, dec, kv, vocab: int, keep: list, softcap: float | None = None):
+        self._dec, self._kv, self.vocab, self._keep, self.softcap = dec, kv, vocab, keep, softcap
 
     @classmethod
     def build(cls, model, kv, rotary, isa: str = "") -> "CpuDecodeStep | None":
@@ -94,28 +107,31 @@ class CpuDecodeStep:
         inner, config = model.model, model.config
         emb = inner.embed_tokens
         _need(isinstance(emb, CPUEmbedding) and emb.raw is not None, "embed_tokens is not cpu_embedding")
-        _check_model(config, rotary, emb)
+        _check_model(config, emb)
+        offset = offset_norms(config)
         head = _lin(model.lm_head)
         pool = _pool_of(model)
         num_slots = kv.num_pages * kv.page_size
         dec = _C.CpuDecoder(pool, config.hidden_size, kv.page_size, num_slots, isa)
         keep: list = []
         dec.set_embedding(emb.raw.qtype, np.ascontiguousarray(emb.raw.data).reshape(emb.num_embeddings, -1),
-                          emb.num_embeddings)
-        norm, eps = _norm(inner.norm)
+                          emb.num_embeddings, 0.0 if emb.scale is None else float(emb.scale))
+        norm, eps = _norm(inner.norm, offset)
         dec.set_head(norm, eps, head)
-        ropes: dict[str, int] = {}
+        ropes: dict[tuple, int] = {}
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             style = getattr(attn, "style", None)
             _need(style in _STYLES, f"layer {i} attention is not a cpu_ attention operator")
-            if style not in ropes:
-                ropes[style] = dec.add_rope(*_rope_tables(rotary, style, num_slots))
-            _need(not getattr(attn, "has_sinks", False) and kv.window(i) is None,
-                  f"layer {i} attention has sinks or a sliding window (gpt-oss)")
-            idx = _add_attention(dec, layer, attn, kv.layers[i], ropes[style], i)
-            _add_mlp(dec, idx, layer.mlp, keep, i, pool)
-        return cls(dec, kv, head.N, keep)
+            kind = rope_mod.layer_rope_kind(rotary, config, i)
+            if (style, kind) not in ropes:
+                ropes[style, kind] = dec.add_rope(*_rope_tables(rotary, style, num_slots, kind))
+            _need(not getattr(attn, "has_sinks", False), f"layer {i} attention has sinks (gpt-oss)")
+            idx = _add_attention(dec, layer, attn, kv.layers[i], ropes[style, kind], i, offset)
+            if kv.window(i) is not None:
+                dec.set_window(idx, kv.window(i))
+            _add_mlp(dec, idx, layer.mlp, keep, i, pool, mlp_activation(config) or "silu")
+        return cls(dec, kv, head.N, keep, getattr(config, "final_logit_softcapping", None) or None)
 
     def handles(self, batch) -> bool:
         """Decode-only steps (every request one new token) of at most MAX_TOKENS requests."""
@@ -139,28 +155,26 @@ class CpuDecodeStep:
                            _np(batch.page_table, torch.int32), _np(batch.logits_indices, torch.int64), out.numpy())
         except ValueError as e:
             raise KtransError(f"fused CPU decode step: {e}") from None
+        if self.softcap:                     # Gemma 3's final softcapping, as transformers applies it
+            out = torch.tanh(out / self.softcap) * self.softcap
         return out
 
 
-def _check_model(config, rotary, emb) -> None:
-    """The model-wide parts the C++ step computes: SiLU MLPs, w · x̂ RMSNorms, unscaled
-    embeddings, one rotary table for every layer, plain logits, softmax attention in every layer.
-    Gemma 3 has none of the first four (GELU MLPs, (1 + w) norms, sqrt(H)-scaled embeddings, local
-    and global rope bases); Qwen3-Next and Qwen3.5-MoE have (1 + w) norms, linear-attention layers
-    with a recurrent state and gated attention: their decode runs the module path, and the reason
-    names it."""
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _check_model(config, emb) -> None:
+    """The model-wide parts the C++ step computes: SiLU or GELU-tanh MLPs, embeddings read in f32
+    (a scaled embedding in another dtype rounds its rows first, which the step does not), and
+    softmax attention in every layer (Qwen3-Next's and Qwen3.5's linear-attention layers carry a
+    recurrent state the step has no place for: their decode runs the module path, and the reason
+    names it)."""
     from ktrans.config.arch import arch_from_config
-    from ktrans.operators.linear import offset_norms
-    from ktrans.operators.mlp import mlp_activation
 
     act = mlp_activation(config) or "silu"
     why = [w for w, bad in (
-        (f"its MLP activation is {act}, not SiLU", act not in ("silu", "swish")),
-        ("its RMSNorms scale by (1 + w)", offset_norms(config)),
-        ("its embeddings are scaled", emb.scale is not None),
-        ("its local and global layers rotate with different bases",
-         isinstance(getattr(rotary, "rope_type", None), dict)),
-        ("its logits are softcapped", bool(getattr(config, "final_logit_softcapping", None))),
+        (f"its MLP activation is {act}, not SiLU or GELU (tanh)", act not in _ACTS),
+        (f"its scaled embeddings are {emb.dtype}, not float32", emb.scale is not None and emb.dtype != torch.float32),
         ("its linear-attention (Gated DeltaNet) layers keep a recurrent state",
          "linear_attention" in (getattr(config, "layer_types", None) or ())),
     ) if bad]
@@ -181,19 +195,30 @@ def _pool_of(model):
     return cpu_pool(getattr(model.lm_head, "cpu_infer", None))
 
 
-def _add_attention(dec, layer, attn, cache: tuple, rope: int, i: int) -> int:
+def _add_attention(dec, layer, attn, cache: tuple, rope: int, i: int, offset: bool) -> int:
+    """The layer's norms and attention; Gemma 3's four norms: input and pre-feedforward around the
+    sublayers, post-attention and post-feedforward on their outputs."""
     from ktrans.operators.attention_cpu import CPUGQAAttention, CPUMLAAttention
 
-    an, eps = _norm(layer.input_layernorm)
-    fn, _ = _norm(layer.post_attention_layernorm)
+    an, eps = _norm(layer.input_layernorm, offset)
+    post = None
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        fn, _ = _norm(layer.pre_feedforward_layernorm, offset)
+        post = (_norm(layer.post_attention_layernorm, offset)[0], _norm(layer.post_feedforward_layernorm, offset)[0])
+    else:
+        fn, _ = _norm(layer.post_attention_layernorm, offset)
     lins = {name: q.lin for name, q in attn.qproj.items()}
     if isinstance(attn, CPUGQAAttention):
         qn, kn = attn._p("q_norm.weight"), attn._p("k_norm.weight")
-        return dec.add_gqa_layer(an, fn, eps, rope, lins["q_proj"], lins["k_proj"], lins["v_proj"], lins["o_proj"],
-                                 None if qn is None else _f32(qn), None if kn is None else _f32(kn),
-                                 attn.num_heads, attn.num_kv_heads, attn.head_dim, float(attn.scale),
-                                 _f32(cache[0]), _f32(cache[1]))
-    _need(isinstance(attn, CPUMLAAttention), f"layer {i} attention is {type(attn).__name__}")
+        idx = dec.add_gqa_layer(an, fn, eps, rope, lins["q_proj"], lins["k_proj"], lins["v_proj"], lins["o_proj"],
+                                None if qn is None else _scale_of(qn, offset),
+                                None if kn is None else _scale_of(kn, offset),
+                                attn.num_heads, attn.num_kv_heads, attn.head_dim, float(attn.scale),
+                                _f32(cache[0]), _f32(cache[1]))
+        if post is not None:
+            dec.set_post_norms(idx, *post)
+        return idx
+    _need(isinstance(attn, CPUMLAAttention) and post is None, f"layer {i} attention is {type(attn).__name__}")
     qa_norm = attn._p("q_a_layernorm.weight")
     return dec.add_mla_layer(an, fn, eps, rope, lins.get("q_proj"), lins.get("q_a_proj"),
                              None if qa_norm is None else _f32(qa_norm), lins.get("q_b_proj"),
@@ -207,12 +232,12 @@ def _mlp_lins(mlp) -> tuple:
     return _lin(mlp.gate_proj), _lin(mlp.up_proj), _lin(mlp.down_proj)
 
 
-def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool) -> None:
+def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool, act: str) -> None:
     from ktrans import _C
     from ktrans.operators.moe_block import MoEBlock, renormalises
 
     if not isinstance(mlp, MoEBlock):
-        dec.set_dense_mlp(idx, *_mlp_lins(mlp))
+        dec.set_dense_mlp(idx, *_mlp_lins(mlp), _ACTS[act])
         return
     moe = getattr(mlp.experts, "_moe", None)
     _need(moe is not None, f"layer {i} experts are not cpu_experts on a C++ backend")

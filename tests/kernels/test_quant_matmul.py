@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton")
 FORMATS = ["q8_0", "q4_k", "q5_k", "q6_k", "f8_e4m3"]
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
+F32_EPS = torch.finfo(torch.float32).eps
 
 
 def _weights(qtype: str, n: int, k: int):
@@ -148,5 +149,12 @@ def test_linear_stored_fp8_matches_dense(tmp_path):
     assert isinstance(ops["stored"].proj, QuantProjection)
     torch.testing.assert_close(ops["stored"].proj.dense_weight().cpu(), ref, rtol=0, atol=0)
     x = torch.randn(4, 512, device=DEV)
-    tol = 2e-3 if ON_GPU else 1e-5                                          # tf32 dots on CUDA
-    torch.testing.assert_close(ops["stored"](x), ops["dense"](x), rtol=tol, atol=tol)
+    got, want = ops["stored"](x), ops["dense"](x)
+    if ON_GPU:                                                              # tf32 dots on CUDA
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    else:
+        # Same weights, f32 sums in another order (the Triton kernel's tiles vs torch's matmul): each
+        # output within a few f32 roundings of what its terms add up to, sum |x| |w| (measured up to
+        # 3.2e-7 of it over 15 draws). Not relative to the output, which cancellation can make small.
+        terms = x.abs() @ ref.abs().T
+        assert ((got - want).abs() <= 4 * F32_EPS * 512 ** 0.5 * terms).all()

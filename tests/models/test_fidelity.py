@@ -222,12 +222,11 @@ def test_single_file_gguf_needs_no_model_path(tiny_model, arch):
 
 # Layer 0 wholly on the CPU, the other layers on the GPU: hidden states, rotary tables, batch
 # metadata and KV pages must follow each layer's device.
-SPLIT_RULES = """default_device: cuda
-rules:
-  - match: {name: '^model\\.layers\\.\\d+\\.mlp\\.experts$'}
+SPLIT_EXPERTS_RULE = """  - match: {name: '^model\\.layers\\.\\d+\\.mlp\\.experts$'}
     replace: {class: cpu_experts, device: cpu}
     recursive: false
-  - match: {name: '^model\\.layers\\.0\\.self_attn$'}
+"""
+SPLIT_LAYER0_RULES = """  - match: {name: '^model\\.layers\\.0\\.self_attn$'}
     replace: {class: ATTN, device: cpu}
     recursive: false
   - match: {name: '^model\\.layers\\.0\\.'}
@@ -238,20 +237,27 @@ rules:
 """
 
 
-def split_rules(arch: str, default_device: str = "cuda") -> str:
-    """SPLIT_RULES for `arch` (hybrids: their linear-attention layers get gated_deltanet too, which
-    keeps its state in the cache, in layer 0 on the CPU as well)."""
-    text = SPLIT_RULES.replace("default_device: cuda", f"default_device: {default_device}")
-    text = text.replace("ATTN", "mla_attention" if arch.startswith("deepseek") else "gqa_attention")
-    if arch in HYBRID:                 # layer 0 is a linear-attention layer
-        text = text.replace("layers\\.0\\.self_attn$'}\n    replace: {class: gqa_attention, device: cpu}",
-                            "layers\\.0\\.linear_attn$'}\n    replace: {class: gated_deltanet, device: cpu}")
-        text += """  - match: {name: '^model\\.layers\\.\\d+\\.linear_attn$'}
+SPLIT_LINEAR_RULES = """  - match: {name: '^model\\.layers\\.\\d+\\.linear_attn$'}
     replace: {class: gated_deltanet}
     recursive: false
 """
-        assert "layers\\.0\\.linear_attn" in text
-    return text
+
+
+def _split_rules(out, default_device: str) -> str:
+    """The split rule file for this model: its attention operator, and the experts rule only
+    where the model has experts (a rule that places nothing is an error); a hybrid's layer 0 is a
+    linear-attention layer, placed with gated_deltanet on the CPU (which keeps its state in the
+    cache), as are its other linear layers on the default device."""
+    ref = _reference(out)
+    attn = "mla_attention" if ref.config.model_type.startswith("deepseek") else "gqa_attention"
+    moe = any(n.endswith("mlp.experts") for n, _ in ref.named_modules())
+    layer0 = SPLIT_LAYER0_RULES.replace("ATTN", attn)
+    if ref.config.model_type in ("qwen3_next", "qwen3_5_moe_text"):
+        layer0 = layer0.replace("layers\\.0\\.self_attn$'}\n    replace: {class: gqa_attention, device: cpu}",
+                                "layers\\.0\\.linear_attn$'}\n    replace: {class: gated_deltanet, device: cpu}")
+        assert "layers\\.0\\.linear_attn" in layer0
+        layer0 += SPLIT_LINEAR_RULES
+    return f"default_device: {default_device}\nrules:\n" + (SPLIT_EXPERTS_RULE if moe else "") + layer0
 
 
 def _cache_on(kv, i: int):
@@ -259,15 +265,15 @@ def _cache_on(kv, i: int):
     return (kv.layers[i] or kv.state(i))[0].device
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2", "gemma3", "qwen3_next"])
 def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, arch):
-    """SPLIT_RULES with every device the CPU: layer 0 stays transformers' own modules (`class:
+    """The split rules with every device the CPU: layer 0 stays transformers' own modules (`class:
     default`, its MoE routed by transformers' router), the other layers ktrans's operators. The
     logits stay at f32 agreement with transformers, with every MoE layer's routing (both kinds)
     held to the reference's."""
     out = tiny_model(arch, "f32")
     rules = tmp_path / "split.yaml"
-    rules.write_text(split_rules(arch, "cpu"))
+    rules.write_text(_split_rules(out, "cpu"))
     runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu", fused_decode=False,
                          optimize_config_path=str(rules), cache_lens=256, page_size=16, progress=False)
     assert not any(isinstance(m, MoEBlock) for n, m in runner.model.named_modules() if ".layers.0." in n + ".")
@@ -290,7 +296,7 @@ def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     rules = None
     if split:
         rules = tmp_path / "split.yaml"
-        rules.write_text(split_rules(arch))
+        rules.write_text(_split_rules(out, "cuda"))
     runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cuda",
                          optimize_config_path=rules and str(rules), cache_lens=256, page_size=16, progress=False)
     assert _cache_on(runner.kv, -1).type == "cuda" and (_cache_on(runner.kv, 0).type == "cuda") != split

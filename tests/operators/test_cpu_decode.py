@@ -20,7 +20,7 @@ from tests.routing import Reference, flip_gap
 from tests.tolerances import FIDELITY_F32_ATOL, FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE, QUANT_TOKEN_TIE_RMS
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe",
-         "minimax_m2"]
+         "minimax_m2", "gemma3"]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -169,10 +169,12 @@ def test_fused_step_matches_the_module_path(tiny_model, arch, quant):
                 f"(RMS difference of the logits {rms:.3g})"
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "gemma3"])
 def test_every_isa_level_of_the_step_kernels(tiny_model, arch):
     """The step's own vector kernels (RMSNorm, attention dots / axpy, SiLU, embedding rows) at
-    every ISA level this machine runs give the module path's logits."""
+    every ISA level this machine runs give the module path's logits (Gemma 3: also its (1 + w)
+    and post-sublayer norms, GELU, scaled embeddings, two rope bases, and its sliding layers'
+    window of 8, which the 12-token prompt outgrows)."""
     d = tiny_model(arch, "f32", with_safetensors=False)
     fused, ref = _runner(d, True), _runner(d, False)
     vocab = fused.config.vocab_size
@@ -194,19 +196,42 @@ def test_declines_when_a_part_is_not_in_the_cpu_kernels(tiny_model, tmp_path):
     assert "cpu_embedding" in cpu_decode.why_not or "cpu_" in cpu_decode.why_not
 
 
-@pytest.mark.parametrize("arch,why", [
-    ("gpt_oss", ["sinks or a sliding window"]),
-    ("gemma3", ["gemma3:", "gelu_pytorch_tanh", "(1 + w)", "embeddings are scaled", "different bases"]),
-    ("qwen3_next", ["qwen3_next:", "(1 + w)", "linear-attention (Gated DeltaNet) layers keep a recurrent state"]),
-    ("qwen3_5_moe", ["qwen3_5_moe:", "(1 + w)", "linear-attention (Gated DeltaNet) layers keep a recurrent state"])])
-def test_declines_by_name(tiny_model, arch, why):
-    """gpt-oss's sinks and sliding windows, Gemma 3's GELU MLPs, (1 + w) norms, scaled
-    embeddings and two rope bases, Qwen3-Next's and Qwen3.5's recurrent linear-attention layers
-    are not in the fused step: the model is declined with the reasons named (its decode steps run
-    the module path, held to transformers by tests/models/test_fidelity.py)."""
-    d = tiny_model(arch, "f32", with_safetensors=False)
-    assert _runner(d, True).cpu_step is None
-    assert all(w in cpu_decode.why_not for w in why), cpu_decode.why_not
+def test_softcapped_logits(tiny_model):
+    """Final logit softcapping (Gemma 3 2B-style configs set it; the tiny preset does not): the
+    fused step's logits capped as the module path caps them, none past the cap."""
+    d = tiny_model("gemma3", "f32", with_safetensors=False)
+    fused, ref = _runner(d, True), _runner(d, False)
+    for r in (fused, ref):
+        r.model.config.final_logit_softcapping = 0.05
+    fused.cpu_step = CpuDecodeStep.build(fused.model, fused.kv, fused.rotary)
+    prompts = [torch.randint(0, fused.config.vocab_size, (n,)).tolist() for n in (6, 11)]
+    tables = torch.randperm(fused.num_pages)[:8].int().view(2, 4)
+    for g, w in zip(_run(fused, prompts, tables, 3), _run(ref, prompts, tables, 3)):
+        assert g.abs().max() <= 0.05
+        torch.testing.assert_close(g, w, rtol=FIDELITY_F32_RTOL, atol=FIDELITY_F32_ATOL)
+
+
+def test_declines_by_name(tiny_model):
+    """gpt-oss's attention sinks, and an MLP activation the step does not compute (here a Gemma 3
+    with exact GELU), are declined with the reason named (its decode steps then run the module
+    path, held to transformers by tests/models/test_fidelity.py)."""
+    assert _runner(tiny_model("gpt_oss", "f32", with_safetensors=False), True).cpu_step is None
+    assert "sinks" in cpu_decode.why_not, cpu_decode.why_not
+    runner = _runner(tiny_model("gemma3", "f32", with_safetensors=False), True)
+    assert runner.cpu_step is not None, cpu_decode.why_not
+    runner.model.config.hidden_activation = "gelu"
+    assert CpuDecodeStep.build(runner.model, runner.kv, runner.rotary) is None
+    assert all(w in cpu_decode.why_not for w in ("gemma3:", "gelu", "not SiLU or GELU (tanh)")), cpu_decode.why_not
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
+def test_declines_recurrent_layers_by_name(tiny_model, arch):
+    """Qwen3-Next's and Qwen3.5's linear-attention layers keep a recurrent state the fused step has
+    no place for: the model is declined with that reason named (its decode steps run the module
+    path, held to transformers by tests/models/test_fidelity.py)."""
+    assert _runner(tiny_model(arch, "f32", with_safetensors=False), True).cpu_step is None
+    assert all(w in cpu_decode.why_not for w in (f"{arch}:", "linear-attention (Gated DeltaNet) layers keep a "
+                                                 "recurrent state")), cpu_decode.why_not
 
 
 def test_bad_steps_are_named(tiny_model):

@@ -23,6 +23,7 @@ import errno
 import os
 import platform
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,29 @@ def test_pool_threads_pinned_one_per_physical_core(pin):
     else:
         assert all(a == os.sched_getaffinity(0) for a in allowed), allowed
     del pool
+
+
+def test_idle_pool_runs_a_task_on_the_callers_thread(monkeypatch):
+    """run() on an idle pool that leaves the caller a core: the task runs on the calling thread
+    (no hand-off); with KTRANS_POOL_INLINE=0, or a pool holding every CPU, on the pool's queue
+    thread. Callers racing on one pool each get their task run (inline or queued behind the
+    inline one), none lost and no deadlock."""
+    me = threading.get_native_id()
+    if len(os.sched_getaffinity(0)) >= 2:
+        pool = _C.ThreadPool(1, 0, False, 0)
+        assert pool.run_thread_id() == me
+        done = []
+        workers = [threading.Thread(target=lambda: done.append(pool.run_thread_id())) for _ in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert len(done) == 4 and all(tid > 0 for tid in done)
+        del pool
+    monkeypatch.setenv("KTRANS_POOL_INLINE", "0")
+    assert _C.ThreadPool(1, 0, False, 0).run_thread_id() != me
+    monkeypatch.delenv("KTRANS_POOL_INLINE")
+    assert _C.ThreadPool(len(os.sched_getaffinity(0)), 0, False, 0).run_thread_id() != me
 
 
 def test_real_layout_groups_threads_by_node():

@@ -96,7 +96,7 @@ def test_shipped_file_plans(arch, variant):
     assert len(ops[attention]) == kinds.count("full_attention") + kinds.count("sliding_attention")
     assert len(ops.get(linear, [])) == kinds.count("linear_attention")
     assert len(ops.get("moe_block", [])) == len(moe)
-    experts = ops.get("cpu_experts", []) + ops.get("torch_experts", [])
+    experts = ops.get("cpu_experts", []) + ops.get("hybrid_experts", [])
     assert sorted(int(e.path.split(".")[2]) for e in experts) == moe
     assert all(e.device == "cpu" for e in ops.get("cpu_experts", []))
     assert plan.entry("model.embed_tokens").device == "cpu"
@@ -109,8 +109,8 @@ def test_shipped_file_plans(arch, variant):
     else:
         assert devices == {"cpu", "cuda:0"}
     if variant == "gpu-experts":
-        gpu = [int(e.path.split(".")[2]) for e in ops["torch_experts"]]
-        assert gpu == moe[:4] and all(e.device == "cuda:0" for e in ops["torch_experts"])
+        gpu = [int(e.path.split(".")[2]) for e in ops["hybrid_experts"]]
+        assert gpu == moe[:4] and all(e.device == "cuda:0" for e in ops["hybrid_experts"])
     if variant == "amx":
         assert {e.kwargs["backend"] for e in ops["cpu_experts"]} == {"amx_int8"}
     mapped = plan_model(build_meta_model(config), load_rules(shipped_rules(arch, variant)), config=config,
