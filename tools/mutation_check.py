@@ -2,7 +2,8 @@
 """Mutation check: the test suite must fail when a part of ktrans it claims to check is disabled.
 
 Runs the suite once per mutation (tools/mutations/sitecustomize.py: the abort path, the prefix
-cache, the stop-string handling, DeepSeek-V3's routing bias), each in a fresh pytest process whose
+cache, the stop-string handling, DeepSeek-V3's routing bias, the recurrent-state commit), each
+in a fresh pytest process whose
 environment carries the mutation into every Python process the tests start, and reports which
 tests caught it. Exits 0 only if every mutation made the suite fail (and, with --baseline, the
 unmutated suite passed).
@@ -37,7 +38,8 @@ for part in attr.split('.')[1:]:
 print(getattr(obj, '__ktrans_mutation__', None))
 """
 PATCHED = {"abort": "LLMEngine.abort", "prefix_cache": "PagePool.attach_prefix",
-           "stop_strings": "IncrementalDetokenizer._find_stop", "routing_bias": "route_deepseek_v3"}
+           "stop_strings": "IncrementalDetokenizer._find_stop", "routing_bias": "route_deepseek_v3",
+           "state_commit": "StatePool.rows"}
 
 
 def _env(mutation: str | None, seed: str | None) -> dict:

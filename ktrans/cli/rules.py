@@ -89,8 +89,10 @@ def load_config_and_weights(model_path: str | None, gguf_path: str | None):
             raise UsageError(f"'{gguf_path}' carries no model config; add --model_path with config.json")
         from transformers import AutoConfig
 
+        from ktrans.config.arch import text_model_config
+
         try:
-            config = AutoConfig.from_pretrained(model_path)
+            config = text_model_config(AutoConfig.from_pretrained(model_path))
         except (OSError, ValueError) as e:
             raise UsageError(f"--model_path '{model_path}': cannot read config.json: {e}") from None
     return config, weights
@@ -162,10 +164,12 @@ def _check_preset_flags(args, given: list[str]) -> None:
 def _config_file(path: str):
     from transformers import AutoConfig
 
+    from ktrans.config.arch import text_model_config
+
     if not os.path.isfile(path):
         raise UsageError(f"--config '{path}': no such file (expected a model's config.json)")
     try:
-        return AutoConfig.from_pretrained(path)
+        return text_model_config(AutoConfig.from_pretrained(path))
     except Exception as e:  # transformers' validators raise several unrelated exception types
         raise UsageError(f"--config '{path}': not a valid transformers config "
                          f"({str(e).strip().splitlines()[-1]})") from None

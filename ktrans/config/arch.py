@@ -35,8 +35,9 @@ class ArchSpec:
     mlp_returns_pair: bool = False
     # How its RMSNorms scale the normalised row x̂ (operators/linear.py rms_norm_for):
     #   rms         w · x̂, x̂ rounded to x's dtype first (Llama and most others)
-    #   rms_offset  x̂ · (1 + w) in f32, rounded once (Gemma: the weights are stored zero-centred;
-    #               llama.cpp's converter writes 1 + w into the GGUF, names.py's norm_shift)
+    #   rms_offset  x̂ · (1 + w) in f32, rounded once (Gemma, Qwen3-Next, Qwen3.5: the weights are
+    #               stored zero-centred; llama.cpp's converter writes 1 + w into the GGUF, names.py's
+    #               norm_shift)
     norm: str = "rms"
 
 
@@ -54,10 +55,32 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("glm4_moe", "glm4_moe", "Glm4MoeForCausalLM", "glm4moe", True, False, "deepseek_v3"),
         ArchSpec("minimax_m2", "minimax_m2", "MiniMaxM2ForCausalLM", "minimax-m2", True, False, "sigmoid_topk"),
         ArchSpec("gemma3", "gemma3_text", "Gemma3ForCausalLM", "gemma3", False, False, norm="rms_offset"),
+        # Hybrid: Gated DeltaNet (linear attention, a recurrent state per request) in most layers,
+        # gated full attention every config.full_attention_interval-th; MoE with a gated shared
+        # expert. Qwen3.5-MoE is a vision-language model in transformers: ktrans runs its text model.
+        ArchSpec("qwen3_next", "qwen3_next", "Qwen3NextForCausalLM", "qwen3next", True, False, norm="rms_offset"),
+        ArchSpec("qwen3_5_moe", "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", "qwen35moe", True, False,
+                 norm="rms_offset"),
     ]
 }
 
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
+# Multimodal wrappers whose text model ktrans runs (their config.json holds it as text_config; the
+# checkpoint's language-model weights sit under model.language_model.*, the vision tower's under
+# model.visual.*, which is not read).
+_TEXT_OF = {"qwen3_5_moe": "qwen3_5_moe_text"}
+
+
+def text_model_config(config):
+    """The config ktrans runs: the text model's of a multimodal wrapper (Qwen3.5-MoE), else `config`."""
+    want = _TEXT_OF.get(getattr(config, "model_type", None))
+    if want is None:
+        return config
+    text = getattr(config, "text_config", None)
+    if getattr(text, "model_type", None) != want:
+        raise KtransError(f"a {config.model_type} config must hold its text model as text_config ({want}); "
+                          f"got {getattr(text, 'model_type', None)!r}")
+    return text
 
 
 def get_arch(name: str) -> ArchSpec:

@@ -32,6 +32,9 @@ class ForwardBatch:
     num_new: list[int]            # [R] tokens scheduled now (sum == T); their K/V is written this step
     page_table: torch.Tensor      # [R, max_pages] int32, KV page ids of each request (-1 = none)
     logits_indices: torch.Tensor  # [R'] int64, rows of the packed tokens whose logits are needed
+    # [R, 2] int64, (row read, row written) of each request's recurrent state (kv_cache/state.py);
+    # needed only by models with linear-attention layers, whose state is not in the KV pages.
+    state_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +66,14 @@ class ForwardBatch:
                                   f"for {c + n} tokens (page size {page_size}), page_table gives {have}")
         if self.logits_indices.numel() and (int(self.logits_indices.min()) < 0 or int(self.logits_indices.max()) >= t):
             raise KtransError(f"ForwardBatch: logits_indices must lie in [0, {t})")
+        if self.state_rows is not None and tuple(self.state_rows.shape) != (r, 2):
+            raise KtransError(f"ForwardBatch: state_rows shape {tuple(self.state_rows.shape)}, expected ({r}, 2)")
+
+    def check_state_rows(self, num_rows: int) -> None:
+        """KtransError unless every request's state rows lie within [0, num_rows)."""
+        if self.state_rows.numel() and (int(self.state_rows.min()) < 0 or int(self.state_rows.max()) >= num_rows):
+            raise KtransError(f"ForwardBatch: state_rows must lie in [0, {num_rows}) (the rows reserved for "
+                              f"recurrent state)")
 
 
 @dataclass
@@ -79,6 +90,9 @@ class ForwardContext:
     page_table: torch.Tensor       # [R, max_pages] int64 on `device`
     positions: torch.Tensor        # [T] int64 on `device`
     cache: dict = field(default_factory=dict)  # per-step values shared between layers
+    # [R] int64 on `device`: each request's recurrent-state row read / written (None: no recurrent layers)
+    state_read: torch.Tensor | None = None
+    state_write: torch.Tensor | None = None
 
     def on(self, device: torch.device) -> "ForwardContext":
         """This step's metadata on `device` (a layer placed on another GPU than the first),
@@ -91,7 +105,9 @@ class ForwardContext:
             self.cache[key] = ForwardContext(
                 batch=self.batch, kv=self.kv, device=device, slot_mapping=self.slot_mapping.to(device),
                 query_start=self.query_start, seq_lens=self.seq_lens, page_table=self.page_table.to(device),
-                positions=self.positions.to(device))
+                positions=self.positions.to(device),
+                state_read=None if self.state_read is None else self.state_read.to(device),
+                state_write=None if self.state_write is None else self.state_write.to(device))
         return self.cache[key]
 
     def decode_group(self) -> "DecodeGroup | None":
@@ -161,8 +177,14 @@ def build_context(batch: ForwardBatch, kv, device: torch.device) -> ForwardConte
     pages = page_table[req_of_token, positions // page_size]  # [T]
     slot_mapping = pages * page_size + positions % page_size  # [T]
     seq_lens = [c + n for c, n in zip(batch.num_computed, batch.num_new)]
+    read = write = None
+    if batch.state_rows is not None and getattr(kv, "recurrent_layers", None):
+        batch.check_state_rows(kv.num_state_rows)
+        rows = batch.state_rows.to(device=device, dtype=torch.long)
+        read, write = rows[:, 0], rows[:, 1]
     return ForwardContext(batch=batch, kv=kv, device=device, slot_mapping=slot_mapping,
-                          query_start=qs, seq_lens=seq_lens, page_table=page_table, positions=positions)
+                          query_start=qs, seq_lens=seq_lens, page_table=page_table, positions=positions,
+                          state_read=read, state_write=write)
 
 
 _CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("ktrans_forward", default=None)

@@ -4,7 +4,8 @@ Python.
 
 What is captured: the decoder layers, final norm and lm_head (`forward_hidden`) over static
 buffers: the embeddings [bucket, H], and one int64 metadata block holding token ids, positions,
-KV lengths and page tables. Each step writes that block on the host (pinned), copies it in one
+KV lengths, page tables and (models with linear-attention layers) each request's recurrent-state
+rows read and written. Each step writes that block on the host (pinned), copies it in one
 transfer, looks the embeddings up (on the CPU by default), replays, and returns a copy of the
 logits rows. Attention reads lengths and pages on the device (the paged decode kernel), and the
 CPU experts run as host functions ordered on the stream (cpu_experts' stream-ordered path), so
@@ -12,7 +13,9 @@ nothing in the graph depends on a host value that changes between steps.
 
 Padding: a batch of B requests runs in the smallest bucket >= B; the extra rows are dummy
 one-token requests whose KV lives in a scratch page past the pool's pages (KVStorage holds one
-more page than the page pool hands out), so they never touch a real request's cache.
+more page than the page pool hands out), and whose recurrent state is the scratch state row, so
+they never touch a real request's cache. Reserving more state rows (the engine does, per batch
+slot) replaces the state tensors: the graphs captured before are dropped (`invalidate`).
 
 A model is eligible when everything after the embedding runs on one CUDA device except the
 routed experts in `cpu_experts` (C++ kernels), and every attention layer uses its paged kernel.
@@ -95,11 +98,15 @@ class DecodeGraphs:
     def can_run(self, batch: ForwardBatch) -> bool:
         return self.enabled and batch.num_tokens == batch.num_reqs <= MAX_BUCKET
 
+    def invalidate(self) -> None:
+        """Drop the captured graphs (the cache tensors they read were replaced)."""
+        self.graphs.clear()
+
     # -- static buffers ------------------------------------------------------------------------
 
     def _alloc(self, device: torch.device, dtype: torch.dtype, hidden: int) -> None:
         n, w = MAX_BUCKET, self.width
-        size = n * (3 + w)                              # ids, positions, lengths, page table rows
+        size = n * (5 + w)                              # ids, positions, lengths, state rows x 2, page table
         self._buffers = {
             "host": torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda"),
             "meta": torch.zeros(size, dtype=torch.int64, device=device),
@@ -108,19 +115,25 @@ class DecodeGraphs:
         }
 
     def _views(self, t: torch.Tensor):
-        """(ids [N], positions [N], seq_lens [N], page_table [N, W]) regions of a metadata block."""
+        """(ids [N], positions [N], seq_lens [N], state rows read [N], written [N], page_table [N, W])
+        regions of a metadata block."""
         n = MAX_BUCKET
-        return t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:].view(n, self.width)
+        return (t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:4 * n], t[4 * n:5 * n], t[5 * n:].view(n, self.width))
 
     def _stage(self, batch: ForwardBatch, bucket: int) -> None:
         """Write this step's inputs into the static buffers (one host-to-device copy)."""
         bsz = batch.num_reqs
         if self._copied is not None:
             self._copied.synchronize()                  # the pinned block is free to rewrite
-        ids, pos, lens, table = self._views(self._buffers["host"])
+        ids, pos, lens, read, write, table = self._views(self._buffers["host"])
         ids[:bsz] = batch.input_ids
         pos[:bsz] = batch.positions
         lens[:bsz] = torch.tensor(batch.num_computed, dtype=torch.int64) + 1
+        scratch = max(self.kv.num_state_rows - 1, 0)       # (no recurrent layers: unused)
+        if batch.state_rows is not None and self.kv.recurrent_layers:
+            batch.check_state_rows(self.kv.num_state_rows)
+            read[:bsz], write[:bsz] = batch.state_rows[:, 0], batch.state_rows[:, 1]
+        read[bsz:bucket] = write[bsz:bucket] = scratch
         pt = batch.page_table.to(torch.int64)
         table[:bsz, :pt.shape[1]] = torch.where(pt >= 0, pt, self.scratch_page)
         # Padding rows: one token at position 0, in the scratch page.
@@ -131,8 +144,8 @@ class DecodeGraphs:
         # NOTE: two copies: the small per-row regions whole, and only the bucket's page-table rows
         # (the table holds MAX_BUCKET rows of every page a request may own).
         meta, host, n = self._buffers["meta"], self._buffers["host"], MAX_BUCKET
-        meta[:3 * n].copy_(host[:3 * n], non_blocking=True)
-        meta[3 * n:3 * n + bucket * self.width].copy_(host[3 * n:3 * n + bucket * self.width], non_blocking=True)
+        meta[:5 * n].copy_(host[:5 * n], non_blocking=True)
+        meta[5 * n:5 * n + bucket * self.width].copy_(host[5 * n:5 * n + bucket * self.width], non_blocking=True)
         if meta.is_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
@@ -143,7 +156,7 @@ class DecodeGraphs:
 
     def _body(self, bucket: int) -> torch.Tensor:
         """The captured step over the static buffers' first `bucket` rows: logits [bucket, V]."""
-        ids, pos, lens, table = (t[:bucket] for t in self._views(self._buffers["meta"]))
+        ids, pos, lens, read, write, table = (t[:bucket] for t in self._views(self._buffers["meta"]))
         ps = self.page_size
         rows = self._buffers["rows"][:bucket]
         batch = ForwardBatch(input_ids=ids, positions=pos, seq_ids=list(range(bucket)), num_computed=[0] * bucket,
@@ -155,7 +168,7 @@ class DecodeGraphs:
         # operators read only the decode group, which covers every row.
         ctx = ForwardContext(batch=batch, kv=self.kv, device=ids.device, slot_mapping=slot_mapping,
                              query_start=list(range(bucket + 1)), seq_lens=[], page_table=table,
-                             positions=pos, cache={"decode": group})
+                             positions=pos, cache={"decode": group}, state_read=read, state_write=write)
         with scoped_context(ctx):
             return forward_hidden(self.model, self.rotary, ctx, self._buffers["hidden"][:bucket][None])
 

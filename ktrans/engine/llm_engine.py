@@ -10,6 +10,11 @@ while the model runs, so adding a request never waits for a forward pass. `stats
 lock: every locked section ends by publishing a fresh snapshot, which stats() copies. A server's
 health check therefore never waits for the engine thread, which may hold the lock while the OS
 has it off the CPU.
+Models with linear-attention layers: each running request holds a recurrent-state slot
+(kv_cache/state.py) beside its pages. A step writes every request's new state to the slot's other
+row; only a step whose forward succeeded commits it (`_commit_states`), so a failed batch re-run
+request by request starts from the same states. The prefix cache is off for such models: a
+cached page holds KV, not the recurrent state at that point of the prompt.
 NOTE: a request aborted during a forward keeps no pages; its rows in that forward still write KV
 into pages that are free but cannot be handed out before the next schedule(), which comes after
 the forward ends.
@@ -31,6 +36,7 @@ from ktrans.engine.sampler import Sampler, make_generator
 from ktrans.engine.scheduler import Scheduler, SchedulerOutput
 from ktrans.errors import KtransError
 from ktrans.kv_cache import PagePool
+from ktrans.kv_cache.state import StatePool
 
 log = logging.getLogger("ktrans.engine")
 
@@ -56,9 +62,13 @@ class LLMEngine:
         self.tokenizer = runner.tokenizer
         self.config = runner.config
         self.pool = PagePool(runner.num_pages, runner.page_size)
+        self.states = StatePool(max_batch_size) if runner.reserve_states(max_batch_size) else None
+        if self.states is not None and prefix_cache:
+            log.info("prefix cache off: this model's linear-attention layers keep a recurrent state per request")
+            prefix_cache = False
         self.scheduler = Scheduler(self.pool, max_batch_size=max_batch_size, chunk_size=chunk_size,
                                    max_context=runner.max_context, max_queue=max_queue,
-                                   prefix_cache=prefix_cache)
+                                   prefix_cache=prefix_cache, states=self.states)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids(self.config, generation_config, self.tokenizer)
         self.requests: dict[str, Request] = {}
@@ -129,7 +139,7 @@ class LLMEngine:
         an abort cannot slip between planning and packing."""
         with self._locked():
             sched = self.scheduler.schedule()
-            return sched, (None if sched.empty else build_forward_batch(sched, self.pool))
+            return sched, (None if sched.empty else build_forward_batch(sched, self.pool, self.states))
 
     def _run(self, sched: SchedulerOutput, batch) -> tuple[torch.Tensor | None, dict[Request, str]]:
         """Logits [R', V] of the sampled requests in order (rows of failed requests are
@@ -160,7 +170,7 @@ class LLMEngine:
             out = None
             try:
                 with self._locked():
-                    batch = build_forward_batch(SchedulerOutput([s]), self.pool)
+                    batch = build_forward_batch(SchedulerOutput([s]), self.pool, self.states)
                 out = self.runner.execute(batch)
             except Exception as e:
                 log.exception("model forward failed for request %s alone", s.request.request_id)
@@ -178,6 +188,7 @@ class LLMEngine:
 
     def _update_locked(self, sched: SchedulerOutput, logits, errors: dict[Request, str]) -> list[RequestOutput]:
         self.counters["preemptions"] += len(sched.preempted)
+        self._commit_states(sched, errors)
         outputs = [self._finish(r, "error", msg) for r, msg in errors.items() if not r.finished]
         self.counters["prefill_tokens"] += sum(min(s.num_new, max(0, s.request.num_prompt_tokens - s.num_computed))
                                                for s in sched.scheduled if s.request not in errors)
@@ -196,6 +207,14 @@ class LLMEngine:
             log.exception("sampling failed")
             return outputs + [self._finish(sampled[i], "error", f"sampling failed: {e}") for i in live]
         return outputs + [self._append(r, tok, lp) for r, tok, lp in zip(reqs, tokens, logprobs)]
+
+    def _commit_states(self, sched: SchedulerOutput, errors: dict[Request, str]) -> None:
+        """The recurrent states the step wrote become the ones its requests read next (a failed
+        request's are dropped with it; an aborted one holds no slot any more)."""
+        if self.states is not None:
+            for s in sched.scheduled:
+                if s.request not in errors:
+                    self.states.commit(s.request)
 
     def _cache_full_pages(self, sched: SchedulerOutput) -> None:
         """Offer the pages this step filled to the prefix cache."""
@@ -268,6 +287,7 @@ class LLMEngine:
 
     def _read_stats(self) -> dict:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "state_slots_used": self.states.num_used if self.states is not None else 0,
                 "kv_pages_used": self.pool.num_used, "kv_pages_total": self.pool.num_pages,
                 "kv_page_size": self.pool.page_size, "kv_pages_cached": self.pool.num_cached,
                 "prefix_cached_tokens": self.scheduler.num_cached_tokens, **self.counters}
@@ -290,8 +310,9 @@ def _describe(error: Exception) -> str:
     return f"model forward failed: {type(error).__name__}: {error}"
 
 
-def build_forward_batch(sched: SchedulerOutput, pool: PagePool):
-    """Pack the scheduled requests' new tokens and their page tables into a ForwardBatch."""
+def build_forward_batch(sched: SchedulerOutput, pool: PagePool, states: StatePool | None = None):
+    """Pack the scheduled requests' new tokens, their page tables and (models with recurrent
+    layers) their state rows into a ForwardBatch."""
     from ktrans.engine.batch import ForwardBatch
 
     ids: list[int] = []
@@ -315,4 +336,6 @@ def build_forward_batch(sched: SchedulerOutput, pool: PagePool):
                         num_computed=[s.num_computed for s in sched.scheduled],
                         num_new=[s.num_new for s in sched.scheduled],
                         page_table=page_table,
-                        logits_indices=torch.tensor(logits_rows, dtype=torch.int64))
+                        logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
+                        state_rows=None if states is None else torch.tensor(
+                            [states.rows(s.request) for s in sched.scheduled], dtype=torch.int64))

@@ -4,7 +4,9 @@ Build (meta → swap → load):
   weights (GGUF / safetensors) → config (HF directory, or single-file GGUF metadata)
   → transformers' model class on the meta device → rule plan (which operator, which device)
   → apply: operators swapped in, every tensor loaded where the plan put it
-  → paged KV storage on the attention device, sized by cache_lens.
+  → paged KV storage on the attention device, sized by cache_lens (and, for models with
+    linear-attention layers, recurrent-state rows for the requests the engine runs at once:
+    `reserve_states`).
 Run: `execute(batch)` sets the forward context (batch + KV) and runs the packed model forward;
 it returns float32 logits for the rows the scheduler asked for. On CUDA, decode-only steps
 replay CUDA graphs (ktrans.engine.cuda_graphs) where the placement allows it.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ktrans.config.arch import arch_from_config, build_meta_model
+from ktrans.config.arch import arch_from_config, build_meta_model, text_model_config
 from ktrans.engine.batch import ForwardBatch, forward_context
 from ktrans.errors import KtransError
 from ktrans.kv_cache.storage import KVStorage
@@ -56,7 +58,7 @@ def _load_config(weights, model_path):
     if config is None and model_path and os.path.isdir(model_path):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_path)
+        config = text_model_config(AutoConfig.from_pretrained(model_path))
     if config is None:
         raise KtransError("the weights carry no model config; pass --model_path with the HF config.json directory")
     return config
@@ -121,6 +123,7 @@ class ModelRunner:
         self.page_size = int(page_size)
         self.num_pages = -(-int(cache_lens) // self.page_size)
         self.kv = self._make_kv()
+        self.kv.reserve_states(1)    # (the engine reserves one slot per batch slot: reserve_states)
         self.graphs = self._make_graphs() if cuda_graphs and self.device.startswith("cuda") else None
         self.max_context = min(self.num_pages * self.page_size,
                                int(getattr(self.config, "max_position_embeddings", 1 << 30)))
@@ -153,9 +156,11 @@ class ModelRunner:
         return self._tokenizer
 
     def _make_kv(self) -> KVStorage:
-        """KV pool: each layer's pages on the device and in the dtype of that layer's attention,
-        plus one scratch page that the page pool never hands out (CUDA-graph padding rows)."""
-        attns = [layer.self_attn for layer in self.model.model.layers]
+        """KV pool: each layer's pages (or a linear-attention layer's state rows) on the device and
+        in the dtype of that layer's attention, plus one scratch page that the page pool never hands
+        out (CUDA-graph padding rows)."""
+        attns = [getattr(layer, "self_attn", None) or _stateful(i, layer.linear_attn)
+                 for i, layer in enumerate(self.model.model.layers)]
         devices = [module_placement(a)[0] for a in attns]
         dtypes = [getattr(a, "dtype", module_placement(a)[1]) for a in attns]
         return KVStorage.for_config(self.config, num_pages=self.num_pages + 1, page_size=self.page_size,
@@ -169,6 +174,18 @@ class ModelRunner:
         if not graphs.enabled:
             log.info("decode steps run eagerly (no CUDA graphs): %s", graphs.reason)
         return graphs
+
+    def reserve_states(self, num_slots: int) -> int:
+        """Recurrent-state rows for `num_slots` requests at once (kv_cache/state.py), in models with
+        linear-attention layers; returns the slots held (0: the model has no such layer). Call it
+        while no request runs."""
+        if not self.kv.recurrent_layers:
+            return 0
+        rows = self.kv.num_state_rows
+        self.kv.reserve_states(num_slots)
+        if self.kv.num_state_rows != rows and self.graphs is not None:
+            self.graphs.invalidate()           # they read the state tensors just replaced
+        return (self.kv.num_state_rows - 1) // 2
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
@@ -203,13 +220,14 @@ class ModelRunner:
         if not self.device.startswith("cuda"):
             return
         pages = torch.arange(min(self.num_pages, -(-130 // self.page_size)), dtype=torch.int32)[None]
+        scratch = torch.full((1, 2), self.kv.num_state_rows - 1)      # recurrent layers: the scratch row
         done = 0
         for n in (100, 28, 1):
             if done + n > pages.shape[1] * self.page_size:
                 break
-            self.execute(ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long), positions=torch.arange(done, done + n),
-                                      seq_ids=[0], num_computed=[done], num_new=[n], page_table=pages,
-                                      logits_indices=torch.tensor([n - 1])))
+            self.execute(ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long),
+                                      positions=torch.arange(done, done + n), seq_ids=[0], num_computed=[done], num_new=[n], page_table=pages,
+                                      logits_indices=torch.tensor([n - 1]), state_rows=scratch))
             done += n
         torch.cuda.synchronize()
 
@@ -217,6 +235,17 @@ class ModelRunner:
         if self._switch_threads:
             torch.set_num_threads(self._torch_threads)
         self.weights.close()
+
+
+def _stateful(i: int, module: torch.nn.Module) -> torch.nn.Module:
+    """A linear-attention layer's module, which must keep its state in the KV cache's state rows
+    (transformers' own module would start every engine step from zero)."""
+    from ktrans.operators.gated_deltanet import GatedDeltaNet
+
+    if not isinstance(module, GatedDeltaNet):
+        raise KtransError(f"model.layers.{i}.linear_attn is {type(module).__name__}, which keeps no recurrent state "
+                          f"between engine steps; place it with a rule `replace: {{class: gated_deltanet}}`")
+    return module
 
 
 def _sleep_until_done(device: torch.device) -> None:

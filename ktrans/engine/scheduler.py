@@ -6,6 +6,10 @@ what is left of the budget; then waiting requests are admitted first-come-first-
 slot is free and the KV pool can hold their whole pending prompt. Chunked prefill is nothing more
 than a request getting fewer tokens than it has pending: it simply stays in prefill next step.
 
+A model with linear-attention layers also gives each admitted request a recurrent-state slot
+(kv_cache/state.py) and takes it back with its pages; its state is not in the pages, so such a
+model runs without the prefix cache.
+
 Waiting requests first take the prefix cache's pages that match the start of their tokens (see
 kv_cache.page_pool), so a shared prefix is not prefilled again. KV pages are allocated lazily,
 step by step. When a running request needs a page and the pool is
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from ktrans.engine.request import Request, Status
 from ktrans.errors import KtransError
 from ktrans.kv_cache import PagePool
+from ktrans.kv_cache.state import StatePool
 
 
 class QueueFullError(KtransError):
@@ -55,7 +60,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, max_batch_size: int, chunk_size: int, max_context: int,
-                 max_queue: int | None = None, prefix_cache: bool = True):
+                 max_queue: int | None = None, prefix_cache: bool = True, states: StatePool | None = None):
         if max_batch_size < 1:
             raise KtransError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < max_batch_size:
@@ -69,7 +74,11 @@ class Scheduler:
         # A request never grows beyond this (the engine finishes it with "length" there).
         self.max_context = min(max_context, pool.capacity_tokens)
         self.max_queue = max_queue
+        if states is not None and prefix_cache:
+            raise KtransError("the prefix cache cannot serve a model with recurrent layers (a cached page "
+                              "carries no recurrent state); run it with prefix_cache off")
         self.prefix_cache = prefix_cache
+        self.states = states                   # recurrent-state slots (models with linear-attention layers)
         self.num_cached_tokens = 0             # prompt tokens whose prefill the prefix cache saved
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []       # in admission order
@@ -141,7 +150,7 @@ class Scheduler:
         the free pages, so admission never forces a preemption. Cached prefix pages are attached
         first; their tokens count as computed."""
         cached = self.pool.attach_prefix(req, req.token_ids(0, req.num_tokens)) if self.prefix_cache else 0
-        if not self.pool.can_grow(req, req.num_tokens):
+        if not self.pool.can_grow(req, req.num_tokens) or (self.states is not None and not self.states.alloc(req)):
             self.pool.free(req)
             return 0
         req.num_computed_tokens = cached
@@ -171,6 +180,8 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.pool.free(req)
+        if self.states is not None:
+            self.states.free(req)
         if req.slot is not None:
             self._free_slots.append(req.slot)
             req.slot = None

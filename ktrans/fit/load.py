@@ -73,7 +73,9 @@ def _config(weights, model_path):
     if config is None and model_path and os.path.isdir(model_path):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_path)
+        from ktrans.config.arch import text_model_config
+
+        config = text_model_config(AutoConfig.from_pretrained(model_path))
     if config is None:
         raise KtransError("the weights carry no model config; pass --model_path with the HF config.json directory")
     return config

@@ -49,7 +49,7 @@ def _q4_k_m(name: str, n_layer: int, n_expert: int, tied: bool) -> str:
         return "q6_k"
     if "attn_k.weight" in name and n_expert == 8:
         return "q8_0"
-    if "attn_v.weight" in name:
+    if "attn_v.weight" in name or "attn_qkv.weight" in name:    # (llama.cpp counts attn_qkv as an attn_v)
         if n_expert == 8:
             return "q8_0"
         return "q6_k" if _use_more_bits(layer, n_layer) else "q4_k"
@@ -62,9 +62,10 @@ def _q4_k_m(name: str, n_layer: int, n_expert: int, tied: bool) -> str:
 
 def tensor_qtype(name: str, shape: tuple[int, ...], quant_name: str, config) -> str:
     """Storage type of GGUF tensor `name` for a --quant choice (a type or the q4_k_m recipe)."""
-    # NOTE: as llama.cpp: 1-D tensors, biases (gpt-oss's expert biases are 2-D) and the routers
-    # stay f32 (tiny, and routing is sensitive).
-    if len(shape) == 1 or name.endswith((".bias", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
+    # NOTE: as llama.cpp: 1-D tensors, biases (gpt-oss's expert biases are 2-D), the routers and
+    # the DeltaNet's conv kernels stay f32 (tiny, and routing is sensitive).
+    if len(shape) == 1 or name.endswith((".bias", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight",
+                                         "ssm_conv1d.weight")):
         return "f32"
     if quant_name in FLOAT_TYPES:
         return quant_name
@@ -91,7 +92,8 @@ def nbytes(qtype: str, shape: tuple[int, ...]) -> int:
 
 
 def _rope_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, rope_dim: int | None) -> None:
-    w.add_float32(f"{arch}.rope.freq_base", float(cfg["rope_theta"]))
+    theta = cfg["rope_theta"] if "rope_theta" in cfg else cfg["rope_parameters"]["rope_theta"]
+    w.add_float32(f"{arch}.rope.freq_base", float(theta))
     if rope_dim is not None:
         w.add_uint32(f"{arch}.rope.dimension_count", rope_dim)
     rs = cfg.get("rope_scaling")
@@ -133,6 +135,20 @@ def _arch_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
         _rope_meta(w, arch, cfg, names.rotary_dim(config))
     if arch == "gemma3":
         _gemma3_meta(w, arch, config)
+    if arch in ("qwen3next", "qwen35moe"):
+        _qwen3_hybrid_meta(w, arch, cfg, config)
+
+
+def _qwen3_hybrid_meta(w: gguf.GGUFWriter, arch: str, cfg: dict, config) -> None:
+    """The Gated DeltaNet's inner size, which layers are linear attention, and Qwen3.5's M-RoPE
+    sections, as llama.cpp's converter writes them (names.py DERIVED_METADATA)."""
+    w.add_uint32(f"{arch}.ssm.inner_size", config.linear_value_head_dim * config.linear_num_value_heads)
+    if "layer_types" in cfg:
+        w.add_array(f"{arch}.attention.recurrent_layers", [t == "linear_attention" for t in config.layer_types])
+    w.add_uint32(f"{arch}.full_attention_interval", int(cfg.get("full_attention_interval", 4)))
+    if arch == "qwen35moe":
+        sections = list(names.rope_parameters(config)[0].get("mrope_section") or [11, 11, 10])
+        w.add_array(f"{arch}.rope.dimension_sections", (sections + [0, 0, 0, 0])[:4])
 
 
 def _gemma3_meta(w: gguf.GGUFWriter, arch: str, config) -> None:

@@ -152,6 +152,52 @@ _GEMMA3_4B = dict(_GEMMA3, hidden_size=2560, intermediate_size=10240, num_hidden
                   num_key_value_heads=4, sliding_window=1024, rope_scaling={"factor": 8.0, "rope_type": "linear"},
                   max_position_embeddings=131072, vocab_size=262208)
 
+# Qwen3-Next-80B-A3B: the shapes are Qwen3NextConfig's defaults (which describe this checkpoint);
+# rope base and native context as its config.json publishes them. Three Gated DeltaNet layers
+# (16 key heads, 32 value heads of 128, 4-tap conv) per gated full-attention layer (16 query heads
+# of 256, 2 KV heads, rotary on the first quarter of each head); every layer MoE, 10 of 512 experts
+# and a sigmoid-gated shared expert. Its multi-token-prediction layer is not generated.
+_QWEN3_NEXT = {
+    "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 48, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "head_dim": 256, "partial_rotary_factor": 0.25, "rope_theta": 10000000,
+    "max_position_embeddings": 262144, "full_attention_interval": 4, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts": 512, "num_experts_per_tok": 10,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+    "attention_dropout": 0.0,
+}
+# Qwen3.5-35B-A3B's text model: Qwen3_5MoeTextConfig's defaults (which describe this checkpoint),
+# interleaved M-RoPE sections as its rotary module's default, rope base and native context as its
+# config.json publishes them. The other Qwen3.5 MoE sizes' shapes are in no transformers class.
+_QWEN3_5_MOE = {
+    "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2,
+    "head_dim": 256, "max_position_embeddings": 262144, "full_attention_interval": 4,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+    "num_experts": 256, "num_experts_per_tok": 8, "vocab_size": 248320, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+}
+# tiny/small of both: one full-attention layer per linear one (interval 2), 2 key heads serving 4
+# value heads (llama.cpp reads key and value heads of one size).
+_HYBRID_TINY = dict(hidden_size=256, num_hidden_layers=4, full_attention_interval=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                    linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=256,
+                    shared_expert_intermediate_size=256, num_experts=8, num_experts_per_tok=2, vocab_size=None,
+                    max_position_embeddings=1024)
+_HYBRID_SMALL = dict(hidden_size=1024, num_hidden_layers=8, full_attention_interval=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
+                     linear_num_key_heads=4, linear_num_value_heads=8, moe_intermediate_size=512,
+                     shared_expert_intermediate_size=512, num_experts=32, num_experts_per_tok=4, vocab_size=None,
+                     max_position_embeddings=8192)
+
+
+def _mrope(sections: list[int]) -> dict:
+    return dict(_QWEN3_5_MOE["rope_parameters"], mrope_section=sections)
+
+
 # vocab_size None = the generated tokenizer's size (tiny/small presets).
 PRESETS: dict[str, dict[str, dict]] = {
     "deepseek_v3": {
@@ -304,6 +350,18 @@ PRESETS: dict[str, dict[str, dict]] = {
                             num_attention_heads=16, num_key_value_heads=8),
         "gemma-3-27b": dict(_GEMMA3_4B, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
                             num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
+    },
+    "qwen3_next": {
+        "tiny": dict(_QWEN3_NEXT, intermediate_size=256, **_HYBRID_TINY),
+        "small": dict(_QWEN3_NEXT, intermediate_size=1024, **_HYBRID_SMALL),
+        "qwen3-next-80b-a3b": _QWEN3_NEXT,
+    },
+    # NOTE: the M-RoPE sections split the rotated half-dims (head_dim x 0.25 / 2) among text,
+    # height and width positions; text positions are equal in all three, so only their sum matters.
+    "qwen3_5_moe": {
+        "tiny": dict(_QWEN3_5_MOE, **_HYBRID_TINY, rope_parameters=_mrope([3, 3, 2])),
+        "small": dict(_QWEN3_5_MOE, **_HYBRID_SMALL, rope_parameters=_mrope([6, 5, 5])),
+        "qwen3.5-35b-a3b": _QWEN3_5_MOE,
     },
 }
 

@@ -147,7 +147,8 @@ _FAMILIES = {
 
 _ARCH_FAMILY = {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3_moe": "chatml",
                 "qwen2_moe": "chatml", "qwen2": "chatml", "mixtral": "mistral", "llama": "llama3",
-                "gpt_oss": "harmony", "glm4_moe": "glm", "minimax_m2": "minimax", "gemma3": "gemma"}
+                "gpt_oss": "harmony", "glm4_moe": "glm", "minimax_m2": "minimax", "gemma3": "gemma",
+                "qwen3_next": "chatml", "qwen3_5_moe": "chatml"}
 # Presets of a model that shares its architecture but not its tokenizer: (arch, preset) -> family.
 _PRESET_FAMILY = {("deepseek_v3", "kimi-k2"): "kimi", ("deepseek_v3", "kimi-k2-tiny"): "kimi"}
 
@@ -156,12 +157,14 @@ _PRESET_FAMILY = {("deepseek_v3", "kimi-k2"): "kimi", ("deepseek_v3", "kimi-k2-t
 # BPE stand-in, so it names the split it really uses (GPT-2's).
 _ARCH_PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
              "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o",
-             "glm4_moe": "glm4", "minimax_m2": "minimax-m2", "gemma3": "default"}
+             "glm4_moe": "glm4", "minimax_m2": "minimax-m2", "gemma3": "default", "qwen3_next": "qwen2",
+             "qwen3_5_moe": "qwen35"}
 _FAMILY_PRE = {"kimi": "kimi-k2"}       # a preset's own family names its own split
 
-# tokenizer_config.json's class: what the real checkpoints name where transformers builds the same
-# pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we train with).
-_CLASS = {"chatml": "Qwen2Tokenizer"}
+# tokenizer_config.json's class by split: what the real checkpoints name where transformers builds
+# the same pipeline from our files (Qwen2Tokenizer always applies Qwen2's regex + NFC, which we
+# train with; Qwen3_5Tokenizer Qwen3.5's regex, which keeps combining marks with their letters).
+_CLASS = {"qwen2": "Qwen2Tokenizer", "qwen35": "Qwen3_5Tokenizer"}
 
 VOCAB_TARGET = 1024
 
@@ -233,9 +236,9 @@ def trained_vocab_size(arch: str, preset: str | None = None) -> int:
     return _train(fam["specials"], _pre(arch, preset)).get_vocab_size()
 
 
-def _write_config(fam: dict, family: str, out_dir: Path) -> None:
+def _write_config(fam: dict, pre: str, out_dir: Path) -> None:
     tcfg = {
-        "tokenizer_class": _CLASS.get(family, "PreTrainedTokenizerFast"),
+        "tokenizer_class": _CLASS.get(pre, "PreTrainedTokenizerFast"),
         "bos_token": fam["bos"], "eos_token": fam["eos"], "pad_token": fam["pad"],
         "unk_token": fam.get("unk"), "add_bos_token": fam["add_bos"], "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 131072,
@@ -251,7 +254,7 @@ def build_tokenizer(arch: str, out_dir: Path, preset: str | None = None) -> Toke
 
     family = _family(arch, preset)
     fam = _FAMILIES[family]
-    _write_config(fam, family, out_dir)
+    _write_config(fam, _pre(arch, preset), out_dir)
     extra: dict = {}
     if fam.get("spm"):
         tokens, scores, types = build_spm(fam, _CORPUS, VOCAB_TARGET, out_dir)

@@ -9,7 +9,7 @@ them, and its bytes are summed per planned device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class KVPlan:
     num_pages: int              # pages allocated: the pool's plus one scratch page
     nbytes: dict[str, int]      # bytes per device ("cuda:0", "cpu")
     dtypes: tuple[str, ...]     # distinct cache dtypes, for the explain line ("bfloat16")
+    # models with linear-attention layers: bytes of one running request's recurrent-state slot per
+    # device (allocated per batch slot by the engine, so not in nbytes)
+    state_per_slot: dict[str, int] = field(default_factory=dict)
 
 
 def attention_placement(plan, layer: int) -> tuple[str, torch.dtype]:
@@ -72,4 +75,9 @@ def plan_kv_cache(plan, *, cache_lens: int, page_size: int) -> KVPlan:
     for (device, _), tensors in zip(placed, kv.layers):
         nbytes[device] = nbytes.get(device, 0) + sum(t.numel() * t.element_size() for t in tensors)
     dtypes = tuple(dict.fromkeys(str(dt).removeprefix("torch.") for _, dt in placed))
-    return KVPlan(cache_lens, page_size, num_pages, dict(sorted(nbytes.items())), dtypes)
+    state: dict[str, int] = {}
+    for i in kv.recurrent_layers:
+        conv_dim, conv_len, nv, dk, dv = kv.state_dims
+        size = torch.empty(0, dtype=placed[i][1]).element_size()
+        state[placed[i][0]] = state.get(placed[i][0], 0) + 2 * (conv_dim * conv_len * size + nv * dk * dv * 4)
+    return KVPlan(cache_lens, page_size, num_pages, dict(sorted(nbytes.items())), dtypes, dict(sorted(state.items())))

@@ -1,9 +1,10 @@
-"""`cpu_gqa_attention` / `cpu_mla_attention`: the attention operators with their projection
-matrices kept as the GGUF blocks they are stored in and run by the CPU linear kernels
-(linear_cpu.QuantWeight), for all-CPU placements.
+"""`cpu_gqa_attention` / `cpu_mla_attention` / `cpu_gated_deltanet`: the attention operators (and
+the Gated DeltaNet linear attention) with their projection matrices kept as the GGUF blocks they
+are stored in and run by the CPU linear kernels (linear_cpu.QuantWeight), for all-CPU placements.
 
-Everything else — rotary, the paged KV cache, the attention itself, and so every oracle — is the
-parent operator's (attention_gqa.py / attention_mla.py): these subclasses only replace how a
+Everything else — rotary, the paged KV cache (the DeltaNet's state rows), the attention itself, and
+so every oracle — is the parent operator's (attention_gqa.py / attention_mla.py /
+gated_deltanet.py): these subclasses only replace how a
 projection is loaded (`_load_owned`: the parent's `_proj_shapes` as QuantWeights, its
 `_param_shapes` in f32) and applied (`_linear`; the oracle path through gguf-py-dequantized weights). Norms, biases of the parent's own tensors and MLA's kv_b_proj halves (small,
 used in einsums) stay f32. A decode-only step of a whole model of these operators can instead run
@@ -19,6 +20,7 @@ import torch
 from ktrans.errors import KtransError
 from ktrans.operators.attention_gqa import GQAAttention
 from ktrans.operators.attention_mla import MLAAttention
+from ktrans.operators.gated_deltanet import GatedDeltaNet
 from ktrans.operators.linear import load_param, param_bytes
 from ktrans.operators.linear_cpu import PLACEMENT, QuantWeight, check_cpu_infer, cpu_pool, kernel_reads
 from ktrans.operators.registry import register_operator
@@ -82,6 +84,19 @@ class CPUMLAAttention(_StoredProjections, MLAAttention):
     (absorbed into per-head matrices). kwargs: cpu_infer (threads of the shared pool)."""
 
     name: ClassVar[str] = "cpu_mla_attention"
+
+    def __init__(self, *, key: str, orig_module, config, device, cpu_infer: int | None = None, **kwargs):
+        super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)
+        self._init_cpu(key, cpu_infer)
+
+
+@register_operator("cpu_gated_deltanet")
+class CPUGatedDeltaNet(_StoredProjections, GatedDeltaNet):
+    """gated_deltanet (Qwen3-Next, Qwen3.5) with its input and output projections as stored; the
+    conv kernel, A_log, dt_bias and the output norm in f32. kwargs: cpu_infer (threads of the shared
+    pool)."""
+
+    name: ClassVar[str] = "cpu_gated_deltanet"
 
     def __init__(self, *, key: str, orig_module, config, device, cpu_infer: int | None = None, **kwargs):
         super().__init__(key=key, orig_module=orig_module, config=config, device=device, **kwargs)

@@ -1,5 +1,6 @@
 """`gqa_attention`: grouped-query attention (Qwen2/Qwen2-MoE/Qwen3-MoE/Mixtral/gpt-oss/GLM-4.5/
-MiniMax-M2/Gemma 3) over the paged KV cache.
+MiniMax-M2/Gemma 3, and the full-attention layers of Qwen3-Next / Qwen3.5-MoE) over the paged KV
+cache.
 
 Per step: project the packed tokens, apply the q/k RMSNorm where the model has one (per head:
 Qwen3, GLM-4.5, Gemma 3 in its (1 + w) form; over all heads of a token: MiniMax-M2), rotate with
@@ -9,6 +10,10 @@ then let each request attend causally to its own cached + new tokens. `forward` 
 single-token (decode) requests into one padded gather (or the paged Triton kernel on CUDA) and
 runs multi-token chunks through torch's fused SDPA; `forward_native` (the oracle) walks the
 requests one by one with an explicit softmax.
+
+Gated attention (Qwen3-Next, Qwen3.5): q_proj yields each head's query followed by as many gate
+values ([q_h | gate_h] per head); the attention output is multiplied by sigmoid(gate) before
+o_proj.
 
 A sliding layer (its kind in the KV cache: kv_cache/layers.py) sees only the last `window`
 tokens; gpt-oss's attention sinks add one learned logit per head to the softmax. Every path
@@ -55,6 +60,8 @@ class GQAAttention(ProjectionOwner, Operator):
         self.eps = config.rms_norm_eps
         self.style = rope_style(config)
         self.has_qkv_bias = orig_module.q_proj.bias is not None        # Qwen2: biased q/k/v
+        # Qwen3-Next / Qwen3.5: q_proj holds a sigmoid output gate per head beside the query.
+        self.gated = orig_module.q_proj.out_features == 2 * self.num_heads * self.head_dim
         self.has_o_bias = orig_module.o_proj.bias is not None
         self.dtype = resolve_dtype(dtype, torch.device(device))
         self._set_weights_mode(key, weights)
@@ -79,7 +86,7 @@ class GQAAttention(ProjectionOwner, Operator):
 
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
         h, q, kv = self.config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+        return {"q_proj": ((2 if self.gated else 1) * q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
 
     def _biased(self) -> set[str]:
         return ({"q_proj", "k_proj", "v_proj"} if self.has_qkv_bias else set()) | ({"o_proj"} if self.has_o_bias else set())
@@ -132,7 +139,12 @@ class GQAAttention(ProjectionOwner, Operator):
         x = hidden_states.reshape(-1, shape[-1]).to(self.device, self.dtype)             # [T, hidden]
         emb = _strip_batch(position_embeddings, self.device)
         native = not batch_decode
-        q = self._proj(x, "q_proj", self.num_heads, native)                               # [T, Hq, d]
+        gate = None
+        if self.gated:                       # [T, Hq, 2d]: each head's query, then its gate
+            q, gate = self._linear(x, "q_proj", native).view(x.shape[0], self.num_heads, 2 * self.head_dim).chunk(2, -1)
+            q, gate = q.contiguous(), gate.reshape(x.shape[0], -1)                                           # [T, Hq * d]
+        else:
+            q = self._proj(x, "q_proj", self.num_heads, native)                           # [T, Hq, d]
         k = self._proj(x, "k_proj", self.num_kv_heads, native)                            # [T, Hkv, d]
         v = self._proj(x, "v_proj", self.num_kv_heads, native)
         if self.qk_norm:
@@ -167,7 +179,10 @@ class GQAAttention(ProjectionOwner, Operator):
                 out[sl] = sdpa_prefill(q[sl], kc, vc, pos[sl], self.scale, window=window, sinks=self._p("sinks"))
             else:
                 out[sl] = self._attend(q[sl][None], kc[None], vc[None], pos[sl][None], window)[0]
-        o = self._linear(out.reshape(x.shape[0], -1), "o_proj", native)
+        out = out.reshape(x.shape[0], -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        o = self._linear(out, "o_proj", native)
         return o.view(*shape[:-1], -1), None
 
     def forward(self, hidden_states, position_embeddings=None, **kwargs):

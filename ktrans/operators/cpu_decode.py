@@ -164,14 +164,19 @@ _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def _check_model(config, emb) -> None:
-    """The model-wide parts the C++ step computes: SiLU or GELU-tanh MLPs, and embeddings read in
-    f32 (a scaled embedding in another dtype rounds its rows first, which the step does not)."""
+    """The model-wide parts the C++ step computes: SiLU or GELU-tanh MLPs, embeddings read in f32
+    (a scaled embedding in another dtype rounds its rows first, which the step does not), and
+    softmax attention in every layer (Qwen3-Next's and Qwen3.5's linear-attention layers carry a
+    recurrent state the step has no place for: their decode runs the module path, and the reason
+    names it)."""
     from ktrans.config.arch import arch_from_config
 
     act = mlp_activation(config) or "silu"
     why = [w for w, bad in (
         (f"its MLP activation is {act}, not SiLU or GELU (tanh)", act not in _ACTS),
         (f"its scaled embeddings are {emb.dtype}, not float32", emb.scale is not None and emb.dtype != torch.float32),
+        ("its linear-attention (Gated DeltaNet) layers keep a recurrent state",
+         "linear_attention" in (getattr(config, "layer_types", None) or ())),
     ) if bad]
     _need(not why, f"{arch_from_config(config).name}: the fused step does not compute this model ({'; '.join(why)})")
 
@@ -229,7 +234,7 @@ def _mlp_lins(mlp) -> tuple:
 
 def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool, act: str) -> None:
     from ktrans import _C
-    from ktrans.operators.moe_block import MoEBlock
+    from ktrans.operators.moe_block import MoEBlock, renormalises
 
     if not isinstance(mlp, MoEBlock):
         dec.set_dense_mlp(idx, *_mlp_lins(mlp), _ACTS[act])
@@ -252,7 +257,7 @@ def _add_mlp(dec, idx: int, mlp, keep: list, i: int, pool, act: str) -> None:
         kind, scale, limited = 1, c.routed_scaling_factor, c.topk_method == "group_limited_greedy"
         n_group, topk_group = (c.n_group, c.topk_group) if limited else (1, 1)
     else:
-        norm = True if mlp.model_type == "mixtral" else bool(c.norm_topk_prob)
+        norm = renormalises(c)
     bias = None if mlp.gate_bias is None else _f32(mlp.gate_bias)
     shared = (None, None, None)
     shared_gate = None

@@ -7,9 +7,10 @@ Routing follows each architecture exactly as transformers computes it:
   unbiased scores, normalised when norm_topk_prob, × routed_scaling_factor;
 - DeepSeek-V2: softmax, greedy or group-limited greedy (groups ranked by their best score),
   × routed_scaling_factor;
-- Qwen2-MoE / Qwen3-MoE: softmax top-k, renormalised when norm_topk_prob; Qwen2-MoE adds a
-  shared expert scaled by sigmoid(shared_expert_gate(x));
-- Mixtral: softmax top-k, always renormalised;
+- Qwen2-MoE / Qwen3-MoE / Qwen3-Next: softmax top-k, renormalised when norm_topk_prob; Qwen2-MoE
+  and Qwen3-Next add a shared expert scaled by sigmoid(shared_expert_gate(x));
+- Mixtral, Qwen3.5-MoE: softmax top-k, always renormalised (Qwen3.5 with Qwen3-Next's gated
+  shared expert);
 - gpt-oss: biased router logits, top-k of the logits, softmax over those k;
 - MiniMax-M2: sigmoid scores + e_score_correction_bias (the block's own, not the router's) for the
   choice only, plain top-k, weights from the unbiased scores, always renormalised.
@@ -36,7 +37,9 @@ from ktrans.operators.linear import load_param
 from ktrans.operators.registry import register_operator
 
 _ROUTED_TYPES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe",
-                 "minimax_m2")
+                 "minimax_m2", "qwen3_next", "qwen3_5_moe_text")
+# softmax_topk routings that always renormalise the k weights (their configs have no norm_topk_prob)
+_ALWAYS_RENORMALISED = ("mixtral", "qwen3_5_moe_text")
 # Routings that choose with sigmoid scores + a correction bias (loaded beside the router).
 _SCORE_BIASED = ("deepseek_v3", "sigmoid_topk")
 
@@ -91,6 +94,11 @@ def route_sigmoid_topk(logits, bias, *, top_k):
 def route_topk_softmax(logits, *, top_k):
     top, idx = torch.topk(logits, k=top_k, dim=-1)                                       # [T, k]
     return torch.softmax(top, dim=-1), idx
+
+
+def renormalises(config) -> bool:
+    """Whether a softmax_topk router renormalises its k weights to sum to 1."""
+    return config.model_type in _ALWAYS_RENORMALISED or bool(getattr(config, "norm_topk_prob", False))
 
 
 def router_of(orig_module) -> tuple[str, torch.nn.Module]:
@@ -173,8 +181,7 @@ class MoEBlock(Operator):
         if self.routing == "deepseek_v2":
             return route_deepseek_v2(logits, top_k=self.top_k, method=c.topk_method, n_group=c.n_group,
                                      topk_group=c.topk_group, scale=c.routed_scaling_factor)
-        norm = True if self.model_type == "mixtral" else bool(c.norm_topk_prob)
-        return route_softmax_topk(logits, top_k=self.top_k, norm=norm)
+        return route_softmax_topk(logits, top_k=self.top_k, norm=renormalises(c))
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """Shared-expert output [T, H] on x's device, or None for blocks without one."""

@@ -153,5 +153,8 @@ def render_plan(plan: Plan, console=None, kv=None) -> None:
         console.print(f"KV cache ({kv.cache_lens} tokens: {kv.num_pages - 1} pages of {kv.page_size} + 1 scratch "
                       f"page, {'/'.join(kv.dtypes)}): {_per_device(kv.nbytes)}")
         console.print("weights + KV cache per device: " + _per_device(totals) + summary)
+        if kv.state_per_slot:
+            console.print("recurrent state of the linear-attention layers (one slot per running request, not in "
+                          "the totals): " + _per_device(kv.state_per_slot) + " per request")
     for line in notes(plan):
         console.print(f"note: {line}", highlight=False, markup=False)

@@ -84,7 +84,8 @@ class GGUFSource(WeightSource):
             same = math.isclose(float(stored), float(want), rel_tol=1e-5) if mk.vtype == "f32" else stored == want
             what = f"{mk.attr} = {want}"
             if mk.key == "block_count":           # with or without the MTP blocks (a converter may drop them)
-                same = stored in (want, cfg.num_hidden_layers)
+                mtp = int(self.reader.get(f"{self.arch}.nextn_predict_layers", 0) or 0)
+                same = stored in (want, cfg.num_hidden_layers, cfg.num_hidden_layers + mtp)
                 extra = want - cfg.num_hidden_layers
                 what = f"num_hidden_layers = {cfg.num_hidden_layers}" + (f" (+ {extra} MTP)" if extra else "")
             if not same:
@@ -167,8 +168,8 @@ class GGUFSource(WeightSource):
         if qtype and r.transform in names_legacy.ROW_TRANSFORMS:
             data = names_legacy.to_hf(r.transform, [p.data() for p in r.parts], cfg)   # quant rows moved whole
             return RawTensor(qtype, shape, np.ascontiguousarray(data))
-        if qtype in _PLAIN_TYPES and (r.transform != "norm_shift" or qtype == "f32"):
-            # element-wise transform on the stored dtype (Gemma's norm shift: f32 arithmetic only)
+        if qtype in _PLAIN_TYPES and (r.transform not in names_legacy.VALUE_TRANSFORMS or qtype == "f32"):
+            # moved elements in the stored dtype (Gemma's norm shift, Qwen3-Next's A: f32 arithmetic only)
             view = _PLAIN_TYPES[qtype][0]
             parts = [p.data().view(view).reshape(p.shape) for p in r.parts]
             data = np.ascontiguousarray(names_legacy.to_hf(r.transform, parts, cfg))

@@ -30,10 +30,13 @@ the reshuffle itself):
   transpose     gpt-oss: HF `experts.down_proj` [E, I, H] <-> `ffn_down_exps` [E, H, I]
   norm_shift    Gemma 3's RMSNorm weights: HF stores w (the norm scales by 1 + w), llama.cpp's
                 converter writes 1 + w, so GGUF = HF + 1 (element-wise, in float32)
+  qkvz, conv, a_log, v_tiled, qkv_tiled, conv_tiled, a_log_tiled, v_cols_tiled
+                Qwen3-Next's / Qwen3.5's Gated DeltaNet layers (deltanet_layout.py)
 
 Entries may carry a `needs` condition on the config (see `_NEEDS`); `layers` says which
-layers hold the tensor: "all", "dense" (plain MLP), "moe" (router + experts) or "nextn" (only the
-multi-token-prediction blocks below).
+layers hold the tensor: "all", "dense" (plain MLP), "moe" (router + experts), "nextn" (only the
+multi-token-prediction blocks below), and in hybrid models (config.layer_types) "attn" (full
+attention layers) or "linear" (linear-attention layers).
 
 Multi-token prediction (GLM-4.5's `num_nextn_predict_layers`): llama.cpp's converter appends the
 MTP block(s) after the main layers, as blk.L .. blk.L+n-1 with `block_count` = L + n (a whole MoE
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ktrans.errors import KtransError
+from ktrans.weights.deltanet_layout import DELTANET_TRANSFORMS, deltanet_to_gguf, deltanet_to_hf
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,46 @@ _GEMMA3 = [
     _norm(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"blk.{{i}}.attn_{p}_norm.weight") for p in "qk"
 ] + _dense_mlp()
 
+# Qwen3-Next / Qwen3.5-MoE: every norm but the DeltaNet's output norm stored as 1 + w; full
+# attention layers (q_proj carrying each head's sigmoid gate, per-head q/k norms) and Gated
+# DeltaNet layers; MoE with a sigmoid-gated shared expert (Qwen3-Next may have dense layers).
+def _qwen3_hybrid(tiled: bool) -> list[TensorMap]:
+    t = "_tiled" if tiled else ""
+    lin = "model.layers.{i}.linear_attn"
+    out = [
+        TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
+        _norm("model.norm.weight", "output_norm.weight", "global"),
+        TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
+        _norm("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+        _norm("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+    ] + [TensorMap(m.hf, m.gguf, m.transform, "attn") for m in _attn_gqa()] + [
+        _norm(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"blk.{{i}}.attn_{p}_norm.weight", "attn") for p in "qk"
+    ] + [
+        TensorMap(f"{lin}.conv1d.weight", ("blk.{i}.ssm_conv1d.weight",), "conv" + t, "linear"),
+        TensorMap(f"{lin}.dt_bias", ("blk.{i}.ssm_dt.bias",), "v_tiled" if tiled else "copy", "linear"),
+        TensorMap(f"{lin}.A_log", ("blk.{i}.ssm_a",), "a_log" + t, "linear"),
+        TensorMap(f"{lin}.norm.weight", ("blk.{i}.ssm_norm.weight",), "copy", "linear"),
+        TensorMap(f"{lin}.out_proj.weight", ("blk.{i}.ssm_out.weight",), "v_cols_tiled" if tiled else "copy", "linear"),
+    ]
+    if tiled:
+        out += [
+            TensorMap(f"{lin}.in_proj_qkv.weight", ("blk.{i}.attn_qkv.weight",), "qkv_tiled", "linear"),
+            TensorMap(f"{lin}.in_proj_z.weight", ("blk.{i}.attn_gate.weight",), "v_tiled", "linear"),
+            TensorMap(f"{lin}.in_proj_b.weight", ("blk.{i}.ssm_beta.weight",), "v_tiled", "linear"),
+            TensorMap(f"{lin}.in_proj_a.weight", ("blk.{i}.ssm_alpha.weight",), "v_tiled", "linear"),
+        ]
+    else:
+        out += [
+            TensorMap(f"{lin}.in_proj_qkvz.weight", ("blk.{i}.attn_qkv.weight", "blk.{i}.attn_gate.weight"), "qkvz",
+                      "linear"),
+            TensorMap(f"{lin}.in_proj_ba.weight", ("blk.{i}.ssm_ba.weight",), "copy", "linear"),
+        ]
+    return out + _dense_mlp() + _EXPERTS + _dense_mlp("mlp.shared_expert", "_shexp", "moe") + [
+        TensorMap("model.layers.{i}.mlp.shared_expert_gate.weight", ("blk.{i}.ffn_gate_inp_shexp.weight",), "flat",
+                  "moe"),
+    ]
+
+
 # The nextn-only tensors of an MTP block (see the module docstring); HF name -> llama.cpp name.
 MTP_TENSORS: dict[str, list[TensorMap]] = {
     "glm4moe": [
@@ -200,6 +244,8 @@ TENSORS: dict[str, list[TensorMap]] = {
     "glm4moe": _GLM4_MOE,
     "minimax-m2": _MINIMAX_M2,
     "gemma3": _GEMMA3,
+    "qwen3next": _qwen3_hybrid(tiled=False),
+    "qwen35moe": _qwen3_hybrid(tiled=True),
 }
 
 # Conditions an entry may require of the transformers config.
@@ -277,6 +323,12 @@ def block_count(config, gguf_arch: str) -> int:
     return config.num_hidden_layers + num_mtp_layers(config, gguf_arch)
 
 
+def attention_kind(config, i: int) -> str:
+    """'linear' for a linear-attention (Gated DeltaNet) layer of a hybrid model, else 'attn'."""
+    types = getattr(config, "layer_types", None) or ()
+    return "linear" if i < len(types) and types[i] == "linear_attention" else "attn"
+
+
 def expand(config, gguf_arch: str, mtp: bool = False) -> list[tuple[str, tuple[str, ...], str]]:
     """Every (hf_name, gguf_names, transform) of a model with this config, layer by layer in file
     order: globals first (embedding, norm, head), then blk.0, blk.1, ...; with `mtp`, the MTP
@@ -287,9 +339,9 @@ def expand(config, gguf_arch: str, mtp: bool = False) -> list[tuple[str, tuple[s
     L = config.num_hidden_layers
     extra = MTP_TENSORS.get(gguf_arch, []) if mtp else []
     for i in range(L + (num_mtp_layers(config, gguf_arch) if mtp else 0)):
-        kind = layer_kind(config, i)
+        kinds = (layer_kind(config, i), attention_kind(config, i))
         for m in ok + (extra if i >= L else []):
-            if m.layers == "all" or m.layers == kind or m.layers == "nextn":
+            if m.layers == "all" or m.layers in kinds or m.layers == "nextn":
                 out.append((m.hf.format(i=i), tuple(g.format(i=i) for g in m.gguf), m.transform))
     return out
 
@@ -328,6 +380,8 @@ def hf_to_gguf(transform: str, w: np.ndarray, config) -> list[np.ndarray]:
     """The GGUF array(s) (numpy shapes) holding HF array `w`."""
     if transform == "copy":
         return [w]
+    if transform in DELTANET_TRANSFORMS:
+        return deltanet_to_gguf(transform, w, config)
     if transform == "gate_up":                          # [E, 2I, H] -> 2 x [E, I, H]
         i = w.shape[1] // 2
         return [np.ascontiguousarray(w[:, :i]), np.ascontiguousarray(w[:, i:])]
@@ -358,6 +412,8 @@ def gguf_to_hf(transform: str, parts: list[np.ndarray], config) -> np.ndarray:
     """The HF array built from the GGUF array(s) `parts` (numpy shapes); inverse of hf_to_gguf."""
     if transform == "copy":
         return parts[0]
+    if transform in DELTANET_TRANSFORMS:
+        return deltanet_to_hf(transform, parts, config)
     if transform == "gate_up":                          # 2 x [E, I, H] -> [E, 2I, H]
         return np.concatenate(parts, axis=1)
     if transform == "rope_q":
@@ -430,6 +486,15 @@ _DEEPSEEK_MOE_META = [  # DeepSeek-V2/V3's and GLM-4.5's MoE: shared experts, de
     MetaKey("expert_group_used_count", "topk_group", "u32"),
 ]
 
+_QWEN3_HYBRID_META = [  # Qwen3-Next / Qwen3.5-MoE: MoE sizes and the Gated DeltaNet's (llama.cpp's ssm.*)
+    MetaKey("expert_feed_forward_length", "moe_intermediate_size", "u32"),
+    MetaKey("expert_shared_feed_forward_length", "shared_expert_intermediate_size", "u32"),
+    MetaKey("ssm.conv_kernel", "linear_conv_kernel_dim", "u32"),
+    MetaKey("ssm.state_size", "linear_key_head_dim", "u32"),
+    MetaKey("ssm.group_count", "linear_num_key_heads", "u32"),
+    MetaKey("ssm.time_step_rank", "linear_num_value_heads", "u32"),
+]
+
 METADATA: dict[str, list[MetaKey]] = {
     "deepseek2": _BASE_META + _DEEPSEEK_MOE_META + [
         MetaKey("attention.kv_lora_rank", "kv_lora_rank", "u32"),
@@ -457,6 +522,8 @@ METADATA: dict[str, list[MetaKey]] = {
         MetaKey("attention.sliding_window", "sliding_window", "u32"),
         MetaKey("final_logit_softcapping", "final_logit_softcapping", "f32"),
     ],
+    "qwen3next": _BASE_META + _GQA_META + _MOE_META + _HEAD_DIM_META + _QWEN3_HYBRID_META,
+    "qwen35moe": _BASE_META + _GQA_META + _MOE_META + _HEAD_DIM_META + _QWEN3_HYBRID_META,
 }
 
 # Keys computed from several attributes (or from rope_parameters); `{arch}.` prefix implied.
@@ -478,6 +545,13 @@ METADATA: dict[str, list[MetaKey]] = {
 #                                   layer_types is not llama.cpp's default (every 6th layer global)
 #     attention.scale             = query_pre_attn_scalar^-1/2, written only when it is not what
 #                                   llama.cpp assumes (gemma3_query_scalar; llama.cpp ignores the key)
+#   qwen3next, qwen35moe (llama.cpp's converter):
+#     ssm.inner_size              = linear_value_head_dim * linear_num_value_heads
+#     full_attention_interval     = config.json's full_attention_interval (absent: 4)
+#     attention.recurrent_layers  = one bool per layer (linear attention), written only when
+#                                   config.json lists layer_types
+#     rope.dimension_sections     = qwen35moe: rope_parameters' mrope_section padded to 4 (absent:
+#                                   [11, 11, 10, 0]); text positions rotate as plain rotary
 #   all:
 #     block_count                 = num_hidden_layers + the MTP blocks the file holds (block_count())
 #     rope.freq_base              = rope_parameters["rope_theta"]
@@ -492,6 +566,9 @@ DERIVED_METADATA = {
     "glm4moe": ["expert_gating_func"],
     "minimax-m2": ["expert_gating_func"],
     "gemma3": ["rope.freq_base_swa", "attention.sliding_window_pattern", "attention.scale"],
+    "qwen3next": ["ssm.inner_size", "full_attention_interval", "attention.recurrent_layers"],
+    "qwen35moe": ["ssm.inner_size", "full_attention_interval", "attention.recurrent_layers",
+                  "rope.dimension_sections"],
     "all": ["rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
             "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
             "rope.scaling.yarn_beta_slow"],

@@ -21,7 +21,10 @@ import numpy as np
 from ktrans.weights import names
 
 # Transforms that only move whole rows (never split a row): valid on quantized row bytes.
-ROW_TRANSFORMS = frozenset({"copy", "gate_up", "rope_q", "rope_k", "flat", "experts_stack", "experts_gate_up"})
+ROW_TRANSFORMS = frozenset({"copy", "gate_up", "rope_q", "rope_k", "flat", "experts_stack", "experts_gate_up",
+                            "qkvz", "v_tiled", "qkv_tiled"})
+# Transforms computing new values (not only moving them): float32 arithmetic on the stored values.
+VALUE_TRANSFORMS = frozenset({"norm_shift", "a_log", "a_log_tiled"})
 
 _STACKED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 
@@ -68,8 +71,17 @@ def hf_shape(transform: str, shapes: list[tuple[int, ...]], config) -> tuple[int
                                 or shapes[0][1] != shapes[1][2]):
         raise ValueError(f"attn_k_b / attn_v_b have shapes {[list(s) for s in shapes]}, "
                          f"expected [nH, r, nope] / [nH, v, r]")
-    if transform in ("copy", "rope_q", "rope_k", "norm_shift"):
+    if transform in ("copy", "rope_q", "rope_k", "norm_shift", "a_log", "a_log_tiled", "v_tiled", "qkv_tiled",
+                     "v_cols_tiled"):
         return tuple(shapes[0])
+    if transform in ("conv", "conv_tiled"):                  # [C, K] -> [C, 1, K]
+        if len(shapes[0]) != 2:
+            raise ValueError(f"ssm_conv1d has shape {list(shapes[0])}, expected [channels, kernel]")
+        return (shapes[0][0], 1, shapes[0][1])
+    if transform == "qkvz":                                  # [2kd + vd, H], [vd, H] -> [2kd + 2vd, H]
+        if len(shapes) != 2 or shapes[0][1:] != shapes[1][1:]:
+            raise ValueError(f"attn_qkv / attn_gate have shapes {[list(x) for x in shapes]}, expected the same width")
+        return (shapes[0][0] + shapes[1][0], *shapes[0][1:])
     if transform == "flat":
         return (1, int(np.prod(shapes[0])))
     if transform == "gate_up":                               # 2 x [E, I, H]

@@ -5,7 +5,11 @@ zero-copy views. Checkpoint names are presented as transformers-5 parameter name
 - per-expert tensors (`mlp.experts.E.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.E.w1`)
   become the fused `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I];
 - FP8 weights with a `weight_scale_inv` [ceil(R/128), ceil(C/128)] are dequantized by tensor();
-  raw() / expert_stack() keep them FP8 and `scale_inv()` gives their block scales.
+  raw() / expert_stack() keep them FP8 and `scale_inv()` gives their block scales;
+- a multimodal checkpoint's language model (Qwen3.5-MoE: `model.language_model.*`) is read as the
+  text model's `model.*`; its vision tower (`model.visual.*`) and multi-token-prediction layers
+  (`mtp.*`, also in Qwen3-Next's checkpoints) are not parameters of the model ktrans runs and are
+  left out.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ktrans.weights.source import _PLAIN_TYPES, RawTensor, TensorInfo, WeightSou
 _DTYPES = {"F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2), "F8_E4M3": ("f8_e4m3", 1)}
 # Checkpoint spellings of the expert projections (Mixtral: w1 = gate, w3 = up, w2 = down).
 _PROJ_ALIASES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+_SKIPPED = ("model.visual.", "mtp.")
 _EXPERT_RE = re.compile(r"^(?P<pre>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight(?P<scale>_scale_inv)?$")
 FP8_BLOCK = 128   # DeepSeek-V3's quantization_config.weight_block_size (both dims)
 
@@ -124,7 +129,9 @@ class SafetensorsSource(WeightSource):
         self._expert_scales: dict[tuple[str, str, int], _Entry] = {}
         for f in _checkpoint_files(self.path):
             for name, entry in _STFile(f).entries.items():
-                self._add(name.replace(".block_sparse_moe.", ".mlp."), entry)
+                if not name.startswith(_SKIPPED):
+                    name = name.replace("model.language_model.", "model.", 1)
+                    self._add(name.replace(".block_sparse_moe.", ".mlp."), entry)
         self._fused = {f"{pre}.{p}": pre for pre in self._experts for p in ("gate_up_proj", "down_proj")}
         self._names = sorted([*self._plain, *self._fused])
         self._cfg = None

@@ -168,6 +168,42 @@ def _minimax_m2(r: GGUFReader, cfg: dict) -> None:
     cfg["rotary_dim"] = int(r.get(f"{a}.rope.dimension_count", head_dim))
 
 
+def _qwen3_hybrid(r: GGUFReader, cfg: dict, model_type: str) -> None:
+    """Qwen3-Next / Qwen3.5-MoE: the MTP blocks a converter may append (counted in block_count, not
+    run), which layers are linear attention (attention.recurrent_layers, else every
+    full_attention_interval-th layer is full attention, as llama.cpp reads them), the DeltaNet's
+    value head size, partial rotary, llama.cpp's always-renormalised top-k; Qwen3.5's M-RoPE
+    sections."""
+    a = r.arch
+    n = cfg["num_hidden_layers"] = cfg["num_hidden_layers"] - int(r.get(f"{a}.nextn_predict_layers", 0))
+    recurrent = r.get(f"{a}.attention.recurrent_layers")
+    if recurrent is not None:
+        if len(recurrent) < n:
+            raise KtransError(f"{r.path}: {a}.attention.recurrent_layers has {len(recurrent)} entries for {n} layers")
+        linear = [bool(x) for x in recurrent[:n]]
+    else:
+        interval = int(r.get(f"{a}.full_attention_interval", 4))
+        if interval < 1:
+            raise KtransError(f"{r.path}: {a}.full_attention_interval = {interval}; expected a period of at least 1")
+        linear = [(i + 1) % interval != 0 for i in range(n)]
+    cfg["layer_types"] = ["linear_attention" if x else "full_attention" for x in linear]
+    heads = cfg.get("linear_num_value_heads") or _need(r, f"{a}.ssm.time_step_rank")
+    cfg["linear_value_head_dim"] = int(_need(r, f"{a}.ssm.inner_size")) // int(heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    factor = int(r.get(f"{a}.rope.dimension_count", head_dim)) / head_dim
+    cfg.update(attention_bias=False, attention_dropout=0.0)
+    if model_type == "qwen3_next":
+        cfg.update(partial_rotary_factor=factor, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+        return
+    cfg.pop("intermediate_size", None)       # (Qwen3.5-MoE has no dense MLP)
+    sections = r.get(f"{a}.rope.dimension_sections")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta"), "partial_rotary_factor": factor,
+                              "mrope_section": [int(x) for x in (sections if sections is not None else [11, 11, 10])[:3]],
+                              "mrope_interleaved": True}
+    if cfg.pop("rope_scaling", None):
+        raise KtransError(f"{r.path}: rope scaling is not read for {a} in single-file mode")
+
+
 # Token texts llama.cpp takes as end of turn when a file names no eot token (it matches them by
 # text): Gemma's, and ChatML's (Kimi-K2's turns end with it, its EOS is [EOS]).
 _EOT_TEXTS = ("<end_of_turn>", "<|im_end|>")
@@ -211,8 +247,8 @@ def _check_against_tensors(r: GGUFReader, cfg: dict) -> None:
     """Sizes from metadata must match the tensors, so a corrupt key cannot make ktrans build a model
     of billions of layers or experts."""
     layers = {int(m[1]) for m in (_BLK.match(n) for n in r.tensors) if m}
-    # NOTE: block_count counts GLM-4.5's MTP blocks, which a converter may have left out.
-    trunk = cfg["num_hidden_layers"] - cfg.get("num_nextn_predict_layers", 0)
+    # NOTE: block_count counts GLM-4.5's (and Qwen3-Next's) MTP blocks, which a converter may have left out.
+    trunk = cfg["num_hidden_layers"] - cfg.get("num_nextn_predict_layers", int(r.get(f"{r.arch}.nextn_predict_layers", 0)))
     if layers and max(layers) + 1 not in (cfg["num_hidden_layers"], trunk):
         raise KtransError(f"{r.path}: GGUF metadata says {cfg['num_hidden_layers']} layers, but the tensors cover "
                           f"blk.0 .. blk.{max(layers)}")
@@ -269,6 +305,8 @@ def config_dict_from_gguf(r: GGUFReader) -> dict:
         _minimax_m2(r, cfg)
     elif model_type == "gemma3_text":
         _gemma3(r, cfg)
+    elif model_type in ("qwen3_next", "qwen3_5_moe_text"):
+        _qwen3_hybrid(r, cfg, model_type)
     elif model_type in ("qwen3_moe", "qwen2_moe"):
         # NOTE: llama.cpp hard-codes the top-k renormalisation per arch: on for qwen3moe, off for qwen2moe.
         cfg.update(norm_topk_prob=model_type == "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[])

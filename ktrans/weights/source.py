@@ -265,8 +265,12 @@ def load_hf_config(model_dir: str):
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise KtransError(f"'{model_dir}' has no config.json (expected an HF model directory)")
+    from ktrans.config.arch import text_model_config
+
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        return text_model_config(AutoConfig.from_pretrained(model_dir))
+    except KtransError:
+        raise
     except Exception as e:  # transformers' validators raise several unrelated exception types
         raise KtransError(f"{path}: not a valid transformers config ({str(e).strip().splitlines()[-1]})") from None
 

@@ -20,6 +20,9 @@ SPACE = "\u2581"   # sentencepiece's visible space
 
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
+# Qwen3.5 (llama.cpp's "qwen35"): Qwen2's split with combining marks kept in letter runs.
+_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
 # o200k (gpt-oss's o200k_harmony, GPT-4o; llama.cpp's "gpt-4o"): cased word pieces with an optional
@@ -86,6 +89,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "gpt-2": PreTokenizer(None),
     "gpt2": PreTokenizer(None),
     "qwen2": PreTokenizer((_QWEN2,), nfc=True),
+    "qwen35": PreTokenizer((_QWEN35,), nfc=True),
     "llama-bpe": PreTokenizer((_LLAMA3,), ignore_merges=True),
     "llama3": PreTokenizer((_LLAMA3,), ignore_merges=True),
     "deepseek-v3": PreTokenizer(tuple(_DEEPSEEK_V3)),

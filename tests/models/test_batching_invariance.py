@@ -3,7 +3,9 @@ alone, in one batch with three other prompts of different lengths, with chunked 
 small (chunk 16), squeezed by a KV pool so small that requests get preempted and recomputed, or
 starting from prefix-cache pages another request computed. Run on tiny random models (MLA and
 GQA attention, gpt-oss's sliding layers and sinks, GLM-4.5's partial rotary, Gemma 3's local
-and global layers) through the real ModelRunner."""
+and global layers, Qwen3-Next's and Qwen3.5-MoE's Gated DeltaNet layers, whose recurrent state
+follows each request through chunks and preemptions in its state slot; the prefix cache is off
+for them) through the real ModelRunner."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe", "gpt_oss", "glm4_moe", "minimax_m2", "gemma3"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe", "gpt_oss", "glm4_moe", "minimax_m2", "gemma3",
+                                        "qwen3_next", "qwen3_5_moe"])
 def saved(request, tmp_path_factory):
     arch = request.param
     config, model = tiny_hf_model(arch)
@@ -56,6 +59,8 @@ def _generate(runner, prompts, *, batch: int, chunk: int, engine=None) -> tuple[
             tokens[out.request_id] += out.new_token_ids
     stats = engine.stats()
     assert stats["kv_pages_used"] == 0, "pages leaked"
+    if engine.states is not None:
+        assert engine.states.num_free == engine.states.num_slots, "recurrent-state slots leaked"
     return [tokens[str(i)] for i in range(len(prompts))], stats
 
 
@@ -97,11 +102,13 @@ def test_prefix_cache_hits_give_the_same_greedy_tokens(saved):
     engine = LLMEngine(runner, max_batch_size=1, chunk_size=256)
     assert _generate(runner, [base], batch=1, chunk=256, engine=engine)[0][0] == first
     cached = []
-    for p, expect_cached in zip(prompts, (48, 32, 48)):
+    # NOTE: no page is reused where a model keeps a recurrent state (its pages carry none).
+    hybrid = engine.states is not None
+    for p, expect_cached in zip(prompts, (0, 0, 0) if hybrid else (48, 32, 48)):
         before = engine.stats()["prefix_cached_tokens"]
         cached.append(_generate(runner, [p], batch=1, chunk=256, engine=engine)[0][0])
         assert engine.stats()["prefix_cached_tokens"] - before == expect_cached
     assert cached == fresh
     engine.add_request("again", base, SamplingParams(temperature=0, max_new_tokens=2))
     outs = [o for _ in range(3) for o in engine.step()]
-    assert outs[-1].finished and outs[-1].num_cached_tokens == 48     # reported with the output
+    assert outs[-1].finished and outs[-1].num_cached_tokens == (0 if hybrid else 48)  # reported with the output

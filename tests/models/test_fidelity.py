@@ -14,6 +14,8 @@ stay within QUANT_LOGITS_NMSE of transformers on the dequantized values.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import transformers
@@ -27,10 +29,12 @@ from tests.tolerances import (BF16_LOGITS_NMSE, BF16_VS_HF_BF16, FIDELITY_F32_AT
                               FIDELITY_F32_RTOL, QUANT_LOGITS_NMSE, ROUTING_LOGIT_DRIFT)
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
-         "minimax_m2", "gemma3"]
+         "minimax_m2", "gemma3", "qwen3_next", "qwen3_5_moe"]
 MOE_CLASS = {"deepseek_v3": "DeepseekV3MoE", "deepseek_v2": "DeepseekV2Moe", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
              "qwen2_moe": "Qwen2MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "gpt_oss": "GptOssMLP",
-             "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock"}
+             "glm4_moe": "Glm4MoeMoE", "minimax_m2": "MiniMaxM2SparseMoeBlock",
+             "qwen3_next": "Qwen3NextSparseMoeBlock", "qwen3_5_moe": "Qwen3_5MoeSparseMoeBlock"}
+HYBRID = ("qwen3_next", "qwen3_5_moe")      # Gated DeltaNet layers beside the attention layers
 NEW_TOKENS = 32
 
 
@@ -40,6 +44,8 @@ def rules_for(arch: str) -> str:
     text = f"- match: {{name: '\\.self_attn$'}}\n  replace: {{class: {attn}}}\n  recursive: false\n"
     if arch in MOE_CLASS:
         text += f"- match: {{name: '\\.mlp$', class: {MOE_CLASS[arch]}}}\n  replace: {{class: moe_block}}\n"
+    if arch in HYBRID:
+        text += "- match: {name: '\\.linear_attn$'}\n  replace: {class: gated_deltanet}\n  recursive: false\n"
     return text
 
 
@@ -58,12 +64,23 @@ def _runner(out, page_size=4):
                        cache_lens=256, page_size=page_size, progress=False)
 
 
+_STEPS = itertools.count()
+
+
+def state_rows() -> torch.Tensor:
+    """The one request's recurrent-state rows for its next step (models with linear-attention
+    layers; ignored by the others): read the row the previous step wrote, write the other, as the
+    engine's commit alternates them (a CUDA-graph step runs twice when it is captured)."""
+    k = next(_STEPS) % 2
+    return torch.tensor([[k, 1 - k]])
+
+
 def _one(runner, ids, num_computed, pages):
     """One step of one request: ids are its new tokens; returns logits of the last."""
     n = len(ids)
     batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(num_computed, num_computed + n),
                          seq_ids=[0], num_computed=[num_computed], num_new=[n], page_table=pages[None],
-                         logits_indices=torch.tensor([n - 1]))
+                         logits_indices=torch.tensor([n - 1]), state_rows=state_rows())
     return runner.execute(batch)[0]
 
 
@@ -85,6 +102,26 @@ def _greedy_matches(runner, model, arch):
 def test_greedy_generation_identical_to_transformers(saved):
     arch, model, out = saved
     _greedy_matches(_runner(out), model, arch)
+
+
+def test_qwen3_5_moe_multimodal_checkpoint_runs_its_text_model(tmp_path):
+    """A Qwen3.5-MoE checkpoint as released (Qwen3_5MoeForConditionalGeneration: its text model under
+    text_config and model.language_model.*, a vision tower beside it): ktrans reads the text model
+    and generates what that text model generates; the vision weights are left unread."""
+    config, text = tiny_hf_model("qwen3_5_moe")
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=config.hidden_size,
+                  patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16)
+    model = transformers.Qwen3_5MoeForConditionalGeneration(
+        transformers.Qwen3_5MoeConfig(text_config=config.to_dict(), vision_config=vision)).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    model.save_pretrained(tmp_path)
+    (tmp_path / "rules.yaml").write_text(rules_for("qwen3_5_moe"))
+    runner = _runner(tmp_path)
+    assert runner.config.model_type == "qwen3_5_moe_text"
+    assert any(n.startswith("model.layers.0.") for n in runner.weights.names())
+    assert not any("visual" in n or "language_model" in n for n in runner.weights.names())
+    _greedy_matches(runner, text, "qwen3_5_moe")
 
 
 def _gguf_runner(out, rules=None, fused_decode=True):
@@ -118,7 +155,8 @@ def _token_nmse(runner, model, floor_model=None, prompt=20, decode=4):
     with force_reference_routing(runner.model, routing, lambda: step, flips, drift, routed):
         step[:] = rows[:prompt]
         batch = ForwardBatch(input_ids=ids[:prompt], positions=torch.arange(prompt), seq_ids=[0], num_computed=[0],
-                             num_new=[prompt], page_table=pages[None], logits_indices=torch.arange(prompt))
+                             num_new=[prompt], page_table=pages[None], logits_indices=torch.arange(prompt),
+                             state_rows=state_rows())
         out = [runner.execute(batch).cpu()]
         for n in range(prompt, prompt + decode):
             step[:] = rows[n:n + 1]
@@ -169,10 +207,12 @@ def test_gguf_quantized_exact_operators_and_close_kernels(tiny_model, tmp_path, 
                                                  f"(bound {QUANT_LOGITS_NMSE:.0e}); flips {flips}, all {errors}")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3", "qwen3_next", "qwen3_5_moe"])
 def test_single_file_gguf_needs_no_model_path(tiny_model, arch):
     """--gguf_path FILE alone: config and tokenizer come from the GGUF metadata (Gemma 3: its
-    local layers, both rope bases and the global layers' scaling, the attention scale)."""
+    local layers, both rope bases and the global layers' scaling, the attention scale; Qwen3-Next
+    and Qwen3.5: which layers are linear attention, the DeltaNet's head sizes, partial rotary,
+    Qwen3.5's M-RoPE sections)."""
     out = tiny_model(arch, "f32")
     runner = ModelRunner(gguf_path=str(out / "model.gguf"), device="cpu", cache_lens=128, page_size=16,
                          progress=False)
@@ -197,17 +237,35 @@ SPLIT_LAYER0_RULES = """  - match: {name: '^model\\.layers\\.0\\.self_attn$'}
 """
 
 
+SPLIT_LINEAR_RULES = """  - match: {name: '^model\\.layers\\.\\d+\\.linear_attn$'}
+    replace: {class: gated_deltanet}
+    recursive: false
+"""
+
+
 def _split_rules(out, default_device: str) -> str:
     """The split rule file for this model: its attention operator, and the experts rule only
-    where the model has experts (a rule that places nothing is an error)."""
+    where the model has experts (a rule that places nothing is an error); a hybrid's layer 0 is a
+    linear-attention layer, placed with gated_deltanet on the CPU (which keeps its state in the
+    cache), as are its other linear layers on the default device."""
     ref = _reference(out)
     attn = "mla_attention" if ref.config.model_type.startswith("deepseek") else "gqa_attention"
     moe = any(n.endswith("mlp.experts") for n, _ in ref.named_modules())
-    return (f"default_device: {default_device}\nrules:\n" + (SPLIT_EXPERTS_RULE if moe else "")
-            + SPLIT_LAYER0_RULES.replace("ATTN", attn))
+    layer0 = SPLIT_LAYER0_RULES.replace("ATTN", attn)
+    if ref.config.model_type in ("qwen3_next", "qwen3_5_moe_text"):
+        layer0 = layer0.replace("layers\\.0\\.self_attn$'}\n    replace: {class: gqa_attention, device: cpu}",
+                                "layers\\.0\\.linear_attn$'}\n    replace: {class: gated_deltanet, device: cpu}")
+        assert "layers\\.0\\.linear_attn" in layer0
+        layer0 += SPLIT_LINEAR_RULES
+    return f"default_device: {default_device}\nrules:\n" + (SPLIT_EXPERTS_RULE if moe else "") + layer0
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2", "gemma3"])
+def _cache_on(kv, i: int):
+    """The device of layer i's cache: its KV pages, or a linear layer's state rows."""
+    return (kv.layers[i] or kv.state(i))[0].device
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "minimax_m2", "gemma3", "qwen3_next"])
 def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, arch):
     """The split rules with every device the CPU: layer 0 stays transformers' own modules (`class:
     default`, its MoE routed by transformers' router), the other layers ktrans's operators. The
@@ -227,7 +285,8 @@ def test_split_rules_keep_transformers_layers_on_the_cpu(tiny_model, tmp_path, a
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,split", [("deepseek_v3", False), ("qwen3_moe", False), ("qwen2", False),
                                         ("qwen3_moe", True), ("deepseek_v2", True), ("glm4_moe", False),
-                                        ("minimax_m2", True), ("gemma3", False), ("gemma3", True)])
+                                        ("minimax_m2", True), ("gemma3", False), ("gemma3", True),
+                                        ("qwen3_next", False), ("qwen3_next", True), ("qwen3_5_moe", False)])
 def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
     """--device cuda with the shipped rules (attention, KV cache, router and shared experts in
     bf16 on the GPU, routed experts on the CPU, stream-ordered), or with layer 0 on the CPU: logits
@@ -240,7 +299,7 @@ def test_cuda_rules_close_to_transformers(tiny_model, tmp_path, arch, split):
         rules.write_text(_split_rules(out, "cuda"))
     runner = ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cuda",
                          optimize_config_path=rules and str(rules), cache_lens=256, page_size=16, progress=False)
-    assert runner.kv.layers[-1][0].is_cuda and runner.kv.layers[0][0].is_cuda != split
+    assert _cache_on(runner.kv, -1).type == "cuda" and (_cache_on(runner.kv, 0).type == "cuda") != split
     errors, flips, drift = _token_nmse(runner, _reference(out), _reference(out).to("cuda", torch.bfloat16))
     _near_ties_only(flips, drift)
     assert all(ours < max(BF16_LOGITS_NMSE, BF16_VS_HF_BF16 * hf) for ours, hf in errors), errors

@@ -38,7 +38,8 @@ from ktrans.engine.model_runner import ModelRunner
 from ktrans.operators.moe_block import MoEBlock
 from tests.tolerances import LLAMA_CPP_LOGPROB_ATOL, LLAMA_CPP_ROUTER_TIE, LLAMA_CPP_TIE
 
-ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2", "gemma3"]
+ARCHS = ["gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe", "minimax_m2", "gemma3",
+         "qwen3_next", "qwen3_5_moe"]
 NEW_TOKENS = 24
 TEXT = "Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  你好，世界 🚀 don't"
 # Kimi-K2's split keeps Han runs apart from kana, hangul and Latin letters
@@ -235,7 +236,8 @@ def _our_greedy(runner: ModelRunner, prompt: list[int], n: int):
             done = len(ids) - len(new)
             batch = ForwardBatch(input_ids=torch.tensor(new), positions=torch.arange(done, len(ids)), seq_ids=[0],
                                  num_computed=[done], num_new=[len(new)], page_table=pages,
-                                 logits_indices=torch.tensor([len(new) - 1]))
+                                 logits_indices=torch.tensor([len(new) - 1]),
+                                 state_rows=torch.tensor([[0, 0]]))     # (recurrent layers: in place)
             gaps.append(float("inf"))
             logp = runner.execute(batch)[0].double().log_softmax(-1)
             logps.append(logp)

@@ -63,6 +63,24 @@ CONFIGS = {
         **(_COMMON | {"tie_word_embeddings": True}), num_key_value_heads=2, head_dim=16, intermediate_size=96,
         query_pre_attn_scalar=24, sliding_window=3, sliding_window_pattern=2, rope_theta=10000.0,
         rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, final_logit_softcapping=30.0),
+    # Qwen3-Next: layer 0 Gated DeltaNet (2 key heads of 8 serving 4 value heads of 12, a 4-tap
+    # conv), layer 1 gated full attention with rotary on a quarter of each head; (1 + w) norms; MoE
+    # with a sigmoid-gated shared expert in both layers.
+    "qwen3_next": lambda: transformers.Qwen3NextConfig(
+        **_COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+        linear_conv_kernel_dim=4, full_attention_interval=2, bos_token_id=1, eos_token_id=2),
+    # Qwen3.5-MoE's text model: the same layer kinds with separate q/k/v, z, b and a projections in
+    # its DeltaNet layers, always-renormalised routing, interleaved M-RoPE (text positions: plain
+    # rotary on a quarter of each head).
+    "qwen3_5_moe": lambda: transformers.Qwen3_5MoeTextConfig(
+        **_COMMON, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        num_experts=8, num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4, full_attention_interval=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+        bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -73,12 +91,14 @@ def tiny_hf_model(arch: str, seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     model = getattr(transformers, arch_from_config(config).hf_class)(config).eval()
-    # NOTE: norms around 1, or around 0 where the norm scales by (1 + w) (Gemma 3).
+    # NOTE: norms around 1, or around 0 where the norm scales by (1 + w) (Gemma 3, Qwen3-Next;
+    # not the Gated DeltaNet's output norm, which scales by w).
     centre = 0.0 if offset_norms(config) else 1.0
     with torch.no_grad():  # HF zero-inits some tensors (routing bias); make every weight matter
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if "inv_freq" not in name and "embed_scale" not in name and t.is_floating_point():
-                t.copy_(torch.randn_like(t) * _init_scale(name) + (centre if "norm" in name else 0.0))
+                mean = (1.0 if name.endswith("linear_attn.norm.weight") else centre) if "norm" in name else 0.0
+                t.copy_(torch.randn_like(t) * _init_scale(name) + mean)
     return config, model
 
 

@@ -3,7 +3,9 @@ same random weights: packed requests, chunked prefill and decode steps over the 
 must reproduce each request's full-sequence HF output (gpt-oss: its sliding layer too, whose
 window the KV cache's layer kind gives, and its attention sinks; GLM-4.5: rotary on half of each
 head, q/k norms, q/k/v biases; MiniMax-M2: q/k norms over all heads; Gemma 3: its local layer's
-window and rope base, the global layer's scaled rope, (1 + w) q/k norms, query_pre_attn_scalar)."""
+window and rope base, the global layer's scaled rope, (1 + w) q/k norms, query_pre_attn_scalar;
+Qwen3-Next and Qwen3.5-MoE: the sigmoid output gate q_proj carries beside each head's query,
+(1 + w) q/k norms, rotary on a quarter of each head)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "gpt_oss", "glm4_moe",
-         "minimax_m2", "gemma3"]
+         "minimax_m2", "gemma3", "qwen3_next", "qwen3_5_moe"]
 PAGE = 4
 # Each request's tokens, split into the chunks scheduled at each of three steps (0 = idle).
 SCHEDULE = {0: [5, 1, 1], 1: [3, 4, 1], 2: [0, 6, 2]}

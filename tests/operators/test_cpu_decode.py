@@ -224,6 +224,16 @@ def test_declines_by_name(tiny_model):
     assert all(w in cpu_decode.why_not for w in ("gemma3:", "gelu", "not SiLU or GELU (tanh)")), cpu_decode.why_not
 
 
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
+def test_declines_recurrent_layers_by_name(tiny_model, arch):
+    """Qwen3-Next's and Qwen3.5's linear-attention layers keep a recurrent state the fused step has
+    no place for: the model is declined with that reason named (its decode steps run the module
+    path, held to transformers by tests/models/test_fidelity.py)."""
+    assert _runner(tiny_model(arch, "f32", with_safetensors=False), True).cpu_step is None
+    assert all(w in cpu_decode.why_not for w in (f"{arch}:", "linear-attention (Gated DeltaNet) layers keep a "
+                                                 "recurrent state")), cpu_decode.why_not
+
+
 def test_bad_steps_are_named(tiny_model):
     d = tiny_model("qwen2", "f32", with_safetensors=False)
     runner = _runner(d, True)

@@ -15,6 +15,7 @@ from ktrans.engine.batch import ForwardBatch, forward_context
 from ktrans.kv_cache.storage import KVStorage
 from ktrans.operators.attention_gqa import GQAAttention
 from ktrans.operators.attention_mla import MLAAttention
+from ktrans.operators.gated_deltanet import GatedDeltaNet
 from ktrans.operators.model import forward_packed
 from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
@@ -22,7 +23,7 @@ from tests.routing import Reference, force_reference_routing, force_reference_ro
 from tests.tolerances import BF16_LOGITS_NMSE, BF16_VS_HF_BF16, ROUTING_LOGIT_DRIFT
 
 ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "llama", "glm4_moe",
-         "minimax_m2", "gemma3"]
+         "minimax_m2", "gemma3", "qwen3_next", "qwen3_5_moe"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -31,6 +32,11 @@ def _placed(model, config, device):
     ours = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16)
     source = model_source(model)
     for i, layer in enumerate(ours.model.layers):
+        if hasattr(layer, "linear_attn"):          # Qwen3-Next / Qwen3.5: Gated DeltaNet in bf16 (state in f32)
+            layer.linear_attn = GatedDeltaNet(key=f"model.layers.{i}.linear_attn", orig_module=layer.linear_attn,
+                                              config=config, device=device, dtype="bf16")
+            layer.linear_attn.load_weights(source)
+            continue
         cls = MLAAttention if config.model_type.startswith("deepseek") else GQAAttention
         layer.self_attn = cls(key=f"model.layers.{i}.self_attn", orig_module=layer.self_attn, config=config,
                               device=device, dtype="bf16")
@@ -52,6 +58,7 @@ def _token_errors(arch, device):
     config, model = tiny_hf_model(arch)
     ours = _placed(model, config, device)
     kv = KVStorage.for_config(config, num_pages=8, page_size=8, dtype=torch.bfloat16, device=device)
+    kv.reserve_states(2)
     ids = [torch.randint(0, config.vocab_size, (12,)), torch.randint(0, config.vocab_size, (5,))]
     hf_bf16 = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16)
     ref_routing = Reference(config)
@@ -72,13 +79,18 @@ def _token_errors(arch, device):
             batch = ForwardBatch(input_ids=torch.cat([ids[r][done[r]:done[r] + new[r]] for r in range(2)]),
                                  positions=torch.cat([torch.arange(done[r], done[r] + new[r]) for r in range(2)]),
                                  seq_ids=[0, 1], num_computed=done, num_new=new, page_table=pages,
-                                 logits_indices=torch.arange(sum(new)))
+                                 logits_indices=torch.arange(sum(new)), state_rows=torch.tensor([[0, 0], [1, 1]]))
             with forward_context(batch, kv) as ctx, torch.no_grad():
                 logits = forward_packed(ours, ours.model.rotary_emb, ctx)
             assert logits.dtype == torch.float32 and logits.device.type == device
             for (r, pos), row in zip(step_rows, logits.cpu()):
                 errors.append((_nmse(row, ref[r][pos]), _nmse(floor[r][pos], ref[r][pos])))
-    assert kv.layers[0][0].device.type == device and kv.layers[0][0].dtype == torch.bfloat16
+    first = next(lay for lay in kv.layers if lay)                 # (a hybrid's layer 0 holds a state, no pages)
+    assert first[0].device.type == device and first[0].dtype == torch.bfloat16
+    for i in kv.recurrent_layers:
+        conv, rec = kv.state(i)
+        assert (conv.device.type, conv.dtype) == (device, torch.bfloat16)
+        assert (rec.device.type, rec.dtype) == (device, torch.float32)
     return errors, flips, drift[0]
 
 

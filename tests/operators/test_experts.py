@@ -19,7 +19,8 @@ from ktrans.weights.source import RawTensor
 from tests.operators.hf_tiny import StateDictSource, model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL, MOE_NMSE, MOE_PACKED_NMSE, MOE_REFERENCE_NMSE
 
-ARCHS = ["deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2"]
+ARCHS = ["deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2", "qwen3_next",
+         "qwen3_5_moe"]
 KEY = "model.layers.1.mlp.experts"
 
 

@@ -34,7 +34,7 @@ def _split(e: int) -> list:
     return [[int(torch.randint(e, ()))], third, list(range(1, e)), "all"]
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2", "qwen3_next"])
 def test_split_equals_all_cpu(arch):
     """(gpt-oss: both parts with its clamped SwiGLU and expert biases.)"""
     config, model = tiny_hf_model(arch)

@@ -1,5 +1,5 @@
 """The all-CPU operators that keep GGUF weights as stored (cpu_linear, cpu_embedding,
-cpu_gqa_attention, cpu_mla_attention) on gen-model's tiny quantized models: each against its
+cpu_gqa_attention, cpu_mla_attention, cpu_gated_deltanet) on gen-model's tiny quantized models: each against its
 plain-torch oracle on the gguf-py-dequantized weights, loading without copying, the byte plan,
 and whole models under the shipped all-CPU rules against the same model with every dense weight
 dequantized to f32 (the previous all-CPU placement)."""
@@ -14,10 +14,14 @@ from ktrans.engine.batch import ForwardBatch
 from ktrans.engine.model_runner import ModelRunner, default_rule_file
 from ktrans.errors import KtransError
 from ktrans.operators.linear_cpu import CPUEmbedding, CPULinear
+from ktrans.weights import names, names_legacy
 from tests.routing import Reference, force_reference_routing
-from tests.tolerances import QUANT_LOGITS_NMSE, QUANT_LOGITS_NMSE_POST_NORM, ROUTING_LOGIT_DRIFT, VEC_DOT_NMSE
+from tests.tolerances import (QUANT_LOGITS_NMSE, QUANT_LOGITS_NMSE_DELTANET, QUANT_LOGITS_NMSE_POST_NORM,
+                              ROUTING_LOGIT_DRIFT, VEC_DOT_NMSE)
 
-ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2", "gemma3"]
+ARCHS = ["qwen2", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2", "gemma3", "qwen3_next",
+         "qwen3_5_moe"]
+STATE = torch.tensor([[0, 0]])     # the one request's recurrent-state rows (hybrids), updated in place
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -39,13 +43,13 @@ def _logits(runner, ids: list[int], step_rows: list | None = None) -> torch.Tens
         step_rows[:] = [(0, i) for i in range(n)]
     rows = [runner.execute(ForwardBatch(input_ids=torch.tensor(ids[:n]), positions=torch.arange(n), seq_ids=[0],
                                         num_computed=[0], num_new=[n], page_table=pages[None],
-                                        logits_indices=torch.arange(n)))]
+                                        logits_indices=torch.arange(n), state_rows=STATE))]
     for p in range(n, len(ids)):
         if step_rows is not None:
             step_rows[:] = [(0, p)]
         rows.append(runner.execute(ForwardBatch(input_ids=torch.tensor([ids[p]]), positions=torch.tensor([p]),
                                                 seq_ids=[0], num_computed=[p], num_new=[1], page_table=pages[None],
-                                                logits_indices=torch.tensor([0]))))
+                                                logits_indices=torch.tensor([0]), state_rows=STATE)))
     return torch.cat(rows)
 
 
@@ -66,9 +70,24 @@ def test_shipped_cpu_rules_keep_weights_as_stored_and_match_oracles(tiny_model, 
     emb = runner.model.model.embed_tokens
     ids = torch.randint(0, runner.config.vocab_size, (7,))
     assert torch.equal(emb(ids), emb.forward_native(ids))
-    attn = runner.model.model.layers[0].self_attn
+    layers = runner.model.model.layers
+    attn = next(layer.self_attn for layer in layers if hasattr(layer, "self_attn"))
     assert attn.name == ("cpu_mla_attention" if arch.startswith("deepseek") else "cpu_gqa_attention")
+    linear = [layer.linear_attn for layer in layers if hasattr(layer, "linear_attn")]
+    assert all(m.name == "cpu_gated_deltanet" for m in linear)
+    assert bool(linear) == (arch in ("qwen3_next", "qwen3_5_moe"))
     assert all(np.shares_memory(q.raw.data, mapping) for q in attn.qproj.values() if q.raw.qtype != "f32")
+    transform = {hf: (g, tr) for hf, g, tr in names.expand(runner.config, runner.weights.arch)}
+    for op in linear:
+        for proj, q in op.qproj.items():
+            gnames, tr = transform[f"{op.key}.{proj}.weight"]
+            stored = {runner.weights.reader.tensors[g].qtype for g in gnames}
+            if tr == "copy":                            # as stored, from the file mapping
+                assert np.shares_memory(q.raw.data, mapping) or q.raw.qtype == "f32", (op.key, proj)
+            elif tr in names_legacy.ROW_TRANSFORMS and len(stored) == 1:
+                assert {q.raw.qtype} == stored, (op.key, proj)      # whole quant rows moved (qkvz, v_tiled)
+            else:                                       # columns reordered (Qwen3.5's out_proj): f32
+                assert q.raw.qtype == "f32" and tr == "v_cols_tiled", (op.key, proj, tr)
     planned = sum(runner.plan.bytes_per_device().values())
     assert planned < 1.5 * (d / "model.gguf").stat().st_size      # no f32 copies of the dense weights
 
@@ -99,7 +118,8 @@ def test_whole_model_close_to_the_dequantized_f32_placement(tiny_model, tmp_path
     assert drift[0] < ROUTING_LOGIT_DRIFT, drift
     assert all(f.gap <= f.drift for f in flips), flips
     errors = [nmse(a[i], b[i]) for i in range(len(ids))]
-    bound = QUANT_LOGITS_NMSE_POST_NORM if arch == "gemma3" else QUANT_LOGITS_NMSE
+    bound = {"gemma3": QUANT_LOGITS_NMSE_POST_NORM, "qwen3_next": QUANT_LOGITS_NMSE_DELTANET,
+             "qwen3_5_moe": QUANT_LOGITS_NMSE_DELTANET}.get(arch, QUANT_LOGITS_NMSE)
     assert max(errors) < bound, errors
 
 

@@ -11,7 +11,8 @@ from ktrans.operators.moe_block import MoEBlock
 from tests.operators.hf_tiny import model_source, tiny_hf_model
 from tests.tolerances import F32_ATOL, F32_RTOL
 
-MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2"]
+MOE_ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2",
+             "qwen3_next", "qwen3_5_moe"]
 
 
 def _hf_route(arch, mlp, x, bias=None):

@@ -54,3 +54,39 @@ def test_token_id_outside_vocab_is_a_ktrans_error(tiny_model):
                          logits_indices=torch.tensor([1]))
     with pytest.raises(KtransError, match=f"token ids must lie in \\[0, {vocab}\\)"):
         runner.execute(batch)
+
+
+@pytest.mark.parametrize("arch,cut", [("qwen3_next", "blk.2.ssm_a"), ("qwen3_next", "blk.0.attn_gate.weight"),
+                                      ("qwen3_5_moe", "blk.0.ssm_conv1d.weight"),
+                                      ("qwen3_5_moe", "blk.2.ssm_alpha.weight")])
+def test_gguf_missing_a_deltanet_tensor_is_named(tiny_model, tmp_path, arch, cut):
+    """A Qwen3-Next / Qwen3.5 file without one of a linear-attention layer's tensors: one error
+    naming the parameter and the GGUF tensor it needs."""
+    import gguf
+    import numpy as np
+
+    from tests.unit.gguf_testutil import write_gguf
+
+    out = tiny_model(arch, "f32")
+    r = gguf.GGUFReader(str(out / "model.gguf"))
+    keep = {t.name: np.asarray(t.data).reshape(tuple(int(d) for d in reversed(t.shape))) for t in r.tensors
+            if t.name != cut}
+    assert len(keep) == len(r.tensors) - 1
+    a = r.fields["general.architecture"].contents()
+    path = write_gguf(tmp_path / "cut.gguf", keep, arch=a, metadata={f"{a}.block_count": 4})
+    with pytest.raises(KtransError, match=rf"cut.gguf: parameter 'model\.layers\.\d\.linear_attn\.\w+(\.weight)?' "
+                                          rf"needs GGUF tensor\(s\) {cut.replace('.', chr(92) + '.')}, which the file"):
+        ModelRunner(model_path=str(out), gguf_path=str(path), device="cpu", cache_lens=64, page_size=16,
+                    progress=False)
+
+
+def test_linear_attention_left_to_transformers_is_refused(tiny_model, tmp_path):
+    """transformers' own Gated DeltaNet module starts every call from zero state: a rule file that
+    keeps it is refused, naming the layer and the operator to use."""
+    out = tiny_model("qwen3_next", "f32")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- match: {name: '\\.self_attn$'}\n  replace: {class: gqa_attention}\n  recursive: false\n")
+    with pytest.raises(KtransError, match=r"model.layers.0.linear_attn is Qwen3NextGatedDeltaNet, which keeps no "
+                                          r"recurrent state between engine steps; .*\{class: gated_deltanet\}"):
+        ModelRunner(model_path=str(out), gguf_path=str(out / "model.gguf"), device="cpu",
+                    optimize_config_path=str(rules), cache_lens=64, page_size=16, progress=False)

@@ -19,7 +19,8 @@ from ktrans.rules.files import shipped_rules
 from ktrans.rules.schema import load_rules
 from ktrans.weights.source import open_weights
 
-MOE = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2"]
+MOE = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm4_moe", "minimax_m2",
+       "qwen3_next", "qwen3_5_moe"]
 
 
 def _gguf(tiny_model, arch):
@@ -39,7 +40,8 @@ def _logits(runner, ids):
 
     pages = torch.arange(runner.num_pages, dtype=torch.int32)
     batch = ForwardBatch(input_ids=ids, positions=torch.arange(len(ids)), seq_ids=[0], num_computed=[0],
-                         num_new=[len(ids)], page_table=pages[None], logits_indices=torch.arange(len(ids)))
+                         num_new=[len(ids)], page_table=pages[None], logits_indices=torch.arange(len(ids)),
+                         state_rows=torch.tensor([[0, 1]]))        # (models with recurrent layers)
     return runner.execute(batch)
 
 

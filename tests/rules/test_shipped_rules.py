@@ -26,6 +26,9 @@ _COMMON = dict(vocab_size=96, hidden_size=64, num_attention_heads=4, max_positio
 _DEEPSEEK = dict(_COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
                  num_experts_per_tok=2, n_shared_experts=1, num_key_value_heads=4, kv_lora_rank=16,
                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+_HYBRID = dict(num_hidden_layers=8, full_attention_interval=2, num_key_value_heads=2, head_dim=16,
+               moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 CONFIGS = {
     "deepseek_v3": lambda: transformers.DeepseekV3Config(**_DEEPSEEK, num_hidden_layers=8, first_k_dense_replace=3,
                                                          q_lora_rank=32, n_group=2, topk_group=1),
@@ -55,6 +58,9 @@ CONFIGS = {
                                                        head_dim=16, rotary_dim=8, bos_token_id=1, eos_token_id=2),
     "gemma3": lambda: transformers.Gemma3TextConfig(**_COMMON, intermediate_size=96, num_hidden_layers=6,
                                                     num_key_value_heads=2, head_dim=16, sliding_window=4),
+    # hybrids: linear and full attention layers in both halves of the 2-GPU split
+    "qwen3_next": lambda: transformers.Qwen3NextConfig(**_COMMON, **_HYBRID, intermediate_size=96),
+    "qwen3_5_moe": lambda: transformers.Qwen3_5MoeTextConfig(**_COMMON, **_HYBRID),
 }
 SHIPPED = [(p.stem.split("-", 1)[0], p.stem.split("-", 1)[1] if "-" in p.stem else "") for p in list_shipped()]
 
@@ -83,9 +89,12 @@ def test_shipped_file_plans(arch, variant):
         ops.setdefault(e.op, []).append(e)
     n, moe = config.num_hidden_layers, _moe_layers(config)
     attention = "mla_attention" if ARCHS[arch].mla else "gqa_attention"
+    linear = f"{'cpu_' if variant == 'cpu' else ''}gated_deltanet"     # hybrids' linear-attention layers
     if variant == "cpu":  # all-CPU files keep the projections as stored (attention_cpu.py)
         attention = f"cpu_{attention}"
-    assert len(ops[attention]) == n
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * n
+    assert len(ops[attention]) == kinds.count("full_attention") + kinds.count("sliding_attention")
+    assert len(ops.get(linear, [])) == kinds.count("linear_attention")
     assert len(ops.get("moe_block", [])) == len(moe)
     experts = ops.get("cpu_experts", []) + ops.get("hybrid_experts", [])
     assert sorted(int(e.path.split(".")[2]) for e in experts) == moe

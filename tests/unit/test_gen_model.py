@@ -225,6 +225,22 @@ _Q4_K_M = {
         "nextn.enorm": [None, None, None, "f32"], "nextn.hnorm": [None, None, None, "f32"],
         "nextn.shared_head_norm": [None, None, None, "f32"],
     },
+    # 4 layers (linear, full, linear, full), 8 experts: attn_qkv is an attn_v to llama.cpp (q8_0
+    # with 8 experts); the DeltaNet's other matrices q4_k, its conv kernel and small tensors f32
+    "qwen3_next": {
+        "attn_qkv": ["q8_0", None, "q8_0", None], "attn_gate": ["q4_k", None, "q4_k", None],
+        "ssm_ba": ["q4_k", None, "q4_k", None], "ssm_out": ["q4_k", None, "q4_k", None],
+        "ssm_conv1d": ["f32", None, "f32", None], "ssm_norm": ["f32", None, "f32", None],
+        "ssm_dt.bias": ["f32", None, "f32", None], "ssm_a": ["f32", None, "f32", None],
+        "attn_q": [None, "q4_k", None, "q4_k"], "attn_k": [None, "q8_0", None, "q8_0"],
+        "attn_v": [None, "q8_0", None, "q8_0"], "attn_output": [None, "q5_k", None, "q5_k"],
+        "attn_q_norm": [None, "f32", None, "f32"], "attn_k_norm": [None, "f32", None, "f32"],
+        "attn_norm": ["f32"] * 4, "post_attention_norm": ["f32"] * 4, "ffn_gate_inp": ["f32"] * 4,
+        "ffn_gate_exps": ["q4_k"] * 4, "ffn_up_exps": ["q4_k"] * 4, "ffn_down_exps": ["q4_k", "q4_k", "q6_k", "q6_k"],
+        "ffn_gate_shexp": ["q4_k"] * 4, "ffn_up_shexp": ["q4_k"] * 4,
+        "ffn_down_shexp": ["q4_k", "q4_k", "q6_k", "q6_k"],
+        "ffn_gate_inp_shexp": ["f32"] * 4,
+    },
     "qwen2": {                                                  # 2 layers, dense
         "attn_q": ["q4_k"] * 2, "attn_k": ["q4_k"] * 2, "attn_v": ["q4_k", "q6_k"], "attn_output": ["q4_k"] * 2,
         "attn_q.bias": ["f32"] * 2, "attn_k.bias": ["f32"] * 2, "attn_v.bias": ["f32"] * 2,
@@ -237,7 +253,7 @@ _Q4_K_M = {
 def _expected_q4_k_m(arch: str) -> dict[str, str]:
     want = {"token_embd.weight": "q4_k", "output.weight": "q6_k", "output_norm.weight": "f32"}
     for tensor, per_layer in _Q4_K_M[arch].items():
-        full = tensor if tensor.endswith(".bias") else f"{tensor}.weight"
+        full = tensor if tensor.endswith(".bias") or tensor == "ssm_a" else f"{tensor}.weight"   # (ssm_a: no suffix)
         want.update({f"blk.{i}.{full}": t for i, t in enumerate(per_layer) if t is not None})
     return want
 
@@ -273,7 +289,7 @@ def test_q4_k_m_follows_llama_cpp_recipe():
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral", "glm4_moe", "minimax_m2", "gemma3",
-                                  "deepseek_v3/kimi-k2-tiny"])
+                                  "qwen3_next", "qwen3_5_moe", "deepseek_v3/kimi-k2-tiny"])
 def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
     from transformers import AutoTokenizer
 
@@ -287,6 +303,7 @@ def test_tokenizer_round_trip_and_chat_template(tiny_model, arch):
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     marker = {"deepseek_v3": "<｜Assistant｜>", "qwen3_moe": "<|im_start|>assistant\n", "mixtral": "[/INST]",
               "glm4_moe": "<|assistant|>", "minimax_m2": "]~b]ai\n<think>\n", "gemma3": "<start_of_turn>model\n",
+              "qwen3_next": "<|im_start|>assistant\n", "qwen3_5_moe": "<|im_start|>assistant\n",
               "kimi-k2-tiny": "<|im_assistant|>assistant<|im_middle|>"}[arch]
     assert "Hi 你好" in text and "2+2?" in text and text.rstrip().endswith(marker.rstrip())
     user = {"deepseek_v3": "<｜User｜>", "glm4_moe": "<|user|>", "minimax_m2": "]~b]", "gemma3": "<start_of_turn>",

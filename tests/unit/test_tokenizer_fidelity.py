@@ -28,9 +28,11 @@ from tests.seeds import py_rng
 # DeepSeek LLM whole runs, GPT-2 whole runs with the leading space.
 PRE = {"deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-llm", "qwen3_moe": "qwen2",
        "qwen2_moe": "qwen2", "qwen2": "qwen2", "mixtral": "gpt-2", "llama": "llama-bpe", "gpt_oss": "gpt-4o",
-       "glm4_moe": "glm4", "minimax_m2": "minimax-m2", "gemma3": "default", "deepseek_v3/kimi-k2-tiny": "kimi-k2"}
+       "glm4_moe": "glm4", "minimax_m2": "minimax-m2", "gemma3": "default", "qwen3_next": "qwen2",
+       "qwen3_5_moe": "qwen35", "deepseek_v3/kimi-k2-tiny": "kimi-k2"}
 MODELS = sorted(ARCHS) + ["deepseek_v3/kimi-k2-tiny"]      # arch, or arch/preset
 DIGIT_PIECES = {"qwen2": ["x", "=", "1", "2", "3", "4", "5", "6", "7"],
+                "qwen35": ["x", "=", "1", "2", "3", "4", "5", "6", "7"],
                 "deepseek-v3": ["x", "=", "123", "456", "7"],
                 "deepseek-llm": ["x", "=", "1234567"],
                 "gpt-2": ["x", "=", "1234567"],
@@ -39,7 +41,8 @@ DIGIT_PIECES = {"qwen2": ["x", "=", "1", "2", "3", "4", "5", "6", "7"],
                 "glm4": ["x", "=", "123", "456", "7"],
                 "minimax-m2": ["x", "=", "123", "456", "7"],
                 "kimi-k2": ["x", "=", "123", "456", "7"]}
-NFC_CLASS = {"qwen2": True, "deepseek-v3": False, "deepseek-llm": False, "gpt-2": False, "llama-bpe": False,
+NFC_CLASS = {"qwen2": True, "qwen35": True,
+             "deepseek-v3": False, "deepseek-llm": False, "gpt-2": False, "llama-bpe": False,
              "gpt-4o": False, "glm4": False, "minimax-m2": False, "kimi-k2": False, "default": False}
 
 PIECES = ["Hello, world!", " 12345", " 3.14", "  ", "\n\n", "\t", "人工智能正在改变世界。", "こんにちは",
@@ -108,8 +111,8 @@ def test_split_is_the_real_familys(tiny_model, arch):
         pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("x=1234567")]
         assert pieces == DIGIT_PIECES[pre], (arch, which)
         assert (backend.normalizer is not None) == NFC_CLASS[pre]
-    if pre == "qwen2":
-        assert type(auto).__name__ == "Qwen2Tokenizer"   # as for the real Qwen checkpoints
+    if pre in ("qwen2", "qwen35"):                        # as for the real Qwen checkpoints
+        assert type(auto).__name__ == {"qwen2": "Qwen2Tokenizer", "qwen35": "Qwen3_5Tokenizer"}[pre]
 
 
 @pytest.mark.parametrize("arch", MODELS)

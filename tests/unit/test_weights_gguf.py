@@ -21,6 +21,8 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key
 MOE = dict(intermediate_size=96, moe_intermediate_size=32, num_experts_per_tok=2)
 MLA = dict(n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
            qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_shared_experts=1)
+DELTANET = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_conv_kernel_dim=4, full_attention_interval=2)
 ARCHS = {  # ktrans arch -> (gguf arch, config)
     "deepseek_v3": ("deepseek2", lambda: transformers.DeepseekV3Config(**SMALL, **MOE, **MLA, q_lora_rank=32)),
     "deepseek_v2": ("deepseek2", lambda: transformers.DeepseekV2Config(**SMALL, **MOE, **MLA, q_lora_rank=None)),
@@ -39,6 +41,14 @@ ARCHS = {  # ktrans arch -> (gguf arch, config)
     # Gemma 3: every norm stored as 1 + w (norm_shift), the head tied to the embeddings
     "gemma3": ("gemma3", lambda: transformers.Gemma3TextConfig(**SMALL, intermediate_size=96, head_dim=32,
                                                                sliding_window=4)),
+    # Qwen3-Next / Qwen3.5: a Gated DeltaNet layer (in_proj_qkvz split into attn_qkv + attn_gate;
+    # Qwen3.5's value heads reordered grouped -> tiled, out_proj's columns too, which q8_0 rows
+    # cannot keep) and a gated full-attention layer; 1 + w norms; A stored as -exp(A_log).
+    "qwen3_next": ("qwen3next", lambda: transformers.Qwen3NextConfig(
+        **SMALL, **MOE, head_dim=32, num_experts=4, shared_expert_intermediate_size=64, **DELTANET)),
+    "qwen3_5_moe": ("qwen35moe", lambda: transformers.Qwen3_5MoeTextConfig(
+        **SMALL, moe_intermediate_size=32, num_experts_per_tok=2, head_dim=32, num_experts=4,
+        shared_expert_intermediate_size=64, **DELTANET)),
 }
 
 
@@ -71,14 +81,18 @@ def test_all_parameters_match(tmp_path, arch):
         path = model_to_gguf(model, tmp_path / f"{qtype}.gguf", ARCHS[arch][0], qtype)
         src = open_weights(str(tmp_path), str(path))
         assert isinstance(src, GGUFSource) and set(src.names()) == set(params)
-        shifted = {hf for hf, _, tr in names.expand(src.config(), src.arch) if tr == "norm_shift"}
+        transform = {hf: tr for hf, _, tr in names.expand(src.config(), src.arch)}
         for name, p in params.items():
             got = src.tensor(name)
             assert got.dtype == torch.float32 and got.shape == p.shape, name
-            if qtype == "f32" and name in shifted:
+            if qtype == "f32" and transform[name] == "norm_shift":
                 # NOTE: the file holds 1 + w in f32 (Gemma's norms, as llama.cpp writes them): the
                 # w read back may differ in its last bits, the scale 1 + w the norm applies does not
                 assert torch.equal(1 + got, 1 + p.detach().float()), name
+            elif qtype == "f32" and transform[name].startswith("a_log"):
+                # the file holds A = -exp(A_log); log() of it gives back an A_log whose exp (what the
+                # layer uses) is A's within a few ulps
+                torch.testing.assert_close(got.double().exp(), p.detach().double().exp(), rtol=5e-7, atol=0)
             elif qtype == "f32":
                 assert torch.equal(got, p.detach().float()), name
             else:

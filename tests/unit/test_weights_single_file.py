@@ -34,6 +34,8 @@ SPECIALS = {  # a few special tokens of each generated family, mixed into the te
     "glm4_moe": "[gMASK]<sop><|user|>\nhi<|assistant|>\n<think>x</think>\n<tool_call>f<|observation|><|endoftext|>",
     "minimax_m2": "]~!b[]~b]user\nhi[e~[\n]~b]ai\n<think>\nx\n</think>\n\n<minimax:tool_call>[e~[",
     "gemma3": "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nx<end_of_turn><eos><pad>",
+    "qwen3_next": "<|im_start|>user\nhi<|im_end|><think>y</think><|endoftext|>",
+    "qwen3_5_moe": "<|im_start|>user\nhi\u0301 e\u0308<|im_end|><think>y</think><|endoftext|>",
     "deepseek_v3/kimi-k2-tiny": "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>[EOS]",
 }
 MIXED = ("Hello, World! It's 2024-06-01: 3.14159 × 42 = ?\n\tIndented   spaces  "
@@ -97,14 +99,14 @@ HF_SPLITS = {  # the pre_tokenizer "Split" patterns of the published tokenizer.j
 SPECIAL = ["<|bos|>", "<|eos|>", "<|user|>"]
 
 
-def _train(splits, nfc=False):
+def _train(splits, nfc=False, corpus=CORPUS):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(s), "isolated") for s in splits]
                                                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if nfc:
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL, show_progress=False,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
 
@@ -139,6 +141,27 @@ def test_qwen2_pre_tokenizer_against_transformers_qwen2_tokenizer(tmp_path):
     ref.add_special_tokens({"additional_special_tokens": SPECIAL})
     ours = tokenizer_from_gguf(_gguf_of(tok, "qwen2", tmp_path / "t.gguf"))
     for text in CORPUS[:5] + ["<|user|>hi 1234567 <|eos|>"]:
+        _assert_same_tokenizer(ours, ref, text)
+
+
+def test_qwen35_pre_tokenizer_against_transformers_qwen3_5_tokenizer(tmp_path):
+    """transformers' Qwen3_5Tokenizer applies Qwen3.5's own split (combining marks stay with their
+    letters) and NFC: an independent oracle for the "qwen35" rebuild, on text whose marks split
+    differently under Qwen2's regex."""
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+
+    marks = "नमस्ते दुनिया ক্ষ a\u0301\u0302b x\u20dd"       # Devanagari/Bengali vowel signs, stacked marks
+    tok = _train(["(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}"
+                  "| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"], nfc=True,
+                 corpus=CORPUS + [marks] * 3)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    ref = Qwen3_5Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|eos|>", unk_token=None, pad_token=None)
+    ref.add_special_tokens({"additional_special_tokens": SPECIAL})
+    ours = tokenizer_from_gguf(_gguf_of(tok, "qwen35", tmp_path / "t.gguf"))
+    qwen2 = tokenizer_from_gguf(_gguf_of(tok, "qwen2", tmp_path / "q2.gguf"))
+    assert ours(marks)["input_ids"] != qwen2(marks)["input_ids"]            # the marks split otherwise there
+    for text in CORPUS[:5] + [marks, "<|user|>hi 1234567 <|eos|>"]:
         _assert_same_tokenizer(ours, ref, text)
 
 

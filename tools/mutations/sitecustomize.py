@@ -7,6 +7,7 @@ Without KTRANS_MUTATION nothing happens.
   prefix_cache  PagePool.attach_prefix never reuses a cached page
   stop_strings  the detokenizer never finds a stop string
   routing_bias  DeepSeek-V3 routing ignores e_score_correction_bias
+  state_commit  a recurrent-state slot is read and written in one row (no commit after a step)
 """
 
 from __future__ import annotations
@@ -48,12 +49,21 @@ def _routing_bias(module):
     return route_deepseek_v3
 
 
+def _state_commit(module):
+    def rows(self, owner):
+        slot = self._slot[owner]
+        return 2 * slot, 2 * slot
+    module.StatePool.rows = rows
+    return rows
+
+
 # name -> what is disabled (for reports)
 DESCRIPTIONS = {
     "abort": "LLMEngine.abort does nothing",
     "prefix_cache": "PagePool.attach_prefix never reuses a cached page",
     "stop_strings": "IncrementalDetokenizer never finds a stop string",
     "routing_bias": "DeepSeek-V3 routing ignores e_score_correction_bias",
+    "state_commit": "recurrent states are updated in place, a failed step's partial update kept",
 }
 # name -> (module to patch, patch function)
 MUTATIONS = {
@@ -61,6 +71,7 @@ MUTATIONS = {
     "prefix_cache": ("ktrans.kv_cache.page_pool", _prefix_cache),
     "stop_strings": ("ktrans.engine.detokenizer", _stop_strings),
     "routing_bias": ("ktrans.operators.moe_block", _routing_bias),
+    "state_commit": ("ktrans.kv_cache.state", _state_commit),
 }
 
 
