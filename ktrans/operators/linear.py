@@ -65,7 +65,7 @@ def _stored_format(weights, name: str, shape: tuple[int, int], device: torch.dev
         return None
     from ktrans.kernels import triton_available
 
-    qtype = weights.info(name).qtype
+    qtype = weights.raw_qtype(name)
     kernels = ("q8_0", "q4_k", "q5_k", "q6_k", "f8_e4m3")
     why = None
     if device.type != "cuda" and not (mode == "stored" and os.environ.get("TRITON_INTERPRET") == "1"):

@@ -50,7 +50,13 @@ def rotary_embeddings(rotary: torch.nn.Module, positions: torch.Tensor, dtype: t
     for COMPLEX. Calls the HF module itself (with a batch dim of 1); `kind`: the layer type whose
     table a per-layer-type module computes (layer_rope_kind)."""
     probe = torch.empty(0, dtype=dtype, device=positions.device)
-    emb = rotary(probe, positions[None, :]) if kind is None else rotary(probe, positions[None, :], kind)
+    ids = positions[None, :]
+    if hasattr(rotary, "mrope_section"):
+        # NOTE: Qwen3.5's M-RoPE module takes one row of positions per section ([3, batch, T]; text
+        # tokens: the same positions in each); transformers 5.17's forward indexes that shape
+        # and does not broadcast [batch, T] to it as later versions do.
+        ids = ids[None].expand(3, 1, -1)
+    emb = rotary(probe, ids) if kind is None else rotary(probe, ids, kind)
     if isinstance(emb, tuple):
         cos, sin = emb[0][0], emb[1][0]
         # NOTE: gpt-oss's rotary returns one value per frequency ([T, d/2]) and rotates the halves

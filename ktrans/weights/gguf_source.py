@@ -146,6 +146,20 @@ class GGUFSource(WeightSource):
     def raw(self, name: str) -> RawTensor:
         return self.note_raw(self._raw(name))
 
+    def raw_qtype(self, name: str) -> str:
+        r = self._resolve(name)
+        qtypes = {p.qtype for p in r.parts}
+        qtype = qtypes.pop() if len(qtypes) == 1 else None
+        return qtype if qtype and self._keeps_format(r, qtype) else "f32"
+
+    @staticmethod
+    def _keeps_format(r: _Resolved, qtype: str) -> bool:
+        """Whether _raw hands out the stored format (rows moved whole, or plain floats moved or
+        shifted) rather than float32 (values moved within quant blocks: Qwen3.5's out_proj
+        columns, or parts in different formats)."""
+        return r.transform in names_legacy.ROW_TRANSFORMS or (
+            qtype in _PLAIN_TYPES and (r.transform not in names_legacy.VALUE_TRANSFORMS or qtype == "f32"))
+
     def tensor(self, name: str, dtype=None, device="cpu"):
         import torch
 
@@ -168,7 +182,7 @@ class GGUFSource(WeightSource):
         if qtype and r.transform in names_legacy.ROW_TRANSFORMS:
             data = names_legacy.to_hf(r.transform, [p.data() for p in r.parts], cfg)   # quant rows moved whole
             return RawTensor(qtype, shape, np.ascontiguousarray(data))
-        if qtype in _PLAIN_TYPES and (r.transform not in names_legacy.VALUE_TRANSFORMS or qtype == "f32"):
+        if qtype and self._keeps_format(r, qtype):
             # moved elements in the stored dtype (Gemma's norm shift, Qwen3-Next's A: f32 arithmetic only)
             view = _PLAIN_TYPES[qtype][0]
             parts = [p.data().view(view).reshape(p.shape) for p in r.parts]

@@ -150,6 +150,11 @@ class WeightSource(abc.ABC):
     def raw(self, name: str) -> RawTensor:
         """The stored bytes of `name` (quant blocks for GGUF), logical shape = HF shape."""
 
+    def raw_qtype(self, name: str) -> str:
+        """The format raw(name) hands out: the stored one (info), unless the HF layout moves values
+        within quant blocks and raw() has to give float32 (reads no tensor data)."""
+        return self.info(name).qtype
+
     @abc.abstractmethod
     def expert_stack(self, layer: int, proj: str) -> RawTensor:
         """Routed experts of one layer and projection as one [E, rows, cols] tensor

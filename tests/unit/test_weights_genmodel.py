@@ -54,6 +54,7 @@ def test_every_arch_and_quant_type(tiny_model, arch, quant):
         assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want[hf]), hf
         types = {stored_types[g] for g in gnames}
         assert src.info(hf).qtype == "+".join(sorted(types)) and src.info(hf).shape == want[hf].shape
+        assert src.raw_qtype(hf) == src.raw(hf).qtype, hf            # what a kernel choosing by format reads
     if names.num_experts(src.config()):
         layer = next(i for i in range(src.config().num_hidden_layers)
                      if names.layer_kind(src.config(), i) == "moe")
