@@ -76,38 +76,50 @@ def test_generate_raw_and_templated(live):
 
 
 def test_think_splits_reasoning_end_to_end(live):
-    """DeepSeek's template: with think the prompt opens <think>, so everything the model writes
-    (it never closes the block: random weights) is reasoning; without it, everything is content.
-    Both APIs, streamed and not, agree token for token."""
+    """DeepSeek's template: with think the prompt opens <think>, so what the model writes is
+    reasoning up to a </think> it writes (random weights seldom close the block; the tokens it
+    wrote, named by logprobs, say whether it did) and content after it; without think,
+    everything is content. Both APIs, streamed and not, agree token for token."""
     msgs = [{"role": "user", "content": "Why?"}]
     opts = {"temperature": 0, "num_predict": 8}
     on = httpx.post(live.url + "/api/chat", json={"messages": msgs, "options": opts, "think": True,
                                                   "stream": False}, timeout=120).json()
     off = httpx.post(live.url + "/api/chat", json={"messages": msgs, "options": opts, "think": False,
                                                    "stream": False}, timeout=120).json()
-    assert on["message"]["thinking"] and on["message"]["content"] == ""
+
+    def written(thinking: bool) -> tuple[list[str], dict]:
+        probe = httpx.post(live.url + "/v1/chat/completions", json={
+            "messages": msgs, "max_tokens": 8, "temperature": 0, "logprobs": True,
+            "chat_template_kwargs": {"enable_thinking": thinking}}, timeout=120).json()["choices"][0]
+        return [t["token"] for t in probe["logprobs"]["content"]], probe["message"]
+
+    tokens_on, _ = written(True)
+    thinking = on["message"].get("thinking", "")
+    if "</think>" not in tokens_on:
+        assert thinking and on["message"]["content"] == ""
+    else:                                       # closed: the marker in neither part, each part in order
+        cut = tokens_on.index("</think>")
+        assert "</think>" not in thinking + on["message"]["content"]
+        assert thinking.strip() == "".join(tokens_on[:cut]).strip()
     # Without think the prompt does not open the block, so everything is content, unless the
-    # random model writes the opening marker itself: the tokens it wrote (logprobs name them)
-    # say which of the two must hold.
-    probe = httpx.post(live.url + "/v1/chat/completions", json={
-        "messages": msgs, "max_tokens": 8, "temperature": 0, "logprobs": True,
-        "chat_template_kwargs": {"enable_thinking": False}}, timeout=120).json()["choices"][0]
-    written = [t["token"] for t in probe["logprobs"]["content"]]
-    if "<think>" in written:
+    # random model writes the opening marker itself.
+    tokens_off, message_off = written(False)
+    if "<think>" in tokens_off:
         assert off["message"]["thinking"] and "<think>" not in off["message"]["content"]
     else:
-        assert "thinking" not in off["message"] and off["message"]["content"] == probe["message"]["content"] != ""
+        assert "thinking" not in off["message"] and off["message"]["content"] == message_off["content"] != ""
     lines = [json.loads(x) for x in httpx.post(live.url + "/api/chat", json={
         "messages": msgs, "options": opts, "think": True}, timeout=120).text.splitlines() if x]
-    assert "".join(d["message"].get("thinking", "") for d in lines) == on["message"]["thinking"]
+    assert "".join(d["message"].get("thinking", "") for d in lines) == thinking
+    assert "".join(d["message"].get("content", "") for d in lines) == on["message"]["content"]
     oa = {"messages": msgs, "max_tokens": 8, "temperature": 0, "chat_template_kwargs": {"enable_thinking": True}}
     full = httpx.post(live.url + "/v1/chat/completions", json=oa, timeout=120).json()["choices"][0]["message"]
-    assert full["reasoning_content"] == full["reasoning"] == on["message"]["thinking"]
-    assert full["content"] == ""
+    assert (full.get("reasoning_content") or "") == (full.get("reasoning") or "") == thinking
+    assert (full["content"] or "") == on["message"]["content"]
     raw = httpx.post(live.url + "/v1/chat/completions", json={**oa, "stream": True}, timeout=120).text
     deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in raw.split("\n\n") if e.startswith("data: {")]
-    assert "".join(d.get("reasoning_content", "") for d in deltas) == full["reasoning_content"]
-    assert "".join(d.get("content", "") for d in deltas) == ""
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == thinking
+    assert "".join(d.get("content") or "" for d in deltas) == on["message"]["content"]
 
 
 def test_ollama_errors_are_plain(live):
