@@ -18,6 +18,7 @@ from ktrans.genmodel.gguf_out import nbytes
 from ktrans.genmodel.plan import build_plan
 from ktrans.genmodel.presets import QUANT_CHOICES, preset_config
 from ktrans.weights import names
+from ktrans.weights.gguf_source import raw_format
 from ktrans.weights.source import RawTensor, TensorInfo, WeightSource
 
 
@@ -40,8 +41,11 @@ class PlannedSource(WeightSource):
         # NOTE: the file also holds blocks ktrans does not load (GLM-4.5's MTP layer): counted in
         # total_bytes, not among the tensors.
         self._file_bytes = sum(nbytes(q, shape) for shape, q in stored.values())
-        self._infos = {hf: self._info(hf, [stored[g] for g in gnames])
-                       for hf, gnames, _ in names.expand(config, spec.gguf_arch)}
+        self._infos, self._raw_qtypes = {}, {}
+        for hf, gnames, transform in names.expand(config, spec.gguf_arch):
+            parts = [stored[g] for g in gnames]
+            self._infos[hf] = self._info(hf, parts)
+            self._raw_qtypes[hf] = raw_format(transform, {q for _, q in parts})
 
     @classmethod
     def from_preset(cls, arch: str, preset: str, quant: str, layers: int | None = None) -> "PlannedSource":
@@ -81,6 +85,10 @@ class PlannedSource(WeightSource):
         if info is None:
             raise self.missing(name)
         return info
+
+    def raw_qtype(self, name: str) -> str:
+        self.info(name)                                   # a name it does not hold is named
+        return self._raw_qtypes[name]
 
     def total_bytes(self) -> int:
         """Bytes of tensor data the GGUF would hold."""

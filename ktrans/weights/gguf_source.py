@@ -31,6 +31,18 @@ class _Resolved:
     transform: str
 
 
+def raw_format(transform: str, qtypes: set[str]) -> str:
+    """The format GGUFSource.raw() hands out for a parameter stored as parts of `qtypes` under
+    `transform`: the stored one where rows move whole or plain floats are moved or shifted, else
+    float32 (values moved within quant blocks, e.g. Qwen3.5's out_proj columns, or parts in
+    different formats). Planning (genmodel/planned.py) uses the same rule."""
+    qtype = next(iter(qtypes)) if len(qtypes) == 1 else None
+    if qtype and (transform in names_legacy.ROW_TRANSFORMS or (
+            qtype in _PLAIN_TYPES and (transform not in names_legacy.VALUE_TRANSFORMS or qtype == "f32"))):
+        return qtype
+    return "f32"
+
+
 class GGUFSource(WeightSource):
     """Weights from GGUF file(s); config/tokenizer from `hf_dir` or from the GGUF metadata."""
 
@@ -148,17 +160,7 @@ class GGUFSource(WeightSource):
 
     def raw_qtype(self, name: str) -> str:
         r = self._resolve(name)
-        qtypes = {p.qtype for p in r.parts}
-        qtype = qtypes.pop() if len(qtypes) == 1 else None
-        return qtype if qtype and self._keeps_format(r, qtype) else "f32"
-
-    @staticmethod
-    def _keeps_format(r: _Resolved, qtype: str) -> bool:
-        """Whether _raw hands out the stored format (rows moved whole, or plain floats moved or
-        shifted) rather than float32 (values moved within quant blocks: Qwen3.5's out_proj
-        columns, or parts in different formats)."""
-        return r.transform in names_legacy.ROW_TRANSFORMS or (
-            qtype in _PLAIN_TYPES and (r.transform not in names_legacy.VALUE_TRANSFORMS or qtype == "f32"))
+        return raw_format(r.transform, {p.qtype for p in r.parts})
 
     def tensor(self, name: str, dtype=None, device="cpu"):
         import torch
@@ -182,7 +184,7 @@ class GGUFSource(WeightSource):
         if qtype and r.transform in names_legacy.ROW_TRANSFORMS:
             data = names_legacy.to_hf(r.transform, [p.data() for p in r.parts], cfg)   # quant rows moved whole
             return RawTensor(qtype, shape, np.ascontiguousarray(data))
-        if qtype and self._keeps_format(r, qtype):
+        if qtype and raw_format(r.transform, {qtype}) == qtype:
             # moved elements in the stored dtype (Gemma's norm shift, Qwen3-Next's A: f32 arithmetic only)
             view = _PLAIN_TYPES[qtype][0]
             parts = [p.data().view(view).reshape(p.shape) for p in r.parts]

@@ -60,13 +60,14 @@ def _plan(config, weights, variant: str = ""):
 
 @pytest.mark.parametrize("arch, quant", [("deepseek_v3", "q4_k_m"), ("qwen3_moe", "q4_k"), ("mixtral", "bf16"),
                                          ("qwen2_moe", "q4_k_m"), ("deepseek_v2", "q4_k"), ("llama", "q4_k_m"),
-                                         ("glm4_moe", "q4_k_m")])
+                                         ("glm4_moe", "q4_k_m"), ("qwen3_5_moe", "q6_k")])
 def test_planned_source_is_the_generated_gguf(tiny_model, arch, quant):
     path = tiny_model(arch, quant, with_safetensors=False)
     real = open_weights(str(path), str(path / "model.gguf"))
     config = real.config()
     for planned in (PlannedSource.from_preset(arch, "tiny", quant), PlannedSource(config, quant)):
         _same_tensors(planned, real)
+        assert all(planned.raw_qtype(n) == real.raw_qtype(n) for n in real.names())   # what kernels are chosen by
         assert planned.total_bytes() == sum(t.nbytes for t in real.reader.tensors.values())   # (GLM's MTP block too)
         by_file = {e.path: e.nbytes for e in _plan(config, real).entries}
         assert {e.path: e.nbytes for e in _plan(config, planned).entries} == by_file
