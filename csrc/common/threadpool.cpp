@@ -55,6 +55,16 @@ inline void cpu_relax() {
 
 using Clock = std::chrono::steady_clock;
 
+// Runs a task; what it threw, or null.
+std::exception_ptr run_caught(const std::function<void()>& task) {
+  try {
+    task();
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
 // Logical CPUs this process may run on.
 int allowed_cpus() {
   cpu_set_t set;
@@ -253,12 +263,7 @@ void ThreadPool::queue_loop() {
       queue_.pop_front();
       queued_.fetch_sub(1, std::memory_order_relaxed);
     }
-    std::exception_ptr err;
-    try {
-      task();
-    } catch (...) {
-      err = std::current_exception();
-    }
+    const std::exception_ptr err = run_caught(task);
     {
       std::lock_guard<std::mutex> lk(q_mu_);
       if (err && !task_error_) task_error_ = err;
@@ -323,12 +328,7 @@ bool ThreadPool::run_inline(const std::function<void()>& task) {
     if (inline_running_ || stop_ || !queue_.empty() || completed_.load() != submitted_) return false;
     inline_running_ = true;
   }
-  std::exception_ptr err;
-  try {
-    task();
-  } catch (...) {
-    err = std::current_exception();
-  }
+  const std::exception_ptr err = run_caught(task);
   {
     std::lock_guard<std::mutex> lk(q_mu_);
     inline_running_ = false;
