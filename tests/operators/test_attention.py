@@ -42,6 +42,16 @@ def _hf_reference(model, attn, x):
         return attn(hidden_states=x[None], position_embeddings=emb, attention_mask=mask)[0][0]
 
 
+def split_packed(y, reqs, chunks, outs, done) -> None:
+    """A packed step's output y [sum of chunks, ...] back to its requests (outs[r] gets its rows,
+    done[r] counts them)."""
+    start = 0
+    for r, c in zip(reqs, chunks):
+        outs[r].append(y[start:start + len(c)])
+        start += len(c)
+        done[r] += len(c)
+
+
 def _run_schedule(op, model, config, xs, native):
     kv = KVStorage.for_config(config, num_pages=32, page_size=PAGE, dtype=torch.float32, device="cpu")
     rotary = materialize_rotary(model.model.rotary_emb, config, "cpu")
@@ -61,11 +71,7 @@ def _run_schedule(op, model, config, xs, native):
             emb = tuple(e[None] for e in emb) if isinstance(emb, tuple) else emb[None]
             fn = op.forward_native if native else op.forward
             y = fn(torch.cat(chunks)[None], position_embeddings=emb)[0][0]
-        start = 0
-        for r, c in zip(reqs, chunks):
-            outs[r].append(y[start:start + len(c)])
-            start += len(c)
-            done[r] += len(c)
+        split_packed(y, reqs, chunks, outs, done)
     return [torch.cat(o) for o in outs]
 
 

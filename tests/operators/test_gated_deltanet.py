@@ -15,6 +15,7 @@ from ktrans.kv_cache.state import StatePool
 from ktrans.kv_cache.storage import KVStorage
 from ktrans.operators.gated_deltanet import GatedDeltaNet, delta_rule_chunked, delta_rule_recurrent
 from tests.operators.hf_tiny import model_source, tiny_hf_model
+from tests.operators.test_attention import split_packed
 from tests.tolerances import F32_ATOL, F32_RTOL
 
 ARCHS = ["qwen3_next", "qwen3_5_moe"]
@@ -62,11 +63,7 @@ def _run_schedule(op, config, xs, native, twice=False):
                 y = fn(torch.cat(chunks)[None])[0]
         for r in reqs:
             pool.commit(r)
-        start = 0
-        for r, c in zip(reqs, chunks):
-            outs[r].append(y[start:start + len(c)])
-            start += len(c)
-            done[r] += len(c)
+        split_packed(y, reqs, chunks, outs, done)
     return [torch.cat(o) for o in outs]
 
 
