@@ -10,6 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/prefetch.h"
 #include "moe/moe_dot.h"
 
 KTRANS_TARGET_AVX2_BEGIN
@@ -43,6 +44,7 @@ void dot_k45(int64_t n, const void* w, const void* const* acts, float* out) {
   // mins m[g] as int16, each twice: the 16 bsums are pairs of 16-value sums of sub-block g
   const __m128i dup = _mm_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     alignas(16) uint8_t sm[16];
     unpack_scales_mins_k4(x[i].scales, sm);
     const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
@@ -96,6 +98,7 @@ void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
     acc[j] = _mm256_setzero_ps();
   }
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     alignas(32) int16_t sc[16];
     for (int g = 0; g < 16; ++g) sc[g] = x[i].scales[g];
     // 32 * sc[g] for the -32 offset: sum_g 32 sc[g] * bsums[g] in the same i32 lanes as the dots
@@ -126,6 +129,7 @@ void dot_q80(int64_t n, const void* w, const void* const* acts, float* out) {
   }
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t i = 0; i < n / kQK; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     const __m256i q = loadu(x[i].qs);
     const __m256i aq = _mm256_sign_epi8(q, q);  // |w| (w is never -128 in q8_0)
     const float d = _cvtsh_ss(x[i].d);

@@ -11,6 +11,7 @@
 
 #include <cstring>
 
+#include "common/prefetch.h"
 #include "common/numeric.h"
 #include "quant/quant.h"
 
@@ -59,6 +60,7 @@ float dot_f32_avx2(int64_t n, const void* w, const void* a) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    prefetch_ahead<64>(x + i);
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
   }
@@ -79,6 +81,7 @@ float dot_half_avx2(int64_t n, const void* w, const void* a) {
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    prefetch_ahead<32>(x + i);
     acc0 = _mm256_fmadd_ps(load8(i), _mm256_loadu_ps(y + i), acc0);
     acc1 = _mm256_fmadd_ps(load8(i + 8), _mm256_loadu_ps(y + i + 8), acc1);
   }
@@ -103,6 +106,7 @@ float dot_q32_avx2(int64_t n, const void* w, const void* a) {
   const BlockQ8_0* y = static_cast<const BlockQ8_0*>(a);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n / kQK; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     const __m256 d = _mm256_set1_ps(h2f(x[i].d) * h2f(y[i].d));
     acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_s8(levels(x[i]), load256(y[i].qs))), acc);
   }
@@ -135,9 +139,11 @@ float dot_k45_avx2(int64_t n, const void* w, const void* a) {
     uint16_t d16, dmin16;
     if constexpr (kQ5) {
       const BlockQ5_K& b = static_cast<const BlockQ5_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ5_K)>(&b);
       qs = b.qs, scales = b.scales, qhp = b.qh, d16 = b.d, dmin16 = b.dmin;
     } else {
       const BlockQ4_K& b = static_cast<const BlockQ4_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ4_K)>(&b);
       qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
     }
     alignas(16) uint8_t sm[16];
@@ -186,6 +192,7 @@ float dot_q6_k_avx2(int64_t n, const void* w, const void* a) {
   __m256 acc = _mm256_setzero_ps();
   float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     alignas(32) int16_t sc[16];
     for (int g = 0; g < 16; ++g) sc[g] = x[i].scales[g];
     const float d = h2f(x[i].d) * y[i].d;
@@ -229,6 +236,7 @@ float dot_k23_avx2(int64_t n, const void* w, const void* a) {
     float d;
     if constexpr (kQ3) {
       const BlockQ3_K& b = static_cast<const BlockQ3_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ3_K)>(&b);
       _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepi8_epi16(q3k_scales(b.scales)));
       qs = b.qs;
       hm = load256(b.hmask);
@@ -236,6 +244,7 @@ float dot_k23_avx2(int64_t n, const void* w, const void* a) {
       acc_off += d * static_cast<float>(4 * scales_dot_bsums(sc, y[i].bsums));
     } else {
       const BlockQ2_K& b = static_cast<const BlockQ2_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ2_K)>(&b);
       const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
       const __m128i nib = _mm_set1_epi8(0x0F);
       _mm256_store_si256(reinterpret_cast<__m256i*>(sc), _mm256_cvtepu8_epi16(_mm_and_si128(s8, nib)));
@@ -267,6 +276,7 @@ float dot_iq4_xs_avx2(int64_t n, const void* w, const void* a) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     __m256i sumi = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
       const int ls = (((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0xF) | ((x[i].scales_h >> (2 * j)) & 3) << 4) - 32;

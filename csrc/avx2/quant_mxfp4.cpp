@@ -7,6 +7,7 @@
 // to 8 activation rows.
 #include <immintrin.h>
 
+#include "common/prefetch.h"
 #include "moe/moe_dot.h"
 #include "quant/quant.h"
 
@@ -40,6 +41,7 @@ float dot_mxfp4_avx2(int64_t n, const void* w, const void* a) {
   const __m256i table = table256(), ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n / kQK; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     const __m256i q = levels(x[i], table);
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(load256(y[i].qs), q));
     const __m256 d = _mm256_set1_ps(_cvtsh_ss(y[i].d) * e8m0_to_fp32_half(x[i].e));
@@ -59,6 +61,7 @@ void dot_mxfp4_multi(int64_t n, const void* w, const void* const* acts, float* o
   }
   const __m256i table = table256(), ones = _mm256_set1_epi16(1);
   for (int64_t i = 0; i < n / kQK; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     const __m256i q = levels(x[i], table), aq = _mm256_sign_epi8(q, q);
     const float e = e8m0_to_fp32_half(x[i].e);
     for (int j = 0; j < N; ++j) {

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/prefetch.h"
 #include "moe/moe_dot.h"
 
 KTRANS_TARGET_AVX512_BEGIN
@@ -38,6 +39,7 @@ void dot_k45(int64_t n, const void* w, const void* const* acts, float* out) {
   // mins m[g] as int16, each twice: the 16 bsums are pairs of 16-value sums of sub-block g
   const __m128i dup = _mm_setr_epi8(0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(Block)>(x + i);
     alignas(16) uint8_t sm[16];
     unpack_scales_mins_k4(x[i].scales, sm);
     const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8));
@@ -86,6 +88,7 @@ void dot_q6k(int64_t n, const void* w, const void* const* acts, float* out) {
   const __m256i gidx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(BlockQ6_K)>(x + i);
     const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
     const __m256i sc16x32 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5);  // 32 * sc[g], for the offset
     const __m256i sc8x2 = _mm256_broadcastsi128_si256(sc8);

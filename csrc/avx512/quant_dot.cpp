@@ -11,6 +11,7 @@
 
 #include <cstring>
 
+#include "common/prefetch.h"
 #include "common/numeric.h"
 #include "quant/quant.h"
 
@@ -48,6 +49,7 @@ float dot_f32_avx512(int64_t n, const void* w, const void* a) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
+    prefetch_ahead<128>(x + i);
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc0);
     acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16), acc1);
   }
@@ -68,6 +70,7 @@ float dot_half_avx512(int64_t n, const void* w, const void* a) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
+    prefetch_ahead<64>(x + i);
     acc0 = _mm512_fmadd_ps(load16(i), _mm512_loadu_ps(y + i), acc0);
     acc1 = _mm512_fmadd_ps(load16(i + 16), _mm512_loadu_ps(y + i + 16), acc1);
   }
@@ -101,6 +104,7 @@ float dot_q32_avx512(int64_t n, const void* w, const void* a) {
     return _mm256_mul_ps(_mm256_set1_ps(h2f(x[k].d) * h2f(y[k].d)), _mm256_cvtepi32_ps(dp));
   };
   for (; i + 2 <= nb; i += 2) {
+    prefetch_ahead<2 * sizeof(Block)>(x + i);
     acc0 = _mm256_add_ps(acc0, block(i));
     acc1 = _mm256_add_ps(acc1, block(i + 1));
   }
@@ -139,10 +143,12 @@ float dot_k45_avx512(int64_t n, const void* w, const void* a) {
     uint16_t d16, dmin16;
     if constexpr (kQ5) {
       const BlockQ5_K& b = static_cast<const BlockQ5_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ5_K)>(&b);
       qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
       std::memcpy(qh, b.qh, 32);
     } else {
       const BlockQ4_K& b = static_cast<const BlockQ4_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ4_K)>(&b);
       qs = b.qs, scales = b.scales, d16 = b.d, dmin16 = b.dmin;
     }
     alignas(16) uint8_t sm[16];
@@ -197,6 +203,7 @@ float dot_q6_k_avx512(int64_t n, const void* w, const void* a) {
   __m512 acc = _mm512_setzero_ps();
   float acc_off = 0.0f;
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(BlockQ6_K)>(x + i);
     const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
     const float d = h2f(x[i].d) * y[i].d;
     acc_off += d * static_cast<float>(32 * dot16_bsums(sc8, y[i].bsums));
@@ -233,6 +240,7 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
     float d;
     if constexpr (kQ3) {
       const BlockQ3_K& b = static_cast<const BlockQ3_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ3_K)>(&b);
       sc8 = q3k_scales(b.scales);
       qs = b.qs;
       hm = load256(b.hmask);
@@ -240,6 +248,7 @@ float dot_k23_avx512(int64_t n, const void* w, const void* a) {
       acc_off += d * static_cast<float>(4 * dot16_bsums(sc8, y[i].bsums));
     } else {
       const BlockQ2_K& b = static_cast<const BlockQ2_K*>(w)[i];
+      prefetch_ahead<sizeof(BlockQ2_K)>(&b);
       const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
       sc8 = _mm_and_si128(s, _mm_set1_epi8(0x0F));
       const __m128i m = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F));
@@ -286,6 +295,7 @@ float dot_iq4_xs_avx512(int64_t n, const void* w, const void* a) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n / kQK_K; ++i) {
+    prefetch_ahead<sizeof(BlockIQ4_XS)>(x + i);
     const __m512i sc16 = _mm512_castsi128_si512(iq4xs_scales(x[i]));
     __m512i sumi = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {

@@ -5,6 +5,7 @@
 // a block once for up to 8 activation rows.
 #include <immintrin.h>
 
+#include "common/prefetch.h"
 #include "moe/moe_dot.h"
 #include "quant/quant.h"
 
@@ -46,6 +47,7 @@ float dot_mxfp4_avx512(int64_t n, const void* w, const void* a) {
   const int64_t nb = n / kQK;
   int64_t i = 0;
   for (; i + 2 <= nb; i += 2) {
+    prefetch_ahead<2 * sizeof(*x)>(x + i);
     acc0 = _mm256_add_ps(acc0, block(i));
     acc1 = _mm256_add_ps(acc1, block(i + 1));
   }
@@ -64,6 +66,7 @@ void dot_mxfp4_multi(int64_t n, const void* w, const void* const* acts, float* o
   }
   const __m256i table = table256();
   for (int64_t i = 0; i < n / kQK; ++i) {
+    prefetch_ahead<sizeof(*x)>(x + i);
     const __m256i q = levels(x[i], table), aq = _mm256_sign_epi8(q, q);
     const float e = e8m0_to_fp32_half(x[i].e);
     for (int j = 0; j < N; ++j) {
