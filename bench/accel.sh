@@ -39,8 +39,12 @@
 #               foreground when no build is running and none is there)
 #   gen-v2      generate the deepseek-v2-lite q4_k_m model (gen-qwen3: qwen3-30b-a3b) ahead of the
 #               steps that read it
-#   cpu-peer-qwen3  all-CPU ktrans beside llama.cpp's build with no GPU visible (CUDA_VISIBLE_DEVICES=),
-#               qwen3-30b-a3b q4_k_m, 16 threads each (cpu-peer-v2: deepseek-v2-lite)
+#   llama-cpu   build llama.cpp CPU-only (no CUDA: its CUDA build aborts with no GPU visible) into
+#               /tmp/llama-cpu, for the all-CPU peer rows
+#   cpu-peer-qwen3  all-CPU ktrans beside llama.cpp's CPU-only build (llama-cpu), no GPU visible
+#               (CUDA_VISIBLE_DEVICES=), qwen3-30b-a3b q4_k_m, 16 threads each (cpu-peer-v2: deepseek-v2-lite)
+#   moe16       bench/moe.py on the qwen3 shape, q4_k / q6_k / amx_int8 at T 1, 4, 32, 512, beside
+#               kt-kernel where its carried wheel imports (.dev-carry from device-wheels.sh --kt-kernel)
 #   flashinfer  bench/attn_decode.py: ktrans's paged MLA decode kernel beside flashinfer's (from the sdist
 #               carried as .dev-carry/flashinfer_python-*.tar.gz: `pip download --no-deps --no-build-isolation --no-binary :all:
 #               flashinfer-python==0.2.14.post1 -d .dev-carry`; JIT-compiled with nvcc here on first use)
@@ -49,12 +53,13 @@
 #   e2e-ab      deepseek-v2-lite graph decode at batch 1/4/8 and prefill at 1024/4096, the default
 #               hand-off and KTRANS_HANDOFF=memop in the same call
 # Environment: OUT (default /tmp/out), E2E_EXTRA (more bench/e2e.py flags), LLAMA (llama.cpp
-# bin directory; default /tmp/llama/bin), THREADS (CPU threads, default 15).
+# bin directory; default /tmp/llama/bin; LLAMA_CPU: the CPU-only build, /tmp/llama-cpu/bin), THREADS (CPU threads, default 15).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 THREADS=${THREADS:-15}
 LLAMA=${LLAMA:-/tmp/llama/bin}
+LLAMA_CPU=${LLAMA_CPU:-/tmp/llama-cpu/bin}
 ROOT=${MODEL_ROOT:-/tmp/bench-models}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -114,7 +119,7 @@ for s in "$@"; do
       python3 bench/e2e.py --preset "$p" --quant q4_k_m --model-root "$ROOT" --generate-only 2>&1 | tail -2;;
     cpu-peer-qwen3|cpu-peer-v2)
       p=$([ "$s" = cpu-peer-v2 ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
-      CUDA_VISIBLE_DEVICES= python3 bench/e2e_llamacpp.py --llama-bench "$LLAMA/llama-bench" --preset "$p" \
+      CUDA_VISIBLE_DEVICES= python3 bench/e2e_llamacpp.py --llama-bench "$LLAMA_CPU/llama-bench" --preset "$p" \
         --quant q4_k_m --model-root "$ROOT" -t 16 -p 512 -n 64 -r 2 --rounds 1 --out "$OUT/cpu-peer.jsonl" \
         2>"$OUT/cpu-peer-$p.err" | tee -a "$OUT/peer.txt"
       tail -3 "$OUT/cpu-peer-$p.err";;
@@ -177,6 +182,10 @@ for s in "$@"; do
       python3 bench/profile_decode.py --preset "$p" --model-root "$ROOT" --trace "$OUT/trace-$p.json" \
         2>"$OUT/prof-$p.err" | tee -a "$OUT/prof.txt"
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
+    llama-cpu) [ -x "$LLAMA_CPU/llama-bench" ] || bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz \
+        "$(dirname "$LLAMA_CPU")" >"$OUT/llama-cpu-build.log" 2>&1 || tail -20 "$OUT/llama-cpu-build.log";;
+    moe16) timeout 420 python3 bench/moe.py --shapes qwen3 --formats q4_k,q6_k,amx_int8 --T 1,4,32,512 \
+        --json "$OUT/moe.json" 2>"$OUT/moe.err" | tee -a "$OUT/moe.txt"; tail -3 "$OUT/moe.err";;
     llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
         || tail -20 "$OUT/llama-build.log";;
     qmm) python3 bench/gpu_qmm.py --out "$OUT/qmm.jsonl" 2>"$OUT/qmm.err" | tee -a "$OUT/qmm.txt"; tail -3 "$OUT/qmm.err";;
@@ -197,5 +206,5 @@ for s in "$@"; do
   esac
   summary "step $s: $(( $(date +%s) - t0 )) s"
 done
-echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"; [ -f "$OUT/qmm.txt" ] && cat "$OUT/qmm.txt"; [ -f "$OUT/attn.txt" ] && cat "$OUT/attn.txt"
+echo "== summary =="; cat "$OUT/summary.txt"; [ -f "$OUT/e2e.txt" ] && cat "$OUT/e2e.txt"; [ -f "$OUT/peer.txt" ] && cat "$OUT/peer.txt"; [ -f "$OUT/prof.txt" ] && cat "$OUT/prof.txt"; [ -f "$OUT/stream.txt" ] && cat "$OUT/stream.txt"; [ -f "$OUT/handoff.txt" ] && cat "$OUT/handoff.txt"; [ -f "$OUT/qmm.txt" ] && cat "$OUT/qmm.txt"; [ -f "$OUT/attn.txt" ] && cat "$OUT/attn.txt"; [ -f "$OUT/moe.txt" ] && cat "$OUT/moe.txt"
 exit 0

@@ -2,7 +2,8 @@
 
 The variant is chosen at run time from cpuid (never from the build machine's flags). Set
 ``KTRANS_ISA=generic|avx2|avx512|amx`` before start-up, or call :func:`set_isa`, to force a lower
-level (for tests, or to step around a bad kernel).
+level (for tests, or to step around a bad kernel). ``KTRANS_PREFETCH_AHEAD=<bytes>`` sets how far
+ahead of each weight block the GGUF dot kernels prefetch (default 1024; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from ktrans import _C
 ISA_LEVELS: tuple[str, ...] = tuple(_C.isa_levels())
 
 # Resolve the level now so that a bad KTRANS_ISA fails at import with its message, not at the
-# first kernel call deep inside a model load.
+# first kernel call deep inside a model load. The same for KTRANS_PREFETCH_AHEAD.
 _C.selected_isa()
+_C.prefetch_ahead()
 
 
 def best_isa() -> str:

@@ -7,6 +7,7 @@
 #include "bindings.h"
 #include "common/convert.h"
 #include "common/isa.h"
+#include "common/prefetch.h"
 
 namespace ktrans {
 namespace {
@@ -72,6 +73,8 @@ void bind_core(py::module_& m) {
         "ISA level kernels use now (best, lowered by KTRANS_ISA or set_isa)");
   m.def("set_isa", [](const std::string& name) { set_isa(isa_arg(name)); }, py::arg("isa"),
         "Force an ISA level at or below the best supported one");
+  m.def("prefetch_ahead", &check_prefetch_env,
+        "Bytes the GGUF dot kernels prefetch ahead of each weight block (KTRANS_PREFETCH_AHEAD; 0: off)");
   m.def("isa_levels", [] {
     std::vector<std::string> v;
     for (int i = 0; i < kNumIsa; ++i) v.emplace_back(isa_name(static_cast<Isa>(i)));

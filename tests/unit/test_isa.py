@@ -85,3 +85,41 @@ def test_env_var_bad_value_is_a_clear_error():
     r = _run_with_env("fastest")
     assert r.returncode != 0
     assert "KTRANS_ISA" in r.stderr or "expected one of" in r.stderr
+
+
+_PREFETCH_DOTS = """
+import sys, numpy as np
+from ktrans import _C, cpu
+rng = np.random.default_rng(int(sys.argv[1]))
+out = []
+for qt in ("q4_k", "q6_k", "q8_0", "bf16"):
+    w = rng.standard_normal(64 * 1024).astype(np.float32)
+    raw = np.asarray(_C.quant_quantize(qt, w, 1)).reshape(64, -1)
+    out.append(np.asarray(_C.quant_vec_dot(qt, raw, rng.standard_normal(1024).astype(np.float32), "", 1)))
+print(_C.prefetch_ahead(), np.concatenate(out).tobytes().hex())
+"""
+
+
+def _prefetch_run(value: str, seed: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KTRANS_PREFETCH_AHEAD=value)
+    return subprocess.run([sys.executable, "-c", _PREFETCH_DOTS, str(seed)], env=env, capture_output=True, text=True)
+
+
+def test_prefetch_distance_changes_no_result():
+    """The dot kernels' software prefetch is a hint: off, the default and a far distance give the
+    same bits (and the distance set is the one reported)."""
+    seed = int(np_rng().integers(1 << 30))
+    runs = {v: _prefetch_run(v, seed) for v in ("0", "", "4096")}
+    for v, r in runs.items():
+        assert r.returncode == 0, (v, r.stderr)
+    dist = {v: int(r.stdout.split()[0]) for v, r in runs.items()}
+    assert dist == {"0": 0, "": 1024, "4096": 4096}
+    assert len({r.stdout.split()[1] for r in runs.values()}) == 1
+
+
+@pytest.mark.parametrize("value", ["abc", "100", "-64", "99999999"])
+def test_prefetch_bad_value_is_a_clear_error(value):
+    r = _prefetch_run(value, 0)
+    assert r.returncode != 0
+    assert f"KTRANS_PREFETCH_AHEAD='{value}'" in r.stderr and "multiple of 64" in r.stderr
+    assert "terminate called" not in r.stderr
