@@ -43,6 +43,9 @@
 #               /tmp/llama-cpu, for the all-CPU peer rows
 #   cpu-peer-qwen3  all-CPU ktrans beside llama.cpp's CPU-only build (llama-cpu), no GPU visible
 #               (CUDA_VISIBLE_DEVICES=), qwen3-30b-a3b q4_k_m, 16 threads each (cpu-peer-v2: deepseek-v2-lite)
+#   e2e-pf      deepseek-v2-lite graph decode (batch 1/4, 1024-token prompts) with the dot kernels'
+#               software prefetch off (KTRANS_PREFETCH_AHEAD=0) and at its default, same call
+#   moe16-pf    bench/moe.py qwen3 q4_k / q6_k at T 1, 4 with the prefetch off, 512 and the default
 #   moe16       bench/moe.py on the qwen3 shape, q4_k / q6_k / amx_int8 at T 1, 4, 32, 512, beside
 #               kt-kernel where its carried wheel imports (.dev-carry from device-wheels.sh --kt-kernel)
 #   flashinfer  bench/attn_decode.py: ktrans's paged MLA decode kernel beside flashinfer's (from the sdist
@@ -184,6 +187,17 @@ for s in "$@"; do
       tail -3 "$OUT/prof-$p.err"; gzip -f "$OUT/trace-$p.json";;
     llama-cpu) [ -x "$LLAMA_CPU/llama-bench" ] || bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz \
         "$(dirname "$LLAMA_CPU")" >"$OUT/llama-cpu-build.log" 2>&1 || tail -20 "$OUT/llama-cpu-build.log";;
+    e2e-pf)
+      for pf in 0 ""; do
+        KTRANS_PREFETCH_AHEAD=$pf python3 bench/e2e.py --preset deepseek-v2-lite --quant q4_k_m --devices cuda \
+          --model-root "$ROOT" --prompt-lens 1024 --batch-sizes 1,4 --decode-tokens 32 --out "$OUT/e2e.jsonl" \
+          2>>"$OUT/e2e-pf.err" | sed "s/^/[KTRANS_PREFETCH_AHEAD=${pf:-default}] /" | tee -a "$OUT/e2e.txt"
+      done; tail -3 "$OUT/e2e-pf.err";;
+    moe16-pf)
+      for pf in 0 512 ""; do
+        KTRANS_PREFETCH_AHEAD=$pf timeout 150 python3 bench/moe.py --shapes qwen3 --formats q4_k,q6_k --T 1,4 --no-peer \
+          2>>"$OUT/moe.err" | grep "^qwen3" | sed "s/^/[KTRANS_PREFETCH_AHEAD=${pf:-default}] /" | tee -a "$OUT/moe.txt"
+      done;;
     moe16) timeout 420 python3 bench/moe.py --shapes qwen3 --formats q4_k,q6_k,amx_int8 --T 1,4,32,512 \
         --json "$OUT/moe.json" 2>"$OUT/moe.err" | tee -a "$OUT/moe.txt"; tail -3 "$OUT/moe.err";;
     llama) bash .dev-carry/llama-cpp.sh build .dev-carry/llama.cpp-src.tgz /tmp/llama cuda >"$OUT/llama-build.log" 2>&1 \
