@@ -184,14 +184,18 @@ def force_reference_routing(model, ref: Reference, rows_of_step, flips: list, dr
 
 
 @contextlib.contextmanager
-def force_reference_routing_hf(model, ref: Reference, rows: list):
+def force_reference_routing_hf(model, ref: Reference, rows: list, drift: list | None = None):
     """The same for transformers' own (e.g. bf16) model running the tokens `rows`: its router's
     choice is replaced by the reference's where they differ (not asserted: its bf16 router is
-    not what the tests check)."""
+    not what the tests check). drift[0], when given, is raised to the largest difference seen
+    between a router logit of this model and the reference's (the floor that a run under test's
+    own drift is compared with)."""
     def hook(module, args, out, layer):
         logits, w, idx = out
         w, idx = w.clone(), idx.clone()
         for i, row in enumerate(rows):
+            if drift is not None:
+                drift[0] = max(drift[0], float((logits[i].detach().float().cpu() - ref.logits[(layer, row)]).abs().max()))
             want = ref.ids[(layer, row)]
             if not _same(idx[i].cpu(), want):
                 idx[i] = want.to(idx.device)

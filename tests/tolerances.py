@@ -76,6 +76,13 @@ BF16_VS_HF_BF16 = 3.0
 # bounded: bf16 runs of the tiny models measure up to 0.097 (router logits ~N(0, 1.2)); with the
 # reference's routing forced, it does not grow along the sequence.
 ROUTING_LOGIT_DRIFT = 0.25
+# ... unless transformers' own bf16 model on the same weights and tokens drifts as far: the tiny
+# Gated DeltaNet models (Qwen3-Next, Qwen3.5-MoE) amplify bf16 rounding through their recurrent
+# layers, so both runs' router logits move together (measured over 8 seeds on the CPU: ours /
+# transformers-bf16 0.3534 / 0.3533, 0.3841 / 0.3838, 0.2453 / 0.2564; across every architecture
+# the ratio ours / transformers-bf16 stayed within 0.65-1.6). A run's drift is therefore held to
+# max(ROUTING_LOGIT_DRIFT, ROUTING_DRIFT_VS_HF_BF16 x transformers-bf16's drift).
+ROUTING_DRIFT_VS_HF_BF16 = 2.0
 # Whole-model logits with quantized/bf16 GGUF experts in the CPU kernels (activations quantized
 # to q8_K/q8_0 or rounded to bf16 for the dot products) vs transformers on the dequantized
 # weights; tiny models measure 5e-6..2e-4.
