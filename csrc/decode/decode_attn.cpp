@@ -6,7 +6,7 @@
 //        GLM-4.5's / MiniMax-M2's partial rotary), K/V written to the token's slot, then per
 //        (request, query head): scores over the request's keys
 //        0..pos (a sliding layer: its last `window` of them), softmax, weighted sum of V (query
-//        head h reads KV head h / (Hq / Hkv)).
+//        head h reads KV head h / (Hq / Hkv); the heads of one KV head share each K/V row read).
 //   MLA: q (or q_a -> norm -> q_b) and kv_a; latent normalised, rope key rotated, both cached;
 //        absorbed attention per (request, head): q_lat = W_UK[h]ᵀ q_nope, score_l =
 //        (q_lat · c_l + q_pe · kpe_l) * scale, o_lat = Σ p_l c_l, out = W_UV[h] o_lat.
@@ -100,23 +100,38 @@ void CpuDecoder::attention_gqa(const Layer& L, const float* x, float* out, const
     std::memcpy(g.vc + s * nkv, v + b * nkv, nkv * 4);
     max_len = std::max(max_len, a.pos[b] + 1);
   }
+  // Items: (request, KV head, sub-group of its query heads). Each K and V row is read once per
+  // item for all of the item's heads (a whole GQA group where that leaves every thread an item),
+  // instead of once per query head.
+  const int nth_pool = pool_->size();
+  int64_t nsub = 1;
+  while (nsub < group && B_ * g.hkv * nsub < nth_pool) {
+    do ++nsub; while (group % nsub != 0);
+  }
+  const int64_t gs = group / nsub, items = B_ * g.hkv * nsub;
   float* att = buf(kSlotAtt, B_ * nq);
-  float* scores = buf(kSlotScores, pool_->size() * max_len);
+  float* scores = buf(kSlotScores, nth_pool * gs * max_len);
   const VecDotFn dot = k_vec_dot[qi(QType::f32)].get(isa_);
   const AxpyFn axpy = k_axpy_f32.get(isa_);
   pool_->parallel([&](int ith, int nth) {
-    float* p = scores + ith * max_len;
-    for (int64_t it = ith; it < B_ * g.hq; it += nth) {
-      const int64_t b = it / g.hq, hd = it % g.hq, kv = hd / group;
+    float* p = scores + ith * gs * max_len;
+    for (int64_t it = ith; it < items; it += nth) {
+      const int64_t b = it / (g.hkv * nsub), kv = it / nsub % g.hkv, h0 = kv * group + it % nsub * gs;
       // keys first..pos: all of them, or a sliding layer's last `window`
       const int64_t first = g.window > 0 ? std::max<int64_t>(0, a.pos[b] + 1 - g.window) : 0;
       const int64_t len = a.pos[b] + 1 - first;
-      const float* qh = q + b * nq + hd * d;
-      for (int64_t l = 0; l < len; ++l) p[l] = dot(d, g.kc + slot(a, b, first + l) * nkv + kv * d, qh) * g.scale;
-      softmax(p, len);
-      float* o = att + b * nq + hd * d;
-      std::memset(o, 0, d * 4);
-      for (int64_t l = 0; l < len; ++l) axpy(p[l], g.vc + slot(a, b, first + l) * nkv + kv * d, o, d);
+      const float* qh = q + b * nq + h0 * d;
+      for (int64_t l = 0; l < len; ++l) {
+        const float* kr = g.kc + slot(a, b, first + l) * nkv + kv * d;
+        for (int64_t j = 0; j < gs; ++j) p[j * len + l] = dot(d, kr, qh + j * d) * g.scale;
+      }
+      for (int64_t j = 0; j < gs; ++j) softmax(p + j * len, len);
+      float* o = att + b * nq + h0 * d;
+      std::memset(o, 0, gs * d * 4);
+      for (int64_t l = 0; l < len; ++l) {
+        const float* vr = g.vc + slot(a, b, first + l) * nkv + kv * d;
+        for (int64_t j = 0; j < gs; ++j) axpy(p[j * len + l], vr, o + j * d, d);
+      }
     }
   });
   linear(*g.o, att, out);
