@@ -116,7 +116,8 @@ def _fit(args, kw: dict, say) -> None:
 
     result = fit_for_load(model_path=kw["model_path"], gguf_path=kw["gguf_path"], device=kw["device"],
                           cache_lens=kw["cache_lens"], page_size=kw.get("page_size", DEFAULT_PAGE_SIZE),
-                          chunk_size=args.chunk_size, gpu_memory=gpu_memory, say=say)
+                          chunk_size=args.chunk_size, gpu_memory=gpu_memory, say=say,
+                          state_slots=getattr(args, "max_batch_size", None) or 1)
     kw["optimize_config_path"] = str(result.path)
 
 

@@ -37,6 +37,10 @@ def register(sub) -> None:
                    help="KV cache size in tokens, counted on the devices of the attention (default 4096, "
                         "as ktrans chat; ktrans serve uses 16384)")
     e.add_argument("--page_size", type=int, default=None, metavar="TOKENS", help="KV page size (default: the runner's)")
+    e.add_argument("--max_batch_size", type=int, default=1, metavar="N",
+                   help="requests run at once: models with linear-attention layers (Qwen3-Next, Qwen3.5) keep "
+                        "a recurrent state per request beside the KV cache (default 1, as ktrans chat; "
+                        "ktrans serve runs 4 unless told)")
     e.add_argument("--optimize_config_path", help="rule file (default: the architecture's shipped file)")
     e.add_argument("--variant", default="", help="shipped rule variant when no file is given: "
                                                  "cpu, 2gpu, amx, gpu-experts (default: experts on CPU, rest on GPU)")
@@ -197,7 +201,7 @@ def run_explain(args) -> int:
         device_map.setdefault("cuda", "cpu")
     plan = plan_model(build_meta_model(config), rules, config=config, weights=weights,
                       default_device=default, device_map=device_map)
-    kv = plan_kv_cache(plan, cache_lens=args.cache_lens, page_size=page_size)
+    kv = plan_kv_cache(plan, cache_lens=args.cache_lens, page_size=page_size, state_slots=args.max_batch_size)
     plan.notes.extend(_weight_notes(plan, weights))
     if fitted:
         plan.notes.extend(f"fit: {line}" for line in fitted.notes)
@@ -232,7 +236,8 @@ def _fit(args, config, weights, page_size: int):
     label = os.path.basename(mid.rstrip("/")) if mid else f"{args.arch or config.model_type}-{args.preset or 'config'}"
     return fit_rules(config, weights, profile=profile, opts=opts, cache_lens=args.cache_lens, page_size=page_size,
                      chunk_size=args.chunk_size, counts=load(mid), out_dir=cache_dir() / FITTED_DIR,
-                     label=f"{label}-{args.quant}" if args.quant else label, key=mid)
+                     label=f"{label}-{args.quant}" if args.quant else label, key=mid,
+                     state_slots=args.max_batch_size)
 
 
 def _weight_notes(plan, weights) -> list[str]:

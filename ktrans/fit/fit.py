@@ -84,17 +84,18 @@ def fitted_path(out_dir: Path, label: str, key: str) -> Path:
 
 def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOptions(), cache_lens: int,
               page_size: int, chunk_size: int = 2048, counts=None, out_dir: Path, label: str,
-              key: str | None = None) -> FitResult:
+              key: str | None = None, state_slots: int = 1) -> FitResult:
     """Decide the placement of `config` (tensor infos from `weights`) on `profile`'s machine and
     write it as a rule file under `out_dir` (named after `label`, unique per `key`, default the
-    label); `.check()` the result before loading it."""
+    label); `.check()` the result before loading it. `state_slots`: requests run at once (their
+    recurrent-state rows count with the KV cache in models with linear-attention layers)."""
     from ktrans.config.arch import arch_from_config
     from ktrans.rules.files import shipped_rules
 
     shipped = shipped_rules(arch_from_config(config).name)
     gpu = f"cuda:{opts.gpu_index}"
     mb, shipped_plan = model_bytes(config, weights, rules_path=shipped, cache_lens=cache_lens, page_size=page_size,
-                                   chunk_size=chunk_size, gpu=gpu)
+                                   chunk_size=chunk_size, gpu=gpu, state_slots=state_slots)
     placement = decide(mb, profile, opts, counts)
     notes = describe(placement, mb)
     if placement.gpu and mb.moe_layers():
@@ -110,11 +111,13 @@ def fit_rules(config, weights, *, profile: Profile, opts: FitOptions = FitOption
         path.write_text(text)
     except OSError as e:
         raise KtransError(f"cannot write the fitted rule file {path}: {e.strerror}") from None
-    totals = planned_totals(config, weights, path, placement.gpu, cache_lens=cache_lens, page_size=page_size)
+    totals = planned_totals(config, weights, path, placement.gpu, cache_lens=cache_lens, page_size=page_size,
+                            state_slots=state_slots)
     return FitResult(path, placement, mb, totals, notes, label)
 
 
-def planned_totals(config, weights, rules_path, gpu: str | None, *, cache_lens: int, page_size: int) -> dict[str, int]:
+def planned_totals(config, weights, rules_path, gpu: str | None, *, cache_lens: int, page_size: int,
+                   state_slots: int = 1) -> dict[str, int]:
     """Bytes per device (weights + KV cache) of `config` planned under `rules_path`."""
     from ktrans.config.arch import build_meta_model
     from ktrans.kv_cache.sizing import plan_kv_cache
@@ -124,10 +127,11 @@ def planned_totals(config, weights, rules_path, gpu: str | None, *, cache_lens: 
 
     plan = plan_model(build_meta_model(config), load_rules(rules_path), config=config, weights=weights,
                       default_device=gpu or "cpu", device_map=None if gpu else "cpu")
-    return device_totals(plan, plan_kv_cache(plan, cache_lens=cache_lens, page_size=page_size))
+    return device_totals(plan, plan_kv_cache(plan, cache_lens=cache_lens, page_size=page_size, state_slots=state_slots))
 
 
-def check_plan_fits(plan, *, cache_lens: int, page_size: int, what: str, opts: FitOptions | None = None) -> None:
+def check_plan_fits(plan, *, cache_lens: int, page_size: int, what: str, opts: FitOptions | None = None,
+                    state_slots: int = 1) -> None:
     """Refuse a plan whose weights and KV cache exceed the memory free now on any device.
 
     NOTE: refusal uses only the fixed reserves (no margin): a plan that fits tightly is let
@@ -137,7 +141,7 @@ def check_plan_fits(plan, *, cache_lens: int, page_size: int, what: str, opts: F
     from ktrans.rules.explain import device_totals
 
     opts = opts or FitOptions(margin=0.0)
-    totals = device_totals(plan, plan_kv_cache(plan, cache_lens=cache_lens, page_size=page_size))
+    totals = device_totals(plan, plan_kv_cache(plan, cache_lens=cache_lens, page_size=page_size, state_slots=state_slots))
     available = {"cpu": max(0, ram()[1] - opts.ram_reserve)}
     used = {int(d.split(":")[1]) for d in totals if d.startswith("cuda:")}
     if used:

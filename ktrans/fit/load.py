@@ -40,9 +40,10 @@ def gib_flag(value: float | None, flag: str) -> int | None:
 
 
 def fit_for_load(*, model_path, gguf_path, device: str, cache_lens: int, page_size: int, chunk_size: int,
-                 gpu_memory: float | None, say) -> FitResult:
+                 gpu_memory: float | None, say, state_slots: int = 1) -> FitResult:
     """Fit the model the flags name to this machine; FitError (before any weight is read) when
-    it cannot fit. `say` gets what was decided and where the rule file is."""
+    it cannot fit. `say` gets what was decided and where the rule file is. `state_slots`: requests
+    run at once (--max_batch_size)."""
     from ktrans.cli.model_args import cache_dir
     from ktrans.weights.source import open_weights
 
@@ -55,7 +56,8 @@ def fit_for_load(*, model_path, gguf_path, device: str, cache_lens: int, page_si
         counts = expert_counts.load(mid)
         result = fit_rules(config, weights, profile=profile, opts=opts, cache_lens=cache_lens, page_size=page_size,
                            chunk_size=chunk_size, counts=counts, out_dir=cache_dir() / FITTED_DIR,
-                           label=os.path.basename(mid.rstrip("/")) if mid else "the model", key=mid)
+                           label=os.path.basename(mid.rstrip("/")) if mid else "the model", key=mid,
+                           state_slots=state_slots)
     finally:
         weights.close()
     result.check()

@@ -93,7 +93,7 @@ def _expert_bytes(model, entry, config, weights, gpu: str) -> tuple[int, int, in
 
 
 def model_bytes(config, weights, *, rules_path, cache_lens: int, page_size: int, chunk_size: int = 2048,
-                gpu: str = "cuda:0"):
+                gpu: str = "cuda:0", state_slots: int = 1):
     """(ModelBytes, the plan as the rules are written): `config` (tensor infos from `weights`, may
     be None or a PlannedSource) planned under `rules_path` (experts on the CPU, the rest on
     `gpu`) and on the CPU alone."""
@@ -111,10 +111,12 @@ def model_bytes(config, weights, *, rules_path, cache_lens: int, page_size: int,
     dense_gpu, outer_all_gpu = _per_layer([e for e in on_gpu.entries if e.op not in EXPERT_OPS], n)
     dense_cpu, outer_all_cpu = _per_layer([e for e in on_cpu.entries if e.op not in EXPERT_OPS], n)
     outer_cpu = sum(e.nbytes.get("cpu", 0) for e in on_gpu.entries if layer_of(e.path) is None)
-    # NOTE: every layer's cache has the same shape (no sliding-window layers among these
-    # architectures yet), so each layer holds an equal share.
-    kv_gpu = sum(plan_kv_cache(on_gpu, cache_lens=cache_lens, page_size=page_size).nbytes.values()) // n
-    kv_cpu = sum(plan_kv_cache(on_cpu, cache_lens=cache_lens, page_size=page_size).nbytes.values()) // n
+    # NOTE: each layer is given an equal share of the cache (KV pages and, in models with
+    # linear-attention layers, the state rows of `state_slots` requests): the totals are exact,
+    # a layer's own share is not where layers differ (sliding, linear).
+    kv = dict(cache_lens=cache_lens, page_size=page_size, state_slots=state_slots)
+    kv_gpu = sum(plan_kv_cache(on_gpu, **kv).nbytes.values()) // n
+    kv_cpu = sum(plan_kv_cache(on_cpu, **kv).nbytes.values()) // n
     layers = []
     for i in range(n):
         ex = _expert_bytes(model, experts[i], config, weights, gpu) if i in experts else (0, 0, 0, 0)

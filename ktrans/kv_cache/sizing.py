@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ktrans.errors import KtransError
+from ktrans.kv_cache.state import num_state_rows
 from ktrans.kv_cache.storage import KVStorage
 
 
@@ -22,11 +23,13 @@ class KVPlan:
     cache_lens: int             # tokens the cache holds (--cache_lens), shared by all requests
     page_size: int              # tokens per page
     num_pages: int              # pages allocated: the pool's plus one scratch page
-    nbytes: dict[str, int]      # bytes per device ("cuda:0", "cpu")
+    nbytes: dict[str, int]      # bytes per device ("cuda:0", "cpu"), recurrent-state rows included
     dtypes: tuple[str, ...]     # distinct cache dtypes, for the explain line ("bfloat16")
     # models with linear-attention layers: bytes of one running request's recurrent-state slot per
-    # device (allocated per batch slot by the engine, so not in nbytes)
+    # device (two rows of every state tensor; kv_cache/state.py), and how many slots (the engine's
+    # batch size) nbytes holds, with the scratch row
     state_per_slot: dict[str, int] = field(default_factory=dict)
+    state_slots: int = 1
 
 
 def attention_placement(plan, layer: int) -> tuple[str, torch.dtype]:
@@ -57,12 +60,16 @@ def _nearest_entry(plan, path: str):
     return None
 
 
-def plan_kv_cache(plan, *, cache_lens: int, page_size: int) -> KVPlan:
-    """KV bytes per device that the runner would allocate for `plan` with `cache_lens` tokens."""
+def plan_kv_cache(plan, *, cache_lens: int, page_size: int, state_slots: int = 1) -> KVPlan:
+    """KV bytes per device that the runner would allocate for `plan` with `cache_lens` tokens and,
+    in models with linear-attention layers, recurrent-state rows for `state_slots` requests at once
+    (the engine reserves one slot per batch slot: --max_batch_size)."""
     if page_size <= 0:
         raise KtransError(f"--page_size {page_size}: expected a positive number of tokens")
     if cache_lens < page_size:
         raise KtransError(f"--cache_lens {cache_lens} must be at least one page ({page_size} tokens)")
+    if state_slots < 1:
+        raise KtransError(f"--max_batch_size {state_slots}: expected at least 1")
     config = plan.config
     num_layers = config.num_hidden_layers
     placed = [attention_placement(plan, i) for i in range(num_layers)]
@@ -76,8 +83,12 @@ def plan_kv_cache(plan, *, cache_lens: int, page_size: int) -> KVPlan:
         nbytes[device] = nbytes.get(device, 0) + sum(t.numel() * t.element_size() for t in tensors)
     dtypes = tuple(dict.fromkeys(str(dt).removeprefix("torch.") for _, dt in placed))
     state: dict[str, int] = {}
+    rows = num_state_rows(state_slots)
     for i in kv.recurrent_layers:
         conv_dim, conv_len, nv, dk, dv = kv.state_dims
         size = torch.empty(0, dtype=placed[i][1]).element_size()
-        state[placed[i][0]] = state.get(placed[i][0], 0) + 2 * (conv_dim * conv_len * size + nv * dk * dv * 4)
-    return KVPlan(cache_lens, page_size, num_pages, dict(sorted(nbytes.items())), dtypes, dict(sorted(state.items())))
+        row = conv_dim * conv_len * size + nv * dk * dv * 4          # conv state in the layer's dtype, recurrent in f32
+        state[placed[i][0]] = state.get(placed[i][0], 0) + 2 * row
+        nbytes[placed[i][0]] = nbytes.get(placed[i][0], 0) + rows * row
+    return KVPlan(cache_lens, page_size, num_pages, dict(sorted(nbytes.items())), dtypes, dict(sorted(state.items())),
+                  state_slots)

@@ -150,11 +150,13 @@ def render_plan(plan: Plan, console=None, kv=None) -> None:
         console.print("weights per device: " + _per_device(totals) + summary)
     else:
         console.print("weights per device: " + _per_device(plan.bytes_per_device()))
+        n = kv.state_slots
+        state = f", recurrent state for {n} request{'s' if n != 1 else ''}" if kv.state_per_slot else ""
         console.print(f"KV cache ({kv.cache_lens} tokens: {kv.num_pages - 1} pages of {kv.page_size} + 1 scratch "
-                      f"page, {'/'.join(kv.dtypes)}): {_per_device(kv.nbytes)}")
+                      f"page, {'/'.join(kv.dtypes)}{state}): {_per_device(kv.nbytes)}")
         console.print("weights + KV cache per device: " + _per_device(totals) + summary)
         if kv.state_per_slot:
-            console.print("recurrent state of the linear-attention layers (one slot per running request, not in "
-                          "the totals): " + _per_device(kv.state_per_slot) + " per request")
+            console.print(f"recurrent state of the linear-attention layers (in the KV cache above, for "
+                          f"--max_batch_size {kv.state_slots}): " + _per_device(kv.state_per_slot) + " per request")
     for line in notes(plan):
         console.print(f"note: {line}", highlight=False, markup=False)

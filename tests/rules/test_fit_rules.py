@@ -4,6 +4,7 @@ the model it builds (GPU parts mapped to the CPU here) gives the logits of the s
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -140,6 +141,22 @@ def test_explain_fit_shows_numa_and_refuses_with_numbers(capsys, cache):
                               "--fit", "--gpu_memory", 24, "--ram", 128)
     assert code == 2 and "weights per device" in out                       # the plan is shown, then refused
     assert "does not fit on this machine (cpu: needs" in err and "GiB usable; cuda:0: needs" in err
+
+
+def test_fit_counts_the_recurrent_state_of_every_request(capsys, cache):
+    """Qwen3-Next keeps ~147 MiB of recurrent state per running request (bf16 on the GPU): --fit
+    and explain count it for --max_batch_size requests, and a fit that had room for one request's
+    state moves experts off the GPU to make room for 64."""
+    totals = {}
+    for n in (1, 64):
+        code, out, err = _explain(capsys, "--arch", "qwen3_next", "--preset", "qwen3-next-80b-a3b", "--quant", "q4_k_m",
+                                  "--fit", "--gpu_memory", 24, "--ram", 64, "--cache_lens", 4096, "--max_batch_size", n)
+        assert code == 0, err
+        assert f"recurrent state for {n} request{'s' if n > 1 else ''}):" in out
+        line = next(ln for ln in out.splitlines() if ln.startswith("weights + KV cache per device:"))
+        totals[n] = {d: float(v) for d, v in re.findall(r"(cpu|cuda:0) ([0-9.]+) GiB", line.split("|")[0])}
+    assert totals[64]["cpu"] > totals[1]["cpu"] + 2                        # experts moved to the CPU
+    assert totals[64]["cuda:0"] <= 24
 
 
 @pytest.mark.parametrize("flags, match", [(["--variant", "cpu"], "drop --variant"),

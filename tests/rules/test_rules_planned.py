@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ktrans.cli.main import main
 from ktrans.config.arch import ARCHS, build_meta_model
@@ -19,6 +20,7 @@ from ktrans.genmodel import generate_model
 from ktrans.genmodel.planned import PlannedSource
 from ktrans.genmodel.presets import QUANT_CHOICES
 from ktrans.kv_cache.sizing import plan_kv_cache
+from ktrans.kv_cache.storage import KVStorage
 from ktrans.rules.explain import human_bytes
 from ktrans.rules.files import shipped_rules
 from ktrans.rules.plan import plan_model
@@ -121,6 +123,28 @@ def test_kv_cache_bytes_follow_the_attention(arch):
     rules = load_rules(shipped_rules(arch))
     cpu = plan_model(build_meta_model(config), rules, config=config, weights=src, device_map="cpu")
     assert plan_kv_cache(cpu, cache_lens=tokens, page_size=page).nbytes == {"cpu": 2 * per_layer * config.num_hidden_layers}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
+def test_kv_plan_holds_the_state_rows_of_every_request(arch):
+    """Linear-attention layers keep a recurrent state per running request: the plan's bytes are
+    what a KVStorage really allocates with that many requests' state rows reserved."""
+    src = PlannedSource.from_preset(arch, "tiny", "q4_k")
+    config = src.config()
+    rules = load_rules(shipped_rules(arch))
+    cpu = plan_model(build_meta_model(config), rules, config=config, weights=src, device_map="cpu")
+    slots, page = random.randint(1, 16), random.choice([16, 64])
+    kv = plan_kv_cache(cpu, cache_lens=random.randint(page, 4096), page_size=page, state_slots=slots)
+    real = KVStorage.for_config(config, num_pages=kv.num_pages, page_size=page, dtype=torch.float32, device="cpu")
+    real.reserve_states(slots)
+    assert real.recurrent_layers
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    allocated = sum(nbytes(lay) for lay in real.layers) + sum(nbytes(real.state(i)) for i in real.recurrent_layers)
+    assert kv.nbytes == {"cpu": allocated} and kv.state_slots == slots
+    one = plan_kv_cache(cpu, cache_lens=kv.cache_lens, page_size=page)
+    assert kv.nbytes["cpu"] - one.nbytes["cpu"] == (slots - 1) * kv.state_per_slot["cpu"] > 0
+    with pytest.raises(KtransError, match="--max_batch_size 0"):
+        plan_kv_cache(cpu, cache_lens=kv.cache_lens, page_size=page, state_slots=0)
 
 
 def test_kv_cache_splits_with_the_layers():
