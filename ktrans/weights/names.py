@@ -161,14 +161,18 @@ def _norm(hf: str, gguf: str, layers: str = "all") -> TensorMap:
     return TensorMap(hf, (gguf,), "norm_shift", layers)
 
 
-# Gemma 3: four norms per layer and q/k norms per head, every one stored as 1 + w (norm_shift);
-# the head tied to the embeddings unless the file holds `output`.
-_GEMMA3 = [
+# The models whose norms are stored as 1 + w (norm_shift): embedding, final norm, the head (tied to
+# the embeddings unless the file holds `output`) and each layer's input / post-attention norms.
+_SHIFTED_OUTER = [
     TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
     _norm("model.norm.weight", "output_norm.weight", "global"),
     TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
     _norm("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
     _norm("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+]
+
+# Gemma 3: four norms per layer and q/k norms per head, every one stored as 1 + w.
+_GEMMA3 = _SHIFTED_OUTER + [
     _norm("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight"),
     _norm("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight"),
 ] + _attn_gqa() + [
@@ -181,13 +185,7 @@ _GEMMA3 = [
 def _qwen3_hybrid(tiled: bool) -> list[TensorMap]:
     t = "_tiled" if tiled else ""
     lin = "model.layers.{i}.linear_attn"
-    out = [
-        TensorMap("model.embed_tokens.weight", ("token_embd.weight",)),
-        _norm("model.norm.weight", "output_norm.weight", "global"),
-        TensorMap("lm_head.weight", ("output.weight",), needs="untied"),
-        _norm("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-        _norm("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
-    ] + [TensorMap(m.hf, m.gguf, m.transform, "attn") for m in _attn_gqa()] + [
+    out = _SHIFTED_OUTER + [TensorMap(m.hf, m.gguf, m.transform, "attn") for m in _attn_gqa()] + [
         _norm(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"blk.{{i}}.attn_{p}_norm.weight", "attn") for p in "qk"
     ] + [
         TensorMap(f"{lin}.conv1d.weight", ("blk.{i}.ssm_conv1d.weight",), "conv" + t, "linear"),
