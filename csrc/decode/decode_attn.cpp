@@ -9,7 +9,8 @@
 //        head h reads KV head h / (Hq / Hkv); the heads of one KV head share each K/V row read).
 //   MLA: q (or q_a -> norm -> q_b) and kv_a; latent normalised, rope key rotated, both cached;
 //        absorbed attention per (request, head): q_lat = W_UK[h]ᵀ q_nope, score_l =
-//        (q_lat · c_l + q_pe · kpe_l) * scale, o_lat = Σ p_l c_l, out = W_UV[h] o_lat.
+//        (q_lat · c_l + q_pe · kpe_l) * scale, o_lat = Σ p_l c_l, out = W_UV[h] o_lat (the heads of
+//        a request share each cached row read).
 // Keys are read slot by slot through the page table (slot = page * page_size + offset).
 // NOTE: softmax uses std::exp on thread 0's share of heads; it is a small part at decode context
 // lengths (keys x heads per layer), the projections dominate.
@@ -32,6 +33,17 @@ void softmax(float* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp(p[i] - mx));
   const float inv = 1.0f / sum;
   for (int64_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+// Into how many sub-groups to split each KV head's `group` query heads (a divisor of it): the
+// fewest that give every one of `nth` threads an item among batch x kv_heads x sub-groups, so each
+// K/V (MLA: latent) row is read by as few items as the pool allows.
+int64_t query_subgroups(int64_t batch, int64_t kv_heads, int64_t group, int nth) {
+  int64_t nsub = 1;
+  while (nsub < group && batch * kv_heads * nsub < nth) {
+    do ++nsub; while (group % nsub != 0);
+  }
+  return nsub;
 }
 
 }  // namespace
@@ -103,14 +115,10 @@ void CpuDecoder::attention_gqa(const Layer& L, const float* x, float* out, const
   // Items: (request, KV head, sub-group of its query heads). Each K and V row is read once per
   // item for all of the item's heads (a whole GQA group where that leaves every thread an item),
   // instead of once per query head.
-  const int nth_pool = pool_->size();
-  int64_t nsub = 1;
-  while (nsub < group && B_ * g.hkv * nsub < nth_pool) {
-    do ++nsub; while (group % nsub != 0);
-  }
+  const int64_t nsub = query_subgroups(B_, g.hkv, group, pool_->size());
   const int64_t gs = group / nsub, items = B_ * g.hkv * nsub;
   float* att = buf(kSlotAtt, B_ * nq);
-  float* scores = buf(kSlotScores, nth_pool * gs * max_len);
+  float* scores = buf(kSlotScores, pool_->size() * gs * max_len);
   const VecDotFn dot = k_vec_dot[qi(QType::f32)].get(isa_);
   const AxpyFn axpy = k_axpy_f32.get(isa_);
   pool_->parallel([&](int ith, int nth) {
@@ -164,31 +172,45 @@ void CpuDecoder::attention_mla(const Layer& L, const float* x, float* out, const
     std::memcpy(m.cache + slot(a, b, a.pos[b]) * width, e, width * 4);
     max_len = std::max(max_len, a.pos[b] + 1);
   }
-  const int64_t per_thread = max_len + 2 * m.r;
+  // Items: (request, sub-group of its heads). Each cache row is read once per item for all of the
+  // item's heads (every head of a request where that leaves every thread an item); per head the
+  // arithmetic is the same sequence of dots and axpys as one head alone.
+  const int64_t nsub = query_subgroups(B_, 1, m.h, pool_->size()), gs = m.h / nsub;
+  const int64_t per_thread = gs * (max_len + 2 * m.r);
   float* att = buf(kSlotAtt, B_ * m.h * m.dv);
   float* scratch = buf(kSlotScores, pool_->size() * per_thread);
   const VecDotFn dot = k_vec_dot[qi(QType::f32)].get(isa_);
   const AxpyFn axpy = k_axpy_f32.get(isa_);
   pool_->parallel([&](int ith, int nth) {
-    float* p = scratch + ith * per_thread;
-    float* q_lat = p + max_len;
-    float* o_lat = q_lat + m.r;
-    for (int64_t it = ith; it < B_ * m.h; it += nth) {
-      const int64_t b = it / m.h, hd = it % m.h, len = a.pos[b] + 1;
-      const float* qn = q + b * nq + hd * dqk;              // q_nope, then q_pe at + dn
-      const float* wk = m.w_uk + hd * m.dn * m.r;          // [dn, r]
-      std::memset(q_lat, 0, m.r * 4);
-      for (int64_t i = 0; i < m.dn; ++i) axpy(qn[i], wk + i * m.r, q_lat, m.r);
+    float* p = scratch + ith * per_thread;                 // [gs, len] scores
+    float* q_lat = p + gs * max_len;                       // [gs, r]
+    float* o_lat = q_lat + gs * m.r;                       // [gs, r]
+    for (int64_t it = ith; it < B_ * nsub; it += nth) {
+      const int64_t b = it / nsub, h0 = it % nsub * gs, len = a.pos[b] + 1;
+      for (int64_t j = 0; j < gs; ++j) {
+        const float* qn = q + b * nq + (h0 + j) * dqk;     // q_nope of head h0 + j
+        const float* wk = m.w_uk + (h0 + j) * m.dn * m.r;  // [dn, r]
+        float* ql = q_lat + j * m.r;
+        std::memset(ql, 0, m.r * 4);
+        for (int64_t i = 0; i < m.dn; ++i) axpy(qn[i], wk + i * m.r, ql, m.r);
+      }
       for (int64_t l = 0; l < len; ++l) {
         const float* c = m.cache + slot(a, b, l) * width;
-        p[l] = (dot(m.r, c, q_lat) + dot(m.dr, c + m.r, qn + m.dn)) * m.scale;
+        for (int64_t j = 0; j < gs; ++j)
+          p[j * len + l] = (dot(m.r, c, q_lat + j * m.r) + dot(m.dr, c + m.r, q + b * nq + (h0 + j) * dqk + m.dn)) *
+                           m.scale;
       }
-      softmax(p, len);
-      std::memset(o_lat, 0, m.r * 4);
-      for (int64_t l = 0; l < len; ++l) axpy(p[l], m.cache + slot(a, b, l) * width, o_lat, m.r);
-      const float* wv = m.w_uv + hd * m.dv * m.r;          // [dv, r]
-      float* o = att + (b * m.h + hd) * m.dv;
-      for (int64_t j = 0; j < m.dv; ++j) o[j] = dot(m.r, wv + j * m.r, o_lat);
+      for (int64_t j = 0; j < gs; ++j) softmax(p + j * len, len);
+      std::memset(o_lat, 0, gs * m.r * 4);
+      for (int64_t l = 0; l < len; ++l) {
+        const float* c = m.cache + slot(a, b, l) * width;
+        for (int64_t j = 0; j < gs; ++j) axpy(p[j * len + l], c, o_lat + j * m.r, m.r);
+      }
+      for (int64_t j = 0; j < gs; ++j) {
+        const float* wv = m.w_uv + (h0 + j) * m.dv * m.r;  // [dv, r]
+        float* o = att + (b * m.h + h0 + j) * m.dv;
+        for (int64_t d = 0; d < m.dv; ++d) o[d] = dot(m.r, wv + d * m.r, o_lat + j * m.r);
+      }
     }
   });
   linear(*m.o, att, out);
